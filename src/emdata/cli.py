@@ -1,0 +1,178 @@
+"""The command line (``emdata`` / ``python -m emdata``): thin commands, one error boundary.
+
+Each command parses arguments, calls one function of the library and prints its result. Every
+EmdataError becomes one line ``emdata: error: ...`` and a non-zero exit code; set
+``EMDATA_DEBUG=1`` to see the traceback instead. Heavy libraries load inside the commands, so
+``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import EmdataError
+
+app = typer.Typer(
+    help="Public 3D EM volumes -> versioned, ML-ready HDF5. Stages of dvc.yaml call these commands.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state: dict = {"root": None}
+
+
+@app.callback()
+def _main(
+    project: Optional[Path] = typer.Option(None, "--project", "-C", help="Repository folder (default: nearest params.yaml)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="emdata: %(message)s", stream=sys.stderr)
+    _state["root"] = project
+
+
+def _config():
+    from .config import load_config
+
+    return load_config(_state["root"])
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    from .summary import _human_bytes
+
+    return _human_bytes(n)
+
+
+@app.command("list")
+def list_datasets() -> None:
+    """Datasets in params.yaml and what exists locally (fetched, normalized, sizes)."""
+    from .pipeline import dataset_state
+
+    cfg = _config()
+    typer.echo(f"{'dataset':<28} {'kind':<8} {'fetched':<8} {'raw':>10} {'normalized':<11} {'hdf5':>10}")
+    for key in cfg.datasets:
+        s = dataset_state(cfg, key)
+        typer.echo(f"{key:<28} {s['kind']:<8} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
+                   f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
+
+
+@app.command()
+def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
+    """What `fetch` would transfer: files, bytes and requests (asks sizes with HEAD, downloads nothing)."""
+    from .pipeline import plan_dataset
+
+    plans = plan_dataset(_config(), dataset)
+    total = 0
+    for p in plans:
+        typer.echo(f"{p.state:<7} {p.name:<34} {_size(p.size):>10} to transfer {_size(p.to_transfer):>10} "
+                   f"requests {p.requests:>2}  {p.url}")
+        total += p.to_transfer or 0
+    unknown = any(p.to_transfer is None for p in plans)
+    typer.echo(f"{dataset}: {len(plans)} file(s), {_size(total)}{' + unknown sizes' if unknown else ''} to transfer, "
+               f"about {sum(p.requests for p in plans)} request(s) without retries")
+
+
+@app.command()
+def fetch(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
+    """Download a dataset's source files into data/raw/<dataset> (resumable, verified, atomic)."""
+    from .pipeline import fetch_dataset
+
+    result = fetch_dataset(_config(), dataset)
+    typer.echo(f"{dataset}: {'up to date' if result.up_to_date else 'fetched'} in {result.raw_dir}")
+
+
+@app.command()
+def normalize(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
+    """Convert data/raw/<dataset> into data/processed/<dataset>.h5 and its metadata record."""
+    from .metadata import write_record
+    from .normalize import normalize_dataset
+
+    cfg = _config()
+    out = normalize_dataset(cfg, dataset)
+    record = write_record(cfg, dataset)
+    typer.echo(f"{dataset}: wrote {out} and {record}")
+
+
+@app.command()
+def summarize() -> None:
+    """Write data/metadata.csv, METADATA_SUMMARY.md and thumbnails from the metadata records."""
+    from .summary import summarize as run
+
+    for path in run(_config()):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
+         as_json: bool = typer.Option(False, "--json", help="Print the whole metadata record as JSON.")) -> None:
+    """Describe a dataset: its record if normalized, else its configuration and local state."""
+    from .pipeline import dataset_state
+
+    cfg = _config()
+    ds = cfg.dataset(dataset)
+    path = cfg.record_path(dataset)
+    if not path.is_file():
+        state = dataset_state(cfg, dataset)
+        typer.echo(json.dumps({"title": ds.title, "source": ds.source.to_dict(), **state}, indent=1))
+        return
+    record = json.loads(path.read_text())
+    if as_json:
+        typer.echo(json.dumps(record, indent=1, sort_keys=True))
+        return
+    stats = record["statistics"]
+    typer.echo(f"{dataset}: {record['title']}")
+    typer.echo(f"  shape (z,y,x) {record['shape']} {record['dtype']}, voxel {record['voxel_size_nm']} nm, "
+               f"extent {record['extent_nm']} nm")
+    typer.echo(f"  values min {stats['min']:g} max {stats['max']:g} mean {stats['mean']:.3f} std {stats['std']:.3f}")
+    typer.echo(f"  chunks {record['chunks']} compression {record['compression']}, {_size(record['bytes_on_disk'])}")
+    typer.echo(f"  labels {', '.join(record['labels']) or '-'}; licence {record['license']}")
+    typer.echo(f"  file sha256 {record['file_sha256']}")
+
+
+@app.command()
+def verify(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
+    """Re-hash the HDF5 file and its voxels against the recorded checksums."""
+    from .pipeline import verify_dataset
+
+    for what, digest in verify_dataset(_config(), dataset):
+        typer.echo(f"ok  {what}  {digest}")
+
+
+@app.command()
+def demo(
+    workdir: Optional[Path] = typer.Option(None, help="Where to build the demo (default: a temporary folder)."),
+    keep: bool = typer.Option(False, help="Keep the demo folder and print its path."),
+) -> None:
+    """The whole job offline: replicas, dvc repro, push to a local S3, fresh clone, pull, verify."""
+    from .demo import run_demo
+
+    run_demo(_config().root, workdir=workdir, keep=keep)
+
+
+def main() -> None:
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except EmdataError as exc:
+        if os.environ.get("EMDATA_DEBUG"):
+            raise
+        typer.echo(f"emdata: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        typer.echo("emdata: interrupted; partial downloads are kept and resume on the next run", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

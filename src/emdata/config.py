@@ -1,0 +1,259 @@
+"""params.yaml -> frozen dataclasses.
+
+Every key is checked: an unknown or missing key, or a value of the wrong type, raises a
+:class:`ConfigError` that names the full key path (``datasets.epfl_hippocampus.source.image``),
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+COMPRESSIONS = ("none", "zstd", "blosc-lz4")
+
+
+class Section:
+    """A mapping read key by key; ``finish()`` rejects keys nobody asked for."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{PARAMS_FILE}: {path}: expected a mapping, got {type(data).__name__}")
+        self.data = dict(data)
+        self.path = path
+        self._seen: set[str] = set()
+
+    def _key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def required(self, key: str, parse: Callable[[Any, str], Any]) -> Any:
+        self._seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            raise ConfigError(f"{PARAMS_FILE}: {self._key_path(key)}: missing required key")
+        return parse(self.data[key], self._key_path(key))
+
+    def optional(self, key: str, parse: Callable[[Any, str], Any], default: Any = None) -> Any:
+        self._seen.add(key)
+        if self.data.get(key) is None:
+            return default
+        return parse(self.data[key], self._key_path(key))
+
+    def section(self, key: str, *, required: bool = True) -> "Section":
+        self._seen.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise ConfigError(f"{PARAMS_FILE}: {self._key_path(key)}: missing required section")
+            return Section({}, self._key_path(key))
+        return Section(self.data[key], self._key_path(key))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self._seen)
+        if unknown:
+            allowed = ", ".join(sorted(self._seen))
+            raise ConfigError(
+                f"{PARAMS_FILE}: {self._key_path(unknown[0])}: unknown key (allowed here: {allowed})"
+            )
+
+
+# --- value parsers: (value, key_path) -> typed value -------------------------------------------
+
+
+def as_str(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def as_int(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def as_sha256(value: Any, path: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected 64 lowercase hex digits (sha256), got {value!r}")
+    return value
+
+
+def as_url(value: Any, path: str) -> str:
+    text = as_str(value, path)
+    if not re.match(r"^https?://", text):
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected an http(s) URL, got {value!r}")
+    return text
+
+
+def as_triple(positive: bool) -> Callable[[Any, str], tuple[float, float, float]]:
+    def parse(value: Any, path: str) -> tuple[float, float, float]:
+        ok = isinstance(value, (list, tuple)) and len(value) == 3
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ok = ok and all(math.isfinite(v) and (v > 0 if positive else True) for v in value)
+        if not ok:
+            kind = "positive numbers" if positive else "numbers"
+            raise ConfigError(f"{PARAMS_FILE}: {path}: expected three {kind} [z, y, x], got {value!r}")
+        return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+    return parse
+
+
+def as_int_triple(value: Any, path: str) -> tuple[int, int, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 3
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected three positive integers [z, y, x], got {value!r}")
+    return tuple(value)  # type: ignore[return-value]
+
+
+def as_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, path: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{PARAMS_FILE}: {path}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+# --- the configuration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NormalizeParams:
+    """How the canonical HDF5 is laid out (``normalize`` in params.yaml)."""
+
+    chunks: tuple[int, int, int] = (64, 64, 64)
+    compression: str = "none"
+    compression_level: int = 3
+
+    @classmethod
+    def parse(cls, sec: Section) -> "NormalizeParams":
+        out = cls(
+            chunks=sec.optional("chunks", as_int_triple, cls.chunks),
+            compression=sec.optional("compression", as_choice(COMPRESSIONS), cls.compression),
+            compression_level=sec.optional("compression_level", as_int, cls.compression_level),
+        )
+        sec.finish()
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chunks": list(self.chunks), "compression": self.compression,
+                "compression_level": self.compression_level}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One entry of ``datasets`` in params.yaml."""
+
+    key: str
+    title: str
+    license: str
+    citation: str
+    modality: str
+    voxel_size_nm: tuple[float, float, float]
+    offset_nm: tuple[float, float, float]
+    source_kind: str
+    source: Any  # the source module's frozen Params dataclass
+    raw_params: dict = field(repr=False, compare=False, default_factory=dict)
+    accession: str | None = None
+    doi: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    normalize: NormalizeParams
+    datasets: dict[str, DatasetConfig]
+
+    def dataset(self, key: str) -> DatasetConfig:
+        if key not in self.datasets:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise ConfigError(f"unknown dataset {key!r}; datasets in {PARAMS_FILE}: {known}")
+        return self.datasets[key]
+
+    # Where each stage puts its outputs (dvc.yaml uses the same paths).
+    def raw_dir(self, key: str) -> Path:
+        return self.root / "data" / "raw" / key
+
+    def partial_dir(self, key: str) -> Path:
+        return self.root / "data" / "raw" / ".partial" / key
+
+    def processed_path(self, key: str) -> Path:
+        return self.root / "data" / "processed" / f"{key}.h5"
+
+    def record_path(self, key: str) -> Path:
+        return self.root / "data" / "metadata" / f"{key}.json"
+
+
+def parse_dataset(key: str, data: Any) -> DatasetConfig:
+    from .sources import get_source  # sources import config helpers; avoid a cycle at import
+
+    path = f"datasets.{key}"
+    if not KEY_PATTERN.match(key):
+        raise ConfigError(f"{PARAMS_FILE}: {path}: dataset keys must match {KEY_PATTERN.pattern}")
+    sec = Section(data, path)
+    src = sec.section("source")
+    kind = src.required("kind", as_str)
+    source = get_source(kind, path=f"{path}.source.kind")
+    source_params = source.parse_params(src)
+    src.finish()
+    cfg = DatasetConfig(
+        key=key,
+        title=sec.required("title", as_str),
+        license=sec.required("license", as_str),
+        citation=sec.required("citation", as_str),
+        modality=sec.required("modality", as_str),
+        voxel_size_nm=sec.required("voxel_size_nm", as_triple(positive=True)),
+        offset_nm=sec.optional("offset_nm", as_triple(positive=False), (0.0, 0.0, 0.0)),
+        accession=sec.optional("accession", as_str),
+        doi=sec.optional("doi", as_str),
+        source_kind=kind,
+        source=source_params,
+        raw_params=dict(data),
+    )
+    sec.finish()
+    return cfg
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project folder: ``$EMDATA_PROJECT``, else the nearest parent holding params.yaml."""
+    env = os.environ.get("EMDATA_PROJECT")
+    if env:
+        root = Path(env).resolve()
+        if not (root / PARAMS_FILE).is_file():
+            raise ConfigError(f"EMDATA_PROJECT={env}: no {PARAMS_FILE} there")
+        return root
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PARAMS_FILE).is_file():
+            return folder
+    raise ConfigError(
+        f"no {PARAMS_FILE} in {here} or its parents; run inside an emdata repository or set EMDATA_PROJECT"
+    )
+
+
+def load_config(root: Path | None = None) -> Config:
+    import yaml
+
+    root = find_root() if root is None else Path(root).resolve()
+    params_path = root / PARAMS_FILE
+    try:
+        data = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{params_path}: not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{params_path}: not valid YAML ({exc})") from exc
+    top = Section(data or {}, "")
+    normalize = NormalizeParams.parse(top.section("normalize", required=False))
+    datasets_sec = top.section("datasets")
+    datasets = {}
+    for key in datasets_sec.data:
+        datasets[key] = parse_dataset(key, datasets_sec.data[key])
+        datasets_sec._seen.add(key)
+    top.finish()
+    return Config(root=root, normalize=normalize, datasets=datasets)

@@ -1,0 +1,63 @@
+"""The exception hierarchy. Every error a user can cause or meet is one of these.
+
+The CLI prints ``emdata: error: <message>`` on one line and exits with ``exit_code``;
+``EMDATA_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+
+class EmdataError(Exception):
+    """Base of all emdata errors."""
+
+    exit_code = 1
+
+
+class ConfigError(EmdataError):
+    """params.yaml or a command-line argument is wrong (unknown dataset, kind or key; bad value)."""
+
+    exit_code = 2
+
+
+class SourceError(EmdataError):
+    """A problem with a dataset's source; the message names the dataset and the URL or path."""
+
+    exit_code = 3
+
+    def __init__(self, dataset: str, where: str, problem: str, hint: str = "") -> None:
+        self.dataset = dataset
+        self.where = where
+        self.problem = problem
+        self.hint = hint
+        text = f"{dataset}: {where}: {problem}"
+        super().__init__(f"{text}; {hint}" if hint else text)
+
+
+class FetchError(SourceError):
+    """Network or HTTP failure after bounded retries."""
+
+    exit_code = 4
+
+
+class IntegrityError(FetchError):
+    """Bytes arrived but do not match the expected size or checksum."""
+
+    exit_code = 5
+
+
+class FormatError(SourceError):
+    """Bytes are present but are not what the source declared (corrupt TIFF, wrong dtype...)."""
+
+    exit_code = 6
+
+
+class NotBuiltError(EmdataError):
+    """An output a command needs does not exist yet (not fetched, normalized or pulled)."""
+
+    exit_code = 7
+
+
+class AccessError(EmdataError, IndexError):
+    """A region or patch lies outside the volume."""
+
+    exit_code = 8

@@ -1,0 +1,146 @@
+"""One metadata record per dataset, built from the HDF5 itself, and the table of all records."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .io import hdf5
+from .io.http import sha256_file
+
+FILTER_NAMES = {1: "gzip", 2: "shuffle", 32001: "blosc", 32015: "zstd", 32004: "lz4", 32008: "bitshuffle"}
+TABLE_COLUMNS = [
+    "dataset", "title", "source_kind", "accession", "modality", "shape_zyx", "dtype", "voxel_size_nm_zyx",
+    "extent_nm_zyx", "offset_nm_zyx", "min", "max", "mean", "std", "p0.1", "p99.9", "zero_fraction",
+    "labels", "chunks", "compression", "bytes_on_disk", "file_sha256", "array_sha256", "license", "doi",
+]
+
+
+def hash_dataset(dset: Any) -> str:
+    """sha256 of a dataset's voxels in C order, little-endian, read one chunk-deep slab at a time."""
+    digest = hashlib.sha256()
+    depth = (dset.chunks or dset.shape)[0] or 1
+    for z0 in range(0, dset.shape[0], depth):
+        slab = dset[z0:z0 + depth]
+        digest.update(slab.astype(slab.dtype.newbyteorder("<"), copy=False).data)
+    return digest.hexdigest()
+
+
+def _filters(dset: Any) -> list[str]:
+    plist = dset.id.get_create_plist()
+    names = []
+    for i in range(plist.get_nfilters()):
+        code = plist.get_filter(i)[0]
+        names.append(FILTER_NAMES.get(code, f"filter-{code}"))
+    return names
+
+
+def _array_info(dset: Any) -> dict[str, Any]:
+    attrs = hdf5.read_attrs(dset)
+    return {
+        "shape": list(dset.shape),
+        "dtype": str(dset.dtype),
+        "chunks": list(dset.chunks) if dset.chunks else None,
+        "compression": "+".join(_filters(dset)) or "none",
+        "array_sha256": attrs["array_sha256"],
+        "statistics": json.loads(attrs["statistics"]),
+    }
+
+
+def build_record(cfg: Config, key: str) -> dict[str, Any]:
+    """Read ``data/processed/<key>.h5`` and describe it (DESIGN §5)."""
+    path = cfg.processed_path(key)
+    with hdf5.open_read(path) as f:
+        root = hdf5.read_attrs(f)
+        raw = f[hdf5.RAW]
+        spatial = hdf5.read_attrs(raw)
+        record = {
+            "dataset": key,
+            "title": root["title"],
+            "source_kind": root["source_kind"],
+            "source_urls": json.loads(root["source_urls"]),
+            "source_checksums": json.loads(root["source_checksums"]),
+            "accession": root["accession"] or None,
+            "doi": root["doi"] or None,
+            "license": root["license"],
+            "citation": root["citation"],
+            "modality": root["modality"],
+            "voxel_size_nm": spatial["resolution"],
+            "offset_nm": spatial["offset"],
+            "extent_nm": [float(s * r) for s, r in zip(raw.shape, spatial["resolution"])],
+            **_array_info(raw),
+            "labels": {name: _array_info(f[f"{hdf5.LABELS}/{name}"]) for name in f.get(hdf5.LABELS, {})},
+            "native": json.loads(f["provenance/native_metadata"][()]),
+            "emdata_version": root["emdata_version"],
+            "format_version": root["format_version"],
+        }
+    record["bytes_on_disk"] = path.stat().st_size
+    record["file_sha256"] = sha256_file(path)
+    return record
+
+
+def write_record(cfg: Config, key: str) -> Path:
+    from .pipeline import _write_json_atomic
+
+    path = cfg.record_path(key)
+    _write_json_atomic(path, build_record(cfg, key))
+    return path
+
+
+def load_records(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Records of the datasets in params.yaml that have one, in key order."""
+    records = {}
+    for key in sorted(cfg.datasets):
+        path = cfg.record_path(key)
+        if path.is_file():
+            records[key] = json.loads(path.read_text())
+    return records
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "x".join(_fmt(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def table_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    rows = []
+    for key, r in records.items():
+        stats = r["statistics"]
+        pct = stats.get("percentiles") or {}
+        rows.append({
+            "dataset": key, "title": r["title"], "source_kind": r["source_kind"], "accession": r["accession"],
+            "modality": r["modality"], "shape_zyx": r["shape"], "dtype": r["dtype"],
+            "voxel_size_nm_zyx": r["voxel_size_nm"], "extent_nm_zyx": r["extent_nm"], "offset_nm_zyx": r["offset_nm"],
+            "min": stats.get("min"), "max": stats.get("max"), "mean": stats.get("mean"), "std": stats.get("std"),
+            "p0.1": pct.get("p0.1"), "p99.9": pct.get("p99.9"), "zero_fraction": stats.get("zero_fraction"),
+            "labels": " ".join(sorted(r["labels"])), "chunks": r["chunks"], "compression": r["compression"],
+            "bytes_on_disk": r["bytes_on_disk"], "file_sha256": r["file_sha256"], "array_sha256": r["array_sha256"],
+            "license": r["license"], "doi": r["doi"],
+        })
+    return [{k: _fmt(v) for k, v in row.items()} for row in rows]
+
+
+def table_csv(records: dict[str, dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table_rows(records))
+    return out.getvalue()
+
+
+def central_slices(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The central XY and XZ sections of /raw (two chunk layers of reads, not the volume)."""
+    with hdf5.open_read(path) as f:
+        raw = f[hdf5.RAW]
+        z, y, _ = raw.shape
+        return raw[z // 2], raw[:, y // 2, :]

@@ -1,0 +1,88 @@
+"""EPFL CVLab hippocampus (mouse CA1, FIB-SEM, ~5 nm isotropic).
+
+Plain HTTPS static files, no API: one multipage uint8 TIFF per volume (``volumedata.tif``, the
+full 1065-page stack) and the Lucchi mitochondria benchmark pairs (``training.tif`` +
+``training_groundtruth.tif``, ``testing.tif`` + ``testing_groundtruth.tif``). The TIFFs carry
+no voxel size, so it comes from params.yaml (``voxel_size_nm``). Pages are Z; their orientation
+is read from each file. Labels are stored under ``/labels/<name>`` with their native values.
+
+Cite: Lucchi, Smith, Achanta, Knott, Fua, "Supervoxel-Based Segmentation of Mitochondria in EM
+Image Stacks with Learned Shape Features", IEEE TMI 2012. No explicit licence is published.
+
+params.yaml::
+
+    source:
+      kind: epfl
+      base_url: https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/
+      image: {file: training.tif, size: null, sha256: null}
+      labels:
+        mitochondria: {file: training_groundtruth.tif}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import KEY_PATTERN, Section, as_url
+from ..errors import ConfigError
+from ..io.http import HttpClient
+from ..io.tiff import TiffStack
+from .base import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
+
+KIND = "epfl"
+
+
+@dataclass(frozen=True)
+class Params:
+    base_url: str
+    image: RemoteFile
+    labels: dict[str, RemoteFile] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[RemoteFile]:
+        return [self.image, *self.labels.values()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": KIND, "base_url": self.base_url, "image": self.image.to_dict(),
+                "labels": {k: v.to_dict() for k, v in self.labels.items()}}
+
+
+def parse_params(sec: Section) -> Params:
+    base_url = sec.required("base_url", as_url)
+    if not base_url.endswith("/"):
+        raise ConfigError(f"params.yaml: {sec.path}.base_url: a folder URL ending in '/' is expected")
+    image = parse_file_spec(sec.section("image"), base_url)
+    labels_sec = sec.section("labels", required=False)
+    labels = {}
+    for name in labels_sec.data:
+        if not KEY_PATTERN.match(str(name)):
+            raise ConfigError(f"params.yaml: {labels_sec.path}.{name}: label names must match {KEY_PATTERN.pattern}")
+        labels[name] = parse_file_spec(labels_sec.section(name), base_url)
+    labels_sec.finish()
+    return Params(base_url=base_url, image=image, labels=labels)
+
+
+def plan(params: Params, client: HttpClient, partial: Path) -> list[FilePlan]:
+    return plan_files(client, params.files, partial)
+
+
+def fetch(params: Params, client: HttpClient, dest: Path) -> dict[str, Any]:
+    return fetch_files(client, params.files, dest)
+
+
+def open_volume(params: Params, raw: Path, dataset: str) -> TiffStack:
+    return TiffStack(raw / params.image.name, dataset)
+
+
+def open_labels(params: Params, raw: Path, dataset: str) -> dict[str, TiffStack]:
+    return {name: TiffStack(raw / spec.name, dataset) for name, spec in params.labels.items()}
+
+
+def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    native = {}
+    for spec in params.files:
+        with TiffStack(raw / spec.name, dataset) as stack:
+            native[spec.name] = stack.tags()
+    return {"tiff": native}

@@ -1,0 +1,131 @@
+"""Exact one-pass statistics of a volume fed slab by slab.
+
+Integer volumes up to 16 bits keep an exact histogram, so min, max, mean, std and percentiles
+(numpy's default ``linear`` method) come out as numpy would compute them on the whole array,
+with one slab of memory instead of numpy's 8x-the-volume temporaries. Wider or float dtypes get
+exact min/max/mean and a merged (Chan et al.) variance; their percentiles are not computed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
+_STEP = 1 << 18  # elements per bincount call: keeps bincount's intp temporary in cache
+
+
+def _percentile_from_hist(values: np.ndarray, counts: np.ndarray, percent: float, dtype: np.dtype) -> float:
+    """numpy.percentile(data, percent) ('linear') from sorted bin values and their counts.
+
+    Mirrors numpy's arithmetic step by step (virtual index ``(n-1)*q``, the difference taken in
+    the data's own dtype, then ``_lerp``), so the result is bit-identical, not merely close.
+    """
+    n = int(counts.sum())
+    virtual = np.float64((n - 1) * np.true_divide(percent, 100))
+    lo = int(np.floor(virtual))
+    gamma = np.float64(virtual - np.floor(virtual))
+    if virtual >= n - 1:
+        lo, hi = n - 1, n - 1
+    else:
+        hi = lo + 1
+    cum = np.cumsum(counts)
+    a = np.array([values[np.searchsorted(cum, lo, side="right")]], dtype)
+    b = np.array([values[np.searchsorted(cum, hi, side="right")]], dtype)
+    diff = b - a  # in the data dtype, as numpy does
+    if gamma >= 0.5:
+        return float(np.subtract(b, diff * (1 - gamma), dtype=np.float64)[0])
+    return float(np.add(a, diff * gamma)[0])
+
+
+class StreamingStats:
+    """Accumulate statistics over slabs; ``result()`` gives a JSON-safe dict."""
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self.exact = self.dtype.kind in "iub" and self.dtype.itemsize <= 2
+        if self.exact:
+            self.hist = np.zeros(256 if self.dtype.itemsize == 1 else 65536, np.int64)
+        else:
+            self._min = math.inf
+            self._max = -math.inf
+            self._mean = 0.0
+            self._m2 = 0.0
+            self._zeros = 0
+
+    def update(self, data: np.ndarray) -> None:
+        flat = np.ascontiguousarray(data).reshape(-1)
+        if flat.size == 0:
+            return
+        self.count += flat.size
+        if self.exact:
+            self._update_hist(flat)
+        else:
+            self._update_moments(flat)
+
+    def _update_hist(self, flat: np.ndarray) -> None:
+        if self.dtype.itemsize == 1:
+            # Count byte pairs (half as many bincount elements), then fold to single bytes.
+            even = flat.size - flat.size % 2
+            pairs = np.zeros(65536, np.int64)
+            words = flat[:even].view(np.uint16)
+            for i in range(0, words.size, _STEP):
+                pairs += np.bincount(words[i:i + _STEP], minlength=65536)
+            square = pairs.reshape(256, 256)
+            self.hist += square.sum(axis=0) + square.sum(axis=1)
+            if even != flat.size:
+                self.hist[flat[-1:].view(np.uint8)[0]] += 1
+        else:
+            words = flat.view(np.uint16)
+            for i in range(0, words.size, _STEP):
+                self.hist += np.bincount(words[i:i + _STEP], minlength=65536)
+
+    def _update_moments(self, flat: np.ndarray) -> None:
+        block = flat.astype(np.float64, copy=False)
+        n_b = block.size
+        mean_b = float(block.mean())
+        m2_b = float(((block - mean_b) ** 2).sum())
+        n_a = self.count - n_b
+        delta = mean_b - self._mean
+        total = n_a + n_b
+        self._mean += delta * n_b / total
+        self._m2 += m2_b + delta * delta * n_a * n_b / total
+        self._min = min(self._min, float(block.min()))
+        self._max = max(self._max, float(block.max()))
+        self._zeros += int(np.count_nonzero(flat == 0))
+
+    def _bins(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bin values in increasing order and their counts."""
+        codes = np.arange(self.hist.size, dtype=np.uint16 if self.hist.size > 256 else np.uint8)
+        values = codes.view(self.dtype.newbyteorder("=") if self.dtype.kind != "b" else np.uint8)
+        order = np.argsort(values, kind="stable")
+        return values[order].astype(np.float64), self.hist[order]
+
+    def result(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"count": 0}
+        if not self.exact:
+            return {"count": self.count, "min": self._min, "max": self._max, "mean": self._mean,
+                    "std": math.sqrt(self._m2 / self.count), "zero_fraction": self._zeros / self.count,
+                    "percentiles": None, "exact": False}
+        values, counts = self._bins()
+        present = np.nonzero(counts)[0]
+        total = int(counts.sum())
+        # Integer sums are exact; numpy's float64 pairwise sum of integers below 2**53 is too.
+        mean = float(np.float64(int((values.astype(np.int64) * counts).sum())) / total)
+        var = float((counts * (values - mean) ** 2).sum() / total)
+        zero_bin = np.searchsorted(values, 0.0)
+        zeros = int(counts[zero_bin]) if zero_bin < values.size and values[zero_bin] == 0 else 0
+        return {
+            "count": total,
+            "min": float(values[present[0]]),
+            "max": float(values[present[-1]]),
+            "mean": mean,
+            "std": math.sqrt(var),
+            "zero_fraction": zeros / total,
+            "percentiles": {f"p{p:g}": _percentile_from_hist(values, counts, p, self.dtype) for p in PERCENTILES},
+            "exact": True,
+        }

@@ -1,0 +1,248 @@
+"""A static HTTP/1.1 server on loopback that behaves like the real file servers, plus faults.
+
+It serves a folder with ``HEAD``, ``GET`` and single ``Range`` requests (206, 416), keep-alive,
+and Apache-style HTML directory listings. Tests inject faults per path and read the request log:
+
+- ``drop_after(path, nbytes, times)``: send the headers and ``nbytes`` of the body, then close;
+- ``fail(path, status, times, retry_after)``: answer 500/503/429 (with ``Retry-After``) first;
+- ``truncate(path, nbytes)``: serve only the first ``nbytes`` as if they were the whole file;
+- ``lie_length(path, extra)``: announce ``extra`` more bytes than the file has, then close.
+"""
+
+from __future__ import annotations
+
+import html
+import http.server
+import re
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    status: int = 0
+
+
+@dataclass
+class _Faults:
+    drop: dict[str, list[int]] = field(default_factory=dict)  # path -> [nbytes, times]
+    fail: dict[str, list[Any]] = field(default_factory=dict)  # path -> [status, times, retry_after]
+    truncate: dict[str, int] = field(default_factory=dict)
+    lie: dict[str, int] = field(default_factory=dict)
+    hidden: set[str] = field(default_factory=set)  # left out of listings, still served
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def log_message(self, *args: Any) -> None:  # quiet: the request log is the record
+        pass
+
+    def _record(self, status: int) -> None:
+        self.server.owner._log(Request(self.command, urllib.parse.unquote(self.path.split("?")[0]),
+                                       dict(self.headers.items()), status))
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _simple(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+                content_type: str = "text/plain") -> None:
+        self._record(status)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _serve(self, body: bool) -> None:
+        owner = self.server.owner
+        url_path = urllib.parse.unquote(self.path.split("?")[0])
+        handler = owner.routes.get(url_path)
+        if handler is not None:
+            status, payload, ctype = handler(self.path)
+            return self._simple(status, payload, content_type=ctype)
+        with owner.lock:
+            fail = owner.faults.fail.get(url_path)
+            if fail and fail[1] > 0:
+                fail[1] -= 1
+                headers = {"Retry-After": str(fail[2])} if fail[2] is not None else {}
+                return self._simple(fail[0], b"temporarily unavailable\n", headers)
+        local = owner.local_path(url_path)
+        if local is None:
+            return self._simple(404, b"not found\n")
+        if local.is_dir():
+            if not url_path.endswith("/"):
+                return self._simple(301, b"", {"Location": url_path + "/"})
+            return self._simple(200, owner.listing(url_path, local), content_type="text/html")
+        data_len = local.stat().st_size
+        with owner.lock:
+            data_len = min(data_len, owner.faults.truncate.get(url_path, data_len))
+            lie = owner.faults.lie.get(url_path, 0)
+            drop = owner.faults.drop.get(url_path)
+            cut = None
+            if drop and drop[1] > 0 and body:
+                drop[1] -= 1
+                cut = drop[0]
+        start, end, status = 0, data_len - 1, 200
+        header_range = self.headers.get("Range")
+        if header_range:
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", header_range.strip())
+            if not match:
+                return self._simple(416, b"", {"Content-Range": f"bytes */{data_len}"})
+            start = int(match.group(1))
+            end = min(int(match.group(2)), data_len - 1) if match.group(2) else data_len - 1
+            if start >= data_len:
+                return self._simple(416, b"", {"Content-Range": f"bytes */{data_len}"})
+            status = 206
+        length = end - start + 1
+        self._record(status)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(length + lie))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{data_len + lie}")
+        self.end_headers()
+        if not body:
+            return
+        to_send = length if cut is None else min(length, cut)
+        with open(local, "rb") as fh:
+            fh.seek(start)
+            left = to_send
+            while left > 0:
+                block = fh.read(min(left, 1 << 20))
+                if not block:
+                    break
+                self.wfile.write(block)
+                left -= len(block)
+        if cut is not None or lie:
+            self.wfile.flush()
+            self.close_connection = True  # the announced length was not sent: end the connection
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    owner: "ReplicaServer"
+
+
+class ReplicaServer:
+    """Serve ``root`` at ``http://127.0.0.1:<port>/``. Use as a context manager."""
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.faults = _Faults()
+        self.routes: dict[str, Any] = {}  # exact path -> fn(raw_path) -> (status, bytes, content type)
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        self._httpd = _Server((host, port), _Handler)
+        self._httpd.owner = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "ReplicaServer":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True, name="emdata-replica-http")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "ReplicaServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- request log ----------------------------------------------------------------------------
+
+    def _log(self, request: Request) -> None:
+        with self.lock:
+            self.requests.append(request)
+
+    def requests_for(self, path_suffix: str) -> list[Request]:
+        with self.lock:
+            return [r for r in self.requests if r.path.endswith(path_suffix)]
+
+    def clear_log(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def drop_after(self, path: str, nbytes: int, times: int = 1) -> None:
+        self.faults.drop[path] = [nbytes, times]
+
+    def fail(self, path: str, status: int = 503, times: int = 1, retry_after: int | None = None) -> None:
+        self.faults.fail[path] = [status, times, retry_after]
+
+    def truncate(self, path: str, nbytes: int) -> None:
+        self.faults.truncate[path] = nbytes
+
+    def lie_length(self, path: str, extra: int) -> None:
+        self.faults.lie[path] = extra
+
+    def hide(self, path: str) -> None:
+        self.faults.hidden.add(path)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def local_path(self, url_path: str) -> Path | None:
+        candidate = (self.root / url_path.lstrip("/")).resolve()
+        if candidate != self.root and self.root not in candidate.parents:
+            return None
+        return candidate if candidate.exists() else None
+
+    def listing(self, url_path: str, folder: Path) -> bytes:
+        """An Apache-style autoindex page, as on the EBI and EPFL servers."""
+        rows = []
+        for entry in sorted(folder.iterdir()):
+            name = entry.name + ("/" if entry.is_dir() else "")
+            if url_path + name in self.faults.hidden or name.endswith(".part"):
+                continue
+            href = urllib.parse.quote(name)
+            size = "-" if entry.is_dir() else str(entry.stat().st_size)
+            rows.append(f'<tr><td><a href="{href}">{html.escape(name)}</a></td><td align="right">{size}</td></tr>')
+        title = html.escape(f"Index of {url_path}")
+        page = (f"<!DOCTYPE HTML PUBLIC \"-//W3C//DTD HTML 3.2 Final//EN\">\n<html><head><title>{title}</title></head>"
+                f"<body><h1>{title}</h1><table><tr><th>Name</th><th>Size</th></tr>"
+                f'<tr><td><a href="../">Parent Directory</a></td><td>-</td></tr>{"".join(rows)}</table></body></html>\n')
+        return page.encode()
+
+    def add_file(self, url_path: str, data: bytes) -> Path:
+        """Place ``data`` at ``url_path`` (unquoted) under the served root."""
+        target = self.root / urllib.parse.unquote(url_path).lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return target
+
+
+def serve_forever(root: str, port: int = 0) -> None:  # pragma: no cover - manual use
+    with ReplicaServer(Path(root), port=port) as server:
+        print(server.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    serve_forever(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -1,0 +1,49 @@
+"""Small generated volumes whose values encode their coordinates, so axis mistakes show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def coordinate_volume(shape: tuple[int, int, int], dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """``v[z, y, x]`` is a different mix of z, y and x per axis: a transpose or flip changes it."""
+    z, y, x = np.indices(shape, dtype=np.int64)
+    value = z * 1_000_003 + y * 1_009 + x * 7 + (z * y) % 13
+    info = np.iinfo(dtype)
+    span = int(info.max) - int(info.min) + 1
+    return (value % span + info.min).astype(dtype)
+
+
+def em_like_volume(shape: tuple[int, int, int], seed: int = 0, dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """Smooth blobs plus noise, roughly like EM intensities (for thumbnails and benchmarks)."""
+    rng = np.random.default_rng(seed)
+    z, y, x = (np.linspace(0, 2 * np.pi * k, n)[:, None, None] for k, n in zip((2, 3, 4), shape))
+    base = np.sin(z) + np.cos(y.reshape(1, -1, 1)) * np.sin(x.reshape(1, 1, -1))
+    noisy = 128 + 50 * base + rng.normal(0, 20, shape)
+    return np.clip(noisy, 0, 255).astype(dtype)
+
+
+def blob_labels(shape: tuple[int, int, int], seed: int = 0, count: int = 3, value: int = 255) -> np.ndarray:
+    """A uint8 mask of a few ellipsoids (the EPFL ground truth uses 0/255)."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=np.float64)
+    mask = np.zeros(shape, np.uint8)
+    for _ in range(count):
+        centre = [rng.uniform(0, s) for s in shape]
+        radius = [max(1.5, s / 5) for s in shape]
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius)) <= 1
+        mask[inside] = value
+    return mask
+
+
+def write_tiff_stack(path: Path, volume: np.ndarray, **kwargs: object) -> Path:
+    """A classic multipage TIFF, one page per Z section, as the EPFL files are."""
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path, bigtiff=False) as writer:
+        for section in volume:
+            writer.write(section, contiguous=True, photometric="minisblack", **kwargs)
+    return path
