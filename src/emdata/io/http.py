@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
+import urllib3
 
 from ..errors import FetchError, IntegrityError
 from ..progress import Progress
@@ -88,13 +89,14 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _content_range(value: str | None) -> tuple[int, int | None] | None:
-    """(start, total) from ``bytes start-end/total``; total may be ``*``."""
-    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
+def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
+    """(start, total) from ``bytes start-end/total`` or a 416's ``bytes */total`` (start None)."""
+    match = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (value or "").strip())
     if not match:
         return None
+    start = None if match.group(1) is None else int(match.group(1))
     total = None if match.group(2) == "*" else int(match.group(2))
-    return int(match.group(1)), total
+    return start, total
 
 
 class _Retry(Exception):
@@ -133,14 +135,14 @@ class HttpClient:
             try:
                 return attempt_once()
             except _Retry as exc:
-                last = str(exc)
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                exc = _Retry(last)
+                retry = exc
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    urllib3.exceptions.HTTPError) as exc:
+                retry = _Retry(f"{type(exc).__name__}: {exc}")
+            last = str(retry)
             if attempt + 1 == self.policy.attempts:
                 break
-            wait = exc.wait if exc.wait is not None else self.policy.backoff(attempt, self.rng)
+            wait = retry.wait if retry.wait is not None else self.policy.backoff(attempt, self.rng)
             log.warning("%s: %s (%s); retry %d/%d in %.1fs", self.dataset, url, last,
                         attempt + 1, self.policy.attempts - 1, wait)
             self.sleep(wait)
@@ -247,6 +249,8 @@ class HttpClient:
                 state["announced"] = total
             progress.update(have - progress.done)  # resumed bytes count as done; a restart rewinds
             with open(part, mode) as fh:
-                for block in r.iter_content(BLOCK):
+                # read1 hands over whatever arrived, so a dropped connection loses no byte
+                # already received: the next attempt resumes exactly where this one stopped.
+                while block := r.raw.read1(BLOCK, decode_content=True):
                     fh.write(block)
                     progress.update(len(block))

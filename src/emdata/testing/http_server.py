@@ -1,7 +1,7 @@
 """A static HTTP/1.1 server on loopback that behaves like the real file servers, plus faults.
 
 It serves a folder with ``HEAD``, ``GET`` and single ``Range`` requests (206, 416), keep-alive,
-and Apache-style HTML directory listings. Tests inject faults per path and read the request log:
+and Apache-style HTML directory listings. Tests inject faults per URL path (quoted or not) and read the request log:
 
 - ``drop_after(path, nbytes, times)``: send the headers and ``nbytes`` of the body, then close;
 - ``fail(path, status, times, retry_after)``: answer 500/503/429 (with ``Retry-After``) first;
@@ -147,7 +147,7 @@ class ReplicaServer:
         self.faults = _Faults()
         self.routes: dict[str, Any] = {}  # exact path -> fn(raw_path) -> (status, bytes, content type)
         self.requests: list[Request] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
         self._thread: threading.Thread | None = None
@@ -180,6 +180,7 @@ class ReplicaServer:
             self.requests.append(request)
 
     def requests_for(self, path_suffix: str) -> list[Request]:
+        path_suffix = urllib.parse.unquote(path_suffix)
         with self.lock:
             return [r for r in self.requests if r.path.endswith(path_suffix)]
 
@@ -190,24 +191,25 @@ class ReplicaServer:
     # -- faults ---------------------------------------------------------------------------------
 
     def drop_after(self, path: str, nbytes: int, times: int = 1) -> None:
-        self.faults.drop[path] = [nbytes, times]
+        self.faults.drop[urllib.parse.unquote(path)] = [nbytes, times]
 
     def fail(self, path: str, status: int = 503, times: int = 1, retry_after: int | None = None) -> None:
-        self.faults.fail[path] = [status, times, retry_after]
+        self.faults.fail[urllib.parse.unquote(path)] = [status, times, retry_after]
 
     def truncate(self, path: str, nbytes: int) -> None:
-        self.faults.truncate[path] = nbytes
+        self.faults.truncate[urllib.parse.unquote(path)] = nbytes
 
     def lie_length(self, path: str, extra: int) -> None:
-        self.faults.lie[path] = extra
+        self.faults.lie[urllib.parse.unquote(path)] = extra
 
     def hide(self, path: str) -> None:
-        self.faults.hidden.add(path)
+        self.faults.hidden.add(urllib.parse.unquote(path))
 
     # -- files ----------------------------------------------------------------------------------
 
     def local_path(self, url_path: str) -> Path | None:
-        candidate = (self.root / url_path.lstrip("/")).resolve()
+        """The served file for a URL path (quoted or not), or None."""
+        candidate = (self.root / urllib.parse.unquote(url_path).lstrip("/")).resolve()
         if candidate != self.root and self.root not in candidate.parents:
             return None
         return candidate if candidate.exists() else None

@@ -1,0 +1,167 @@
+"""The contract every source kind passes against its replica (like bioio's reader conformance).
+
+Subclass :class:`SourceContract` in a test module and provide the ``case`` fixture returning a
+:class:`SourceCase`; pytest then runs every ``test_*`` method below for that source.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from ..config import Config
+from ..errors import IntegrityError
+from ..io.http import HttpClient, RetryPolicy
+from .http_server import ReplicaServer
+
+FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, connect_timeout=2, read_timeout=5)
+
+
+@dataclass
+class SourceCase:
+    """One dataset of a source, served by a replica, with the arrays it must round-trip to."""
+
+    cfg: Config
+    key: str
+    server: ReplicaServer
+    expected: dict[str, np.ndarray]  # "raw" and "labels/<name>" -> voxels
+    big_file: str  # URL path of the largest file, for fault injection
+    reload: Callable[[], Config]  # re-read params.yaml after a test edits it
+
+
+def client_for(case: SourceCase, sleeps: list[float] | None = None) -> HttpClient:
+    sleep = sleeps.append if sleeps is not None else (lambda s: None)
+    return HttpClient(case.key, policy=FAST_RETRIES, sleep=sleep, seed=0)
+
+
+class SourceContract:
+    """Shared behaviour of sources: exact data, no needless requests, safe failure."""
+
+    @pytest.fixture
+    def case(self) -> SourceCase:  # pragma: no cover - provided by subclasses
+        raise NotImplementedError
+
+    def _fetch(self, case: SourceCase, sleeps: list[float] | None = None):
+        from ..pipeline import fetch_dataset
+
+        return fetch_dataset(case.cfg, case.key, client=client_for(case, sleeps))
+
+    def _normalize_and_read(self, case: SourceCase) -> dict[str, np.ndarray]:
+        import h5py
+
+        from ..normalize import normalize_dataset
+
+        path = normalize_dataset(case.cfg, case.key)
+        with h5py.File(path, "r") as f:
+            return {name: f[name][()] for name in case.expected}
+
+    def test_round_trip_is_exact(self, case: SourceCase) -> None:
+        self._fetch(case)
+        got = self._normalize_and_read(case)
+        for name, array in case.expected.items():
+            assert got[name].shape == array.shape, name
+            assert got[name].dtype == array.dtype, name
+            np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+    def test_second_fetch_makes_no_request(self, case: SourceCase) -> None:
+        first = self._fetch(case)
+        assert not first.up_to_date and first.requests > 0
+        case.server.clear_log()
+        second = self._fetch(case)
+        assert second.up_to_date and second.requests == 0
+        assert case.server.requests == []
+
+    def test_interrupted_body_resumes_with_range(self, case: SourceCase) -> None:
+        case.server.drop_after(case.big_file, nbytes=1000, times=1)
+        self._fetch(case)
+        gets = [r for r in case.server.requests_for(case.big_file) if r.method == "GET"]
+        assert len(gets) == 2
+        assert "Range" not in gets[0].headers
+        assert gets[1].headers["Range"] == "bytes=1000-" and gets[1].status == 206
+        local = case.cfg.raw_dir(case.key) / _file_name(case.big_file)
+        served = case.server.local_path(case.big_file)
+        assert local.read_bytes() == served.read_bytes()
+
+    def test_503_with_retry_after_then_success(self, case: SourceCase) -> None:
+        case.server.fail(case.big_file, status=503, times=2, retry_after=1)
+        sleeps: list[float] = []
+        self._fetch(case, sleeps)
+        assert sleeps[:2] == [1.0, 1.0]
+        assert [r.status for r in case.server.requests_for(case.big_file) if r.method == "GET"] == [503, 503, 200]
+
+    @pytest.mark.parametrize("fault", ["truncate", "lie_length"])
+    def test_wrong_size_raises_integrity_error_and_leaves_nothing(self, case: SourceCase, fault: str) -> None:
+        if fault == "truncate":
+            case.server.truncate(case.big_file, 500)
+            # The truncated file is served consistently: only a pinned size can tell.
+            _pin_size(case, case.big_file)
+        else:
+            case.server.lie_length(case.big_file, 77)
+        with pytest.raises(IntegrityError) as err:
+            self._fetch(case)
+        assert case.key in str(err.value) and "127.0.0.1" in str(err.value)
+        raw = case.cfg.raw_dir(case.key)
+        assert not raw.exists()
+        leftovers = list(case.cfg.partial_dir(case.key).glob(_file_name(case.big_file) + "*"))
+        assert leftovers == []
+
+    def test_404_is_one_line_error_naming_dataset_and_url(self, case: SourceCase, tmp_path: Path) -> None:
+        missing = case.server.local_path(case.big_file)
+        missing.rename(tmp_path / "moved")
+        proc = subprocess.run([sys.executable, "-m", "emdata", "fetch", case.key], cwd=case.cfg.root,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("emdata: error: ") and case.key in lines[0] and "404" in lines[0]
+        assert case.server.url in lines[0]
+        assert not case.cfg.raw_dir(case.key).exists()
+
+    def test_metadata_is_json_serializable(self, case: SourceCase) -> None:
+        from ..sources import get_source
+
+        self._fetch(case)
+        ds = case.cfg.dataset(case.key)
+        native = get_source(ds.source_kind).read_metadata(ds.source, case.cfg.raw_dir(case.key), case.key)
+        assert json.loads(json.dumps(native)) == native
+        assert native
+
+
+def _file_name(url_path: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
+
+
+def _pin_size(case: SourceCase, url_path: str) -> None:
+    """Pin the real (untruncated) size of the file in params.yaml, as production params do."""
+    import yaml
+
+    served = case.server.local_path(url_path)
+    params_path = case.cfg.root / "params.yaml"
+    params: dict[str, Any] = yaml.safe_load(params_path.read_text())
+    name = _file_name(url_path)
+    for spec in _file_specs(params["datasets"][case.key]["source"]):
+        if spec.get("file") == name:
+            spec["size"] = served.stat().st_size
+    params_path.write_text(yaml.safe_dump(params))
+    case.cfg = case.reload()
+
+
+def _file_specs(node: Any) -> list[dict[str, Any]]:
+    """Every ``{file: ...}`` mapping inside a source section."""
+    if isinstance(node, dict):
+        found = [node] if "file" in node else []
+        for value in node.values():
+            found += _file_specs(value)
+        return found
+    if isinstance(node, list):
+        return [spec for item in node for spec in _file_specs(item)]
+    return []

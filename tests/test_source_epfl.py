@@ -1,0 +1,63 @@
+"""The EPFL source against its replica: the shared contract plus EPFL specifics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emdata.config import load_config
+from emdata.testing.contract import SourceCase, SourceContract
+from emdata.testing.epfl import EPFL_PATH
+
+
+class TestEpflContract(SourceContract):
+    @pytest.fixture(params=["epfl_hippocampus", "epfl_mito_train"])
+    def case(self, request, epfl_project, server, epfl_replica) -> SourceCase:
+        key = request.param
+        arrays = epfl_replica.arrays
+        if key == "epfl_hippocampus":
+            expected = {"raw": arrays["volumedata.tif"]}
+            big = "volumedata.tif"
+        else:
+            expected = {"raw": arrays["training.tif"], "labels/mitochondria": arrays["training_groundtruth.tif"]}
+            big = "training.tif"
+        root = epfl_project.root
+        return SourceCase(cfg=epfl_project, key=key, server=server, expected=expected,
+                          big_file=EPFL_PATH + big, reload=lambda: load_config(root))
+
+
+def test_real_params_use_the_real_epfl_urls() -> None:
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO)
+    image = cfg.dataset("epfl_hippocampus").source.image
+    assert image.url == ("https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/"
+                         "%20ElectronMicroscopy_Hippocampus/volumedata.tif")
+    assert image.size == 3_353_674_357
+    train = cfg.dataset("epfl_mito_train").source
+    assert train.labels["mitochondria"].url.endswith("%20ElectronMicroscopy_Hippocampus/training_groundtruth.tif")
+
+
+def test_plan_reports_sizes_without_downloading(epfl_project, server) -> None:
+    from emdata.pipeline import plan_dataset
+
+    plans = plan_dataset(epfl_project, "epfl_mito_train")
+    assert [p.name for p in plans] == ["training.tif", "training_groundtruth.tif"]
+    for p in plans:
+        served = server.local_path(EPFL_PATH + p.name)
+        assert p.size == served.stat().st_size and p.to_transfer == p.size and p.state == "new"
+    assert {r.method for r in server.requests} == {"HEAD"}
+    assert not epfl_project.raw_dir("epfl_mito_train").exists()
+
+
+def test_labels_keep_native_values(epfl_project, epfl_replica) -> None:
+    import h5py
+
+    from emdata.normalize import normalize_dataset
+    from emdata.pipeline import fetch_dataset
+
+    fetch_dataset(epfl_project, "epfl_mito_test")
+    with h5py.File(normalize_dataset(epfl_project, "epfl_mito_test")) as f:
+        labels = f["labels/mitochondria"][()]
+    assert set(np.unique(labels)) <= {0, 255}
+    np.testing.assert_array_equal(labels, epfl_replica.arrays["testing_groundtruth.tif"])
