@@ -34,8 +34,16 @@ def _main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
 ) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="emdata: %(message)s", stream=sys.stderr)
+    # Our own messages at the chosen level; other libraries' (tifffile, dvc...) only with -v,
+    # since every error we raise already carries its cause in one line.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("emdata: %(message)s"))
+    ours = logging.getLogger("emdata")
+    ours.handlers[:] = [handler]
+    ours.propagate = False
+    ours.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.CRITICAL, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
     _state["root"] = project
 
 

@@ -6,7 +6,8 @@ and Apache-style HTML directory listings. Tests inject faults per URL path (quot
 - ``drop_after(path, nbytes, times)``: send the headers and ``nbytes`` of the body, then close;
 - ``fail(path, status, times, retry_after)``: answer 500/503/429 (with ``Retry-After``) first;
 - ``truncate(path, nbytes)``: serve only the first ``nbytes`` as if they were the whole file;
-- ``lie_length(path, extra)``: announce ``extra`` more bytes than the file has, then close.
+- ``lie_length(path, extra)``: announce ``extra`` more bytes than the file has, then close;
+- ``ignore_range(path)``: answer every request with 200 and the whole body, as some servers do.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class _Faults:
     truncate: dict[str, int] = field(default_factory=dict)
     lie: dict[str, int] = field(default_factory=dict)
     hidden: set[str] = field(default_factory=set)  # left out of listings, still served
+    no_range: set[str] = field(default_factory=set)  # answer 200 with the whole body to Range
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -98,7 +100,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 cut = drop[0]
         start, end, status = 0, data_len - 1, 200
         header_range = self.headers.get("Range")
-        if header_range:
+        if header_range and url_path not in owner.faults.no_range:
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", header_range.strip())
             if not match:
                 return self._simple(416, b"", {"Content-Range": f"bytes */{data_len}"})
@@ -201,6 +203,9 @@ class ReplicaServer:
 
     def lie_length(self, path: str, extra: int) -> None:
         self.faults.lie[urllib.parse.unquote(path)] = extra
+
+    def ignore_range(self, path: str) -> None:
+        self.faults.no_range.add(urllib.parse.unquote(path))
 
     def hide(self, path: str) -> None:
         self.faults.hidden.add(urllib.parse.unquote(path))

@@ -38,12 +38,12 @@ def blob_labels(shape: tuple[int, int, int], seed: int = 0, count: int = 3, valu
     return mask
 
 
-def write_tiff_stack(path: Path, volume: np.ndarray, **kwargs: object) -> Path:
+def write_tiff_stack(path: Path, volume: np.ndarray, *, byteorder: str = "<", **kwargs: object) -> Path:
     """A classic multipage TIFF, one page per Z section, as the EPFL files are."""
     import tifffile
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tifffile.TiffWriter(path, bigtiff=False) as writer:
+    with tifffile.TiffWriter(path, bigtiff=False, byteorder=byteorder) as writer:
         for section in volume:
             writer.write(section, contiguous=True, photometric="minisblack", **kwargs)
     return path

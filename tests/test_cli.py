@@ -1,0 +1,108 @@
+"""The command line: one-line errors with non-zero exits, outputs left untouched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emdata.io.http import sha256_file
+
+
+def emdata(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "emdata", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("emdata: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def built(epfl_project):
+    """A project with epfl_mito_train fetched and normalized through the CLI."""
+    root = epfl_project.root
+    for cmd in (["fetch", "epfl_mito_train"], ["normalize", "epfl_mito_train"]):
+        proc = emdata(root, *cmd)
+        assert proc.returncode == 0, proc.stderr
+    return epfl_project
+
+
+def _outputs(cfg) -> dict[str, str]:
+    files = [cfg.processed_path("epfl_mito_train"), cfg.record_path("epfl_mito_train")]
+    return {str(p): sha256_file(p) for p in files}
+
+
+def test_help_is_fast_and_lists_the_commands(tmp_path) -> None:
+    proc = emdata(tmp_path, "--help")
+    assert proc.returncode == 0
+    for command in ("list", "plan", "fetch", "normalize", "summarize", "info", "verify", "demo"):
+        assert command in proc.stdout
+    code = "import sys, emdata.cli; print(sorted(m for m in ('h5py', 'tifffile', 'dvc', 'requests') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_dataset(built) -> None:
+    before = _outputs(built)
+    line = one_line_error(emdata(built.root, "normalize", "no_such_set"))
+    assert "unknown dataset 'no_such_set'" in line and "epfl_mito_train" in line
+    assert _outputs(built) == before
+
+
+def test_unknown_source_kind_and_bad_key(built) -> None:
+    before = _outputs(built)
+    params_path = built.root / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["datasets"]["epfl_mito_test"]["source"]["kind"] = "gopher"
+    params_path.write_text(yaml.safe_dump(params))
+    line = one_line_error(emdata(built.root, "normalize", "epfl_mito_train"))
+    assert "datasets.epfl_mito_test.source.kind: unknown source kind 'gopher'" in line
+    params = yaml.safe_load(good)
+    params["datasets"]["epfl_mito_train"]["voxel_sise_nm"] = [1, 1, 1]
+    params_path.write_text(yaml.safe_dump(params))
+    line = one_line_error(emdata(built.root, "normalize", "epfl_mito_train"))
+    assert "datasets.epfl_mito_train.voxel_sise_nm: unknown key" in line
+    assert _outputs(built) == before
+
+
+def test_corrupt_tiff(built) -> None:
+    before = _outputs(built)
+    tif = built.raw_dir("epfl_mito_train") / "training.tif"
+    data = bytearray(tif.read_bytes())
+    data[4:8] = b"\xff\xff\xff\x7f"  # the first page directory now points past the end of the file
+    tif.write_bytes(bytes(data))
+    line = one_line_error(emdata(built.root, "normalize", "epfl_mito_train"))
+    assert "epfl_mito_train" in line and "training.tif" in line and "not a readable TIFF" in line
+    assert _outputs(built) == before
+    leftovers = [p.name for p in built.processed_path("epfl_mito_train").parent.iterdir()]
+    assert leftovers == ["epfl_mito_train.h5"]
+
+
+def test_missing_params_file(tmp_path) -> None:
+    line = one_line_error(emdata(tmp_path, "list"))
+    assert "no params.yaml" in line
+
+
+def test_list_info_verify(built) -> None:
+    listing = emdata(built.root, "list").stdout
+    row = next(line for line in listing.splitlines() if line.startswith("epfl_mito_train"))
+    assert row.split()[2] == "yes" and "yes" in row.split()[4:]
+    info = emdata(built.root, "info", "epfl_mito_train")
+    assert info.returncode == 0 and "[17, 29, 43] uint8" in info.stdout
+    verify = emdata(built.root, "verify", "epfl_mito_train")
+    assert verify.returncode == 0 and verify.stdout.count("ok  ") == 3
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EMDATA_DEBUG", "1")
+    proc = emdata(tmp_path, "list")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,65 @@
+"""params.yaml parsing: every mistake names its key path."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from emdata.config import load_config
+from emdata.errors import ConfigError
+
+
+def _dataset(**source_extra):
+    source = {"kind": "epfl", "base_url": "https://example.org/d/", "image": {"file": "v.tif"}, **source_extra}
+    return {"title": "t", "license": "l", "citation": "c", "modality": "FIB-SEM", "voxel_size_nm": [5, 5, 5],
+            "source": source}
+
+
+def _load(tmp_path, params):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return load_config(tmp_path)
+
+
+def test_valid_params_parse(tmp_path) -> None:
+    cfg = _load(tmp_path, {"datasets": {"a_1": _dataset()}})
+    assert cfg.normalize.chunks == (64, 64, 64) and cfg.normalize.compression == "none"
+    ds = cfg.dataset("a_1")
+    assert ds.voxel_size_nm == (5.0, 5.0, 5.0) and ds.source.image.url == "https://example.org/d/v.tif"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"datasets": {"a": {**_dataset(), "voxel_size": [1, 1, 1]}}}, "datasets.a.voxel_size: unknown key"),
+    ({"datasets": {"a": _dataset(imgae={"file": "x"})}}, "datasets.a.source.imgae: unknown key"),
+    ({"datasets": {"a": {**_dataset(), "source": {"kind": "ftp"}}}}, "datasets.a.source.kind: unknown source kind 'ftp'"),
+    ({"datasets": {"a": {k: v for k, v in _dataset().items() if k != "title"}}}, "datasets.a.title: missing required key"),
+    ({"datasets": {"a": {**_dataset(), "voxel_size_nm": [5, 0, 5]}}}, "datasets.a.voxel_size_nm: expected three positive"),
+    ({"datasets": {"Bad-Key": _dataset()}}, "datasets.Bad-Key: dataset keys must match"),
+    ({"datasets": {"a": _dataset()}, "normalize": {"compression": "gzip"}}, "normalize.compression: expected one of"),
+    ({"datasets": {"a": _dataset()}, "normalise": {}}, "normalise: unknown key"),
+    ({"datasets": {"a": _dataset(image={"file": "v.tif", "sha256": "abc"})}}, "datasets.a.source.image.sha256"),
+    ({"datasets": {"a": _dataset(base_url="https://example.org/no-slash")}}, "datasets.a.source.base_url"),
+])
+def test_mistakes_name_the_key_path(tmp_path, params, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, params)
+    assert message in str(err.value)
+
+
+def test_unknown_dataset_lists_the_known_ones(tmp_path) -> None:
+    cfg = _load(tmp_path, {"datasets": {"a": _dataset()}})
+    with pytest.raises(ConfigError, match="unknown dataset 'b'.*datasets in params.yaml: a"):
+        cfg.dataset("b")
+
+
+def test_project_root_is_found_from_a_subfolder(tmp_path, monkeypatch) -> None:
+    _load(tmp_path, {"datasets": {"a": _dataset()}})
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sub" / "deeper")
+    assert load_config().root == tmp_path.resolve()
+
+
+def test_the_repository_params_parse() -> None:
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO)
+    assert set(cfg.datasets) == {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test"}

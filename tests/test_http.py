@@ -1,0 +1,103 @@
+"""The HTTP transfer layer on its own: resume, retries, verification, errors."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from emdata.errors import FetchError, IntegrityError
+from emdata.io.http import HttpClient, RetryPolicy, parse_retry_after
+from emdata.testing.http_server import ReplicaServer
+
+FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, connect_timeout=2, read_timeout=5)
+DATA = bytes(range(256)) * 397 + b"tail"  # 101,636 bytes, not a multiple of anything
+
+
+@pytest.fixture
+def srv(tmp_path: Path):
+    with ReplicaServer(tmp_path / "www") as server:
+        server.add_file("/d/file.bin", DATA)
+        yield server
+
+
+def client(sleeps: list | None = None) -> HttpClient:
+    return HttpClient("ds", policy=FAST, sleep=(sleeps.append if sleeps is not None else lambda s: None), seed=1)
+
+
+def test_download_verifies_size_and_sha(srv, tmp_path) -> None:
+    result = client().download(srv.url + "/d/file.bin", tmp_path / "f", size=len(DATA),
+                               sha256=hashlib.sha256(DATA).hexdigest())
+    assert result.path.read_bytes() == DATA and result.requests == 1
+    assert not (tmp_path / "f.part").exists()
+
+
+def test_wrong_pinned_sha_raises_and_removes_the_part(srv, tmp_path) -> None:
+    with pytest.raises(IntegrityError, match="sha256"):
+        client().download(srv.url + "/d/file.bin", tmp_path / "f", sha256="0" * 64)
+    assert list(tmp_path.iterdir()) == [tmp_path / "www"]
+
+
+def test_exhausted_retries_keep_the_part_and_a_later_run_resumes(srv, tmp_path) -> None:
+    srv.drop_after("/d/file.bin", 4000, times=3)  # every attempt of the first run is cut
+    with pytest.raises(FetchError, match="failed after 3 attempts") as err:
+        client().download(srv.url + "/d/file.bin", tmp_path / "f")
+    assert "ds:" in str(err.value) and "/d/file.bin" in str(err.value)
+    assert (tmp_path / "f.part").stat().st_size == 12000  # three attempts, each resumed
+    srv.clear_log()
+    client().download(srv.url + "/d/file.bin", tmp_path / "f")
+    assert (tmp_path / "f").read_bytes() == DATA
+    assert [r.headers.get("Range") for r in srv.requests] == ["bytes=12000-"]
+
+
+def test_server_ignoring_range_restarts_from_zero(srv, tmp_path) -> None:
+    (tmp_path / "f.part").write_bytes(b"stale bytes from an older run")
+    srv.ignore_range("/d/file.bin")
+    result = client().download(srv.url + "/d/file.bin", tmp_path / "f")
+    assert result.path.read_bytes() == DATA
+    assert srv.requests[0].headers["Range"].startswith("bytes=") and srv.requests[0].status == 200
+
+
+def test_404_is_not_retried(srv, tmp_path) -> None:
+    sleeps: list = []
+    with pytest.raises(FetchError, match="HTTP 404") as err:
+        client(sleeps).download(srv.url + "/d/missing.bin", tmp_path / "f")
+    assert sleeps == [] and len(srv.requests) == 1
+    assert "/d/missing.bin" in str(err.value)
+
+
+def test_429_and_500_are_retried_with_backoff(srv, tmp_path) -> None:
+    sleeps: list = []
+    srv.fail("/d/file.bin", status=500, times=2)
+    client(sleeps).download(srv.url + "/d/file.bin", tmp_path / "f")
+    assert len(sleeps) == 2 and all(0 < s <= FAST.max_delay for s in sleeps)
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date: no wait
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+
+
+def test_retry_after_is_capped(srv, tmp_path) -> None:
+    sleeps: list = []
+    srv.fail("/d/file.bin", status=503, times=1, retry_after=100000)
+    policy = RetryPolicy(attempts=2, base_delay=0.01, max_retry_after=2.5)
+    HttpClient("ds", policy=policy, sleep=sleeps.append).download(srv.url + "/d/file.bin", tmp_path / "f")
+    assert sleeps == [2.5]
+
+
+def test_head_reports_size(srv) -> None:
+    info = client().head(srv.url + "/d/file.bin")
+    assert info.size == len(DATA) and info.accepts_ranges
+
+
+def test_unreachable_host_fails_within_bounds(tmp_path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(FetchError, match="failed after 3 attempts"):
+        client().download(f"http://127.0.0.1:{port}/x", tmp_path / "f")
