@@ -1,9 +1,10 @@
 """Raw source volume -> canonical HDF5, slab by slab, in bounded memory.
 
 One slab is one chunk deep in Z, so every write covers whole chunks (no read-modify-write).
-While the main thread writes slab k, a worker thread hashes it and adds it to the exact
-statistics: both release the GIL for most of their work, so the two cores overlap. At most two
-slabs are alive at once. The file is written under a temporary name, checked, then renamed.
+While the main thread writes slab k, one worker thread reads slab k+1 and another hashes slab k
+and adds it to the exact statistics; file reads, HDF5 writes, sha256 and bincount release the
+GIL for most of their work, so the two cores overlap. At most two slabs are alive at once. The
+file is written under a temporary name, checked, then renamed.
 """
 
 from __future__ import annotations
@@ -67,20 +68,34 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
                                 **hdf5.compression_options(compression, level))
     digest = _Digest(volume.dtype, chunk, shape, label)
     depth = chunk[0]
-    with ThreadPoolExecutor(1, thread_name_prefix="emdata-digest") as pool, \
+    starts = list(range(0, shape[0], depth))
+    dataset_name = getattr(volume, "dataset", "?")
+
+    def read(z0: int) -> np.ndarray:
+        z1 = min(shape[0], z0 + depth)
+        slab = volume.read(z0, z1)
+        if slab.shape != (z1 - z0, *shape[1:]):
+            raise FormatError(dataset_name, desc, f"read {slab.shape} for sections {z0}..{z1 - 1}, "
+                              f"expected {shape[1:]}")
+        return slab
+
+    # Three stages overlap: read slab k+1 | write slab k | hash slab k. Each waits for the one
+    # before it, so no more than two slabs are alive at any time.
+    with ThreadPoolExecutor(1, thread_name_prefix="emdata-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="emdata-digest") as hasher, \
             Progress(shape[0], desc, unit="slice") as progress:
+        next_slab: Future = reader.submit(read, starts[0]) if starts else None
         pending: Future | None = None
-        for z0 in range(0, shape[0], depth):
-            z1 = min(shape[0], z0 + depth)
-            slab = volume.read(z0, z1)
-            if slab.shape != (z1 - z0, *shape[1:]):
-                raise FormatError(getattr(volume, "dataset", "?"), desc,
-                                  f"read {slab.shape} for sections {z0}..{z1 - 1}, expected {shape[1:]}")
+        for i, z0 in enumerate(starts):
+            slab = next_slab.result()
             if pending is not None:
-                pending.result()  # the previous slab is hashed: at most two slabs alive
-            pending = pool.submit(digest.update, z0, slab)
-            dset[z0:z1] = slab
-            progress.update(z1 - z0)
+                pending.result()  # slab k-1 is hashed and released
+            pending = hasher.submit(digest.update, z0, slab)
+            if i + 1 < len(starts):
+                next_slab = reader.submit(read, starts[i + 1])
+            dset[z0:z0 + slab.shape[0]] = slab
+            progress.update(slab.shape[0])
+            del slab
         if pending is not None:
             pending.result()
     array_sha256 = digest.sha.hexdigest()
