@@ -143,3 +143,18 @@ def json_safe(value: Any) -> Any:
         return str(obj)
 
     return json.loads(json.dumps(value, default=default))
+
+
+class ArrayVolume(RawVolume):
+    """An in-memory array as a RawVolume (tests, replicas, small derived volumes)."""
+
+    def __init__(self, array: np.ndarray, dataset: str = "array") -> None:
+        if array.ndim != 3:
+            raise ConfigError(f"{dataset}: a 3D array is expected, got shape {array.shape}")
+        self.array = array
+        self.dataset = dataset
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        return np.ascontiguousarray(self.array[z0:z1])

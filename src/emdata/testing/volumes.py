@@ -47,3 +47,25 @@ def write_tiff_stack(path: Path, volume: np.ndarray, *, byteorder: str = "<", **
         for section in volume:
             writer.write(section, contiguous=True, photometric="minisblack", **kwargs)
     return path
+
+
+def write_canonical(path: Path, raw: np.ndarray, *, labels: dict[str, np.ndarray] | None = None,
+                    chunks: tuple[int, int, int] = (8, 16, 16), resolution: tuple[float, ...] = (5.0, 5.0, 5.0),
+                    offset: tuple[float, ...] = (0.0, 0.0, 0.0), compression: str = "none") -> Path:
+    """A canonical emdata HDF5 from arrays, through the same writer as ``emdata normalize``."""
+    import h5py
+
+    from ..io import hdf5
+    from ..normalize import write_volume
+    from ..sources.base import ArrayVolume
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    common = dict(chunks=chunks, compression=compression, level=3, attrs=hdf5.spatial_attrs(resolution, offset))
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"dataset": path.stem, "format_version": hdf5.FORMAT_VERSION, "title": path.stem})
+        write_volume(f, hdf5.RAW, ArrayVolume(raw, path.stem), label=False, desc="raw", **common)
+        for name, array in (labels or {}).items():
+            result = write_volume(f, f"{hdf5.LABELS}/{name}", ArrayVolume(array, path.stem), label=True,
+                                  desc=name, **common)
+            f.create_dataset(f"{hdf5.LABEL_STATS}/{name}/chunk_foreground", data=result["foreground"])
+    return path

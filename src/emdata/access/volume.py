@@ -1,0 +1,274 @@
+"""``open_dataset`` and ``Volume``: a read-only, fork- and pickle-safe view of one HDF5 array.
+
+The HDF5 file opens lazily, once per process: a Volume created before ``fork`` (or pickled into
+a DataLoader worker) reopens the file in the child on first read instead of sharing a handle.
+Files open read-only without HDF5 file locking, with a chunk cache sized to a row of chunks.
+
+Coordinates: voxel ``i`` along an axis starts at ``offset + i * resolution`` nm (the gunpowder /
+CREMI convention used by the ``resolution`` and ``offset`` attributes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import namedtuple
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import AccessError, ConfigError, NotBuiltError
+from ..io import hdf5
+
+PhysicalPixelSizes = namedtuple("PhysicalPixelSizes", ["Z", "Y", "X"])  # micrometres, as in bioio
+
+
+class Volume:
+    """One 3D array (``/raw`` or ``/labels/<name>``) of a canonical emdata HDF5 file."""
+
+    def __init__(self, path: str | os.PathLike, array: str = hdf5.RAW, *, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.array = array
+        self.name = name or self.path.stem
+        self._file: Any = None
+        self._pid: int | None = None
+        with hdf5.open_read(self.path) as f:
+            if array not in f:
+                raise AccessError(f"{self.path} has no array /{array}")
+            dset = f[array]
+            self.shape: tuple[int, int, int] = tuple(dset.shape)
+            self.dtype = dset.dtype
+            self.chunks: tuple[int, ...] = tuple(dset.chunks or dset.shape)
+            attrs = hdf5.read_attrs(dset)
+            self.resolution = np.asarray(attrs.get("resolution", (1.0, 1.0, 1.0)), np.float64)
+            self.offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), np.float64)
+            self.attrs = attrs
+            self.label_names = sorted(f.get(hdf5.LABELS, {}).keys()) if array == hdf5.RAW else []
+
+    # -- lazy, per-process file handle --------------------------------------------------------
+
+    def _dataset(self) -> Any:
+        if self._file is None or self._pid != os.getpid():
+            row = self.chunks[0] * self.chunks[1] * self.shape[2] * self.dtype.itemsize
+            self._file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
+            self._pid = os.getpid()
+        return self._file[self.array]
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_file"] = None  # never pickle an open handle: the receiver opens its own
+        state["_pid"] = None
+        return state
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Volume({self.name!r}, /{self.array}, shape={self.shape}, dtype={self.dtype}, "
+                f"resolution={self.resolution.tolist()} nm)")
+
+    # -- bioimage-ecosystem views -------------------------------------------------------------
+
+    ndim = 3
+    dims = "ZYX"
+
+    @property
+    def physical_pixel_sizes(self) -> PhysicalPixelSizes:
+        """Voxel size in micrometres, Z, Y, X (bioio's convention)."""
+        return PhysicalPixelSizes(*(self.resolution / 1000.0).tolist())
+
+    @property
+    def labels(self) -> dict[str, "Volume"]:
+        return {n: Volume(self.path, f"{hdf5.LABELS}/{n}", name=f"{self.name}:{n}") for n in self.label_names}
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Root and array attributes of the file (statistics and params decoded from JSON)."""
+        with hdf5.open_read(self.path) as f:
+            meta = hdf5.read_attrs(f)
+        for key in ("source_urls", "source_checksums", "params"):
+            if isinstance(meta.get(key), str):
+                meta[key] = json.loads(meta[key])
+        array = dict(self.attrs)
+        if isinstance(array.get("statistics"), str):
+            array["statistics"] = json.loads(array["statistics"])
+        meta["array"] = array
+        return meta
+
+    def to_dask(self, chunks: tuple[int, ...] | None = None):
+        """A lazy dask array over this volume, chunked like the file (needs the ``dask`` extra)."""
+        import dask.array as da
+
+        return da.from_array(self, chunks=chunks or self.chunks, asarray=True, fancy=False,
+                             name=f"emdata-{self.name}-{self.array}-{hashlib.sha1(str(self.path).encode()).hexdigest()[:8]}")
+
+    def to_xarray(self):
+        """An xarray DataArray (dask-backed) with z/y/x coordinates in nm."""
+        import xarray as xr
+
+        coords = {axis: self.offset[i] + np.arange(self.shape[i]) * self.resolution[i] for i, axis in enumerate("zyx")}
+        return xr.DataArray(self.to_dask(), dims=("z", "y", "x"), coords=coords, name=self.name,
+                            attrs={"units": "nm", "resolution": self.resolution.tolist(), "offset": self.offset.tolist()})
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[:, :, :]
+        return data if dtype is None else data.astype(dtype)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """numpy-style basic indexing in voxels (integers, unit-step slices, Ellipsis)."""
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (3 - len(index) + 1) + index[at + 1:]
+        if len(index) > 3:
+            raise AccessError(f"{self.name}: too many indices for a 3D volume: {index!r}")
+        for axis, item in enumerate(index):
+            if isinstance(item, (int, np.integer)) and not -self.shape[axis] <= item < self.shape[axis]:
+                raise AccessError(f"{self.name}: index {item} is outside axis {'zyx'[axis]} of size {self.shape[axis]}")
+            if isinstance(item, slice) and item.step not in (None, 1):
+                raise AccessError(f"{self.name}: only unit-step slices are supported, got {item!r}")
+        return self._dataset()[index]
+
+    def read(self, start: tuple[int, ...], shape: tuple[int, ...], *, pad: str | None = None,
+             constant: float = 0) -> np.ndarray:
+        """The box ``[start, start + shape)`` in voxels.
+
+        Inside the volume only, unless ``pad`` is a ``numpy.pad`` mode ("reflect", "edge",
+        "constant", ...): then parts outside are filled that way. Otherwise AccessError.
+        """
+        start = np.asarray(start, np.int64)
+        stop = start + np.asarray(shape, np.int64)
+        if np.any(np.asarray(shape) <= 0):
+            raise AccessError(f"{self.name}: empty box shape {tuple(shape)}")
+        inner_start = np.clip(start, 0, self.shape)
+        inner_stop = np.clip(stop, 0, self.shape)
+        outside = np.any(inner_start != start) or np.any(inner_stop != stop)
+        if outside and pad is None:
+            raise AccessError(f"{self.name}: box {start.tolist()}..{stop.tolist()} is outside the volume "
+                              f"{list(self.shape)}; pass pad='reflect' (or another numpy.pad mode) to fill it")
+        if not outside:
+            return self._dataset()[tuple(slice(a, b) for a, b in zip(inner_start, inner_stop))]
+        if pad == "constant":
+            out = np.full(tuple(stop - start), constant, self.dtype)
+            if np.all(inner_stop > inner_start):
+                out[tuple(slice(a - s, b - s) for a, b, s in zip(inner_start, inner_stop, start))] = \
+                    self._dataset()[tuple(slice(a, b) for a, b in zip(inner_start, inner_stop))]
+            return out
+        # numpy.pad's other modes are separable: each output index along an axis comes from one
+        # source index. Map the box's indices through np.pad of arange, read the span they need,
+        # and gather. This is exact for boxes of any size or position, even off the volume.
+        index = []
+        for s, e, n in zip(start, stop, self.shape):
+            margin = int(max(0, -s, e - n))
+            index.append(np.pad(np.arange(n), margin, mode=pad)[s + margin:e + margin])
+        span = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
+        data = self._dataset()[span]
+        return data[np.ix_(*(i - sl.start for i, sl in zip(index, span)))]
+
+    def roi_to_voxels(self, offset_nm: tuple[float, ...], shape_nm: tuple[float, ...]) -> tuple[slice, ...]:
+        """Voxel slices of a nm ROI: both bounds snap to the nearest voxel boundary.
+
+        ``start = round((offset_nm - offset) / resolution)`` and likewise for the end, with
+        halves rounded up (``floor(x + 0.5)``), so a ROI on voxel boundaries maps exactly and a
+        ROI of ``n * resolution`` nm always gives ``n`` voxels.
+        """
+        begin = (np.asarray(offset_nm, np.float64) - self.offset) / self.resolution
+        end = begin + np.asarray(shape_nm, np.float64) / self.resolution
+        start = np.floor(begin + 0.5).astype(np.int64)
+        stop = np.floor(end + 0.5).astype(np.int64)
+        return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+    def read_roi(self, offset_nm: tuple[float, ...], shape_nm: tuple[float, ...], **pad: Any) -> np.ndarray:
+        """The ROI ``[offset_nm, offset_nm + shape_nm)`` in world nm (see ``roi_to_voxels``)."""
+        box = self.roi_to_voxels(offset_nm, shape_nm)
+        return self.read(tuple(s.start for s in box), tuple(s.stop - s.start for s in box), **pad)
+
+    def blocks(self, block_shape: tuple[int, int, int], *, halo: tuple[int, int, int] = (0, 0, 0),
+               fit: str = "pad") -> Iterator["Block"]:
+        """Blocks covering the volume exactly (see :func:`emdata.access.blocks.block_grid`)."""
+        from .blocks import block_grid
+
+        return block_grid(self.shape, block_shape, halo=halo, fit=fit)
+
+    def read_block(self, block: "Block", *, pad: str = "reflect", constant: float = 0) -> np.ndarray:
+        """A block's read region; with ``fit="pad"`` the parts outside are filled with ``pad``."""
+        return self.read(block.read_start, block.read_shape, pad=pad, constant=constant)
+
+
+def _processed_path(root: Path, name: str) -> Path:
+    return root / "data" / "processed" / f"{name}.h5"
+
+
+def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike | None = None,
+                 label: str | None = None, cache_dir: str | os.PathLike | None = None) -> Volume:
+    """Open ``data/processed/<name>.h5`` read-only (``label`` picks ``/labels/<label>``).
+
+    Without ``rev``/``repo``: the file in this repository's working tree (the nearest folder
+    holding params.yaml, or ``$EMDATA_PROJECT``). With them: that exact version, fetched through
+    DVC's Python API from ``repo`` (a path or Git URL) at ``rev`` (tag, branch or commit) into a
+    content-addressed cache (``cache_dir``, default ``~/.cache/emdata``) first.
+    """
+    from ..config import KEY_PATTERN, find_root
+
+    if not KEY_PATTERN.match(name):
+        raise ConfigError(f"dataset names match {KEY_PATTERN.pattern}; got {name!r}")
+    if rev is None and repo is None:
+        path = _processed_path(find_root(), name)
+        if not path.is_file():
+            raise NotBuiltError(f"{name}: {path} is missing; get it with `dvc pull data/processed/{name}.h5` "
+                                f"or build it with `dvc repro normalize@{name}`")
+    else:
+        path = _fetch_version(name, rev=rev, repo=repo, cache_dir=cache_dir)
+    volume = Volume(path, name=name)
+    if label is None:
+        return volume
+    if label not in volume.label_names:
+        raise ConfigError(f"{name}: no label {label!r} (labels: {', '.join(volume.label_names) or 'none'})")
+    return volume.labels[label]
+
+
+def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> Path:
+    import dvc.api
+
+    repo_str = str(Path(repo).resolve()) if repo is not None and Path(repo).exists() else (str(repo) if repo else None)
+    rel = f"data/processed/{name}.h5"
+    try:
+        url = dvc.api.get_url(rel, repo=repo_str, rev=rev)  # ends with the content hash
+        key = hashlib.sha256(url.split("/files/md5/")[-1].encode()).hexdigest()[:32]
+    except Exception:  # no remote configured: fall back to the version's coordinates
+        key = hashlib.sha256(f"{repo_str}\0{rev}\0{rel}".encode()).hexdigest()[:32]
+    cache = Path(cache_dir or os.environ.get("EMDATA_CACHE") or Path.home() / ".cache" / "emdata") / key
+    target = cache / f"{name}.h5"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{name}.h5.{os.getpid()}.tmp"
+    try:
+        with dvc.api.open(rel, repo=repo_str, rev=rev, mode="rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        os.replace(tmp, target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise NotBuiltError(f"{name}: cannot get {rel} at rev {rev!r} of {repo_str or 'this repository'} "
+                            f"({type(exc).__name__}: {exc}); check the rev and that its data were pushed") from exc
+    return target
+
+
+from .blocks import Block  # noqa: E402  (for type hints above; blocks imports nothing from here)

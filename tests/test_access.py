@@ -1,0 +1,142 @@
+"""Block access: Volume reads, nm ROIs, block coverings, ecosystem views, open_dataset."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from emdata.access.blocks import block_grid
+from emdata.access.volume import Volume, open_dataset
+from emdata.errors import AccessError, NotBuiltError
+from emdata.testing.volumes import blob_labels, coordinate_volume, write_canonical
+
+SHAPE = (23, 41, 57)
+
+
+@pytest.fixture
+def vol_array() -> np.ndarray:
+    return coordinate_volume(SHAPE, np.uint16)
+
+
+@pytest.fixture
+def volume(tmp_path, vol_array) -> Volume:
+    path = write_canonical(tmp_path / "data" / "processed" / "toy.h5", vol_array,
+                           labels={"mito": blob_labels(SHAPE, seed=3)},
+                           resolution=(30.0, 4.0, 4.0), offset=(90.0, 8.0, -12.0))
+    return Volume(path)
+
+
+def test_basic_properties(volume, vol_array) -> None:
+    assert volume.shape == SHAPE and volume.dtype == np.uint16 and volume.dims == "ZYX"
+    np.testing.assert_array_equal(volume.resolution, [30, 4, 4])
+    np.testing.assert_array_equal(volume.offset, [90, 8, -12])
+    assert volume.physical_pixel_sizes == (0.03, 0.004, 0.004)
+    assert set(volume.labels) == {"mito"} and volume.labels["mito"].shape == SHAPE
+    assert volume.metadata["array"]["statistics"]["max"] == vol_array.max()
+
+
+def test_numpy_slicing_in_voxels(volume, vol_array) -> None:
+    np.testing.assert_array_equal(volume[3:9, 10:30, 5:50], vol_array[3:9, 10:30, 5:50])
+    np.testing.assert_array_equal(volume[-1, :, 7], vol_array[-1, :, 7])
+    np.testing.assert_array_equal(volume[..., 3], vol_array[..., 3])
+    np.testing.assert_array_equal(np.asarray(volume), vol_array)
+    with pytest.raises(AccessError):
+        volume[23]
+    with pytest.raises(IndexError):  # AccessError is an IndexError
+        volume[0, 0, 100]
+
+
+def test_read_roi_in_nm_matches_voxel_slicing(volume, vol_array) -> None:
+    # voxel i starts at offset + i * resolution
+    roi = volume.read_roi(offset_nm=(90 + 2 * 30, 8 + 5 * 4, -12 + 7 * 4), shape_nm=(4 * 30, 10 * 4, 20 * 4))
+    np.testing.assert_array_equal(roi, vol_array[2:6, 5:15, 7:27])
+    # bounds snap to the nearest voxel boundary: +-0.4 voxel does not change the result
+    near = volume.read_roi(offset_nm=(90 + 2 * 30 + 11, 8 + 5 * 4 - 1.5, -12 + 7 * 4 + 1.5),
+                           shape_nm=(4 * 30, 10 * 4, 20 * 4))
+    np.testing.assert_array_equal(near, roi)
+    with pytest.raises(AccessError, match="outside the volume"):
+        volume.read_roi(offset_nm=(0, 0, 0), shape_nm=(100, 100, 100))
+
+
+def test_read_with_padding(volume, vol_array) -> None:
+    box = volume.read((-2, 0, 50), (5, 4, 10), pad="constant", constant=7)
+    assert box.shape == (5, 4, 10)
+    np.testing.assert_array_equal(box[2:, :, :7], vol_array[0:3, 0:4, 50:57])
+    assert (box[:2] == 7).all() and (box[:, :, 7:] == 7).all()
+    reflected = volume.read((-2, 0, 0), (4, 2, 2), pad="reflect")
+    np.testing.assert_array_equal(reflected[0], vol_array[2, 0:2, 0:2])
+
+
+@pytest.mark.parametrize("fit", ["pad", "shrink"])
+@pytest.mark.parametrize("block, halo", [((8, 16, 16), (2, 3, 5)), ((5, 7, 11), (0, 0, 0)), ((30, 50, 60), (4, 4, 4))])
+def test_blocks_tile_the_volume_exactly(volume, vol_array, fit, block, halo) -> None:
+    cover = np.zeros(SHAPE, np.int32)
+    for b in volume.blocks(block, halo=halo, fit=fit):
+        cover[b.write] += 1
+        data = volume.read_block(b, pad="reflect")
+        assert data.shape == b.read_shape
+        if fit == "pad":
+            assert b.read_shape == tuple(k + 2 * h for k, h in zip(block, halo))
+        else:
+            assert all(0 <= a and c <= s for a, c, s in zip(b.read_start, b.read_stop, SHAPE))
+        # the write region inside the read region holds exactly the volume's voxels
+        np.testing.assert_array_equal(b.crop(data), vol_array[b.write])
+        # the halo holds true neighbours wherever it lies inside the volume
+        inside = tuple(slice(max(0, r0), min(s, r1)) for r0, r1, s in zip(b.read_start, b.read_stop, SHAPE))
+        local = tuple(slice(i.start - r0, i.stop - r0) for i, r0 in zip(inside, b.read_start))
+        np.testing.assert_array_equal(data[local], vol_array[inside])
+    assert (cover == 1).all()
+
+
+def test_pickle_and_fork_safety(volume, vol_array) -> None:
+    volume[0, 0, 0]  # open a handle in this process
+    clone = pickle.loads(pickle.dumps(volume))
+    assert clone._file is None
+    np.testing.assert_array_equal(clone[1:3, 2:4, 5:9], vol_array[1:3, 2:4, 5:9])
+
+
+def test_dask_and_xarray_views(volume, vol_array) -> None:
+    pytest.importorskip("dask")
+    xr = pytest.importorskip("xarray")
+    arr = volume.to_dask()
+    assert arr.chunks[0][0] == 8 and arr.shape == SHAPE
+    np.testing.assert_array_equal(arr[5:9, ::3].compute(), vol_array[5:9, ::3])
+    da = volume.to_xarray()
+    assert da.dims == ("z", "y", "x")
+    assert float(da.z[1]) == 120.0 and float(da.x[0]) == -12.0
+    np.testing.assert_array_equal(da.sel(z=150.0).values, vol_array[2])
+    assert isinstance(da, xr.DataArray)
+
+
+def test_open_dataset_by_name(volume, monkeypatch, tmp_path) -> None:
+    (tmp_path / "params.yaml").write_text("datasets: {}\n")
+    monkeypatch.chdir(tmp_path)
+    assert open_dataset("toy").shape == SHAPE
+    assert open_dataset("toy", label="mito").array == "labels/mito"
+    with pytest.raises(NotBuiltError, match="dvc pull data/processed/other.h5"):
+        open_dataset("other")
+
+
+def test_block_grid_rejects_bad_arguments() -> None:
+    from emdata.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        list(block_grid(SHAPE, (0, 4, 4)))
+    with pytest.raises(ConfigError):
+        list(block_grid(SHAPE, (4, 4, 4), fit="wrap"))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "constant"])
+def test_padded_reads_equal_padding_the_whole_volume(volume, vol_array, mode) -> None:
+    margin = 30
+    kwargs = {"constant_values": 5} if mode == "constant" else {}
+    reference = np.pad(vol_array, margin, mode=mode, **kwargs)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        shape = rng.integers(1, 25, 3)
+        start = [int(rng.integers(-20, s - 1)) for s in SHAPE]
+        box = volume.read(start, shape, pad=mode, constant=5)
+        expected = reference[tuple(slice(a + margin, a + margin + n) for a, n in zip(start, shape))]
+        np.testing.assert_array_equal(box, expected)

@@ -1,0 +1,159 @@
+"""Samplers: reproducible random patches, label feasibility up front, grids; tiled inference."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from emdata.access.sampling import GridPatches, RandomPatches
+from emdata.access.tiling import run_tiled
+from emdata.access.volume import Volume
+from emdata.errors import AccessError, ConfigError
+from emdata.testing.volumes import coordinate_volume, write_canonical
+
+SHAPE = (29, 45, 61)
+
+
+@pytest.fixture
+def arrays():
+    raw = coordinate_volume(SHAPE, np.uint8)
+    label = np.zeros(SHAPE, np.uint8)
+    label[3:13, 20:38, 30:55] = 1  # one dense box of "mitochondria", 5% of the volume
+    return raw, label
+
+
+@pytest.fixture
+def volume(tmp_path, arrays) -> Volume:
+    raw, label = arrays
+    return Volume(write_canonical(tmp_path / "v.h5", raw, labels={"mito": label}, chunks=(8, 16, 16)))
+
+
+def test_random_patches_are_reproducible_and_correct(volume, arrays) -> None:
+    raw, _ = arrays
+    a = RandomPatches(volume, (7, 9, 11), seed=3, length=20)
+    b = RandomPatches(volume, (7, 9, 11), seed=3, length=20)
+    origins = [a.origin(i) for i in range(20)]
+    assert origins == [b.origin(i) for i in reversed(range(20))][::-1]  # order does not matter
+    assert len(set(origins)) > 15
+    for i in (0, 7, 19):
+        patch = a[i]
+        z, y, x = patch.origin
+        np.testing.assert_array_equal(patch.raw, raw[z:z + 7, y:y + 9, x:x + 11])
+    assert RandomPatches(volume, (7, 9, 11), seed=4, length=20).origin(0) != origins[0]
+    a.set_epoch(1)
+    assert [a.origin(i) for i in range(20)] != origins
+
+
+def test_chunk_aligned_patches_with_jitter(volume) -> None:
+    sampler = RandomPatches(volume, (8, 16, 16), seed=0, length=50, align_to_chunks=True)
+    assert all(o[0] % 8 == 0 and o[1] % 16 == 0 and o[2] % 16 == 0 for o in map(sampler.origin, range(50)))
+    jittered = RandomPatches(volume, (8, 16, 16), seed=0, length=50, align_to_chunks=True, jitter=(0, 2, 3))
+    offsets = {(o[1] % 16, o[2] % 16) for o in map(jittered.origin, range(50))}
+    assert len(offsets) > 1 and all(min(dy, 16 - dy) <= 2 and min(dx, 16 - dx) <= 3 for dy, dx in offsets)
+
+
+def test_label_aware_patches_meet_the_minimum(volume, arrays) -> None:
+    _, label = arrays
+    sampler = RandomPatches(volume, (6, 10, 10), seed=1, length=30, label="mito", min_foreground=0.5)
+    for i in range(30):
+        patch = sampler[i]
+        assert np.count_nonzero(patch.label) >= 0.5 * 600
+        z, y, x = patch.origin
+        np.testing.assert_array_equal(patch.label, label[z:z + 6, y:y + 10, x:x + 10])
+
+
+def test_infeasible_label_request_fails_at_once(volume) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"no 16x32x32 patch can have >= 90.0% mito.*bound the best patch at"):
+        RandomPatches(volume, (16, 32, 32), seed=0, label="mito", min_foreground=0.9)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_rare_patches_give_up_with_a_clear_error(tmp_path) -> None:
+    label = np.zeros(SHAPE, np.uint8)
+    label[::4, ::4, ::4] = 1  # 1/64 of every chunk: the bound allows 1.5%, no patch reaches it
+    vol = Volume(write_canonical(tmp_path / "sparse.h5", coordinate_volume(SHAPE), labels={"m": label}))
+    sampler = RandomPatches(vol, (4, 4, 4), label="m", min_foreground=0.02, max_tries=20)
+    with pytest.raises(AccessError, match="found in 20 tries"):
+        sampler.origin(0)
+
+
+def test_grid_patches_cover_with_overlap(volume, arrays) -> None:
+    raw, _ = arrays
+    grid = GridPatches(volume, (10, 20, 25), overlap=(2, 5, 5))
+    cover = np.zeros(SHAPE, bool)
+    for i in range(len(grid)):
+        patch = grid[i]
+        z, y, x = patch.origin
+        np.testing.assert_array_equal(patch.raw, raw[z:z + 10, y:y + 20, x:x + 25])
+        cover[z:z + 10, y:y + 20, x:x + 25] = True
+    assert cover.all()
+    assert grid.starts[0] == [0, 8, 16, 19]
+
+
+@pytest.mark.parametrize("blend", ["crop", "average", "gaussian"])
+def test_tiled_identity_reproduces_the_volume(volume, arrays, tmp_path, blend) -> None:
+    import h5py
+
+    raw, _ = arrays
+    out = run_tiled(volume, lambda x: x.astype(np.float32), tmp_path / f"pred_{blend}.h5",
+                    block_shape=(8, 16, 16), halo=(2, 4, 4), blend=blend)
+    with h5py.File(out, "r") as f:
+        pred = f["prediction"]
+        assert pred.chunks == (8, 16, 16) and pred.dtype == np.float32
+        np.testing.assert_array_equal(pred.attrs["resolution"], volume.resolution)
+        np.testing.assert_array_equal(pred[()], raw.astype(np.float32))
+    assert not (tmp_path / f"pred_{blend}.h5.tiling.h5").exists()
+
+
+def test_gaussian_blend_weights_the_centre(volume, tmp_path) -> None:
+    import h5py
+
+    # Each window answers with its own origin's z: blended values mix neighbours near seams.
+    def window_id(x):
+        return np.full(x.shape, float(x[0, 0, 0]), np.float32)
+
+    out = run_tiled(volume, window_id, tmp_path / "mix.h5", block_shape=(8, 16, 16), halo=(4, 8, 8), blend="gaussian")
+    with h5py.File(out, "r") as f:
+        assert len(np.unique(f["prediction"][()])) > 10
+
+
+@pytest.mark.parametrize("blend", ["crop", "gaussian"])
+def test_interrupted_tiled_run_resumes_without_recomputing(volume, arrays, tmp_path, blend) -> None:
+    import h5py
+
+    raw, _ = arrays
+    calls = []
+
+    class Interrupted(Exception):
+        pass
+
+    def flaky(x):
+        if len(calls) == 5:
+            raise Interrupted
+        calls.append(1)
+        return x.astype(np.float32) * 2
+
+    out_path = tmp_path / "p.h5"
+    with pytest.raises(Interrupted):
+        run_tiled(volume, flaky, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
+    assert not out_path.exists()
+    second = []
+
+    def counting(x):
+        second.append(1)
+        return x.astype(np.float32) * 2
+
+    counting.__qualname__ = flaky.__qualname__  # the same model, restarted
+    run_tiled(volume, counting, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
+    total = 4 * 3 * 4
+    assert len(second) == total - 5
+    with h5py.File(out_path, "r") as f:
+        np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32) * 2)
+
+
+def test_tiled_rejects_wrong_output_shapes(volume, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="same-size 3D output"):
+        run_tiled(volume, lambda x: x[1:], tmp_path / "bad.h5", block_shape=(8, 16, 16))
