@@ -55,17 +55,30 @@ class Volume:
             row = self.chunks[0] * self.chunks[1] * self.shape[2] * self.dtype.itemsize
             self._file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
             self._pid = os.getpid()
-        return self._file[self.array]
+            self._dset = self._file[self.array]  # looked up once: a path lookup per read costs
+            self._chunkmap = hdf5.ChunkMap.build(self.path, self._dset)
+        return self._dset
+
+    def _read_box(self, start: Any, stop: Any) -> np.ndarray:
+        """A box inside the volume: memory-mapped chunks when uncompressed, else h5py."""
+        dset = self._dataset() if self._pid != os.getpid() or self._file is None else self._dset
+        if self._chunkmap is not None:
+            return self._chunkmap.read(tuple(int(v) for v in start), tuple(int(v) for v in stop))
+        return dset[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = None
+        self.__dict__.pop("_dset", None)
+        self.__dict__.pop("_chunkmap", None)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_file"] = None  # never pickle an open handle: the receiver opens its own
         state["_pid"] = None
+        state.pop("_dset", None)
+        state.pop("_chunkmap", None)
         return state
 
     def __enter__(self) -> "Volume":
@@ -144,7 +157,22 @@ class Volume:
                 raise AccessError(f"{self.name}: index {item} is outside axis {'zyx'[axis]} of size {self.shape[axis]}")
             if isinstance(item, slice) and item.step not in (None, 1):
                 raise AccessError(f"{self.name}: only unit-step slices are supported, got {item!r}")
-        return self._dataset()[index]
+        index = index + (slice(None),) * (3 - len(index))
+        start, stop, squeeze = [], [], []
+        for axis, (item, size) in enumerate(zip(index, self.shape)):
+            if isinstance(item, (int, np.integer)):
+                i = int(item) % size
+                start.append(i), stop.append(i + 1), squeeze.append(axis)
+            elif isinstance(item, slice):
+                a, b, _ = item.indices(size)
+                start.append(a), stop.append(max(a, b))
+            else:
+                raise AccessError(f"{self.name}: only integers, slices and ... are supported, got {item!r}")
+        if any(b <= a for a, b in zip(start, stop)):
+            data = np.empty([b - a for a, b in zip(start, stop)], self.dtype)
+        else:
+            data = self._read_box(start, stop)
+        return data.squeeze(axis=tuple(squeeze)) if squeeze else data
 
     def read(self, start: tuple[int, ...], shape: tuple[int, ...], *, pad: str | None = None,
              constant: float = 0) -> np.ndarray:
@@ -153,8 +181,12 @@ class Volume:
         Inside the volume only, unless ``pad`` is a ``numpy.pad`` mode ("reflect", "edge",
         "constant", ...): then parts outside are filled that way. Otherwise AccessError.
         """
-        start = np.asarray(start, np.int64)
-        stop = start + np.asarray(shape, np.int64)
+        start_t = tuple(int(v) for v in start)
+        stop_t = tuple(a + int(n) for a, n in zip(start_t, shape))
+        if all(0 <= a < b <= n for a, b, n in zip(start_t, stop_t, self.shape)):
+            return self._read_box(start_t, stop_t)  # the common case, kept free of numpy overhead
+        start = np.asarray(start_t, np.int64)
+        stop = np.asarray(stop_t, np.int64)
         if np.any(np.asarray(shape) <= 0):
             raise AccessError(f"{self.name}: empty box shape {tuple(shape)}")
         inner_start = np.clip(start, 0, self.shape)
@@ -164,12 +196,12 @@ class Volume:
             raise AccessError(f"{self.name}: box {start.tolist()}..{stop.tolist()} is outside the volume "
                               f"{list(self.shape)}; pass pad='reflect' (or another numpy.pad mode) to fill it")
         if not outside:
-            return self._dataset()[tuple(slice(a, b) for a, b in zip(inner_start, inner_stop))]
+            return self._read_box(start, stop)
         if pad == "constant":
             out = np.full(tuple(stop - start), constant, self.dtype)
             if np.all(inner_stop > inner_start):
                 out[tuple(slice(a - s, b - s) for a, b, s in zip(inner_start, inner_stop, start))] = \
-                    self._dataset()[tuple(slice(a, b) for a, b in zip(inner_start, inner_stop))]
+                    self._read_box(inner_start, inner_stop)
             return out
         # numpy.pad's other modes are separable: each output index along an axis comes from one
         # source index. Map the box's indices through np.pad of arange, read the span they need,
@@ -179,7 +211,7 @@ class Volume:
             margin = int(max(0, -s, e - n))
             index.append(np.pad(np.arange(n), margin, mode=pad)[s + margin:e + margin])
         span = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
-        data = self._dataset()[span]
+        data = self._read_box([sl.start for sl in span], [sl.stop for sl in span])
         return data[np.ix_(*(i - sl.start for i, sl in zip(index, span)))]
 
     def roi_to_voxels(self, offset_nm: tuple[float, ...], shape_nm: tuple[float, ...]) -> tuple[slice, ...]:
@@ -223,7 +255,8 @@ def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike |
     Without ``rev``/``repo``: the file in this repository's working tree (the nearest folder
     holding params.yaml, or ``$EMDATA_PROJECT``). With them: that exact version, fetched through
     DVC's Python API from ``repo`` (a path or Git URL) at ``rev`` (tag, branch or commit) into a
-    content-addressed cache (``cache_dir``, default ``~/.cache/emdata``) first.
+    cache keyed by the file's DVC content hash (``cache_dir``, ``$EMDATA_CACHE`` or
+    ``~/.cache/emdata``) first, so a moved branch never serves stale data.
     """
     from ..config import KEY_PATTERN, find_root
 
@@ -245,27 +278,32 @@ def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike |
 
 
 def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> Path:
-    import dvc.api
+    """Copy ``data/processed/<name>.h5`` at ``rev`` into a cache keyed by its DVC content hash."""
+    from dvc.api import DVCFileSystem
 
     repo_str = str(Path(repo).resolve()) if repo is not None and Path(repo).exists() else (str(repo) if repo else None)
     rel = f"data/processed/{name}.h5"
     try:
-        url = dvc.api.get_url(rel, repo=repo_str, rev=rev)  # ends with the content hash
-        key = hashlib.sha256(url.split("/files/md5/")[-1].encode()).hexdigest()[:32]
-    except Exception:  # no remote configured: fall back to the version's coordinates
-        key = hashlib.sha256(f"{repo_str}\0{rev}\0{rel}".encode()).hexdigest()[:32]
-    cache = Path(cache_dir or os.environ.get("EMDATA_CACHE") or Path.home() / ".cache" / "emdata") / key
-    target = cache / f"{name}.h5"
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{name}.h5.{os.getpid()}.tmp"
-    try:
-        with dvc.api.open(rel, repo=repo_str, rev=rev, mode="rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
-        os.replace(tmp, target)
+        fs = DVCFileSystem(repo_str, rev=rev)
+        info = fs.info(rel)
+        digest = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
+        if not digest:
+            raise NotBuiltError(f"{name}: {rel} at rev {rev!r} is not tracked by DVC")
+        cache = Path(cache_dir or os.environ.get("EMDATA_CACHE") or Path.home() / ".cache" / "emdata") / digest
+        target = cache / f"{name}.h5"
+        if target.is_file():
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{name}.h5.{os.getpid()}.tmp"
+        try:
+            with fs.open(rel, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except NotBuiltError:
+        raise
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
         raise NotBuiltError(f"{name}: cannot get {rel} at rev {rev!r} of {repo_str or 'this repository'} "
                             f"({type(exc).__name__}: {exc}); check the rev and that its data were pushed") from exc
     return target
