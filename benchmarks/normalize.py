@@ -54,8 +54,8 @@ def make_project(root: Path, tiff: Path, side: int) -> None:
     raw = root / "data" / "raw" / "bench"
     raw.mkdir(parents=True, exist_ok=True)
     target = raw / "volume.tif"
-    if not target.exists():
-        os.link(tiff, target)
+    target.unlink(missing_ok=True)  # always the TIFF of this run, never one left from another size
+    os.link(tiff, target)
     spec_full = {"kind": "epfl", "base_url": spec["base_url"], "labels": {},
                  "image": {"name": "volume.tif", "url": spec["base_url"] + "volume.tif", "size": None, "sha256": None}}
     record = {"dataset": "bench", "kind": "epfl", "spec": spec_full,
@@ -88,12 +88,17 @@ def main() -> None:
     if not tiff.exists():
         print(f"generating {tiff} ...", flush=True)
         make_tiff(tiff, pages, args.side)
-    project = work / "project"
+    project = work / f"project_{pages}x{args.side}"
     project.mkdir(exist_ok=True)
     make_project(project, tiff, args.side)
     subprocess.run(["cat", str(tiff)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     nbytes = pages * args.side**2
     slab = 64 * args.side**2
+    check = run([sys.executable, "-m", "emdata", "-q", "normalize", "bench"], project)  # also a warm-up
+    record = json.loads((project / "data" / "metadata" / "bench.json").read_text())
+    if record["shape"] != [pages, args.side, args.side]:
+        raise SystemExit(f"normalized the wrong volume: {record['shape']}")
+    del check
     results: dict[str, list[tuple[float, int]]] = {"emdata normalize": [], "naive": []}
     outputs = [project / "data" / "processed" / "bench.h5", work / "naive.h5"]
     for _ in range(args.repeat):  # alternate, so both see the same machine state
