@@ -140,3 +140,29 @@ def test_padded_reads_equal_padding_the_whole_volume(volume, vol_array, mode) ->
         box = volume.read(start, shape, pad=mode, constant=5)
         expected = reference[tuple(slice(a + margin, a + margin + n) for a, n in zip(start, shape))]
         np.testing.assert_array_equal(box, expected)
+
+
+def test_memory_mapped_reads_match_h5py(tmp_path) -> None:
+    """The ChunkMap fast path returns exactly what h5py returns, unwritten chunks included."""
+    import h5py
+
+    from emdata.io.hdf5 import ChunkMap
+
+    path = tmp_path / "sparse.h5"
+    data = coordinate_volume((21, 35, 50), np.uint16)
+    with h5py.File(path, "w") as f:
+        dset = f.create_dataset("raw", shape=data.shape, dtype=np.uint16, chunks=(8, 16, 16), fillvalue=9)
+        dset[:, :16] = data[:, :16]  # the other chunks are never written
+    with h5py.File(path, "r") as f:
+        chunkmap = ChunkMap.build(path, f["raw"])
+        assert chunkmap is not None
+        rng = np.random.default_rng(1)
+        for _ in range(50):
+            start = [int(rng.integers(0, s)) for s in data.shape]
+            stop = [int(rng.integers(a + 1, s + 1)) for a, s in zip(start, data.shape)]
+            box = tuple(slice(a, b) for a, b in zip(start, stop))
+            np.testing.assert_array_equal(chunkmap.read(start, stop), f["raw"][box])
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        f.create_dataset("raw", data=data, chunks=(8, 16, 16), compression="gzip")
+    with h5py.File(tmp_path / "z.h5", "r") as f:
+        assert ChunkMap.build(tmp_path / "z.h5", f["raw"]) is None  # filters: h5py reads instead

@@ -35,6 +35,8 @@ class Volume:
         self.name = name or self.path.stem
         self._file: Any = None
         self._pid: int | None = None
+        self._dset: Any = None
+        self._chunkmap: hdf5.ChunkMap | None = None
         with hdf5.open_read(self.path) as f:
             if array not in f:
                 raise AccessError(f"{self.path} has no array /{array}")
@@ -61,7 +63,7 @@ class Volume:
 
     def _read_box(self, start: Any, stop: Any) -> np.ndarray:
         """A box inside the volume: memory-mapped chunks when uncompressed, else h5py."""
-        dset = self._dataset() if self._pid != os.getpid() or self._file is None else self._dset
+        dset = self._dataset()
         if self._chunkmap is not None:
             return self._chunkmap.read(tuple(int(v) for v in start), tuple(int(v) for v in stop))
         return dset[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
@@ -69,16 +71,12 @@ class Volume:
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
-        self._file = None
-        self.__dict__.pop("_dset", None)
-        self.__dict__.pop("_chunkmap", None)
+        self._file = self._dset = self._chunkmap = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_file"] = None  # never pickle an open handle: the receiver opens its own
-        state["_pid"] = None
-        state.pop("_dset", None)
-        state.pop("_chunkmap", None)
+        # Never pickle an open handle or a memory map: the receiver opens its own.
+        state.update(_file=None, _pid=None, _dset=None, _chunkmap=None)
         return state
 
     def __enter__(self) -> "Volume":

@@ -107,10 +107,12 @@ class ChunkMap:
         with open(path, "rb") as fh:
             self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         data = np.frombuffer(self._mmap, dtype=np.uint8)  # a plain ndarray view: no memmap overhead
-        self.blocks = {
-            index: data[offset:offset + count * self.dtype.itemsize].view(self.dtype).reshape(self.chunks)
-            for index, offset in offsets.items()
-        }
+        grid = [-(-s // c) for s, c in zip(self.shape, self.chunks)]
+        # Nested lists, not a dict of tuples: the lookup sits in the innermost loop of every read.
+        self.blocks: list = [[[None] * grid[2] for _ in range(grid[1])] for _ in range(grid[0])]
+        nbytes = count * self.dtype.itemsize
+        for (kz, ky, kx), offset in offsets.items():
+            self.blocks[kz][ky][kx] = data[offset:offset + nbytes].view(self.dtype).reshape(self.chunks)
 
     @classmethod
     def build(cls, path: Path, dset: Any) -> "ChunkMap | None":
@@ -140,11 +142,12 @@ class ChunkMap:
                 lo, hi = max(a, k * c), min(b, k * c + c)
                 axis.append((k, slice(lo - a, hi - a), slice(lo - k * c, hi - k * c)))
             pieces.append(axis)
-        blocks = self.blocks
         for kz, oz, sz in pieces[0]:
+            plane = self.blocks[kz]
             for ky, oy, sy in pieces[1]:
+                row = plane[ky]
                 for kx, ox, sx in pieces[2]:
-                    block = blocks.get((kz, ky, kx))
+                    block = row[kx]
                     # never written: HDF5 would return the fill value
                     out[oz, oy, ox] = self.fill if block is None else block[sz, sy, sx]
         return out
