@@ -54,6 +54,11 @@ class Section:
             return Section({}, self._key_path(key))
         return Section(self.data[key], self._key_path(key))
 
+    def keys(self) -> list[str]:
+        """All keys of this section, each marked as read (for user-named keys such as datasets)."""
+        self._seen.update(self.data)
+        return list(self.data)
+
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self._seen)
         if unknown:
@@ -252,8 +257,7 @@ def load_config(root: Path | None = None) -> Config:
     normalize = NormalizeParams.parse(top.section("normalize", required=False))
     datasets_sec = top.section("datasets")
     datasets = {}
-    for key in datasets_sec.data:
+    for key in datasets_sec.keys():
         datasets[key] = parse_dataset(key, datasets_sec.data[key])
-        datasets_sec._seen.add(key)
     top.finish()
     return Config(root=root, normalize=normalize, datasets=datasets)

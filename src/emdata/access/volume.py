@@ -16,12 +16,16 @@ import os
 import shutil
 from collections import namedtuple
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from ..errors import AccessError, ConfigError, NotBuiltError
+from ..indexing import basic_box
 from ..io import hdf5
+
+if TYPE_CHECKING:
+    from .blocks import Block
 
 PhysicalPixelSizes = namedtuple("PhysicalPixelSizes", ["Z", "Y", "X"])  # micrometres, as in bioio
 
@@ -143,34 +147,12 @@ class Volume:
 
     def __getitem__(self, index: Any) -> np.ndarray:
         """numpy-style basic indexing in voxels (integers, unit-step slices, Ellipsis)."""
-        if not isinstance(index, tuple):
-            index = (index,)
-        if any(i is Ellipsis for i in index):
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (3 - len(index) + 1) + index[at + 1:]
-        if len(index) > 3:
-            raise AccessError(f"{self.name}: too many indices for a 3D volume: {index!r}")
-        for axis, item in enumerate(index):
-            if isinstance(item, (int, np.integer)) and not -self.shape[axis] <= item < self.shape[axis]:
-                raise AccessError(f"{self.name}: index {item} is outside axis {'zyx'[axis]} of size {self.shape[axis]}")
-            if isinstance(item, slice) and item.step not in (None, 1):
-                raise AccessError(f"{self.name}: only unit-step slices are supported, got {item!r}")
-        index = index + (slice(None),) * (3 - len(index))
-        start, stop, squeeze = [], [], []
-        for axis, (item, size) in enumerate(zip(index, self.shape)):
-            if isinstance(item, (int, np.integer)):
-                i = int(item) % size
-                start.append(i), stop.append(i + 1), squeeze.append(axis)
-            elif isinstance(item, slice):
-                a, b, _ = item.indices(size)
-                start.append(a), stop.append(max(a, b))
-            else:
-                raise AccessError(f"{self.name}: only integers, slices and ... are supported, got {item!r}")
+        start, stop, squeeze = basic_box(index, self.shape, self.name)
         if any(b <= a for a, b in zip(start, stop)):
             data = np.empty([b - a for a, b in zip(start, stop)], self.dtype)
         else:
             data = self._read_box(start, stop)
-        return data.squeeze(axis=tuple(squeeze)) if squeeze else data
+        return data.squeeze(axis=squeeze) if squeeze else data
 
     def read(self, start: tuple[int, ...], shape: tuple[int, ...], *, pad: str | None = None,
              constant: float = 0) -> np.ndarray:
@@ -306,5 +288,3 @@ def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> 
                             f"({type(exc).__name__}: {exc}); check the rev and that its data were pushed") from exc
     return target
 
-
-from .blocks import Block  # noqa: E402  (for type hints above; blocks imports nothing from here)

@@ -11,7 +11,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..config import Section, as_int, as_sha256, as_str
-from ..errors import AccessError, ConfigError
+from ..errors import ConfigError
+from ..indexing import basic_box
 from ..io.http import HttpClient, sha256_file
 
 
@@ -108,25 +109,10 @@ class RawVolume:
         self.close()
 
     def __getitem__(self, index: Any) -> np.ndarray:
-        if not isinstance(index, tuple):
-            index = (index,)
-        if len(index) > 3:
-            raise AccessError(f"too many indices for a 3D volume: {index!r}")
-        index = index + (slice(None),) * (3 - len(index))
-        bounds = []
-        for axis, (item, size) in enumerate(zip(index, self.shape)):
-            if isinstance(item, (int, np.integer)):
-                i = int(item) + size if item < 0 else int(item)
-                if not 0 <= i < size:
-                    raise AccessError(f"index {item} is outside axis {'zyx'[axis]} of size {size}")
-                bounds.append(slice(i, i + 1))
-            elif isinstance(item, slice) and item.step in (None, 1):
-                bounds.append(slice(*item.indices(size)[:2]))
-            else:
-                raise AccessError(f"only integers and unit-step slices are supported, got {item!r}")
-        z, y, x = bounds
-        data = self.read(z.start, max(z.start, z.stop))[:, y, x]
-        squeeze = tuple(a for a, item in enumerate(index) if isinstance(item, (int, np.integer)))
+        """numpy-style basic indexing (integers, unit-step slices, Ellipsis) in voxels."""
+        start, stop, squeeze = basic_box(index, self.shape, getattr(self, "dataset", "volume"))
+        z0, z1 = start[0], stop[0]
+        data = self.read(z0, z1)[:, start[1]:stop[1], start[2]:stop[2]]
         return data.squeeze(axis=squeeze) if squeeze else data
 
 

@@ -56,11 +56,10 @@ def parse_params(sec: Section) -> Params:
     image = parse_file_spec(sec.section("image"), base_url)
     labels_sec = sec.section("labels", required=False)
     labels = {}
-    for name in labels_sec.data:
+    for name in labels_sec.keys():
         if not KEY_PATTERN.match(str(name)):
             raise ConfigError(f"params.yaml: {labels_sec.path}.{name}: label names must match {KEY_PATTERN.pattern}")
         labels[name] = parse_file_spec(labels_sec.section(name), base_url)
-    labels_sec.finish()
     return Params(base_url=base_url, image=image, labels=labels)
 
 
