@@ -157,3 +157,26 @@ def test_interrupted_tiled_run_resumes_without_recomputing(volume, arrays, tmp_p
 def test_tiled_rejects_wrong_output_shapes(volume, tmp_path) -> None:
     with pytest.raises(ConfigError, match="same-size 3D output"):
         run_tiled(volume, lambda x: x[1:], tmp_path / "bad.h5", block_shape=(8, 16, 16))
+
+
+def test_label_with_its_own_chunking(tmp_path, arrays) -> None:
+    """Span proposals use the label's chunk grid, which need not be the image's."""
+    import h5py
+
+    raw, label = arrays
+    path = write_canonical(tmp_path / "mixed.h5", raw, labels={"mito": label}, chunks=(8, 16, 16))
+    with h5py.File(path, "r+") as f:  # re-chunk the label (5, 11, 13) and rewrite its statistics
+        del f["labels/mito"], f["label_stats/mito/chunk_foreground"]
+        f.create_dataset("labels/mito", data=label, chunks=(5, 11, 13))
+        grid = [-(-s // c) for s, c in zip(SHAPE, (5, 11, 13))]
+        counts = np.zeros(grid, np.int64)
+        for index in np.ndindex(*grid):
+            box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, (5, 11, 13)))
+            counts[index] = np.count_nonzero(label[box])
+        f.create_dataset("label_stats/mito/chunk_foreground", data=counts)
+    sampler = RandomPatches(Volume(path), (6, 10, 10), seed=2, length=40, label="mito", min_foreground=0.6)
+    rng = np.random.default_rng(0)
+    proposals = [sampler._propose(rng) for _ in range(500)]
+    assert all(sampler._bound.of_origin(o) >= sampler.need for o in proposals)  # only promising spans
+    for i in range(40):
+        assert np.count_nonzero(sampler[i].label) >= 360

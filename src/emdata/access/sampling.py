@@ -158,7 +158,7 @@ class RandomPatches:
         origin = []
         for axis, pick in enumerate(picks):
             first, last, _ = self._bound.axes[axis]
-            chunk, patch, limit = self.volume.chunks[axis], self.patch[axis], limits[axis]
+            chunk, patch, limit = self._bound.chunks[axis], self.patch[axis], limits[axis]
             # positions whose span is (first, last): o // chunk == first and (o + patch - 1) // chunk == last
             lo = max(first[pick] * chunk, last[pick] * chunk - patch + 1, 0)
             hi = min(first[pick] * chunk + chunk - 1, last[pick] * chunk + chunk - patch, limit)
