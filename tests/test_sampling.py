@@ -180,3 +180,14 @@ def test_label_with_its_own_chunking(tmp_path, arrays) -> None:
     assert all(sampler._bound.of_origin(o) >= sampler.need for o in proposals)  # only promising spans
     for i in range(40):
         assert np.count_nonzero(sampler[i].label) >= 360
+
+
+def test_damaged_ledger_restarts_cleanly(volume, arrays, tmp_path) -> None:
+    import h5py
+
+    raw, _ = arrays
+    out_path = tmp_path / "p.h5"
+    (tmp_path / "p.h5.tiling.h5").write_bytes(b"not an HDF5 file")
+    run_tiled(volume, lambda x: x.astype(np.float32), out_path, block_shape=(8, 16, 16))
+    with h5py.File(out_path, "r") as f:
+        np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32))

@@ -84,7 +84,14 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
     fingerprint = _fingerprint(volume, block, halo, blend, dtype, pad, fn)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    with h5py.File(scratch_path, "a") as scratch:
+    try:
+        scratch_file = h5py.File(scratch_path, "a")
+    except OSError:  # damaged by a hard kill mid-write: its ledger cannot be trusted
+        log.warning("%s: the ledger %s is unreadable; starting tiled inference over", out_path, scratch_path)
+        scratch_path.unlink()
+        partial.unlink(missing_ok=True)
+        scratch_file = h5py.File(scratch_path, "a")
+    with scratch_file as scratch:
         if scratch.attrs.get("fingerprint") != fingerprint or not partial.exists():
             if "done" in scratch:
                 log.warning("%s: settings changed or output missing; starting tiled inference over", out_path)
