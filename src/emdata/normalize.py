@@ -128,11 +128,16 @@ def _root_attrs(cfg: Config, key: str, source_record: dict[str, Any]) -> dict[st
 
 
 def read_source_record(cfg: Config, key: str) -> dict[str, Any]:
+    """The fetch record of ``data/raw/<key>``; it must match the source in params.yaml."""
     path = cfg.raw_dir(key) / SOURCE_RECORD
     if not path.is_file():
         raise NotBuiltError(f"{key}: not fetched yet ({path} is missing); run `emdata fetch {key}` "
                             f"or `dvc pull data/raw/{key}`")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    if record.get("spec") != cfg.dataset(key).source.to_dict():
+        raise NotBuiltError(f"{key}: {cfg.raw_dir(key)} was fetched with other source params than params.yaml "
+                            f"has now; run `emdata fetch {key}` (or `dvc repro fetch@{key}`)")
+    return record
 
 
 def normalize_dataset(cfg: Config, key: str) -> Path:

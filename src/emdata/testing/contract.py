@@ -89,6 +89,29 @@ class SourceContract:
         served = case.server.local_path(case.big_file)
         assert local.read_bytes() == served.read_bytes()
 
+    def test_failed_fetch_resumes_on_the_next_run(self, case: SourceCase) -> None:
+        from ..errors import FetchError
+
+        case.server.drop_after(case.big_file, nbytes=700, times=FAST_RETRIES.attempts)
+        with pytest.raises(FetchError, match="failed after"):
+            self._fetch(case)
+        assert not case.cfg.raw_dir(case.key).exists()  # nothing that looks complete
+        case.server.clear_log()
+        self._fetch(case)
+        gets = [r for r in case.server.requests_for(case.big_file) if r.method == "GET"]
+        assert [g.headers.get("Range") for g in gets] == [f"bytes={700 * FAST_RETRIES.attempts}-"]
+        local = case.cfg.raw_dir(case.key) / _file_name(case.big_file)
+        assert local.read_bytes() == case.server.local_path(case.big_file).read_bytes()
+
+    def test_normalize_refuses_raw_data_of_other_params(self, case: SourceCase) -> None:
+        from ..errors import NotBuiltError
+        from ..normalize import normalize_dataset
+
+        self._fetch(case)
+        _pin_size(case, case.big_file, extra=1)  # params now describe another file
+        with pytest.raises(NotBuiltError, match="fetched with other source params"):
+            normalize_dataset(case.cfg, case.key)
+
     def test_503_with_retry_after_then_success(self, case: SourceCase) -> None:
         case.server.fail(case.big_file, status=503, times=2, retry_after=1)
         sleeps: list[float] = []
@@ -140,8 +163,8 @@ def _file_name(url_path: str) -> str:
     return urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
 
 
-def _pin_size(case: SourceCase, url_path: str) -> None:
-    """Pin the real (untruncated) size of the file in params.yaml, as production params do."""
+def _pin_size(case: SourceCase, url_path: str, extra: int = 0) -> None:
+    """Pin the real (untruncated) size of the file, plus ``extra``, in params.yaml."""
     import yaml
 
     served = case.server.local_path(url_path)
@@ -150,7 +173,7 @@ def _pin_size(case: SourceCase, url_path: str) -> None:
     name = _file_name(url_path)
     for spec in _file_specs(params["datasets"][case.key]["source"]):
         if spec.get("file") == name:
-            spec["size"] = served.stat().st_size
+            spec["size"] = served.stat().st_size + extra
     params_path.write_text(yaml.safe_dump(params))
     case.cfg = case.reload()
 
