@@ -166,3 +166,17 @@ def test_memory_mapped_reads_match_h5py(tmp_path) -> None:
         f.create_dataset("raw", data=data, chunks=(8, 16, 16), compression="gzip")
     with h5py.File(tmp_path / "z.h5", "r") as f:
         assert ChunkMap.build(tmp_path / "z.h5", f["raw"]) is None  # filters: h5py reads instead
+
+
+def test_compressed_files_read_in_a_fresh_process(tmp_path, vol_array) -> None:
+    """zstd/blosc files open through emdata without the user importing hdf5plugin."""
+    import subprocess
+    import sys
+
+    for compression in ("zstd", "blosc-lz4"):
+        path = write_canonical(tmp_path / f"{compression}.h5", vol_array, compression=compression)
+        code = ("import sys, numpy as np; from emdata.access.volume import Volume; "
+                f"v = Volume({str(path)!r}); assert v._dataset() is not None and v._chunkmap is None; "
+                "print(int(v[:, :, :].astype(np.int64).sum()))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert int(out) == int(vol_array.astype(np.int64).sum())

@@ -55,8 +55,12 @@ def spatial_attrs(resolution_nm: tuple[float, ...], offset_nm: tuple[float, ...]
 
 
 def open_read(path: Path, cache_bytes: int | None = None):
-    """Open read-only without HDF5 file locking (safe on shared and read-only storage)."""
+    """Open read-only without HDF5 file locking (safe on shared and read-only storage).
+
+    Imports hdf5plugin first, which registers the zstd/blosc filters a compressed layout needs.
+    """
     import h5py
+    import hdf5plugin  # noqa: F401  (registers filters on import)
 
     kwargs: dict[str, Any] = {"locking": False}
     if cache_bytes:
