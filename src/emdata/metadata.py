@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import Config
 from .io import hdf5
+from .io.atomic import write_json_atomic
 from .io.http import sha256_file
 
 FILTER_NAMES = {1: "gzip", 2: "shuffle", 32001: "blosc", 32015: "zstd", 32004: "lz4", 32008: "bitshuffle"}
@@ -28,8 +29,7 @@ def hash_dataset(dset: Any) -> str:
     digest = hashlib.sha256()
     depth = (dset.chunks or dset.shape)[0] or 1
     for z0 in range(0, dset.shape[0], depth):
-        slab = dset[z0:z0 + depth]
-        digest.update(slab.astype(slab.dtype.newbyteorder("<"), copy=False).data)
+        digest.update(hdf5.voxel_bytes(dset[z0:z0 + depth]))
     return digest.hexdigest()
 
 
@@ -87,10 +87,8 @@ def build_record(cfg: Config, key: str) -> dict[str, Any]:
 
 
 def write_record(cfg: Config, key: str) -> Path:
-    from .pipeline import _write_json_atomic
-
     path = cfg.record_path(key)
-    _write_json_atomic(path, build_record(cfg, key))
+    write_json_atomic(path, build_record(cfg, key))
     return path
 
 

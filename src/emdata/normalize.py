@@ -44,7 +44,7 @@ class _Digest:
         self.foreground = np.zeros(grid, np.int64) if label else None
 
     def update(self, z0: int, slab: np.ndarray) -> None:
-        self.sha.update(slab.astype(slab.dtype.newbyteorder("<"), copy=False).data)
+        self.sha.update(hdf5.voxel_bytes(slab))
         self.stats.update(slab)
         if self.foreground is not None:
             self.foreground[z0 // self.chunks[0]] += _chunk_counts(slab != 0, self.chunks[1:])

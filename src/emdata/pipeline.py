@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import Config
 from .errors import IntegrityError, NotBuiltError
+from .io.atomic import write_json_atomic
 from .io.http import HttpClient, sha256_file
 from .normalize import SOURCE_RECORD
 from .sources import get_source
@@ -26,13 +27,6 @@ class FetchResult:
     raw_dir: Path
     up_to_date: bool
     requests: int
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fetched_spec(raw: Path) -> dict[str, Any] | None:
@@ -66,10 +60,10 @@ def fetch_dataset(cfg: Config, key: str, client: HttpClient | None = None) -> Fe
     if partial.exists() and (not marker.exists() or json.loads(marker.read_text()) != spec):
         shutil.rmtree(partial)  # left by a fetch for other params: nothing to resume
     partial.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(marker, spec)
+    write_json_atomic(marker, spec)
     client = client or HttpClient(key)
     files = source.fetch(ds.source, client, partial)
-    _write_json_atomic(partial / SOURCE_RECORD, {"dataset": key, "kind": ds.source_kind, "spec": spec, "files": files})
+    write_json_atomic(partial / SOURCE_RECORD, {"dataset": key, "kind": ds.source_kind, "spec": spec, "files": files})
     marker.unlink()
     _replace_dir(partial, raw)
     log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(files), raw, client.requests)

@@ -6,25 +6,18 @@ same inputs give byte-identical outputs (and git diffs show real changes only).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .config import Config
+from .io.atomic import write_bytes_atomic
 from .metadata import central_slices, load_records, table_csv
 
 SUMMARY_FILE = "METADATA_SUMMARY.md"
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_MAX = 384
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _to_uint8(section: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -57,7 +50,7 @@ def write_thumbnails(cfg: Config, key: str, record: dict[str, Any]) -> list[str]
     names = []
     for suffix, section, pixel in (("xy", xy, (vy, vx)), ("xz", xz, (vz, vx))):
         name = f"{THUMBNAIL_DIR}/{key}_{suffix}.png"
-        _write_atomic(cfg.root / name, _thumbnail_png(section, pixel, low, high))
+        write_bytes_atomic(cfg.root / name, _thumbnail_png(section, pixel, low, high))
         names.append(name)
     return names
 
@@ -109,7 +102,7 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         stats = r["statistics"]
         pct = stats.get("percentiles") or {}
         lines += [
-            f"- Source files: " + ", ".join(f"<{u}>" for u in r["source_urls"]),
+            "- Source files: " + ", ".join(f"<{u}>" for u in r["source_urls"]),
             f"- Shape (z, y, x): {_triple(r['shape'])}, {r['dtype']}; voxel size {_triple(r['voxel_size_nm'])} nm; "
             f"extent {_triple(r['extent_nm'])} nm; offset {_triple(r['offset_nm'])} nm",
             f"- Values: min {stats['min']:g}, max {stats['max']:g}, mean {stats['mean']:.4f}, std {stats['std']:.4f}"
@@ -130,8 +123,8 @@ def summarize(cfg: Config) -> list[Path]:
     """Write the table, the thumbnails and METADATA_SUMMARY.md; return the paths written."""
     records = load_records(cfg)
     csv_path = cfg.root / "data" / "metadata.csv"
-    _write_atomic(csv_path, table_csv(records).encode())
+    write_bytes_atomic(csv_path, table_csv(records).encode())
     thumbs = {key: write_thumbnails(cfg, key, r) for key, r in records.items()}
     md_path = cfg.root / SUMMARY_FILE
-    _write_atomic(md_path, render_markdown(cfg, records, thumbs).encode())
+    write_bytes_atomic(md_path, render_markdown(cfg, records, thumbs).encode())
     return [csv_path, md_path, *(cfg.root / t for names in thumbs.values() for t in names)]

@@ -15,7 +15,6 @@ checked exactly on the label voxels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 

@@ -25,6 +25,11 @@ LABELS = "labels"
 LABEL_STATS = "label_stats"
 
 
+def voxel_bytes(array: np.ndarray) -> memoryview:
+    """The bytes ``array_sha256`` covers: C order, little-endian, whatever the array's byte order."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data
+
+
 def compression_options(compression: str, level: int) -> dict[str, Any]:
     """h5py ``create_dataset`` keywords for a compression name from params.yaml."""
     if compression == "none":
