@@ -93,8 +93,20 @@ def test_blocks_tile_the_volume_exactly(volume, vol_array, fit, block, halo) -> 
 def test_pickle_and_fork_safety(volume, vol_array) -> None:
     volume[0, 0, 0]  # open a handle in this process
     clone = pickle.loads(pickle.dumps(volume))
-    assert clone._file is None
+    assert getattr(clone, "_handle", None) is None
     np.testing.assert_array_equal(clone[1:3, 2:4, 5:9], vol_array[1:3, 2:4, 5:9])
+
+
+def test_concurrent_first_reads_from_threads(tmp_path, vol_array) -> None:
+    """dask's threaded scheduler opens a Volume from many threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(20):
+        fresh = Volume(write_canonical(tmp_path / "t.h5", vol_array))
+        with ThreadPoolExecutor(8) as pool:
+            parts = list(pool.map(lambda z: fresh[z], range(SHAPE[0])))
+        np.testing.assert_array_equal(np.stack(parts), vol_array)
+        fresh.close()
 
 
 def test_dask_and_xarray_views(volume, vol_array) -> None:
@@ -176,7 +188,7 @@ def test_compressed_files_read_in_a_fresh_process(tmp_path, vol_array) -> None:
     for compression in ("zstd", "blosc-lz4"):
         path = write_canonical(tmp_path / f"{compression}.h5", vol_array, compression=compression)
         code = ("import sys, numpy as np; from emdata.access.volume import Volume; "
-                f"v = Volume({str(path)!r}); assert v._dataset() is not None and v._chunkmap is None; "
+                f"v = Volume({str(path)!r}); assert v._open().chunkmap is None; "
                 "print(int(v[:, :, :].astype(np.int64).sum()))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert int(out) == int(vol_array.astype(np.int64).sum())

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .blocks import Block
 
 PhysicalPixelSizes = namedtuple("PhysicalPixelSizes", ["Z", "Y", "X"])  # micrometres, as in bioio
+_Handle = namedtuple("_Handle", ["pid", "file", "dset", "chunkmap"])
 
 
 class Volume:
@@ -37,10 +38,7 @@ class Volume:
         self.path = Path(path)
         self.array = array
         self.name = name or self.path.stem
-        self._file: Any = None
-        self._pid: int | None = None
-        self._dset: Any = None
-        self._chunkmap: hdf5.ChunkMap | None = None
+        self._handle: _Handle | None = None
         with hdf5.open_read(self.path) as f:
             if array not in f:
                 raise AccessError(f"{self.path} has no array /{array}")
@@ -56,31 +54,36 @@ class Volume:
 
     # -- lazy, per-process file handle --------------------------------------------------------
 
-    def _dataset(self) -> Any:
-        if self._file is None or self._pid != os.getpid():
+    def _open(self) -> "_Handle":
+        """This process's handle, opened on first use.
+
+        Published in one assignment once complete: threads (dask's scheduler) that race here
+        at worst open a second handle, and never see a half-built one.
+        """
+        handle = self._handle
+        if handle is None or handle.pid != os.getpid():
             row = self.chunks[0] * self.chunks[1] * self.shape[2] * self.dtype.itemsize
-            self._file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
-            self._pid = os.getpid()
-            self._dset = self._file[self.array]  # looked up once: a path lookup per read costs
-            self._chunkmap = hdf5.ChunkMap.build(self.path, self._dset)
-        return self._dset
+            file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
+            dset = file[self.array]
+            handle = _Handle(os.getpid(), file, dset, hdf5.ChunkMap.build(self.path, dset))
+            self._handle = handle
+        return handle
 
     def _read_box(self, start: Any, stop: Any) -> np.ndarray:
         """A box inside the volume: memory-mapped chunks when uncompressed, else h5py."""
-        dset = self._dataset()
-        if self._chunkmap is not None:
-            return self._chunkmap.read(tuple(int(v) for v in start), tuple(int(v) for v in stop))
-        return dset[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
+        handle = self._open()
+        if handle.chunkmap is not None:
+            return handle.chunkmap.read(tuple(int(v) for v in start), tuple(int(v) for v in stop))
+        return handle.dset[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
 
     def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = self._dset = self._chunkmap = None
+        handle, self._handle = self._handle, None
+        if handle is not None and handle.pid == os.getpid():
+            handle.file.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        # Never pickle an open handle or a memory map: the receiver opens its own.
-        state.update(_file=None, _pid=None, _dset=None, _chunkmap=None)
+        state["_handle"] = None  # never pickle an open file or memory map: the receiver opens its own
         return state
 
     def __enter__(self) -> "Volume":
