@@ -97,16 +97,34 @@ def test_pickle_and_fork_safety(volume, vol_array) -> None:
     np.testing.assert_array_equal(clone[1:3, 2:4, 5:9], vol_array[1:3, 2:4, 5:9])
 
 
-def test_concurrent_first_reads_from_threads(tmp_path, vol_array) -> None:
-    """dask's threaded scheduler opens a Volume from many threads at once."""
+def test_concurrent_first_reads_from_threads(tmp_path, vol_array, monkeypatch) -> None:
+    """dask's threaded scheduler opens a Volume from many threads at once.
+
+    A slow dataset lookup widens the window in which a half-opened handle could be seen.
+    """
+    import threading
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
-    for _ in range(20):
-        fresh = Volume(write_canonical(tmp_path / "t.h5", vol_array))
-        with ThreadPoolExecutor(8) as pool:
-            parts = list(pool.map(lambda z: fresh[z], range(SHAPE[0])))
-        np.testing.assert_array_equal(np.stack(parts), vol_array)
-        fresh.close()
+    import h5py
+
+    fresh = Volume(write_canonical(tmp_path / "t.h5", vol_array))
+    lookup = h5py.File.__getitem__
+
+    def slow_lookup(self, name):
+        time.sleep(0.05)
+        return lookup(self, name)
+
+    monkeypatch.setattr(h5py.File, "__getitem__", slow_lookup)
+    start = threading.Barrier(8)
+
+    def read(z):
+        start.wait() if z < 8 else None
+        return fresh[z]
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(read, range(SHAPE[0])))
+    np.testing.assert_array_equal(np.stack(parts), vol_array)
 
 
 def test_dask_and_xarray_views(volume, vol_array) -> None:
