@@ -125,6 +125,11 @@ def as_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     return parse
 
 
+def processed_relpath(key: str) -> str:
+    """Where normalize writes a dataset's HDF5, relative to the repository (dvc.yaml agrees)."""
+    return f"data/processed/{key}.h5"
+
+
 # --- the configuration -------------------------------------------------------------------------
 
 
@@ -189,7 +194,7 @@ class Config:
         return self.root / "data" / "raw" / ".partial" / key
 
     def processed_path(self, key: str) -> Path:
-        return self.root / "data" / "processed" / f"{key}.h5"
+        return self.root / processed_relpath(key)
 
     def record_path(self, key: str) -> Path:
         return self.root / "data" / "metadata" / f"{key}.json"

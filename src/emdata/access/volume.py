@@ -178,8 +178,7 @@ class Volume:
         if outside and pad is None:
             raise AccessError(f"{self.name}: box {start.tolist()}..{stop.tolist()} is outside the volume "
                               f"{list(self.shape)}; pass pad='reflect' (or another numpy.pad mode) to fill it")
-        if not outside:
-            return self._read_box(start, stop)
+        # Boxes inside the volume returned above: from here on, part of the box lies outside.
         if pad == "constant":
             out = np.full(tuple(stop - start), constant, self.dtype)
             if np.all(inner_stop > inner_start):
@@ -227,10 +226,6 @@ class Volume:
         return self.read(block.read_start, block.read_shape, pad=pad, constant=constant)
 
 
-def _processed_path(root: Path, name: str) -> Path:
-    return root / "data" / "processed" / f"{name}.h5"
-
-
 def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike | None = None,
                  label: str | None = None, cache_dir: str | os.PathLike | None = None) -> Volume:
     """Open ``data/processed/<name>.h5`` read-only (``label`` picks ``/labels/<label>``).
@@ -241,14 +236,14 @@ def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike |
     cache keyed by the file's DVC content hash (``cache_dir``, ``$EMDATA_CACHE`` or
     ``~/.cache/emdata``) first, so a moved branch never serves stale data.
     """
-    from ..config import KEY_PATTERN, find_root
+    from ..config import KEY_PATTERN, find_root, processed_relpath
 
     if not KEY_PATTERN.match(name):
         raise ConfigError(f"dataset names match {KEY_PATTERN.pattern}; got {name!r}")
     if rev is None and repo is None:
-        path = _processed_path(find_root(), name)
+        path = find_root() / processed_relpath(name)
         if not path.is_file():
-            raise NotBuiltError(f"{name}: {path} is missing; get it with `dvc pull data/processed/{name}.h5` "
+            raise NotBuiltError(f"{name}: {path} is missing; get it with `dvc pull {processed_relpath(name)}` "
                                 f"or build it with `dvc repro normalize@{name}`")
     else:
         path = _fetch_version(name, rev=rev, repo=repo, cache_dir=cache_dir)
@@ -264,8 +259,10 @@ def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> 
     """Copy ``data/processed/<name>.h5`` at ``rev`` into a cache keyed by its DVC content hash."""
     from dvc.api import DVCFileSystem
 
+    from ..config import processed_relpath
+
     repo_str = str(Path(repo).resolve()) if repo is not None and Path(repo).exists() else (str(repo) if repo else None)
-    rel = f"data/processed/{name}.h5"
+    rel = processed_relpath(name)
     try:
         fs = DVCFileSystem(repo_str, rev=rev)
         info = fs.info(rel)

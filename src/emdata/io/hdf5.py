@@ -101,8 +101,8 @@ class ChunkMap:
 
     HDF5 stores each uncompressed chunk as one contiguous, full-size block (edge chunks too) at
     an offset its chunk index reports. Mapping the file and copying sub-boxes out of those blocks
-    avoids h5py's per-call selection overhead: random 64^3 patches and XY sections then cost about
-    what a numpy memmap costs. Only for datasets with no filters; ``None`` from ``build`` otherwise.
+    avoids h5py's per-call selection overhead (measured here: random 64^3 patches ~1.9x and XY
+    sections ~12x faster than h5py, random 64^3 patches ~0.72x a numpy memmap). Only for datasets with no filters; ``None`` from ``build`` otherwise.
     """
 
     def __init__(self, path: Path, dset: Any, offsets: dict[tuple[int, ...], int]) -> None:
