@@ -64,7 +64,7 @@ def test_unknown_source_kind_and_bad_key(built) -> None:
     params = yaml.safe_load(good)
     params["datasets"]["epfl_mito_test"]["source"]["kind"] = "gopher"
     params_path.write_text(yaml.safe_dump(params))
-    line = one_line_error(emdata(built.root, "normalize", "epfl_mito_train"))
+    line = one_line_error(emdata(built.root, "normalize", "epfl_mito_test"))
     assert "datasets.epfl_mito_test.source.kind: unknown source kind 'gopher'" in line
     params = yaml.safe_load(good)
     params["datasets"]["epfl_mito_train"]["voxel_sise_nm"] = [1, 1, 1]
@@ -99,10 +99,32 @@ def test_list_info_verify(built) -> None:
     info = emdata(built.root, "info", "epfl_mito_train")
     assert info.returncode == 0 and "[17, 29, 43] uint8" in info.stdout
     verify = emdata(built.root, "verify", "epfl_mito_train")
-    assert verify.returncode == 0 and verify.stdout.count("ok  ") == 3
+    assert verify.returncode == 0 and verify.stdout.count("ok  ") == 5  # 2 raw files, file, 2 arrays
+    tif = built.raw_dir("epfl_mito_train") / "training.tif"
+    data = bytearray(tif.read_bytes())
+    data[-1] ^= 1  # one flipped byte, same size: only the recorded sha256 can tell
+    tif.write_bytes(bytes(data))
+    line = one_line_error(emdata(built.root, "verify", "epfl_mito_train"))
+    assert "training.tif does not match its recorded sha256" in line
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("EMDATA_DEBUG", "1")
     proc = emdata(tmp_path, "list")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_typo_in_one_dataset_blocks_only_that_one(built) -> None:
+    """fetch A works while B has a typo; `check` and `list` report B's key path and fail."""
+    params_path = built.root / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["datasets"]["epfl_mito_test"]["titel"] = "typo"
+    params_path.write_text(yaml.safe_dump(params))
+    fetch = emdata(built.root, "fetch", "epfl_hippocampus")
+    assert fetch.returncode == 0, fetch.stderr
+    check = emdata(built.root, "check")
+    assert check.returncode == 2
+    assert "datasets.epfl_mito_test.titel: unknown key" in check.stdout
+    assert "ok      epfl_hippocampus" in check.stdout
+    listing = emdata(built.root, "list")
+    assert listing.returncode == 2 and "invalid: params.yaml: datasets.epfl_mito_test.titel" in listing.stdout

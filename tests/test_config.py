@@ -41,7 +41,9 @@ def test_valid_params_parse(tmp_path) -> None:
 ])
 def test_mistakes_name_the_key_path(tmp_path, params, message) -> None:
     with pytest.raises(ConfigError) as err:
-        _load(tmp_path, params)
+        cfg = _load(tmp_path, params)
+        for key in cfg.datasets:  # entries are parsed on first use
+            cfg.dataset(key)
     assert message in str(err.value)
 
 
@@ -63,3 +65,16 @@ def test_the_repository_params_parse() -> None:
 
     cfg = load_config(REPO)
     assert set(cfg.datasets) == {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test"}
+
+
+@pytest.mark.parametrize("key", ["abc\n", "a-b", "1abc"])
+def test_dataset_keys_are_matched_whole(tmp_path, key) -> None:
+    cfg = _load(tmp_path, {"datasets": {key: _dataset()}})
+    with pytest.raises(ConfigError, match="dataset keys must match"):
+        cfg.dataset(key)
+
+
+def test_voxel_size_may_come_from_the_source(tmp_path) -> None:
+    entry = {k: v for k, v in _dataset().items() if k != "voxel_size_nm"}
+    ds = _load(tmp_path, {"datasets": {"a": {**entry, "geometry_trust": "source"}}}).dataset("a")
+    assert ds.voxel_size_nm is None and ds.offset_nm is None and ds.geometry_trust == "source"

@@ -8,30 +8,32 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import yaml
 
-from emdata.demo import copy_repository, point_params_at_replica
+from emdata.demo import copy_repository, kinds_in, point_params_at_replicas, start_replicas
 from emdata.io.http import sha256_file
 from emdata.testing.dvc import dvc, git, offline_env
-from emdata.testing.http_server import ReplicaServer
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.dvc
 
 
 @pytest.fixture
-def producer(tmp_path: Path, server: ReplicaServer, epfl_replica):
+def producer(tmp_path: Path):
     env = offline_env(tmp_path / "env")
     repo = tmp_path / "work" / "producer"
     copy_repository(REPO, repo)
-    point_params_at_replica(repo / "params.yaml", epfl_replica.base_url(server.url))
-    git(["init", "-q", "-b", "main"], repo, env)
-    git(["add", "-A"], repo, env)
-    git(["commit", "-qm", "replica params"], repo, env)
-    return repo, env
+    with ExitStack() as stack:
+        running = start_replicas(kinds_in(repo / "params.yaml"), tmp_path / "replicas", stack)
+        point_params_at_replicas(repo / "params.yaml", running)
+        git(["init", "-q", "-b", "main"], repo, env)
+        git(["add", "-A"], repo, env)
+        git(["commit", "-qm", "replica params"], repo, env)
+        yield repo, env
 
 
 def ran_stages(output: str) -> list[str]:

@@ -84,14 +84,14 @@ def test_failure_midway_keeps_the_previous_output(fetched, monkeypatch) -> None:
     before = sha256_file(path)
     from emdata.io.tiff import TiffStack
 
-    original = TiffStack.read
+    original = TiffStack.read_box
 
-    def failing_read(self, z0, z1):
-        if z0 >= 8:
+    def failing_read(self, start, stop):
+        if start[0] >= 8:
             raise FormatError("epfl_hippocampus", str(self.path), "simulated damage")
-        return original(self, z0, z1)
+        return original(self, start, stop)
 
-    monkeypatch.setattr(TiffStack, "read", failing_read)
+    monkeypatch.setattr(TiffStack, "read_box", failing_read)
     with pytest.raises(FormatError, match="simulated damage"):
         normalize_dataset(fetched, "epfl_hippocampus")
     assert sha256_file(path) == before

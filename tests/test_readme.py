@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from emdata.demo import copy_repository, point_params_at_replica
+from emdata.demo import copy_repository, point_params_at_replicas
 from emdata.testing.dvc import dvc, git, offline_env
-from emdata.testing.epfl import build_epfl_replica
+from emdata.testing.epfl import RunningEpfl, build_epfl_replica
 from emdata.testing.http_server import ReplicaServer
 from tests.conftest import REPO
 
@@ -31,7 +31,7 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     with ReplicaServer(replica.root) as server:
         copy_repository(REPO, repo)
-        point_params_at_replica(repo / "params.yaml", replica.base_url(server.url))
+        point_params_at_replicas(repo / "params.yaml", {"epfl": RunningEpfl(replica, server)})
         git(["init", "-q", "-b", "main"], repo, env)
         git(["add", "-A"], repo, env)
         git(["commit", "-qm", "params"], repo, env)

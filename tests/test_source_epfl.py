@@ -1,4 +1,4 @@
-"""The EPFL source against its replica: the shared contract plus EPFL specifics."""
+"""EPFL specifics (the shared contract runs for every registered kind in test_contract.py)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,7 @@ import numpy as np
 import pytest
 
 from emdata.config import load_config
-from emdata.testing.contract import SourceCase, SourceContract
 from emdata.testing.epfl import EPFL_PATH
-
-
-class TestEpflContract(SourceContract):
-    @pytest.fixture(params=["epfl_hippocampus", "epfl_mito_train"])
-    def case(self, request, epfl_project, server, epfl_replica) -> SourceCase:
-        key = request.param
-        arrays = epfl_replica.arrays
-        if key == "epfl_hippocampus":
-            expected = {"raw": arrays["volumedata.tif"]}
-            big = "volumedata.tif"
-        else:
-            expected = {"raw": arrays["training.tif"], "labels/mitochondria": arrays["training_groundtruth.tif"]}
-            big = "training.tif"
-        root = epfl_project.root
-        return SourceCase(cfg=epfl_project, key=key, server=server, expected=expected,
-                          big_file=EPFL_PATH + big, reload=lambda: load_config(root))
 
 
 def test_real_params_use_the_real_epfl_urls() -> None:

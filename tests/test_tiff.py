@@ -15,7 +15,8 @@ def test_pages_are_z_rows_are_y(tmp_path) -> None:
     vol = coordinate_volume((7, 11, 19))
     with TiffStack(write_tiff_stack(tmp_path / "v.tif", vol), "ds") as stack:
         assert stack.shape == (7, 11, 19) and stack.dtype == np.uint8
-        np.testing.assert_array_equal(stack.read(2, 5), vol[2:5])
+        np.testing.assert_array_equal(stack[2:5], vol[2:5])
+        np.testing.assert_array_equal(stack.read((1, 2, 3), (6, 9, 17)), vol[1:6, 2:9, 3:17])
         np.testing.assert_array_equal(stack[3, 1:4, -5:], vol[3, 1:4, -5:])
 
 
@@ -35,7 +36,8 @@ def test_orientation_tag_is_applied(tmp_path, orientation, stored_from_display) 
                          extratags=[(274, "H", 1, orientation, True)])
     with TiffStack(path, "ds") as stack:
         assert stack.shape == display.shape
-        np.testing.assert_array_equal(stack.read(0, 3), display)
+        np.testing.assert_array_equal(stack[:], display)
+        np.testing.assert_array_equal(stack[1:3, 1:4, 2:7], display[1:3, 1:4, 2:7])
 
 
 def test_big_endian_uint16(tmp_path) -> None:
@@ -43,7 +45,7 @@ def test_big_endian_uint16(tmp_path) -> None:
     path = write_tiff_stack(tmp_path / "be.tif", vol.astype(">u2"), byteorder=">")
     with TiffStack(path, "ds") as stack:
         assert stack.dtype == np.dtype("uint16")
-        np.testing.assert_array_equal(stack.read(0, 4), vol)
+        np.testing.assert_array_equal(stack[:], vol)
 
 
 def test_corrupt_file_is_a_format_error(tmp_path) -> None:
@@ -54,16 +56,53 @@ def test_corrupt_file_is_a_format_error(tmp_path) -> None:
     assert "my_ds" in str(err.value) and "bad.tif" in str(err.value) and "emdata fetch my_ds" in str(err.value)
 
 
-def test_damaged_page_directory_is_a_format_error(tmp_path) -> None:
-    path = write_tiff_stack(tmp_path / "t.tif", coordinate_volume((5, 40, 50)))
+def test_damaged_page_directory_gives_exact_data_or_a_format_error(tmp_path) -> None:
+    vol = coordinate_volume((5, 40, 50))
+    path = write_tiff_stack(tmp_path / "t.tif", vol)
     data = path.read_bytes()
-    # Overwrite the directory of page 2 with garbage: opening or reading must fail loudly.
+    # Overwrite the directory of page 2 with garbage: never silently wrong voxels.
     with tifffile.TiffFile(path) as tif:
         offset = tif.pages[2].offset
     path.write_bytes(data[:offset] + b"\xfe" * 16 + data[offset + 16:])
-    with pytest.raises(FormatError):
+    try:
         with TiffStack(path, "ds") as stack:
-            stack.read(0, 5)
+            got = stack[:]
+    except FormatError:
+        return
+    np.testing.assert_array_equal(got, vol)  # the shaped series' data block is intact
+
+
+def test_truncated_file_is_a_format_error(tmp_path) -> None:
+    path = write_tiff_stack(tmp_path / "t.tif", coordinate_volume((8, 40, 50)))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FormatError, match="truncated|not a readable TIFF|cannot be read"):
+        with TiffStack(path, "ds") as stack:
+            stack[:]
+
+
+def test_imagej_hyperstack_with_channels_is_refused(tmp_path) -> None:
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(path, np.zeros((3, 2, 9, 11), np.uint8), imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(FormatError, match="axes are .*C"):
+        TiffStack(path, "ds")
+
+
+def test_imagej_z_stack_reads_with_pages_as_z(tmp_path) -> None:
+    vol = coordinate_volume((6, 9, 11))
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, vol, imagej=True, metadata={"axes": "ZYX"})
+    with TiffStack(path, "ds") as stack:
+        assert stack.shape == (6, 9, 11)
+        np.testing.assert_array_equal(stack[2:5, 1:8, 3:10], vol[2:5, 1:8, 3:10])
+
+
+def test_compressed_pages_read_plane_by_plane(tmp_path) -> None:
+    vol = coordinate_volume((5, 33, 47), np.uint16)
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, vol, compression="zlib", byteorder=">")
+    with TiffStack(path, "ds") as stack:
+        assert stack.dtype == np.dtype("uint16")
+        np.testing.assert_array_equal(stack[1:4, 5:30, 2:40], vol[1:4, 5:30, 2:40])
 
 
 def test_pages_of_different_shapes_are_rejected(tmp_path) -> None:

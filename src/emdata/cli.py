@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from .errors import EmdataError
+from .errors import ConfigError, EmdataError
 
 app = typer.Typer(
     help="Public 3D EM volumes -> versioned, ML-ready HDF5. Stages of dvc.yaml call these commands.",
@@ -67,11 +67,55 @@ def list_datasets() -> None:
     from .pipeline import dataset_state
 
     cfg = _config()
+    problems = cfg.check()
     typer.echo(f"{'dataset':<28} {'kind':<8} {'fetched':<8} {'raw':>10} {'normalized':<11} {'hdf5':>10}")
     for key in cfg.datasets:
+        if problems[key] is not None:
+            typer.echo(f"{key:<28} {cfg.datasets.kind_of(key) or '?':<8} invalid: {problems[key]}")
+            continue
         s = dataset_state(cfg, key)
         typer.echo(f"{key:<28} {s['kind']:<8} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
+    bad = [key for key, problem in problems.items() if problem is not None]
+    if bad:
+        raise ConfigError(f"{len(bad)} dataset(s) in params.yaml are invalid: {', '.join(bad)}; see above")
+
+
+@app.command()
+def check() -> None:
+    """Validate every dataset in params.yaml and the code fingerprints dvc.yaml depends on."""
+    from . import codedeps
+
+    cfg = _config()
+    problems = cfg.check()
+    for key, problem in problems.items():
+        typer.echo(f"{'ok     ' if problem is None else 'invalid'} {key}" + ("" if problem is None else f": {problem}"))
+    kinds = {cfg.datasets.kind_of(k) for k, p in problems.items() if p is None}
+    stale = codedeps.stale(cfg.root, {k for k in kinds if k})
+    for path in stale:
+        typer.echo(f"stale   {path}: run `python -m emdata code-deps --write`")
+    bad = [key for key, problem in problems.items() if problem is not None]
+    if bad or stale:
+        raise ConfigError(f"{len(bad)} invalid dataset(s), {len(stale)} stale code fingerprint(s)")
+    typer.echo(f"all {len(problems)} dataset(s) valid; code fingerprints current")
+
+
+@app.command("code-deps")
+def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the stale fingerprint files.")) -> None:
+    """Fingerprints of the code that decides each kind's bytes (pipeline/code/, used by dvc.yaml)."""
+    from . import codedeps
+
+    cfg = _config()
+    kinds = {k for k in (cfg.datasets.kind_of(key) for key in cfg.datasets) if k}
+    if write:
+        for path in codedeps.write(cfg.root, kinds):
+            typer.echo(f"wrote {path.relative_to(cfg.root)}")
+        return
+    stale = codedeps.stale(cfg.root, kinds)
+    for path in stale:
+        typer.echo(f"stale {path}")
+    if stale:
+        raise ConfigError(f"{len(stale)} stale code fingerprint(s); run `python -m emdata code-deps --write`")
 
 
 @app.command()
@@ -149,10 +193,12 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
 
 @app.command()
 def verify(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
-    """Re-hash the HDF5 file and its voxels against the recorded checksums."""
-    from .pipeline import verify_dataset
+    """Re-hash the fetched raw files (if present), the HDF5 file and its voxels against their records."""
+    from .pipeline import verify_dataset, verify_raw
 
-    for what, digest in verify_dataset(_config(), dataset):
+    cfg = _config()
+    checks = verify_raw(cfg, dataset) if cfg.raw_dir(dataset).exists() else []
+    for what, digest in [*checks, *verify_dataset(cfg, dataset)]:
         typer.echo(f"ok  {what}  {digest}")
 
 

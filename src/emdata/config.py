@@ -12,13 +12,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 COMPRESSIONS = ("none", "zstd", "blosc-lz4")
+GEOMETRY_TRUST = ("params", "source")
+MIB = 1 << 20
 
 
 class Section:
@@ -83,6 +85,16 @@ def as_int(value: Any, path: str) -> int:
     return value
 
 
+def as_int_range(low: int, high: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, path: str) -> int:
+        number = as_int(value, path)
+        if not low <= number <= high:
+            raise ConfigError(f"{PARAMS_FILE}: {path}: expected an integer from {low} to {high}, got {value!r}")
+        return number
+
+    return parse
+
+
 def as_sha256(value: Any, path: str) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
         raise ConfigError(f"{PARAMS_FILE}: {path}: expected 64 lowercase hex digits (sha256), got {value!r}")
@@ -140,18 +152,25 @@ class NormalizeParams:
     chunks: tuple[int, int, int] = (64, 64, 64)
     compression: str = "none"
     compression_level: int = 3
+    memory_budget_mb: int = 256  # working set of normalize (tiles in flight), whatever the XY size
 
     @classmethod
     def parse(cls, sec: Section) -> "NormalizeParams":
         out = cls(
             chunks=sec.optional("chunks", as_int_triple, cls.chunks),
             compression=sec.optional("compression", as_choice(COMPRESSIONS), cls.compression),
-            compression_level=sec.optional("compression_level", as_int, cls.compression_level),
+            compression_level=sec.optional("compression_level", as_int_range(0, 22), cls.compression_level),
+            memory_budget_mb=sec.optional("memory_budget_mb", as_int_range(16, 1 << 20), cls.memory_budget_mb),
         )
         sec.finish()
         return out
 
+    @property
+    def memory_budget(self) -> int:
+        return self.memory_budget_mb * MIB
+
     def to_dict(self) -> dict[str, Any]:
+        """What decides the output bytes (the memory budget does not, so it is left out)."""
         return {"chunks": list(self.chunks), "compression": self.compression,
                 "compression_level": self.compression_level}
 
@@ -165,8 +184,9 @@ class DatasetConfig:
     license: str
     citation: str
     modality: str
-    voxel_size_nm: tuple[float, float, float]
-    offset_nm: tuple[float, float, float]
+    voxel_size_nm: tuple[float, float, float] | None  # an override; None: the source must say
+    offset_nm: tuple[float, float, float] | None
+    geometry_trust: str | None  # which side wins when params and source disagree by > 1 %
     source_kind: str
     source: Any  # the source module's frozen Params dataclass
     raw_params: dict = field(repr=False, compare=False, default_factory=dict)
@@ -174,17 +194,58 @@ class DatasetConfig:
     doi: str | None = None
 
 
+class Datasets(Mapping[str, DatasetConfig]):
+    """``datasets`` of params.yaml, each entry parsed on first use.
+
+    A command on one dataset parses only that one, so a typo elsewhere does not block it;
+    ``Config.check()`` (``emdata check``/``emdata list``) parses them all.
+    """
+
+    def __init__(self, entries: dict[str, Any]) -> None:
+        self._entries = entries
+        self._parsed: dict[str, DatasetConfig] = {}
+
+    def __getitem__(self, key: str) -> DatasetConfig:
+        if key not in self._parsed:
+            self._parsed[key] = parse_dataset(key, self._entries[key])
+        return self._parsed[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def kind_of(self, key: str) -> str | None:
+        """The source kind as written, without parsing the entry (None if it cannot be read)."""
+        entry = self._entries.get(key)
+        source = entry.get("source") if isinstance(entry, Mapping) else None
+        kind = source.get("kind") if isinstance(source, Mapping) else None
+        return kind if isinstance(kind, str) else None
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path
     normalize: NormalizeParams
-    datasets: dict[str, DatasetConfig]
+    datasets: Datasets
 
     def dataset(self, key: str) -> DatasetConfig:
         if key not in self.datasets:
             known = ", ".join(sorted(self.datasets)) or "none"
             raise ConfigError(f"unknown dataset {key!r}; datasets in {PARAMS_FILE}: {known}")
         return self.datasets[key]
+
+    def check(self) -> dict[str, ConfigError | None]:
+        """Parse every dataset; map each key to its error, or None when it is valid."""
+        problems: dict[str, ConfigError | None] = {}
+        for key in self.datasets:
+            try:
+                self.datasets[key]
+                problems[key] = None
+            except ConfigError as exc:
+                problems[key] = exc
+        return problems
 
     # Where each stage puts its outputs (dvc.yaml uses the same paths).
     def raw_dir(self, key: str) -> Path:
@@ -204,7 +265,7 @@ def parse_dataset(key: str, data: Any) -> DatasetConfig:
     from .sources import get_source  # sources import config helpers; avoid a cycle at import
 
     path = f"datasets.{key}"
-    if not KEY_PATTERN.match(key):
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
         raise ConfigError(f"{PARAMS_FILE}: {path}: dataset keys must match {KEY_PATTERN.pattern}")
     sec = Section(data, path)
     src = sec.section("source")
@@ -218,8 +279,9 @@ def parse_dataset(key: str, data: Any) -> DatasetConfig:
         license=sec.required("license", as_str),
         citation=sec.required("citation", as_str),
         modality=sec.required("modality", as_str),
-        voxel_size_nm=sec.required("voxel_size_nm", as_triple(positive=True)),
-        offset_nm=sec.optional("offset_nm", as_triple(positive=False), (0.0, 0.0, 0.0)),
+        voxel_size_nm=sec.optional("voxel_size_nm", as_triple(positive=True)),
+        offset_nm=sec.optional("offset_nm", as_triple(positive=False)),
+        geometry_trust=sec.optional("geometry_trust", as_choice(GEOMETRY_TRUST)),
         accession=sec.optional("accession", as_str),
         doi=sec.optional("doi", as_str),
         source_kind=kind,
@@ -261,8 +323,6 @@ def load_config(root: Path | None = None) -> Config:
     top = Section(data or {}, "")
     normalize = NormalizeParams.parse(top.section("normalize", required=False))
     datasets_sec = top.section("datasets")
-    datasets = {}
-    for key in datasets_sec.keys():
-        datasets[key] = parse_dataset(key, datasets_sec.data[key])
+    datasets_sec.keys()  # user-named: each entry is checked when it is first used
     top.finish()
-    return Config(root=root, normalize=normalize, datasets=datasets)
+    return Config(root=root, normalize=normalize, datasets=Datasets(dict(datasets_sec.data)))

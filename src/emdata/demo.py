@@ -1,7 +1,8 @@
 """``emdata demo``: the whole job offline, in a temporary copy of the repository.
 
-1. Copy the repository (its git-tracked files) and point every EPFL dataset at a loopback
-   replica of the EPFL file server; start a real S3 server (SeaweedFS) on loopback.
+1. Copy the repository (its git-tracked files), start the registered replica of every source
+   kind in params.yaml (:mod:`emdata.testing.registry`) and point each dataset at it; start a
+   real S3 server (SeaweedFS) on loopback.
 2. ``dvc repro`` (fetch -> normalize -> summarize), then ``dvc repro`` again, which must do nothing.
 3. ``dvc push`` to the default local remote and to the S3 remote.
 4. Fresh ``git clone`` + ``dvc pull`` from each remote; every HDF5 must hash as the producer's.
@@ -14,6 +15,7 @@ import logging
 import shutil
 import subprocess
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,6 @@ from .io.http import sha256_file
 from .testing.dvc import dvc, git, offline_env
 
 log = logging.getLogger(__name__)
-DEMO_SHAPES = {"volume_shape": (80, 211, 257), "bench_shape": (45, 97, 131)}
 
 
 def copy_repository(src: Path, dest: Path) -> None:
@@ -45,21 +46,25 @@ def copy_repository(src: Path, dest: Path) -> None:
             shutil.copy2(src / name, target)
 
 
-def point_params_at_replica(params_path: Path, epfl_base_url: str) -> list[str]:
-    """Rewrite each EPFL source to the replica; drop size/sha256 pins (the replica is smaller)."""
+def point_params_at_replicas(params_path: Path, running: dict[str, Any]) -> list[str]:
+    """Rewrite every dataset to the running replica of its kind (``running``: kind -> replica)."""
     params: dict[str, Any] = yaml.safe_load(params_path.read_text())
-    keys = []
     for key, ds in params["datasets"].items():
-        src = ds["source"]
-        if src["kind"] != "epfl":
-            raise EmdataError(f"demo: no replica for source kind {src['kind']!r} ({key}) yet")
-        src["base_url"] = epfl_base_url
-        for spec in [src["image"], *src.get("labels", {}).values()]:
-            spec.pop("size", None)
-            spec.pop("sha256", None)
-        keys.append(key)
+        params["datasets"][key] = running[ds["source"]["kind"]].point(key, ds)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return keys
+    return list(params["datasets"])
+
+
+def start_replicas(kinds: set[str], root: Path, stack: ExitStack, **options: Any) -> dict[str, Any]:
+    """Start the registered replica of each kind; they stop when ``stack`` closes."""
+    from .testing.registry import replica_for
+
+    return {kind: stack.enter_context(replica_for(kind).start(root / kind, **options)) for kind in sorted(kinds)}
+
+
+def kinds_in(params_path: Path) -> set[str]:
+    params: dict[str, Any] = yaml.safe_load(params_path.read_text())
+    return {ds["source"]["kind"] for ds in params["datasets"].values()}
 
 
 def _hashes(repo: Path, keys: list[str]) -> dict[str, str]:
@@ -72,8 +77,6 @@ def _configure_s3(repo: Path, endpoint: str, env: dict[str, str]) -> None:
 
 
 def run_demo(repo_root: Path, *, workdir: Path | None = None, keep: bool = False) -> dict[str, Any]:
-    from .testing.epfl import build_epfl_replica
-    from .testing.http_server import ReplicaServer
     from .testing.s3 import SeaweedS3
 
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="emdata-demo-"))
@@ -81,13 +84,13 @@ def run_demo(repo_root: Path, *, workdir: Path | None = None, keep: bool = False
     env = offline_env(base / "env")
     producer = base / "work" / "producer"
     try:
-        replica = build_epfl_replica(base / "replica-www", coordinate=False, **DEMO_SHAPES)
-        with ReplicaServer(replica.root) as http, \
-                SeaweedS3(base / "s3", access_key=env["AWS_ACCESS_KEY_ID"],
-                          secret_key=env["AWS_SECRET_ACCESS_KEY"]) as s3:
-            s3.create_bucket("emdata-dvc")
+        with ExitStack() as stack:
             copy_repository(Path(repo_root), producer)
-            keys = point_params_at_replica(producer / "params.yaml", replica.base_url(http.url))
+            running = start_replicas(kinds_in(producer / "params.yaml"), base / "replicas", stack, coordinate=False)
+            s3 = stack.enter_context(SeaweedS3(base / "s3", access_key=env["AWS_ACCESS_KEY_ID"],
+                                               secret_key=env["AWS_SECRET_ACCESS_KEY"]))
+            s3.create_bucket("emdata-dvc")
+            keys = point_params_at_replicas(producer / "params.yaml", running)
             git(["init", "-q", "-b", "main"], producer, env)
             git(["add", "-A"], producer, env)
             git(["commit", "-qm", "demo: params point at the loopback replicas"], producer, env)

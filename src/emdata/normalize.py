@@ -1,9 +1,11 @@
-"""Raw source volume -> canonical HDF5, slab by slab, in bounded memory.
+"""Raw source volume -> canonical HDF5, in chunk-aligned tiles, under a memory budget.
 
-One slab is one chunk deep in Z, so every write covers whole chunks (no read-modify-write).
-While the main thread writes slab k, one worker thread reads slab k+1 and another hashes slab k
-and adds it to the exact statistics; file reads, HDF5 writes, sha256 and bincount release the
-GIL for most of their work, so the two cores overlap. At most two slabs are alive at once. The
+Tiles come from :mod:`emdata.tiles`. Three things overlap on the two cores: a reader thread
+reads tile k+1, the main thread writes tile k, a digest thread hashes tile k and adds it to
+the exact statistics. File reads, HDF5 writes, sha256 and the histogram kernel all release the
+GIL. At most ``tiles.IN_FLIGHT`` tiles are alive, so memory is bounded by the budget in params
+(``normalize.memory_budget_mb``), whatever the XY size. Output is little-endian whatever the
+source's byte order, and the statistics and ``array_sha256`` are computed on the values. The
 file is written under a temporary name, checked, then renamed.
 """
 
@@ -16,21 +18,30 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from . import __version__
 from .config import Config
-from .errors import FormatError, NotBuiltError
+from .errors import FormatError
+from .fetch_record import FetchRecord, require_fetched
+from .geometry import Geometry, resolve
 from .io import hdf5
 from .progress import Progress
+from .raw import RawVolume, json_safe
 from .sources import get_source
-from .sources.base import RawVolume, json_safe
 from .stats import StreamingStats
+from .tiles import Box, plan_tiles
 
 log = logging.getLogger(__name__)
-SOURCE_RECORD = "source.json"
+DEFAULT_BUDGET = 256 << 20
+
+
+def output_dtype(dtype: np.dtype) -> np.dtype:
+    """The stored dtype: the same values, little-endian (bool and single bytes as they are)."""
+    dtype = np.dtype(dtype)
+    return dtype.newbyteorder("<") if dtype.byteorder in (">", "=", "<") and dtype.itemsize > 1 else dtype
 
 
 class _Digest:
@@ -43,72 +54,99 @@ class _Digest:
         grid = tuple(-(-s // c) for s, c in zip(shape, chunks))
         self.foreground = np.zeros(grid, np.int64) if label else None
 
-    def update(self, z0: int, slab: np.ndarray) -> None:
-        self.sha.update(hdf5.voxel_bytes(slab))
-        self.stats.update(slab)
-        if self.foreground is not None:
-            self.foreground[z0 // self.chunks[0]] += _chunk_counts(slab != 0, self.chunks[1:])
+    def hash(self, data: np.ndarray) -> None:
+        self.sha.update(hdf5.voxel_bytes(data))
+        self.stats.update(data)
+
+    def count(self, start: tuple[int, ...], data: np.ndarray) -> None:
+        """Nonzero voxels per chunk of a chunk-aligned tile."""
+        if self.foreground is None:
+            return
+        counts = _chunk_counts(data != 0, self.chunks)
+        k = [a // c for a, c in zip(start, self.chunks)]
+        self.foreground[k[0]:k[0] + counts.shape[0], k[1]:k[1] + counts.shape[1], k[2]:k[2] + counts.shape[2]] += counts
 
 
-def _chunk_counts(mask: np.ndarray, chunk_yx: tuple[int, ...]) -> np.ndarray:
-    """Number of True voxels per (y, x) chunk column of a slab."""
-    cy, cx = chunk_yx
-    ny, nx = -(-mask.shape[1] // cy), -(-mask.shape[2] // cx)
-    padded = np.zeros((mask.shape[0], ny * cy, nx * cx), bool)
-    padded[:, : mask.shape[1], : mask.shape[2]] = mask
-    return padded.reshape(mask.shape[0], ny, cy, nx, cx).sum(axis=(0, 2, 4))
+def _chunk_counts(mask: np.ndarray, chunks: tuple[int, ...]) -> np.ndarray:
+    """Number of True voxels per chunk of a chunk-aligned box."""
+    grid = [-(-n // c) for n, c in zip(mask.shape, chunks)]
+    padded = np.zeros([g * c for g, c in zip(grid, chunks)], bool)
+    padded[: mask.shape[0], : mask.shape[1], : mask.shape[2]] = mask
+    cz, cy, cx = chunks
+    return padded.reshape(grid[0], cz, grid[1], cy, grid[2], cx).sum(axis=(1, 3, 5))
 
 
-def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int, int, int],
-                 compression: str, level: int, attrs: dict[str, Any], label: bool, desc: str) -> dict[str, Any]:
+def _pipeline(boxes: list[Box], read: Callable[[Box], np.ndarray], consume: Callable[[Box, np.ndarray], None],
+              digest: Callable[[Box, np.ndarray], None], progress: Progress) -> None:
+    """read box k+1 | consume box k (main thread) | digest box k, each waiting for the one before."""
+    if not boxes:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="emdata-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="emdata-digest") as hasher:
+        next_data: Future = reader.submit(read, boxes[0])
+        pending: Future | None = None
+        for i, box in enumerate(boxes):
+            data = next_data.result()
+            if i + 1 < len(boxes):
+                next_data = reader.submit(read, boxes[i + 1])
+            if pending is not None:
+                pending.result()  # box k-1 is digested and released
+            pending = hasher.submit(digest, box, data)
+            consume(box, data)
+            progress.update(int(np.prod([b - a for a, b in zip(*box)])))
+            del data
+        pending.result()
+
+
+def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int, int, int], compression: str,
+                 level: int, attrs: dict[str, Any], label: bool, desc: str,
+                 budget: int = DEFAULT_BUDGET) -> dict[str, Any]:
     """Stream ``volume`` into dataset ``name``; return its sha256, statistics and chunk counts."""
-    shape = tuple(volume.shape)
+    shape = tuple(int(n) for n in volume.shape)
+    dtype = output_dtype(volume.dtype)
     chunk = hdf5.chunk_shape(chunks, shape)
-    dset = group.create_dataset(name, shape=shape, dtype=volume.dtype, chunks=chunk, fillvalue=0,
+    dset = group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunk, fillvalue=0,
                                 **hdf5.compression_options(compression, level))
-    digest = _Digest(volume.dtype, chunk, shape, label)
-    depth = chunk[0]
-    starts = list(range(0, shape[0], depth))
+    digest = _Digest(dtype, chunk, shape, label)
+    plan = plan_tiles(shape, chunk, dtype.itemsize, budget)
     dataset_name = getattr(volume, "dataset", "?")
 
-    def read(z0: int) -> np.ndarray:
-        z1 = min(shape[0], z0 + depth)
-        slab = volume.read(z0, z1)
-        if slab.shape != (z1 - z0, *shape[1:]):
-            raise FormatError(dataset_name, desc, f"read {slab.shape} for sections {z0}..{z1 - 1}, "
-                              f"expected {shape[1:]}")
-        return slab
+    def read(box: Box) -> np.ndarray:
+        start, stop = box
+        data = volume.read(start, stop)
+        want = tuple(b - a for a, b in zip(start, stop))
+        if data.shape != want:
+            raise FormatError(dataset_name, desc, f"read {data.shape} for the box {start}..{stop}, expected {want}",
+                              "the source reader returned the wrong shape; please report it")
+        return data.astype(dtype, copy=False)
 
-    # Three stages overlap: read slab k+1 | write slab k | hash slab k. Each waits for the one
-    # before it, so no more than two slabs are alive at any time.
-    with ThreadPoolExecutor(1, thread_name_prefix="emdata-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="emdata-digest") as hasher, \
-            Progress(shape[0], desc, unit="slice") as progress:
-        next_slab: Future = reader.submit(read, starts[0]) if starts else None
-        pending: Future | None = None
-        for i, z0 in enumerate(starts):
-            slab = next_slab.result()
-            if pending is not None:
-                pending.result()  # slab k-1 is hashed and released
-            pending = hasher.submit(digest.update, z0, slab)
-            if i + 1 < len(starts):
-                next_slab = reader.submit(read, starts[i + 1])
-            dset[z0:z0 + slab.shape[0]] = slab
-            progress.update(slab.shape[0])
-            del slab
-        if pending is not None:
-            pending.result()
+    def write(box: Box, data: np.ndarray) -> None:
+        (z0, y0, x0), (z1, y1, x1) = box
+        dset[z0:z1, y0:y1, x0:x1] = data
+
+    def hash_and_count(box: Box, data: np.ndarray) -> None:
+        if plan.one_pass:
+            digest.hash(data)
+        digest.count(box[0], data)
+
+    voxels = int(np.prod(shape))
+    with Progress(voxels * (1 if plan.one_pass else 2), desc, unit="vox") as progress:
+        _pipeline(plan.tiles, read, write, hash_and_count, progress)
+        if not plan.one_pass:  # the sha256 needs C order: a second, read-only pass in hash boxes
+            _pipeline(plan.hash_boxes or [], read, lambda box, data: None, lambda box, data: digest.hash(data),
+                      progress)
     array_sha256 = digest.sha.hexdigest()
     statistics = digest.stats.result()
     dset.attrs.update(attrs)
     dset.attrs["array_sha256"] = array_sha256
     dset.attrs["statistics"] = json.dumps(statistics, sort_keys=True)
-    return {"array_sha256": array_sha256, "statistics": statistics, "foreground": digest.foreground}
+    return {"array_sha256": array_sha256, "statistics": statistics, "foreground": digest.foreground,
+            "tiles": len(plan.tiles), "one_pass": plan.one_pass}
 
 
-def _root_attrs(cfg: Config, key: str, source_record: dict[str, Any]) -> dict[str, Any]:
+def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry) -> dict[str, Any]:
     ds = cfg.dataset(key)
-    files = source_record.get("files", {})
+    files = record.files
     return {
         "emdata_version": __version__,
         "format_version": hdf5.FORMAT_VERSION,
@@ -120,24 +158,32 @@ def _root_attrs(cfg: Config, key: str, source_record: dict[str, Any]) -> dict[st
         "doi": ds.doi or "",
         "modality": ds.modality,
         "source_kind": ds.source_kind,
-        "source_urls": json.dumps([f["url"] for f in files.values()]),
-        "source_checksums": json.dumps({f["url"]: f.get("sha256") for f in files.values()}, sort_keys=True),
+        "source_urls": json.dumps([f.url for f in files.values()]),
+        "source_checksums": json.dumps({f.url: f.sha256 for f in files.values()}, sort_keys=True),
         "params": json.dumps({"dataset": json_safe(ds.raw_params), "normalize": cfg.normalize.to_dict()},
                              sort_keys=True),
+        "geometry_origin": json.dumps(geometry.origin, sort_keys=True),
     }
 
 
-def read_source_record(cfg: Config, key: str) -> dict[str, Any]:
-    """The fetch record of ``data/raw/<key>``; it must match the source in params.yaml."""
-    path = cfg.raw_dir(key) / SOURCE_RECORD
-    if not path.is_file():
-        raise NotBuiltError(f"{key}: not fetched yet ({path} is missing); run `emdata fetch {key}` "
-                            f"or `dvc pull data/raw/{key}`")
-    record = json.loads(path.read_text())
-    if record.get("spec") != cfg.dataset(key).source.to_dict():
-        raise NotBuiltError(f"{key}: {cfg.raw_dir(key)} was fetched with other source params than params.yaml "
-                            f"has now; run `emdata fetch {key}` (or `dvc repro fetch@{key}`)")
-    return record
+def dataset_geometry(cfg: Config, key: str, volume: RawVolume) -> Geometry:
+    """The voxel size and offset the HDF5 records: the source's, overridden by params.yaml."""
+    ds = cfg.dataset(key)
+    return resolve(key, params_voxel=ds.voxel_size_nm, params_offset=ds.offset_nm,
+                   source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust)
+
+
+def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume]) -> None:
+    for name, lab in labels.items():
+        if tuple(lab.shape) != tuple(volume.shape):
+            where = getattr(lab, "path", f"labels/{name}")
+            raise FormatError(key, str(where), f"label {name!r} has shape {tuple(lab.shape)} but the image has "
+                              f"{tuple(volume.shape)}", "check that both files are complete and belong together")
+        for attr in ("voxel_size_nm", "offset_nm"):
+            mine, theirs = getattr(lab, attr), getattr(volume, attr)
+            if mine is not None and theirs is not None and not np.allclose(mine, theirs, rtol=0.01):
+                raise FormatError(key, f"labels/{name}", f"{attr} {mine} differs from the image's {theirs}",
+                                  "labels must lie on the image's grid")
 
 
 def normalize_dataset(cfg: Config, key: str) -> Path:
@@ -146,29 +192,28 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
 
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
-    source_record = read_source_record(cfg, key)
     raw = cfg.raw_dir(key)
+    record = require_fetched(raw, key, ds.source.to_dict())
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     params = cfg.normalize
-    spatial = hdf5.spatial_attrs(ds.voxel_size_nm, ds.offset_nm)
     try:
         with ExitStack() as stack:
             volume = stack.enter_context(source.open_volume(ds.source, raw, key))
-            labels = {n: stack.enter_context(v) for n, v in source.open_labels(ds.source, raw, key).items()}
-            for name, lab in labels.items():
-                if tuple(lab.shape) != tuple(volume.shape):
-                    raise FormatError(key, f"labels/{name}", f"shape {lab.shape} differs from the image {volume.shape}",
-                                      "check the label file named in params.yaml")
+            open_labels = getattr(source, "open_labels", None)
+            labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
+            _check_labels(key, volume, labels)
+            geometry = dataset_geometry(cfg, key, volume)
             native = json_safe(source.read_metadata(ds.source, raw, key))
             with h5py.File(tmp, "w") as f:
-                f.attrs.update(_root_attrs(cfg, key, source_record))
+                f.attrs.update(_root_attrs(cfg, key, record, geometry))
                 prov = f.create_group("provenance")
-                prov.create_dataset("source_record", data=json.dumps(source_record, sort_keys=True))
+                prov.create_dataset("source_record", data=json.dumps(record.to_dict(), sort_keys=True))
                 prov.create_dataset("native_metadata", data=json.dumps(native, sort_keys=True))
                 common = dict(chunks=params.chunks, compression=params.compression, level=params.compression_level,
-                              attrs=spatial)
+                              attrs=hdf5.spatial_attrs(geometry.voxel_size_nm, geometry.offset_nm),
+                              budget=params.memory_budget)
                 write_volume(f, hdf5.RAW, volume, label=False, desc=f"{key}: raw", **common)
                 for name, lab in labels.items():
                     result = write_volume(f, f"{hdf5.LABELS}/{name}", lab, label=True,
@@ -183,7 +228,7 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
     return out
 
 
-def _check_written(path: Path, key: str, shape: tuple[int, ...], labels: list[str]) -> None:
+def _check_written(path: Path, key: str, shape: tuple[int, ...], labels: Iterable[str]) -> None:
     """Reopen the temporary file: the layout must be complete before it gets the final name."""
     with hdf5.open_read(path) as f:
         names = [hdf5.RAW] + [f"{hdf5.LABELS}/{n}" for n in labels]

@@ -8,13 +8,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import Config
 from .errors import IntegrityError, NotBuiltError
+from .fetch_context import FetchContext, workers_from_env
+from .fetch_record import FetchRecord, fetched, require_fetched
 from .io.atomic import write_json_atomic
-from .io.http import HttpClient, sha256_file
-from .normalize import SOURCE_RECORD
+from .io.digest import sha256_file
 from .sources import get_source
 from .sources.base import FilePlan
 
@@ -29,19 +30,13 @@ class FetchResult:
     requests: int
 
 
-def _fetched_spec(raw: Path) -> dict[str, Any] | None:
-    """The source spec of a complete raw folder, or None when it is missing or damaged."""
-    try:
-        record = json.loads((raw / SOURCE_RECORD).read_text())
-        for name, info in record["files"].items():
-            if (raw / name).stat().st_size != info["size"]:
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return record.get("spec")
+def fetch_context(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None) -> FetchContext:
+    ds = cfg.dataset(key)
+    return FetchContext(dataset=key, kind=ds.source_kind, spec=ds.source.to_dict(), dest=cfg.partial_dir(key),
+                        workers=workers_from_env(), http_factory=http_factory)
 
 
-def fetch_dataset(cfg: Config, key: str, client: HttpClient | None = None) -> FetchResult:
+def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None) -> FetchResult:
     """Make ``data/raw/<key>`` hold exactly what the source serves, or leave it untouched.
 
     Up to date (same spec in params.yaml, files of the recorded size): no request at all.
@@ -52,56 +47,74 @@ def fetch_dataset(cfg: Config, key: str, client: HttpClient | None = None) -> Fe
     source = get_source(ds.source_kind)
     spec = ds.source.to_dict()
     raw = cfg.raw_dir(key)
-    if _fetched_spec(raw) == spec:
+    if fetched(raw, spec) is not None:
         log.info("%s: up to date in %s", key, raw)
         return FetchResult(raw, True, 0)
-    partial = cfg.partial_dir(key)
+    ctx = fetch_context(cfg, key, http_factory)
+    partial = ctx.dest
     marker = partial / _SPEC_MARKER
-    if partial.exists() and (not marker.exists() or json.loads(marker.read_text()) != spec):
+    if partial.exists() and (not marker.is_file() or _read_json(marker) != spec):
         shutil.rmtree(partial)  # left by a fetch for other params: nothing to resume
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, spec)
-    client = client or HttpClient(key)
-    files = source.fetch(ds.source, client, partial)
-    write_json_atomic(partial / SOURCE_RECORD, {"dataset": key, "kind": ds.source_kind, "spec": spec, "files": files})
+    record: FetchRecord = source.fetch(ds.source, ctx)
+    missing = record.problems(partial)
+    if missing:
+        raise IntegrityError(key, str(partial), f"the fetch reported files it did not write: {missing[0]}",
+                             "this is a bug in the source module; please report it")
+    record.write(partial)
     marker.unlink()
     _replace_dir(partial, raw)
-    log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(files), raw, client.requests)
-    return FetchResult(raw, False, client.requests)
+    log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(record.files), raw, ctx.requests)
+    return FetchResult(raw, False, ctx.requests)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _replace_dir(new: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     old = new.with_name(new.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def plan_dataset(cfg: Config, key: str, client: HttpClient | None = None) -> list[FilePlan]:
+def plan_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None) -> list[FilePlan]:
     ds = cfg.dataset(key)
-    raw = cfg.raw_dir(key)
-    if _fetched_spec(raw) == ds.source.to_dict():
-        record = json.loads((raw / SOURCE_RECORD).read_text())
-        return [FilePlan(n, f["url"], f["size"], 0, 0, "done") for n, f in record["files"].items()]
-    return get_source(ds.source_kind).plan(ds.source, client or HttpClient(key), cfg.partial_dir(key))
+    record = fetched(cfg.raw_dir(key), ds.source.to_dict())
+    if record is not None:
+        return [FilePlan(n, f.url, f.size, 0, 0, "done") for n, f in record.files.items()]
+    return get_source(ds.source_kind).plan(ds.source, fetch_context(cfg, key, http_factory))
 
 
 def dataset_state(cfg: Config, key: str) -> dict[str, Any]:
     """What exists locally for one dataset (no network, no hashing)."""
     ds = cfg.dataset(key)
     raw, h5 = cfg.raw_dir(key), cfg.processed_path(key)
-    fetched = _fetched_spec(raw) == ds.source.to_dict()
-    raw_bytes = sum(p.stat().st_size for p in raw.iterdir() if p.is_file()) if fetched else None
+    record = fetched(raw, ds.source.to_dict())
     return {
         "dataset": key,
         "kind": ds.source_kind,
-        "fetched": fetched,
-        "raw_bytes": raw_bytes,
+        "fetched": record is not None,
+        "raw_bytes": sum(f.size for f in record.files.values()) if record else None,
         "normalized": h5.is_file() and cfg.record_path(key).is_file(),
         "h5_bytes": h5.stat().st_size if h5.is_file() else None,
     }
+
+
+def verify_raw(cfg: Config, key: str) -> list[tuple[str, str]]:
+    """Re-hash the fetched raw files against their fetch record (when they are present)."""
+    ds = cfg.dataset(key)
+    record = require_fetched(cfg.raw_dir(key), key, ds.source.to_dict(), hashes=True)
+    return [(f"raw {name} sha256", f.sha256 or "-") for name, f in sorted(record.files.items())]
 
 
 def verify_dataset(cfg: Config, key: str) -> list[tuple[str, str]]:
@@ -112,6 +125,7 @@ def verify_dataset(cfg: Config, key: str) -> list[tuple[str, str]]:
     from .io import hdf5
     from .metadata import hash_dataset
 
+    cfg.dataset(key)  # an unknown dataset is a ConfigError, not "not built"
     h5, record_path = cfg.processed_path(key), cfg.record_path(key)
     if not h5.is_file() or not record_path.is_file():
         raise NotBuiltError(f"{key}: {h5} or {record_path} is missing; run `dvc pull` or `emdata normalize {key}`")

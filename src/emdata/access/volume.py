@@ -238,7 +238,7 @@ def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike |
     """
     from ..config import KEY_PATTERN, find_root, processed_relpath
 
-    if not KEY_PATTERN.match(name):
+    if not KEY_PATTERN.fullmatch(name):
         raise ConfigError(f"dataset names match {KEY_PATTERN.pattern}; got {name!r}")
     if rev is None and repo is None:
         path = find_root() / processed_relpath(name)

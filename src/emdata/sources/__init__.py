@@ -1,36 +1,56 @@
-"""Source kinds. A kind is a module here whose file name is its ``KIND``.
+"""Source kinds: a kind is a module whose ``KIND`` names it in params.yaml (``source.kind``).
 
-Each module provides (see :mod:`emdata.sources.base` for the shared pieces):
-
-- ``KIND``: the registry key used in params.yaml (``datasets.<ds>.source.kind``);
-- ``parse_params(section) -> Params``: the typed, frozen form of ``datasets.<ds>.source``;
-- ``plan(params, client, partial) -> list[FilePlan]``: what a fetch would transfer (no download);
-- ``fetch(params, client, dest) -> dict``: write everything into ``dest``; resumable, the only
-  function that touches the network besides ``plan``;
-- ``open_volume(params, raw, dataset) -> RawVolume``: lazy ZYX view over the local raw copy;
-- ``open_labels(params, raw, dataset) -> dict[str, RawVolume]``;
-- ``read_metadata(params, raw, dataset) -> dict``: native metadata as found, JSON-safe.
-
-Adding a source is one module here, one line in ``KINDS``, and one replica in
-:mod:`emdata.testing` that runs the shared contract tests.
+The verbs every module provides are typed by :class:`emdata.sources.protocol.Source`:
+``parse_params``, ``plan``, ``fetch``, ``open_volume``, ``read_metadata`` and optionally
+``open_labels``. Built-in kinds are listed in ``KINDS``; other packages (or a test) add kinds
+through the ``emdata.sources`` entry-point group (``kind = "package.module"``), with no change
+to this package. Source modules import their heavy readers lazily.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
+ENTRY_POINT_GROUP = "emdata.sources"
 KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
 }
 
+if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
+    from . import epfl
+    from .protocol import LabelledSource
+
+    _epfl: LabelledSource = epfl
+
+
+def plugin_kinds() -> dict[str, str]:
+    """Kinds registered by installed distributions (entry points), kind -> module."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_kinds() -> dict[str, str]:
+    return {**plugin_kinds(), **KINDS}
+
 
 def get_source(kind: str, path: str = "source.kind") -> ModuleType:
     """The module implementing ``kind``; a ConfigError names the key path if there is none."""
-    if kind not in KINDS:
-        raise ConfigError(
-            f"params.yaml: {path}: unknown source kind {kind!r} (known kinds: {', '.join(sorted(KINDS))})"
-        )
-    return importlib.import_module(KINDS[kind])
+    target = KINDS.get(kind)
+    if target is None:
+        target = plugin_kinds().get(kind)
+    if target is None:
+        raise ConfigError(f"params.yaml: {path}: unknown source kind {kind!r} "
+                          f"(known kinds: {', '.join(sorted(known_kinds()))})")
+    module = importlib.import_module(target)
+    from .protocol import REQUIRED
+
+    missing = [name for name in REQUIRED if not hasattr(module, name)]
+    if missing or getattr(module, "KIND", None) != kind:
+        raise ConfigError(f"params.yaml: {path}: module {target} does not implement source kind {kind!r} "
+                          f"(missing: {', '.join(missing) or 'KIND = ' + repr(kind)})")
+    return module

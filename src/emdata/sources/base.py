@@ -1,24 +1,25 @@
-"""Pieces shared by the sources: remote file specs, fetch/plan of file lists, lazy volumes."""
+"""Helpers for sources whose data are plain files over HTTP(S): file specs, plan, fetch.
+
+Sources of other transports (S3, tensorstore) use :class:`~emdata.fetch_context.FetchContext`
+directly; the raw-volume type lives in :mod:`emdata.raw`.
+"""
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Iterable
-
-import numpy as np
 
 from ..config import Section, as_int, as_sha256, as_str
 from ..errors import ConfigError
-from ..indexing import basic_box
-from ..io.http import HttpClient, sha256_file
+from ..fetch_context import FetchContext
+from ..fetch_record import FetchedFile, safe_relpath
+from ..io.digest import sha256_file
 
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file of a dataset: where it lives and what it must be."""
+    """One file of a dataset: its path in the raw folder, where it lives, and what it must be."""
 
     name: str
     url: str
@@ -31,6 +32,8 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class FilePlan:
+    """What a fetch would do for one file (or object, or group of chunks)."""
+
     name: str
     url: str
     size: int | None
@@ -42,8 +45,9 @@ class FilePlan:
 def parse_file_spec(sec: Section, base_url: str) -> RemoteFile:
     """``{file, size?, sha256?}`` under ``base_url`` (a folder URL ending in ``/``)."""
     name = sec.required("file", as_str)
-    if "/" in name or name in {".", ".."}:
+    if "/" in name:
         raise ConfigError(f"params.yaml: {sec.path}.file: a plain file name is expected, got {name!r}")
+    safe_relpath(name, f"params.yaml: {sec.path}.file")
     spec = RemoteFile(
         name=name,
         url=urllib.parse.urljoin(base_url, urllib.parse.quote(name)),
@@ -54,93 +58,36 @@ def parse_file_spec(sec: Section, base_url: str) -> RemoteFile:
     return spec
 
 
-def plan_files(client: HttpClient, files: Iterable[RemoteFile], partial: Path) -> list[FilePlan]:
+def plan_files(ctx: FetchContext, files: Iterable[RemoteFile]) -> list[FilePlan]:
     """Sizes from params or a HEAD request, less what a resumable ``.part`` already holds."""
     plans = []
     for spec in files:
-        done = partial / spec.name
-        part = partial / (spec.name + ".part")
-        if done.exists():
+        done = ctx.dest / spec.name
+        part = ctx.dest / (spec.name + ".part")
+        if done.is_file():
             plans.append(FilePlan(spec.name, spec.url, done.stat().st_size, 0, 0, "done"))
             continue
         size, requests = spec.size, 0
         if size is None:
-            size, requests = client.head(spec.url).size, 1
-        have = part.stat().st_size if part.exists() else 0
+            size, requests = ctx.http.head(spec.url).size, 1
+        have = part.stat().st_size if part.is_file() else 0
         left = None if size is None else max(0, size - have)
         plans.append(FilePlan(spec.name, spec.url, size, left, requests + 1, "resume" if have else "new"))
     return plans
 
 
-def fetch_files(client: HttpClient, files: Iterable[RemoteFile], dest: Path) -> dict[str, Any]:
-    """Download each file into ``dest`` (skipping finished ones); return what was fetched."""
-    record = {}
+def fetch_files(ctx: FetchContext, files: Iterable[RemoteFile]) -> dict[str, FetchedFile]:
+    """Download each file into the context's folder (skipping finished ones)."""
+    fetched = {}
     for spec in files:
-        target = dest / spec.name
-        if target.exists():  # finished by an earlier, interrupted fetch
-            digest = sha256_file(target)
-        else:
-            digest = client.download(spec.url, target, size=spec.size, sha256=spec.sha256,
-                                     label=f"{client.dataset}: {spec.name}").sha256
-        record[spec.name] = {"url": spec.url, "size": target.stat().st_size, "sha256": digest}
-    return record
-
-
-class RawVolume:
-    """A lazy, read-only ZYX view over a dataset's raw files.
-
-    Subclasses set ``shape``/``dtype`` and implement ``read(z0, z1)``, which returns the full
-    YX extent of sections ``z0:z1``. Slicing with unit steps is provided on top of it.
-    """
-
-    shape: tuple[int, int, int]
-    dtype: np.dtype
-
-    def read(self, z0: int, z1: int) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "RawVolume":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        """numpy-style basic indexing (integers, unit-step slices, Ellipsis) in voxels."""
-        start, stop, squeeze = basic_box(index, self.shape, getattr(self, "dataset", "volume"))
-        z0, z1 = start[0], stop[0]
-        data = self.read(z0, z1)[:, start[1]:stop[1], start[2]:stop[2]]
-        return data.squeeze(axis=squeeze) if squeeze else data
-
-
-def json_safe(value: Any) -> Any:
-    """Round-trip through JSON with numpy scalars and bytes made plain."""
-
-    def default(obj: Any) -> Any:
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        if isinstance(obj, bytes):
-            return obj.decode("utf-8", "replace")
-        return str(obj)
-
-    return json.loads(json.dumps(value, default=default))
-
-
-class ArrayVolume(RawVolume):
-    """An in-memory array as a RawVolume (tests, replicas, small derived volumes)."""
-
-    def __init__(self, array: np.ndarray, dataset: str = "array") -> None:
-        if array.ndim != 3:
-            raise ConfigError(f"{dataset}: a 3D array is expected, got shape {array.shape}")
-        self.array = array
-        self.dataset = dataset
-        self.shape = tuple(array.shape)
-        self.dtype = array.dtype
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        return np.ascontiguousarray(self.array[z0:z1])
+        target = ctx.path(spec.name)
+        if target.is_file():  # finished by an earlier, interrupted fetch: check it, keep it
+            size, digest = target.stat().st_size, sha256_file(target)
+            if (spec.size is not None and size != spec.size) or (spec.sha256 and digest != spec.sha256):
+                target.unlink()
+        if not target.is_file():
+            got = ctx.http.download(spec.url, target, size=spec.size, sha256=spec.sha256,
+                                    label=f"{ctx.dataset}: {spec.name}")
+            size, digest = got.size, got.sha256
+        fetched[spec.name] = FetchedFile(spec.url, size, digest)
+    return fetched

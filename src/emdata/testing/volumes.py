@@ -57,7 +57,7 @@ def write_canonical(path: Path, raw: np.ndarray, *, labels: dict[str, np.ndarray
 
     from ..io import hdf5
     from ..normalize import write_volume
-    from ..sources.base import ArrayVolume
+    from ..raw import ArrayVolume
 
     path.parent.mkdir(parents=True, exist_ok=True)
     common = dict(chunks=chunks, compression=compression, level=3, attrs=hdf5.spatial_attrs(resolution, offset))

@@ -1,0 +1,104 @@
+"""Which code decides a dataset's bytes, as small committed files that dvc.yaml depends on.
+
+DVC cannot give each ``foreach`` item its own list of dependencies (a list cannot be
+interpolated), so each source kind gets two fingerprint files, ``pipeline/code/<kind>-fetch.json``
+and ``pipeline/code/<kind>-normalize.json``, listing the sha256 of every module that decides the
+bytes of that stage's outputs. ``fetch@<ds>`` and ``normalize@<ds>`` depend on their kind's file;
+a change to that code changes the file and re-runs exactly the stages it affects, while a change
+elsewhere (CLI, access layer, HTTP transport, another kind's reader) re-runs nothing.
+
+- normalize: the source module, the readers it declares (``READERS``), and the shared writer
+  (normalize, tiles, stats, kernels, raw, geometry, io/hdf5, metadata).
+- fetch: the source module and the fetch record; plus its readers when the source decodes
+  while fetching (``DECODES_ON_FETCH = True``, e.g. a precomputed crop).
+
+``python -m emdata code-deps --write`` rewrites the files; a test and ``emdata check`` fail when
+they are stale, so a reader change cannot slip past DVC.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .io.digest import sha256_file
+
+FOLDER = Path("pipeline") / "code"
+STAGES = ("fetch", "normalize")
+NORMALIZE_CODE = ("emdata.normalize", "emdata.tiles", "emdata.stats", "emdata.kernels", "emdata.raw",
+                  "emdata.geometry", "emdata.io.hdf5", "emdata.metadata")
+FETCH_CODE = ("emdata.fetch_record",)
+
+
+def _module_file(name: str) -> Path:
+    spec = importlib.util.find_spec(name)  # type: ignore[attr-defined]
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(name)
+    return Path(spec.origin)
+
+
+def modules_for(kind: str, stage: str) -> list[str]:
+    """The modules whose code decides the outputs of ``stage`` for source ``kind``."""
+    from .sources import get_source
+
+    source = get_source(kind)
+    readers = tuple(getattr(source, "READERS", ()))
+    if stage == "normalize":
+        names = (source.__name__, *readers, *NORMALIZE_CODE)
+    elif stage == "fetch":
+        names = (source.__name__, *FETCH_CODE, *(readers if getattr(source, "DECODES_ON_FETCH", False) else ()))
+    else:
+        raise ValueError(stage)
+    return sorted(set(names))
+
+
+def _display(path: Path, root: Path) -> str:
+    """A stable name for a module file: relative to the repository when inside it."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def fingerprint(kind: str, stage: str, root: Path) -> dict[str, Any]:
+    files = {}
+    for name in modules_for(kind, stage):
+        path = _module_file(name)
+        files[_display(path, root)] = sha256_file(path)
+    return {"kind": kind, "stage": stage, "modules": dict(sorted(files.items()))}
+
+
+def path_for(root: Path, kind: str, stage: str) -> Path:
+    return root / FOLDER / f"{kind}-{stage}.json"
+
+
+def _text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+
+def stale(root: Path, kinds: set[str]) -> list[str]:
+    """Fingerprint files that are missing or no longer match the code (relative paths)."""
+    out = []
+    for kind in sorted(kinds):
+        for stage in STAGES:
+            path = path_for(root, kind, stage)
+            if not path.is_file() or path.read_text() != _text(fingerprint(kind, stage, root)):
+                out.append(str(path.relative_to(root)))
+    return out
+
+
+def write(root: Path, kinds: set[str]) -> list[Path]:
+    """(Re)write the fingerprint files of ``kinds``; return the ones whose content changed."""
+    from .io.atomic import write_bytes_atomic
+
+    changed = []
+    for kind in sorted(kinds):
+        for stage in STAGES:
+            path = path_for(root, kind, stage)
+            text = _text(fingerprint(kind, stage, root))
+            if not path.is_file() or path.read_text() != text:
+                write_bytes_atomic(path, text.encode())
+                changed.append(path)
+    return changed

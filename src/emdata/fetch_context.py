@@ -1,0 +1,134 @@
+"""What ``plan`` and ``fetch`` of every source receive: one transport-neutral fetch context.
+
+It carries the dataset, the folder to write into (``data/raw/.partial/<ds>/``, kept across
+interruptions so the next run resumes), the retry policy, and lazily built transports: an HTTP
+client (:mod:`emdata.io.http`), an anonymous S3 filesystem (s3fs, as DVC itself uses), and the
+bounded-retry context for tensorstore. Work on many files or chunks goes through :meth:`map`, a
+bounded worker pool. Nothing here knows a source: a source asks for the transport it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+from .errors import FetchError
+from .fetch_record import FetchedFile, FetchRecord, safe_relpath
+from .progress import Progress
+
+if TYPE_CHECKING:  # imported lazily: plan/fetch of an S3 source never loads requests, and vice versa
+    from .io.http import HttpClient, RetryPolicy
+
+T = TypeVar("T")
+R = TypeVar("R")
+DEFAULT_WORKERS = 4
+
+
+@dataclass
+class FetchContext:
+    dataset: str
+    kind: str
+    spec: dict[str, Any]
+    dest: Path  # where fetch writes: the partial folder, renamed into data/raw/<ds> when complete
+    policy: "RetryPolicy | None" = None
+    workers: int = DEFAULT_WORKERS
+    http_factory: Callable[[], "HttpClient"] | None = None  # tests inject fast-retry clients here
+    _http: "HttpClient | None" = field(default=None, repr=False)
+
+    # -- transports ---------------------------------------------------------------------------
+
+    @property
+    def http(self) -> "HttpClient":
+        """The dataset's HTTP client (one session, one retry policy), built on first use."""
+        if self._http is None:
+            if self.http_factory is not None:
+                self._http = self.http_factory()
+            else:
+                from .io.http import HttpClient, RetryPolicy
+
+                self._http = HttpClient(self.dataset, policy=self.policy or RetryPolicy())
+        return self._http
+
+    @property
+    def requests(self) -> int:
+        """Requests sent so far through the HTTP client (0 if none was built)."""
+        return self._http.requests if self._http is not None else 0
+
+    def s3(self, *, endpoint_url: str | None = None, region: str | None = None) -> Any:
+        """An anonymous (unsigned) s3fs filesystem with bounded retries and timeouts."""
+        try:
+            import s3fs
+        except ImportError as exc:  # pragma: no cover - s3fs comes with dvc-s3
+            raise FetchError(self.dataset, endpoint_url or "s3", "s3fs is not installed",
+                             "pip install s3fs (it comes with dvc-s3)") from exc
+        from .io.http import RetryPolicy
+
+        policy = self.policy or RetryPolicy()
+        client_kwargs: dict[str, Any] = {}
+        if region:
+            client_kwargs["region_name"] = region
+        if endpoint_url:
+            client_kwargs["endpoint_url"] = endpoint_url
+        config = {"retries": {"max_attempts": policy.attempts, "mode": "standard"},
+                  "connect_timeout": policy.connect_timeout, "read_timeout": policy.read_timeout}
+        return s3fs.S3FileSystem(anon=True, client_kwargs=client_kwargs, config_kwargs=config,
+                                 skip_instance_cache=True)
+
+    def tensorstore_context(self) -> dict[str, Any]:
+        """A tensorstore ``context`` with bounded HTTP and S3 retries (unbounded ones hang for minutes)."""
+        from .io.http import RetryPolicy
+
+        policy = self.policy or RetryPolicy()
+        retries = {"max_retries": max(0, policy.attempts - 1), "initial_delay": f"{policy.base_delay}s",
+                   "max_delay": f"{policy.max_delay}s"}
+        return {"http_request_retries": retries, "s3_request_retries": retries}
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def path(self, relpath: str) -> Path:
+        """Where a file of this dataset goes; the folder is created, symlinks are refused."""
+        name = safe_relpath(relpath, f"{self.dataset}: file name")
+        target = self.dest / name
+        parent = target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for folder in (parent, *parent.relative_to(self.dest).parents):
+            if (self.dest / folder).is_symlink():
+                raise FetchError(self.dataset, str(self.dest / folder), "is a symbolic link",
+                                 f"remove it; emdata writes only real folders under data/raw/.partial/{self.dataset}")
+        if target.is_symlink():
+            raise FetchError(self.dataset, str(target), "is a symbolic link",
+                             "remove it; emdata never writes through links it did not create")
+        return target
+
+    def record(self, files: dict[str, FetchedFile], extra: dict[str, Any] | None = None) -> FetchRecord:
+        """The fetch record a source returns from ``fetch``."""
+        return FetchRecord(self.dataset, self.kind, self.spec, {safe_relpath(k): v for k, v in files.items()},
+                           extra or {})
+
+    # -- work ----------------------------------------------------------------------------------
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``fn`` over ``items`` on at most ``workers`` threads, results in order; the first error wins."""
+        items = list(items)
+        if self.workers <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="emdata-fetch") as pool:
+            return list(pool.map(fn, items))
+
+    def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
+        return Progress(total, f"{self.dataset}: {desc}", unit=unit)
+
+
+def workers_from_env(default: int = DEFAULT_WORKERS) -> int:
+    """``EMDATA_FETCH_WORKERS`` (1-64), or the default."""
+    value = os.environ.get("EMDATA_FETCH_WORKERS")
+    if not value:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        from .errors import ConfigError
+
+        raise ConfigError(f"EMDATA_FETCH_WORKERS={value!r}: expected an integer from 1 to 64")
+    return int(value)

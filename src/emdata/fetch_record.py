@@ -1,0 +1,121 @@
+"""``data/raw/<ds>/source.json``: what a fetch wrote, and the one definition of "fetched".
+
+A raw folder is fetched for the current params when its record holds the same source spec as
+params.yaml and every recorded file is present with its recorded size (and, when asked, its
+recorded sha256). ``fetch``, ``plan``, ``normalize``, ``verify`` and ``list`` all ask here.
+Files are keyed by their path relative to the raw folder (``a/b.tif``, zarr chunk keys).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, IntegrityError, NotBuiltError
+from .io.atomic import write_json_atomic
+from .io.digest import sha256_file
+
+RECORD_NAME = "source.json"
+RESERVED = frozenset({RECORD_NAME, ".spec.json"})
+
+
+def safe_relpath(name: str, where: str = "file name") -> str:
+    """A relative POSIX path that stays inside its folder (no absolute, ``..``, empty or reserved parts)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or "\n" in name:
+        raise ConfigError(f"{where}: {name!r} is not a usable relative path")
+    norm = posixpath.normpath(name)
+    if norm.startswith("/") or norm == "." or norm.split("/")[0] == ".." or norm != name or norm in RESERVED:
+        raise ConfigError(f"{where}: {name!r} must be a plain relative path inside the dataset folder "
+                          f"(not {', '.join(sorted(RESERVED))})")
+    return norm
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    """One file of a raw folder: where it came from and what it must be."""
+
+    url: str
+    size: int
+    sha256: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class FetchRecord:
+    dataset: str
+    kind: str
+    spec: dict[str, Any]
+    files: dict[str, FetchedFile] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # source-specific facts (API answers, ROI, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"dataset": self.dataset, "kind": self.kind, "spec": self.spec,
+               "files": {name: f.to_dict() for name, f in sorted(self.files.items())}}
+        if self.extra:
+            out["extra"] = self.extra
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "FetchRecord":
+        files = {safe_relpath(name): FetchedFile(str(f["url"]), int(f["size"]), f.get("sha256"))
+                 for name, f in data["files"].items()}
+        return cls(str(data["dataset"]), str(data["kind"]), data["spec"], files, data.get("extra") or {})
+
+    def write(self, folder: Path) -> None:
+        write_json_atomic(folder / RECORD_NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, folder: Path) -> "FetchRecord | None":
+        """The record of ``folder``, or None when it is missing or damaged."""
+        try:
+            return cls.from_dict(json.loads((folder / RECORD_NAME).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError):
+            return None
+
+    def problems(self, folder: Path, *, hashes: bool = False) -> list[str]:
+        """What is wrong with the files on disk: missing, other size, other sha256 (if ``hashes``)."""
+        found = []
+        for name, info in sorted(self.files.items()):
+            path = folder / name
+            try:
+                if path.is_symlink() or not path.is_file():
+                    found.append(f"{name} is missing")
+                    continue
+                size = path.stat().st_size
+            except OSError as exc:
+                found.append(f"{name} cannot be read ({exc.strerror})")
+                continue
+            if size != info.size:
+                found.append(f"{name} has {size} bytes, the fetch recorded {info.size}")
+            elif hashes and info.sha256 and sha256_file(path) != info.sha256:
+                found.append(f"{name} does not match its recorded sha256")
+        return found
+
+
+def fetched(folder: Path, spec: dict[str, Any], *, hashes: bool = False) -> FetchRecord | None:
+    """The record when ``folder`` is a complete fetch of ``spec``, else None (the one definition)."""
+    record = FetchRecord.load(folder)
+    if record is None or record.spec != spec or record.problems(folder, hashes=hashes):
+        return None
+    return record
+
+
+def require_fetched(folder: Path, key: str, spec: dict[str, Any], *, hashes: bool = False) -> FetchRecord:
+    """Like :func:`fetched`, but says what to run when the folder is not a complete fetch of ``spec``."""
+    record = FetchRecord.load(folder)
+    if record is None:
+        raise NotBuiltError(f"{key}: not fetched yet ({folder / RECORD_NAME} is missing or damaged); "
+                            f"run `emdata fetch {key}` or `dvc pull data/raw/{key}`")
+    if record.spec != spec:
+        raise NotBuiltError(f"{key}: {folder} was fetched with other source params than params.yaml has now; "
+                            f"run `emdata fetch {key}` (or `dvc repro fetch@{key}`)")
+    problems = record.problems(folder, hashes=hashes)
+    if problems:
+        raise IntegrityError(key, str(folder), "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+                             f"run `emdata fetch {key}` to fetch it again, or `dvc checkout data/raw/{key}`")
+    return record

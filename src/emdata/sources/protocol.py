@@ -1,0 +1,52 @@
+"""The typed contract of a source module (checked by mypy in CI; see docs/architecture.md).
+
+A source kind is a module, not a class: its functions are the verbs below, its ``Params`` a
+frozen dataclass. mypy checks each built-in module against :class:`Source` (sources/__init__.py
+assigns the module to a ``Source``-typed name under TYPE_CHECKING); plug-in kinds registered
+through the ``emdata.sources`` entry-point group are checked at import by ``get_source``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..config import Section
+from ..fetch_context import FetchContext
+from ..fetch_record import FetchRecord
+from ..raw import RawVolume
+from .base import FilePlan
+
+
+class SourceParams(Protocol):
+    """The typed form of ``datasets.<ds>.source``; ``to_dict()`` is the spec a fetch records."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Source(Protocol):
+    KIND: str
+
+    def parse_params(self, sec: Section) -> Any:
+        """``datasets.<ds>.source`` -> the kind's frozen Params (a :class:`SourceParams`); no network."""
+
+    def plan(self, params: Any, ctx: FetchContext) -> list[FilePlan]:
+        """What a fetch would transfer (files or objects, bytes, requests); metadata requests only."""
+
+    def fetch(self, params: Any, ctx: FetchContext) -> FetchRecord:
+        """Write everything into ``ctx.dest``; resumable; returns ``ctx.record(files, extra)``."""
+
+    def open_volume(self, params: Any, raw: Path, dataset: str) -> RawVolume:
+        """A lazy ZYX view of the fetched data (geometry reported where the format has it); no network."""
+
+    def read_metadata(self, params: Any, raw: Path, dataset: str) -> dict[str, Any]:
+        """Native metadata as found (tags, attributes, API answers), JSON-safe; no network."""
+
+
+class LabelledSource(Source, Protocol):
+    """A source that also has label volumes on the image's grid (``open_labels`` is optional)."""
+
+    def open_labels(self, params: Any, raw: Path, dataset: str) -> dict[str, RawVolume]: ...
+
+
+REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")

@@ -1,0 +1,74 @@
+"""Replicas by source kind: what the demo, the DVC tests and the contract tests iterate.
+
+A replica stands up loopback servers that speak a real service's protocol and serve small
+generated data. Built-in replicas are listed in ``REPLICAS``; other packages (or a test) add
+theirs through the ``emdata.replicas`` entry-point group (``kind = "module:attribute"``), so a
+new source is one source module plus one replica, with no per-kind branch anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import EmdataError
+
+ENTRY_POINT_GROUP = "emdata.replicas"
+REPLICAS: dict[str, str] = {
+    "epfl": "emdata.testing.epfl:REPLICA",
+}
+
+
+@dataclass
+class ReplicaCase:
+    """One dataset served by a running replica, and what normalize must make of it."""
+
+    key: str
+    dataset: dict[str, Any]  # a params.yaml ``datasets`` entry pointing at the replica
+    expected: dict[str, np.ndarray]  # "raw" and "labels/<name>" -> voxels (ZYX)
+    voxel_size_nm: tuple[float, float, float]  # what the HDF5 must record
+    offset_nm: tuple[float, float, float]
+    fault_path: str | None = None  # the largest file's URL path or object key, for fault injection
+    files: dict[str, str] = field(default_factory=dict)  # raw-folder relpath -> URL path (or key)
+
+
+class RunningReplica(Protocol):
+    server: Any  # the transport's server: request log and fault injection (e.g. ReplicaServer)
+
+    def cases(self) -> list[ReplicaCase]:
+        """Datasets this replica serves, small enough for tests."""
+
+    def point(self, key: str, dataset: dict[str, Any]) -> dict[str, Any]:
+        """A real params.yaml entry rewritten to this replica (pins it cannot honour dropped)."""
+
+
+class Replica(Protocol):
+    kind: str
+    transport: str  # "http" or "s3": which transport mixin of the contract applies
+
+    def start(self, root: Path, *, coordinate: bool = True) -> AbstractContextManager[RunningReplica]:
+        """Write the data under ``root`` and serve it until the context exits."""
+
+
+def replica_targets() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    return {**{ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}, **REPLICAS}
+
+
+def registered_kinds() -> list[str]:
+    return sorted(replica_targets())
+
+
+def replica_for(kind: str) -> Replica:
+    target = replica_targets().get(kind)
+    if target is None:
+        raise EmdataError(f"no replica is registered for source kind {kind!r} "
+                          f"(registered: {', '.join(registered_kinds())})")
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr or "REPLICA")
