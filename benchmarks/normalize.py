@@ -1,26 +1,50 @@
-"""Streaming `emdata normalize` versus a naive converter, on a generated EM-like TIFF.
+"""`emdata normalize` versus a naive converter and a bare chunked HDF5 write, on generated EM-like TIFFs.
 
-Both run as separate processes on the same warm-cache TIFF and write the same layout (64^3 chunks,
-no compression). The naive converter is what many loaders do: ``tifffile.imread`` of the whole
-volume, then one ``h5py`` write. ``emdata normalize`` does more work (voxel sha256, exact
-statistics, file sha256 and the metadata record) in one slab of memory at a time.
+Speed mode (default). Three converters run as separate processes on the same warm-cache TIFF and
+write the same layout (64^3 chunks, no compression):
 
-    python benchmarks/normalize.py --gib 1.0 --repeat 2
+* ``emdata normalize``: the CLI, as ``dvc repro`` runs it. Besides the HDF5 it computes the voxel
+  sha256, exact statistics, checks the file, renames it, and writes the metadata record (which
+  reads the whole HDF5 again for its file sha256).
+* naive: what many loaders do, ``tifffile.imread`` of the whole volume, then one ``h5py`` write.
+* bare: the floor of a streaming converter, the TIFF read 64 pages at a time
+  (``TiffFile.asarray(key=range(z0, z1))``) and each slab written into a 64^3-chunked dataset;
+  no hashes, no statistics, no record.
 
-Prints MB/s and peak RSS of each, and their ratios, measured in this one run.
+Runs alternate (the order rotates each round) and the best of ``--repeat`` counts::
+
+    python benchmarks/normalize.py --gib 1 --repeat 3
+
+Memory mode checks that normalize's peak RSS stays under its memory budget + 200 MB on volumes
+whose 64-deep slab does not fit the budget (16 x 5500 x 5496 and 512 x 2048 x 2048 uint8), and
+verifies each output: the record's shape, and its ``array_sha256`` against a sha256 computed
+here over the TIFF pages in order::
+
+    python benchmarks/normalize.py --memory
+
+Every TIFF is generated page by page (the generator holds one band of rows, not the volume) and
+kept in ``--workdir`` for the next run. A warm-up normalize (it compiles the numba histogram
+kernel once; it is cached afterwards) runs before anything is timed. Peak RSS is the child's
+``ru_maxrss`` from ``os.wait4``; CPU is its user + system time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+MIB = 1 << 20
+SLACK = 200_000_000  # memory mode: peak RSS must stay below budget + 200 MB
+MEMORY_VOLUMES = ((16, 5500, 5496), (512, 2048, 2048))
 
 NAIVE = """
 import sys, h5py, tifffile
@@ -29,91 +53,265 @@ with h5py.File(sys.argv[2], "w") as f:
     f.create_dataset("raw", data=volume, chunks=(64, 64, 64))
 """
 
+BARE = """
+import sys, h5py, tifffile
+with tifffile.TiffFile(sys.argv[1]) as tif, h5py.File(sys.argv[2], "w") as f:
+    first = tif.pages.first
+    depth = len(tif.pages)
+    chunks = tuple(min(64, n) for n in (depth, *first.shape))
+    dset = f.create_dataset("raw", shape=(depth, *first.shape), dtype=first.dtype, chunks=chunks)
+    for z0 in range(0, depth, 64):
+        z1 = min(depth, z0 + 64)
+        dset[z0:z1] = tif.asarray(key=range(z0, z1))
+"""
 
-def make_tiff(path: Path, pages: int, side: int) -> None:
-    """EM-like uint8 pages: smooth structure plus noise, written page by page."""
+
+# --- data and project ---------------------------------------------------------------------------
+
+
+def make_tiff(path: Path, shape: tuple[int, int, int], band: int = 1024) -> None:
+    """EM-like uint8 pages: smooth structure plus noise, written page by page, in bands of rows."""
     import tifffile
 
+    pages, height, width = shape
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    with tifffile.TiffWriter(path) as writer:
+    xx = np.arange(width)[None, :] / width
+    tmp = path.with_name(path.name + ".part")
+    with tifffile.TiffWriter(tmp, bigtiff=np.prod(shape, dtype=np.int64) > 2**32 - 2**26) as writer:
         for z in range(pages):
-            base = 128 + 60 * np.sin(12 * xx + z / 40) * np.cos(9 * yy - z / 55)
-            page = np.clip(base + rng.normal(0, 25, (side, side)), 0, 255).astype(np.uint8)
+            page = np.empty((height, width), np.uint8)
+            across = np.sin(12 * xx + z / 40)
+            for y0 in range(0, height, band):
+                y1 = min(height, y0 + band)
+                yy = np.arange(y0, y1)[:, None] / height
+                base = 128 + 60 * across * np.cos(9 * yy - z / 55)
+                page[y0:y1] = np.clip(base + rng.normal(0, 25, (y1 - y0, width)), 0, 255)
             writer.write(page, contiguous=True, photometric="minisblack")
+    tmp.rename(path)
 
 
-def make_project(root: Path, tiff: Path, side: int) -> None:
+def tiff_for(work: Path, shape: tuple[int, int, int]) -> Path:
+    tiff = work / f"em_{shape[0]}x{shape[1]}x{shape[2]}.tif"
+    if not tiff.exists():
+        print(f"generating {tiff.name} ...", flush=True)
+        started = time.perf_counter()
+        make_tiff(tiff, shape)
+        print(f"  {tiff.stat().st_size / 2**30:.2f} GiB in {time.perf_counter() - started:.0f} s", flush=True)
+    return tiff
+
+
+def pages_sha256(tiff: Path) -> str:
+    """sha256 of the TIFF's voxels, page by page in file order, little-endian C order."""
+    import tifffile
+
+    digest = hashlib.sha256()
+    with tifffile.TiffFile(tiff) as tif:
+        for page in tif.pages:
+            data = page.asarray()
+            digest.update(np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).data)
+    return digest.hexdigest()
+
+
+def make_project(root: Path, tiff: Path, budget_mb: int | None = None) -> None:
+    """A one-dataset project whose raw folder is ``tiff``, with a fetch record built by the package."""
     import yaml
+    from emdata.config import load_config
+    from emdata.fetch_record import FetchedFile, FetchRecord
 
-    spec = {"kind": "epfl", "base_url": "https://example.invalid/bench/", "image": {"file": "volume.tif"}}
-    params = {"normalize": {"chunks": [64, 64, 64], "compression": "none"},
-              "datasets": {"bench": {"title": "benchmark volume", "license": "-", "citation": "-", "modality": "FIB-SEM",
-                                     "voxel_size_nm": [5, 5, 5], "source": spec}}}
+    root.mkdir(parents=True, exist_ok=True)
+    normalize = {"chunks": [64, 64, 64], "compression": "none"}
+    if budget_mb is not None:
+        normalize["memory_budget_mb"] = budget_mb
+    source = {"kind": "epfl", "base_url": "https://example.invalid/bench/", "image": {"file": "volume.tif"}}
+    params = {"normalize": normalize,
+              "datasets": {"bench": {"title": "benchmark volume", "license": "-", "citation": "-",
+                                     "modality": "FIB-SEM", "voxel_size_nm": [5, 5, 5], "offset_nm": [0, 0, 0],
+                                     "source": source}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    raw = root / "data" / "raw" / "bench"
+    cfg = load_config(root)
+    spec = cfg.dataset("bench").source
+    raw = cfg.raw_dir("bench")
     raw.mkdir(parents=True, exist_ok=True)
-    target = raw / "volume.tif"
+    target = raw / spec.image.name
     target.unlink(missing_ok=True)  # always the TIFF of this run, never one left from another size
     os.link(tiff, target)
-    spec_full = {"kind": "epfl", "base_url": spec["base_url"], "labels": {},
-                 "image": {"name": "volume.tif", "url": spec["base_url"] + "volume.tif", "size": None, "sha256": None}}
-    record = {"dataset": "bench", "kind": "epfl", "spec": spec_full,
-              "files": {"volume.tif": {"url": spec["base_url"] + "volume.tif", "size": tiff.stat().st_size}}}
-    (raw / "source.json").write_text(json.dumps(record))
+    files = {spec.image.name: FetchedFile(url=spec.image.url, size=target.stat().st_size, sha256=None)}
+    FetchRecord(dataset="bench", kind=cfg.dataset("bench").source_kind, spec=spec.to_dict(), files=files).write(raw)
 
 
-def run(cmd: list[str], cwd: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+# --- running ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    seconds: float
+    rss: int  # peak resident set, bytes
+    cpu: float  # user + system seconds
+
+
+def run(cmd: list[str], cwd: Path) -> Run:
+    """Wall seconds, peak RSS and CPU seconds of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
     if status != 0:
-        raise SystemExit(f"{cmd} failed: {proc.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024
+        raise SystemExit(f"{cmd} failed: {err[-2000:]}")
+    return Run(seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
+
+
+def normalize_cmd() -> list[str]:
+    return [sys.executable, "-m", "emdata", "-q", "normalize", "bench"]
+
+
+def normalize_and_verify(project: Path, shape: tuple[int, ...], expected_sha: str | None) -> Run:
+    """One normalize run from no output; then the record must have the shape and the voxel sha256."""
+    for out in (project / "data" / "processed" / "bench.h5", project / "data" / "metadata" / "bench.json"):
+        out.unlink(missing_ok=True)
+    result = run(normalize_cmd(), project)
+    record = json.loads((project / "data" / "metadata" / "bench.json").read_text())
+    if record["shape"] != list(shape):
+        raise SystemExit(f"normalized the wrong volume: record shape {record['shape']}, volume {list(shape)}")
+    if expected_sha is not None and record["array_sha256"] != expected_sha:
+        raise SystemExit(f"array_sha256 {record['array_sha256']} != sha256 of the TIFF pages {expected_sha}")
+    return result
+
+
+def warm(path: Path) -> None:
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # into the page cache
+
+
+def warm_up(work: Path) -> None:
+    """One small normalize, so the numba kernel is compiled (and cached) before anything is timed."""
+    shape = (64, 256, 256)
+    tiff = tiff_for(work, shape)
+    project = work / "project_warmup"
+    make_project(project, tiff)
+    started = time.perf_counter()
+    normalize_and_verify(project, shape, pages_sha256(tiff))
+    print(f"warm-up normalize (numba compile or cache load): {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def code_state() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "src"], capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "code: unknown (no git)"
+    return f"code: {head}" + (f" + {len(dirty)} uncommitted change(s) under src/" if dirty else " (src clean)")
+
+
+def line(name: str, nbytes: int, r: Run) -> str:
+    return (f"{name:<18} {nbytes / r.seconds / 1e6:7.0f} MB/s {r.seconds:7.2f} s  peak RSS {r.rss / MIB:6.0f} MiB"
+            f"  CPU {r.cpu:6.2f} s ({r.cpu / r.seconds:.2f} cores)")
+
+
+# --- the two modes ------------------------------------------------------------------------------
+
+
+def speed(args: argparse.Namespace, work: Path) -> None:
+    pages = max(64, round(args.gib * 2**30 / args.side**2))
+    shape = (pages, args.side, args.side)
+    nbytes = int(np.prod(shape))
+    tiff = tiff_for(work, shape)
+    project = work / f"project_{pages}x{args.side}"
+    make_project(project, tiff, args.budget_mb)
+    warm(tiff)
+    warm_up(work)
+    expected = pages_sha256(tiff)
+    normalize_and_verify(project, shape, expected)  # the layout is right before it is timed
+    converters = {
+        "emdata normalize": (normalize_cmd(), project, project / "data" / "processed" / "bench.h5"),
+        "naive": ([sys.executable, "-c", NAIVE, str(tiff), str(work / "naive.h5")], work, work / "naive.h5"),
+        "bare chunked": ([sys.executable, "-c", BARE, str(tiff), str(work / "bare.h5")], work, work / "bare.h5"),
+    }
+    names = list(converters)
+    results: dict[str, list[Run]] = {name: [] for name in names}
+    print(f"volume: {pages} x {args.side} x {args.side} uint8 = {nbytes / 2**30:.2f} GiB; {code_state()}")
+    for k in range(args.repeat):  # alternate, so all see the same machine state; rotate the order
+        for name in names[k % 3:] + names[:k % 3]:
+            cmd, cwd, out = converters[name]
+            out.unlink(missing_ok=True)  # as `dvc repro` does: no old output to replace
+            results[name].append(run(cmd, cwd))
+            print(f"  run {k + 1}: {line(name, nbytes, results[name][-1])}", flush=True)
+    best = {name: min(runs, key=lambda r: r.seconds) for name, runs in results.items()}
+    peak = {name: max(r.rss for r in runs) for name, runs in results.items()}
+    print(f"best of {args.repeat} (peak RSS: the highest of the runs):")
+    for name in names:
+        print("  " + line(name, nbytes, Run(best[name].seconds, peak[name], best[name].cpu)))
+    e, n, b = (best[name].seconds for name in names)
+    print(f"normalize / naive: {n / e:.2f}x the MB/s (target >= 1.2x: {'met' if n / e >= 1.2 else 'MISSED'}), "
+          f"{peak[names[0]] / peak[names[1]]:.2f}x the peak RSS")
+    print(f"normalize / bare:  {b / e:.2f}x the MB/s (target >= 0.8x: {'met' if b / e >= 0.8 else 'MISSED'}); "
+          f"normalize takes {e - b:+.2f} s more than the bare write")
+    for out in (work / "naive.h5", work / "bare.h5"):
+        out.unlink(missing_ok=True)
+
+
+def memory(args: argparse.Namespace, work: Path) -> None:
+    from emdata.config import load_config
+    from emdata.io.hdf5 import chunk_shape
+    from emdata.tiles import plan_tiles
+
+    warm_up(work)
+    print(code_state())
+    header = (f"{'volume (uint8)':<18} {'budget':>7} {'plan':<34} {'peak RSS':>9} {'RSS-budget':>10} "
+              f"{'MB/s':>6} {'verified':<9} under budget + 200 MB")
+    rows = []
+    failed = False
+    for shape in MEMORY_VOLUMES:
+        nbytes = int(np.prod(shape))
+        tiff = tiff_for(work, shape)
+        project = work / f"project_{'x'.join(map(str, shape))}"
+        make_project(project, tiff, args.budget_mb)
+        cfg = load_config(project)
+        budget = cfg.normalize.memory_budget
+        plan = plan_tiles(shape, chunk_shape(cfg.normalize.chunks, shape), 1, budget)
+        mode = "one pass, slabs" if plan.one_pass else f"tiled two-pass, {len(plan.hash_boxes or [])} hash boxes"
+        mode = f"{len(plan.tiles)} x {plan.tile_bytes / MIB:.0f} MiB tiles, {mode}"
+        expected = pages_sha256(tiff)
+        warm(tiff)
+        runs = [normalize_and_verify(project, shape, expected) for _ in range(args.repeat)]
+        fastest = min(runs, key=lambda r: r.seconds)
+        rss = max(r.rss for r in runs)
+        ok = rss < budget + SLACK
+        failed |= not ok
+        for r in runs:
+            print(f"  {'x'.join(map(str, shape))}: {line('emdata normalize', nbytes, r)}", flush=True)
+        rows.append(f"{' x '.join(map(str, shape)):<18} {budget / MIB:4.0f} MiB {mode:<34} {rss / MIB:5.0f} MiB "
+                    f"{(rss - budget) / MIB:+6.0f} MiB {nbytes / fastest.seconds / 1e6:6.0f} {'yes':<9} "
+                    f"{'yes' if ok else 'NO'} (limit {(budget + SLACK) / MIB:.0f} MiB)")
+        (project / "data" / "processed" / "bench.h5").unlink(missing_ok=True)
+    print(f"memory mode, best of {args.repeat} (verified: record shape = volume shape and array_sha256 = "
+          "sha256 of the TIFF pages in order)")
+    print(header)
+    for row in rows:
+        print(row)
+    if failed:
+        raise SystemExit("peak RSS exceeded budget + 200 MB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gib", type=float, default=1.0, help="volume size in GiB (default 1.0)")
-    parser.add_argument("--side", type=int, default=1024, help="page width and height (default 1024)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each converter; the best is kept")
-    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/.work"))
+    parser.add_argument("--gib", type=float, default=1.0, help="speed mode: volume size in GiB (default 1.0)")
+    parser.add_argument("--side", type=int, default=1024, help="speed mode: page width and height (default 1024)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="runs of each converter, the best counts (default 3; 1 in memory mode)")
+    parser.add_argument("--memory", action="store_true",
+                        help="check peak RSS under the memory budget on 16x5500x5496 and 512x2048x2048 volumes")
+    parser.add_argument("--budget-mb", type=int, default=None,
+                        help="normalize.memory_budget_mb in the generated params.yaml (default: emdata's, 256)")
+    parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent / ".work")
     args = parser.parse_args()
-    pages = max(64, round(args.gib * 2**30 / args.side**2))
+    args.repeat = args.repeat or (1 if args.memory else 3)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    tiff = work / f"em_{pages}x{args.side}x{args.side}.tif"
-    if not tiff.exists():
-        print(f"generating {tiff} ...", flush=True)
-        make_tiff(tiff, pages, args.side)
-    project = work / f"project_{pages}x{args.side}"
-    project.mkdir(exist_ok=True)
-    make_project(project, tiff, args.side)
-    subprocess.run(["cat", str(tiff)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-    nbytes = pages * args.side**2
-    slab = 64 * args.side**2
-    check = run([sys.executable, "-m", "emdata", "-q", "normalize", "bench"], project)  # also a warm-up
-    record = json.loads((project / "data" / "metadata" / "bench.json").read_text())
-    if record["shape"] != [pages, args.side, args.side]:
-        raise SystemExit(f"normalized the wrong volume: {record['shape']}")
-    del check
-    results: dict[str, list[tuple[float, int]]] = {"emdata normalize": [], "naive": []}
-    outputs = [project / "data" / "processed" / "bench.h5", work / "naive.h5"]
-    for _ in range(args.repeat):  # alternate, so both see the same machine state
-        for out in outputs:  # as `dvc repro` does: no old output to replace (its unlink costs ~0.4 s/GiB)
-            out.unlink(missing_ok=True)
-        results["emdata normalize"].append(run([sys.executable, "-m", "emdata", "-q", "normalize", "bench"], project))
-        results["naive"].append(run([sys.executable, "-c", NAIVE, str(tiff), str(work / "naive.h5")], work))
-    best = {name: (min(s for s, _ in runs), max(r for _, r in runs)) for name, runs in results.items()}
-    print(f"volume: {pages} x {args.side} x {args.side} uint8 = {nbytes / 2**30:.2f} GiB; "
-          f"slab (64 sections) = {slab / 2**20:.0f} MiB; best of {args.repeat}")
-    for name, (seconds, rss) in best.items():
-        print(f"{name:<18} {nbytes / seconds / 1e6:8.0f} MB/s  {seconds:6.2f} s  peak RSS {rss / 2**20:7.0f} MiB")
-    (s_e, r_e), (s_n, r_n) = best["emdata normalize"], best["naive"]
-    print(f"ratio: emdata is {s_n / s_e:.2f}x the naive converter's MB/s, with {r_e / r_n:.2f}x its peak RSS; "
-          f"emdata peak RSS = slab + {(r_e - slab) / 2**20:.0f} MiB")
+    (memory if args.memory else speed)(args, work)
 
 
 if __name__ == "__main__":

@@ -54,20 +54,13 @@ def modules_for(kind: str, stage: str) -> list[str]:
     return sorted(set(names))
 
 
-def _display(path: Path, root: Path) -> str:
-    """A stable name for a module file: relative to the repository when inside it."""
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.name
+def fingerprint(kind: str, stage: str) -> dict[str, Any]:
+    """Module name -> sha256 of its file, for the modules that decide ``stage``'s outputs of ``kind``.
 
-
-def fingerprint(kind: str, stage: str, root: Path) -> dict[str, Any]:
-    files = {}
-    for name in modules_for(kind, stage):
-        path = _module_file(name)
-        files[_display(path, root)] = sha256_file(path)
-    return {"kind": kind, "stage": stage, "modules": dict(sorted(files.items()))}
+    Keyed by module name, not path, so the file is the same wherever the package is installed.
+    """
+    modules = {name: sha256_file(_module_file(name)) for name in modules_for(kind, stage)}
+    return {"kind": kind, "stage": stage, "modules": dict(sorted(modules.items()))}
 
 
 def path_for(root: Path, kind: str, stage: str) -> Path:
@@ -84,7 +77,7 @@ def stale(root: Path, kinds: set[str]) -> list[str]:
     for kind in sorted(kinds):
         for stage in STAGES:
             path = path_for(root, kind, stage)
-            if not path.is_file() or path.read_text() != _text(fingerprint(kind, stage, root)):
+            if not path.is_file() or path.read_text() != _text(fingerprint(kind, stage)):
                 out.append(str(path.relative_to(root)))
     return out
 
@@ -97,7 +90,7 @@ def write(root: Path, kinds: set[str]) -> list[Path]:
     for kind in sorted(kinds):
         for stage in STAGES:
             path = path_for(root, kind, stage)
-            text = _text(fingerprint(kind, stage, root))
+            text = _text(fingerprint(kind, stage))
             if not path.is_file() or path.read_text() != text:
                 write_bytes_atomic(path, text.encode())
                 changed.append(path)
