@@ -11,7 +11,7 @@ it does not (a plain TIFF); :mod:`emdata.geometry` reconciles it with params.yam
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from .indexing import basic_box
 
 Triple = tuple[float, float, float]
 IntTriple = tuple[int, int, int]
+V = TypeVar("V", bound="RawVolume")
 
 
 class RawVolume:
@@ -55,7 +56,7 @@ class RawVolume:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "RawVolume":
+    def __enter__(self: V) -> V:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -75,7 +76,7 @@ def check_box(start: tuple[int, ...], stop: tuple[int, ...], shape: tuple[int, .
     b = tuple(int(v) for v in stop)
     if len(a) != 3 or len(b) != 3 or not all(0 <= lo <= hi <= n for lo, hi, n in zip(a, b, shape)):
         raise ValueError(f"{name}: box {a}..{b} is not inside the volume {tuple(shape)}")
-    return a, b  # type: ignore[return-value]
+    return a, b
 
 
 class ArrayVolume(RawVolume):
@@ -87,7 +88,7 @@ class ArrayVolume(RawVolume):
             raise ConfigError(f"{dataset}: a 3D array is expected, got shape {array.shape}")
         self.array = array
         self.dataset = dataset
-        self.shape = tuple(array.shape)  # type: ignore[assignment]
+        self.shape = tuple(array.shape)
         self.dtype = array.dtype
         self.voxel_size_nm = voxel_size_nm
         self.offset_nm = offset_nm

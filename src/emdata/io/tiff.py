@@ -98,7 +98,7 @@ class TiffStack(RawVolume):
             raise self._error(f"the series has {len(series[0].pages)} page entries for {depth} planes "
                               "and is not contiguous; it cannot be read plane by plane")
         transpose = _ORIENT[orientation][0]
-        self.shape = (depth, *(page_shape[::-1] if transpose else page_shape))  # type: ignore[assignment]
+        self.shape = (depth, *(page_shape[::-1] if transpose else page_shape))
         self.dtype = file_dtype.newbyteorder("=")
 
     def _error(self, problem: str) -> FormatError:
@@ -122,7 +122,7 @@ class TiffStack(RawVolume):
         try:
             if self._map is not None:
                 out[...] = self._oriented(self._map[z0:z1])[:, y0:y1, x0:x1]
-            else:
+            elif self._pages is not None:
                 for i, z in enumerate(range(z0, z1)):
                     page = self._pages[z].asarray(maxworkers=1)
                     out[i] = self._oriented(page.reshape(self.page_shape))[y0:y1, x0:x1]

@@ -33,6 +33,7 @@ from .base import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
 
 if TYPE_CHECKING:
     from ..io.tiff import TiffStack
+    from ..raw import RawVolume
 
 KIND = "epfl"
 READERS = ("emdata.io.tiff",)  # code that decides the normalized bytes (see emdata.codedeps)
@@ -81,7 +82,7 @@ def open_volume(params: Params, raw: Path, dataset: str) -> "TiffStack":
     return TiffStack(raw / params.image.name, dataset)
 
 
-def open_labels(params: Params, raw: Path, dataset: str) -> "dict[str, TiffStack]":
+def open_labels(params: Params, raw: Path, dataset: str) -> "dict[str, RawVolume]":
     from ..io.tiff import TiffStack
 
     return {name: TiffStack(raw / spec.name, dataset) for name, spec in params.labels.items()}
