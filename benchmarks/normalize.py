@@ -25,7 +25,9 @@ here over the TIFF pages in order::
 Every TIFF is generated page by page (the generator holds one band of rows, not the volume) and
 kept in ``--workdir`` for the next run. A warm-up normalize (it compiles the numba histogram
 kernel once; it is cached afterwards) runs before anything is timed. Peak RSS is the child's
-``ru_maxrss`` from ``os.wait4``; CPU is its user + system time.
+``ru_maxrss`` from ``os.wait4``; CPU is its user + system time. Each run waits (up to 2 min) for
+the machine to be idle first, and "others" reports the cores the rest of the machine used during
+the run (from /proc/stat): a run with others > 0.1 was disturbed.
 """
 
 from __future__ import annotations
@@ -147,19 +149,48 @@ class Run:
     seconds: float
     rss: int  # peak resident set, bytes
     cpu: float  # user + system seconds
+    others: float = 0.0  # CPU seconds the rest of the machine used meanwhile
+
+
+def busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(limit: float = 0.2, patience: float = 120.0) -> None:
+    """Wait (up to ``patience`` s) until the machine is idle: below ``limit`` busy cores over 1 s."""
+    deadline = time.monotonic() + patience
+    while True:
+        busy = busy_seconds()
+        time.sleep(1.0)
+        load = busy_seconds() - busy
+        if load < limit:
+            return
+        if time.monotonic() > deadline:
+            print(f"  (the machine is still busy, {load:.2f} cores used by others; measuring anyway)", flush=True)
+            return
 
 
 def run(cmd: list[str], cwd: Path) -> Run:
-    """Wall seconds, peak RSS and CPU seconds of one child process."""
+    """Wall seconds, peak RSS and CPU seconds of one child process, and the machine's other load."""
+    wait_quiet()
+    busy = busy_seconds()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
+    busy = busy_seconds() - busy
     err = proc.stderr.read().decode()
     proc.stderr.close()
     if status != 0:
         raise SystemExit(f"{cmd} failed: {err[-2000:]}")
-    return Run(seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Run(seconds, usage.ru_maxrss * 1024, cpu, max(0.0, busy - cpu))
 
 
 def normalize_cmd() -> list[str]:
@@ -208,7 +239,7 @@ def code_state() -> str:
 
 def line(name: str, nbytes: int, r: Run) -> str:
     return (f"{name:<18} {nbytes / r.seconds / 1e6:7.0f} MB/s {r.seconds:7.2f} s  peak RSS {r.rss / MIB:6.0f} MiB"
-            f"  CPU {r.cpu:6.2f} s ({r.cpu / r.seconds:.2f} cores)")
+            f"  CPU {r.cpu:6.2f} s ({r.cpu / r.seconds:.2f} cores; others {r.others / r.seconds:.2f})")
 
 
 # --- the two modes ------------------------------------------------------------------------------
@@ -243,7 +274,7 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     peak = {name: max(r.rss for r in runs) for name, runs in results.items()}
     print(f"best of {args.repeat} (peak RSS: the highest of the runs):")
     for name in names:
-        print("  " + line(name, nbytes, Run(best[name].seconds, peak[name], best[name].cpu)))
+        print("  " + line(name, nbytes, Run(best[name].seconds, peak[name], best[name].cpu, best[name].others)))
     e, n, b = (best[name].seconds for name in names)
     print(f"normalize / naive: {n / e:.2f}x the MB/s (target >= 1.2x: {'met' if n / e >= 1.2 else 'MISSED'}), "
           f"{peak[names[0]] / peak[names[1]]:.2f}x the peak RSS")
