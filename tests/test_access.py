@@ -184,7 +184,7 @@ def test_memory_mapped_reads_match_h5py(tmp_path) -> None:
         dset = f.create_dataset("raw", shape=data.shape, dtype=np.uint16, chunks=(8, 16, 16), fillvalue=9)
         dset[:, :16] = data[:, :16]  # the other chunks are never written
     with h5py.File(path, "r") as f:
-        chunkmap = ChunkMap.build(path, f["raw"])
+        chunkmap = ChunkMap.build(f["raw"])
         assert chunkmap is not None
         rng = np.random.default_rng(1)
         for _ in range(50):
@@ -195,7 +195,7 @@ def test_memory_mapped_reads_match_h5py(tmp_path) -> None:
     with h5py.File(tmp_path / "z.h5", "w") as f:
         f.create_dataset("raw", data=data, chunks=(8, 16, 16), compression="gzip")
     with h5py.File(tmp_path / "z.h5", "r") as f:
-        assert ChunkMap.build(tmp_path / "z.h5", f["raw"]) is None  # filters: h5py reads instead
+        assert ChunkMap.build(f["raw"]) is None  # filters: h5py reads instead
 
 
 def test_compressed_files_read_in_a_fresh_process(tmp_path, vol_array) -> None:
@@ -210,3 +210,57 @@ def test_compressed_files_read_in_a_fresh_process(tmp_path, vol_array) -> None:
                 "print(int(v[:, :, :].astype(np.int64).sum()))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert int(out) == int(vol_array.astype(np.int64).sum())
+
+
+def test_reads_during_replacement_are_old_or_new_never_a_mix(tmp_path) -> None:
+    """20 re-normalizations with alternating chunk shapes while patches are read from fresh Volumes."""
+    import os
+    import threading
+
+    from emdata.errors import AccessError
+
+    versions = [coordinate_volume((19, 33, 41)), coordinate_volume((19, 33, 41))[::-1, ::-1].copy()]
+    chunk_shapes = [(8, 16, 16), (5, 7, 9)]
+    path = write_canonical(tmp_path / "v.h5", versions[0], chunks=chunk_shapes[0])
+    done = threading.Event()
+
+    def renormalize() -> None:
+        for i in range(1, 21):
+            tmp = write_canonical(tmp_path / f"next{i}.h5", versions[i % 2], chunks=chunk_shapes[i % 2])
+            os.replace(tmp, path)
+        done.set()
+
+    writer = threading.Thread(target=renormalize)
+    writer.start()
+    rng = np.random.default_rng(0)
+    reads = replaced = 0
+    while not done.is_set() or reads < 50:
+        z, y, x = (int(rng.integers(0, n - 6)) for n in (19, 33, 41))
+        try:
+            vol = Volume(path)
+            patch = vol[z:z + 6, y:y + 9, x:x + 11]
+            vol.close()
+        except AccessError as exc:
+            assert "replaced" in str(exc)
+            replaced += 1
+            continue
+        except OSError:  # the path is briefly between two files on some filesystems: open again
+            continue
+        reads += 1
+        assert any(np.array_equal(patch, v[z:z + 6, y:y + 9, x:x + 11]) for v in versions)
+    writer.join()
+    assert reads >= 50
+
+
+def test_a_file_without_resolution_is_not_given_a_guessed_one(tmp_path) -> None:
+    import h5py
+
+    from emdata.errors import ConfigError
+
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("raw", data=coordinate_volume((3, 4, 5)), chunks=(3, 4, 5))
+    with pytest.raises(ConfigError, match="records no resolution"):
+        Volume(path)
+    vol = Volume(path, resolution=(30, 4, 4))
+    assert vol.resolution.tolist() == [30, 4, 4] and vol.offset.tolist() == [0, 0, 0]

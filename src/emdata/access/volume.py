@@ -34,7 +34,9 @@ _Handle = namedtuple("_Handle", ["pid", "file", "dset", "chunkmap"])
 class Volume:
     """One 3D array (``/raw`` or ``/labels/<name>``) of a canonical emdata HDF5 file."""
 
-    def __init__(self, path: str | os.PathLike, array: str = hdf5.RAW, *, name: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, array: str = hdf5.RAW, *, name: str | None = None,
+                 resolution: Any = None, offset: Any = None) -> None:
+        """``resolution``/``offset`` (nm, z/y/x) are needed only for files that do not record them."""
         self.path = Path(path)
         self.array = array
         self.name = name or self.path.stem
@@ -47,8 +49,13 @@ class Volume:
             self.dtype = dset.dtype
             self.chunks: tuple[int, ...] = tuple(dset.chunks or dset.shape)
             attrs = hdf5.read_attrs(dset)
-            self.resolution = np.asarray(attrs.get("resolution", (1.0, 1.0, 1.0)), np.float64)
-            self.offset = np.asarray(attrs.get("offset", (0.0, 0.0, 0.0)), np.float64)
+            if resolution is None and "resolution" not in attrs:
+                raise ConfigError(f"{self.path}:/{array} records no resolution; pass resolution=(z, y, x) in nm "
+                                  "(a voxel size is never guessed)")
+            given = resolution if resolution is not None else attrs["resolution"]
+            self.resolution = np.asarray(given, np.float64)
+            self.offset = np.asarray(offset if offset is not None else attrs.get("offset", (0.0, 0.0, 0.0)),
+                                     np.float64)
             self.attrs = attrs
             self.label_names = sorted(f.get(hdf5.LABELS, {}).keys()) if array == hdf5.RAW else []
 
@@ -64,8 +71,13 @@ class Volume:
         if handle is None or handle.pid != os.getpid():
             row = self.chunks[0] * self.chunks[1] * self.shape[2] * self.dtype.itemsize
             file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
-            dset = file[self.array]
-            handle = _Handle(os.getpid(), file, dset, hdf5.ChunkMap.build(self.path, dset))
+            dset = file.get(self.array)
+            if dset is None or (tuple(dset.shape), dset.dtype, tuple(dset.chunks or dset.shape)) != (
+                    self.shape, self.dtype, self.chunks):
+                file.close()
+                raise AccessError(f"{self.path} was replaced by a different file since this Volume was "
+                                  f"created; open it again (emdata.open_dataset or Volume)")
+            handle = _Handle(os.getpid(), file, dset, hdf5.ChunkMap.build(dset))
             self._handle = handle
         return handle
 
