@@ -128,3 +128,12 @@ def test_a_typo_in_one_dataset_blocks_only_that_one(built) -> None:
     assert "ok      epfl_hippocampus" in check.stdout
     listing = emdata(built.root, "list")
     assert listing.returncode == 2 and "invalid: params.yaml: datasets.epfl_mito_test.titel" in listing.stdout
+
+
+@pytest.mark.parametrize("args, words", [(["fetch"], "Missing argument 'dataset'"),
+                                         (["nosuchcmd"], "No such command 'nosuchcmd'"),
+                                         (["list", "--bogus"], "No such option")])
+def test_usage_mistakes_are_one_line(tmp_path, args, words) -> None:
+    proc = emdata(tmp_path, *args)
+    line = one_line_error(proc)
+    assert words in line and proc.returncode == 2

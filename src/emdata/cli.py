@@ -213,9 +213,23 @@ def demo(
     run_demo(_config().root, workdir=workdir, keep=keep)
 
 
-def main() -> None:
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage/parameter errors, aborts) of click and of the click that newer Typer vendors."""
     import click
 
+    usage, aborts = [click.ClickException], [click.Abort]
+    try:
+        from typer import _click as vendored  # type: ignore[attr-defined]
+
+        usage.append(vendored.exceptions.ClickException)
+        aborts.append(vendored.exceptions.Abort)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(usage), tuple(aborts)
+
+
+def main() -> None:
+    usage, aborts = _click_errors()
     try:
         code = app(standalone_mode=False)
     except EmdataError as exc:
@@ -223,10 +237,11 @@ def main() -> None:
             raise
         typer.echo(f"emdata: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (click.Abort, KeyboardInterrupt):
+    except usage as exc:
+        # One line, click's own wording, and the command to get help.
+        typer.echo(f"emdata: error: {exc.format_message().rstrip('.')}; see `emdata --help`", err=True)
+        sys.exit(getattr(exc, "exit_code", 2) or 2)
+    except (*aborts, KeyboardInterrupt):
         typer.echo("emdata: interrupted; partial downloads are kept and resume on the next run", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
