@@ -78,3 +78,14 @@ def test_voxel_size_may_come_from_the_source(tmp_path) -> None:
     entry = {k: v for k, v in _dataset().items() if k != "voxel_size_nm"}
     ds = _load(tmp_path, {"datasets": {"a": {**entry, "geometry_trust": "source"}}}).dataset("a")
     assert ds.voxel_size_nm is None and ds.offset_nm is None and ds.geometry_trust == "source"
+
+
+def test_duplicate_keys_and_syntax_errors_are_one_line(tmp_path) -> None:
+    (tmp_path / "params.yaml").write_text("datasets:\n  a:\n    title: t\n    title: u\n")
+    with pytest.raises(ConfigError, match="duplicate key 'title'") as err:
+        load_config(tmp_path)
+    assert "line 4" in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "params.yaml").write_text("datasets:\n  a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line") as err:
+        load_config(tmp_path)
+    assert "\n" not in str(err.value)

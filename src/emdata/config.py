@@ -309,17 +309,43 @@ def find_root(start: Path | None = None) -> Path:
     )
 
 
+def _strict_loader() -> Any:
+    """PyYAML's safe loader, refusing duplicate keys (by default the last one silently wins)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return StrictLoader
+
+
 def load_config(root: Path | None = None) -> Config:
     import yaml
 
     root = find_root() if root is None else Path(root).resolve()
     params_path = root / PARAMS_FILE
     try:
-        data = yaml.safe_load(params_path.read_text(encoding="utf-8"))
+        data = yaml.load(params_path.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506
     except FileNotFoundError as exc:
         raise ConfigError(f"{params_path}: not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{params_path}: cannot be read ({exc})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{params_path}: not valid YAML ({exc})") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{params_path}: not valid YAML{where}: {problem}") from exc
     top = Section(data or {}, "")
     normalize = NormalizeParams.parse(top.section("normalize", required=False))
     datasets_sec = top.section("datasets")
