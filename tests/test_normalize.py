@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import os
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -134,3 +136,24 @@ def test_plain_h5ls_reads_the_file(fetched) -> None:
     assert "/raw" in out and "{17, 29, 43}" in out and "/labels/mitochondria" in out
     attrs = subprocess.run(["h5dump", "-A", "-d", "/raw", str(path)], capture_output=True, text=True, check=True).stdout
     assert "resolution" in attrs and "element_size_um" in attrs and "offset" in attrs
+
+
+def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(fetched) -> None:
+    out = fetched.processed_path("epfl_mito_train")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stale = out.with_name(f".{out.name}.999999.tmp")
+    stale.write_bytes(b"\0" * 4096)  # what `kill -9` mid-write leaves
+    normalize_dataset(fetched, "epfl_mito_train")
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_a_second_run_on_the_same_dataset_says_who_holds_it(fetched) -> None:
+    from emdata.io.lock import LockedError, dataset_lock
+
+    with dataset_lock(fetched.lock_dir(), "epfl_mito_train", "normalize"):
+        proc = subprocess.run([sys.executable, "-m", "emdata", "normalize", "epfl_mito_train"], cwd=fetched.root,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == LockedError.exit_code
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0] and "normalize since" in lines[0]
+    normalize_dataset(fetched, "epfl_mito_train")  # the lock is free again

@@ -146,13 +146,11 @@ def fetch(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")
 @app.command()
 def normalize(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Convert data/raw/<dataset> into data/processed/<dataset>.h5 and its metadata record."""
-    from .metadata import write_record
     from .normalize import normalize_dataset
 
     cfg = _config()
     out = normalize_dataset(cfg, dataset)
-    record = write_record(cfg, dataset)
-    typer.echo(f"{dataset}: wrote {out} and {record}")
+    typer.echo(f"{dataset}: wrote {out} and {cfg.record_path(dataset)}")
 
 
 @app.command()

@@ -251,6 +251,9 @@ class Config:
     def raw_dir(self, key: str) -> Path:
         return self.root / "data" / "raw" / key
 
+    def lock_dir(self) -> Path:
+        return self.root / "data" / ".locks"
+
     def partial_dir(self, key: str) -> Path:
         return self.root / "data" / "raw" / ".partial" / key
 

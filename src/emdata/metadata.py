@@ -54,9 +54,9 @@ def _array_info(dset: Any) -> dict[str, Any]:
     }
 
 
-def build_record(cfg: Config, key: str) -> dict[str, Any]:
-    """Read ``data/processed/<key>.h5`` and describe it (DESIGN §5)."""
-    path = cfg.processed_path(key)
+def build_record(cfg: Config, key: str, path: Path | None = None) -> dict[str, Any]:
+    """Read ``data/processed/<key>.h5`` (or ``path``, a file about to take that name) and describe it."""
+    path = cfg.processed_path(key) if path is None else path
     with hdf5.open_read(path) as f:
         root = hdf5.read_attrs(f)
         raw = f[hdf5.RAW]

@@ -28,6 +28,7 @@ from .errors import FormatError
 from .fetch_record import FetchRecord, require_fetched
 from .geometry import Geometry, resolve
 from .io import hdf5
+from .io.lock import dataset_lock
 from .progress import Progress
 from .raw import RawVolume, json_safe
 from .sources import get_source
@@ -188,14 +189,28 @@ def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume]) -> 
 
 def normalize_dataset(cfg: Config, key: str) -> Path:
     """Write ``data/processed/<key>.h5`` from ``data/raw/<key>``; return its path."""
-    import h5py
-
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
     record = require_fetched(raw, key, ds.source.to_dict())
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with dataset_lock(cfg.lock_dir(), key, "normalize"):
+        _remove_stale_temporaries(out)
+        return _normalize_locked(cfg, key, source, raw, record, out)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of earlier runs that were killed (the lock says no other run is writing)."""
+    for old in out.parent.glob(f".{out.name}.*.tmp"):
+        log.info("removing %s, left by an interrupted run", old)
+        old.unlink(missing_ok=True)
+
+
+def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path) -> Path:
+    import h5py
+
+    ds = cfg.dataset(key)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     params = cfg.normalize
     try:
@@ -220,12 +235,34 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
                                           desc=f"{key}: labels/{name}", **common)
                     f.create_dataset(f"{hdf5.LABEL_STATS}/{name}/chunk_foreground", data=result["foreground"])
         _check_written(tmp, key, tuple(volume.shape), list(labels))
-        os.replace(tmp, out)
+        _publish(cfg, key, tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    log.info("%s: wrote %s", key, out)
+    log.info("%s: wrote %s and %s", key, out, cfg.record_path(key))
     return out
+
+
+def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
+    """Give the HDF5 and its record their names together, or leave the dataset "not normalized".
+
+    The record is built from the checked temporary file first; the old record goes before the
+    new HDF5 takes its name, so an interruption leaves an HDF5 without a record (which ``list``
+    and ``verify`` report as not normalized), never a new HDF5 beside an old record.
+    """
+    from .io.atomic import write_json_atomic
+    from .metadata import build_record
+
+    record = build_record(cfg, key, tmp)
+    record_path = cfg.record_path(key)
+    staged = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+    write_json_atomic(staged, record)
+    try:
+        record_path.unlink(missing_ok=True)
+        os.replace(tmp, out)
+        os.replace(staged, record_path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def _check_written(path: Path, key: str, shape: tuple[int, ...], labels: Iterable[str]) -> None:

@@ -16,6 +16,7 @@ from .fetch_context import FetchContext, workers_from_env
 from .fetch_record import FetchRecord, fetched, require_fetched
 from .io.atomic import write_json_atomic
 from .io.digest import sha256_file
+from .io.lock import dataset_lock
 from .sources import get_source
 from .sources.base import FilePlan
 
@@ -50,6 +51,14 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     if fetched(raw, spec) is not None:
         log.info("%s: up to date in %s", key, raw)
         return FetchResult(raw, True, 0)
+    with dataset_lock(cfg.lock_dir(), key, "fetch"):
+        return _fetch_locked(cfg, key, source, spec, http_factory)
+
+
+def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
+                  http_factory: Callable[[], Any] | None) -> FetchResult:
+    ds = cfg.dataset(key)
+    raw = cfg.raw_dir(key)
     ctx = fetch_context(cfg, key, http_factory)
     partial = ctx.dest
     marker = partial / _SPEC_MARKER
