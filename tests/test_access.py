@@ -264,3 +264,19 @@ def test_a_file_without_resolution_is_not_given_a_guessed_one(tmp_path) -> None:
         Volume(path)
     vol = Volume(path, resolution=(30, 4, 4))
     assert vol.resolution.tolist() == [30, 4, 4] and vol.offset.tolist() == [0, 0, 0]
+
+
+def test_open_dataset_accepts_a_file_path(tmp_path) -> None:
+    from pathlib import Path
+
+    raw = coordinate_volume((6, 7, 9))
+    path = write_canonical(tmp_path / "from_a_colleague.h5", raw, labels={"mito": (raw % 3 == 0).astype(np.uint8)})
+    for spec in (path, str(path), Path(path)):
+        np.testing.assert_array_equal(open_dataset(spec)[:], raw)
+    assert open_dataset(path, label="mito").shape == raw.shape
+    with pytest.raises(NotBuiltError, match="no such file"):
+        open_dataset(tmp_path / "missing.h5")
+    from emdata.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="neither a dataset name"):
+        open_dataset("Not A Name")

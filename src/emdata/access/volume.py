@@ -238,9 +238,12 @@ class Volume:
         return self.read(block.read_start, block.read_shape, pad=pad, constant=constant)
 
 
-def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike | None = None,
+def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str | os.PathLike | None = None,
                  label: str | None = None, cache_dir: str | os.PathLike | None = None) -> Volume:
     """Open ``data/processed/<name>.h5`` read-only (``label`` picks ``/labels/<label>``).
+
+    ``name`` may also be the path of an emdata HDF5 file (a ``Path``, or a string ending in
+    ``.h5``/``.hdf5`` or containing a ``/``), e.g. one from ``dvc import`` or a colleague.
 
     Without ``rev``/``repo``: the file in this repository's working tree (the nearest folder
     holding params.yaml, or ``$EMDATA_PROJECT``). With them: that exact version, fetched through
@@ -250,8 +253,19 @@ def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike |
     """
     from ..config import KEY_PATTERN, find_root, processed_relpath
 
+    if _looks_like_path(name):
+        if rev is not None or repo is not None:
+            raise ConfigError(f"{name}: rev= and repo= take a dataset name, not a file path")
+        file = Path(name).expanduser()
+        if not file.is_file():
+            raise NotBuiltError(f"{file}: no such file (opened as a path because it is a Path, ends in .h5/.hdf5 "
+                                f"or contains '/'); for a dataset of this repository pass its name")
+        volume = Volume(file)
+        return volume if label is None else _label_of(volume, str(file), label)
+    name = str(name)
     if not KEY_PATTERN.fullmatch(name):
-        raise ConfigError(f"dataset names match {KEY_PATTERN.pattern}; got {name!r}")
+        raise ConfigError(f"{name!r} is neither a dataset name (names match {KEY_PATTERN.pattern}) nor an "
+                          f"HDF5 path (a Path, a string ending in .h5/.hdf5, or containing '/')")
     if rev is None and repo is None:
         path = find_root() / processed_relpath(name)
         if not path.is_file():
@@ -260,8 +274,16 @@ def open_dataset(name: str, *, rev: str | None = None, repo: str | os.PathLike |
     else:
         path = _fetch_version(name, rev=rev, repo=repo, cache_dir=cache_dir)
     volume = Volume(path, name=name)
-    if label is None:
-        return volume
+    return volume if label is None else _label_of(volume, name, label)
+
+
+def _looks_like_path(name: Any) -> bool:
+    if isinstance(name, os.PathLike):
+        return True
+    return isinstance(name, str) and ("/" in name or os.sep in name or name.endswith((".h5", ".hdf5")))
+
+
+def _label_of(volume: Volume, name: str, label: str) -> Volume:
     if label not in volume.label_names:
         raise ConfigError(f"{name}: no label {label!r} (labels: {', '.join(volume.label_names) or 'none'})")
     return volume.labels[label]
