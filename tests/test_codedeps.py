@@ -13,9 +13,9 @@ import pytest
 
 from emdata import codedeps
 from emdata.config import load_config
-from emdata.demo import copy_repository, kinds_in, point_params_at_replicas, start_replicas
+from emdata.demo import replica_repository
 from emdata.sources import KINDS, get_source
-from emdata.testing.dvc import dvc, git, offline_env
+from emdata.testing.dvc import dvc, offline_env
 from tests.conftest import REPO
 
 
@@ -73,13 +73,8 @@ def test_a_reader_change_changes_only_the_fingerprints_that_use_it(monkeypatch, 
 def test_dvc_status_sees_exactly_the_stages_whose_code_changed(tmp_path) -> None:
     env = offline_env(tmp_path / "env")
     repo = tmp_path / "repo"
-    copy_repository(REPO, repo)
     with ExitStack() as stack:
-        running = start_replicas(kinds_in(repo / "params.yaml"), tmp_path / "replicas", stack)
-        point_params_at_replicas(repo / "params.yaml", running)
-        git(["init", "-q", "-b", "main"], repo, env)
-        git(["add", "-A"], repo, env)
-        git(["commit", "-qm", "replica params"], repo, env)
+        replica_repository(REPO, repo, tmp_path / "replicas", env, stack)
         dvc(["repro", "normalize@epfl_mito_train", "normalize@epfl_mito_test"], repo, env)
 
     def stale() -> list[str]:

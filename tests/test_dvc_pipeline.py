@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emdata.demo import copy_repository, kinds_in, point_params_at_replicas, start_replicas
+from emdata.demo import replica_repository
 from emdata.io.http import sha256_file
 from emdata.testing.dvc import dvc, git, offline_env
 from tests.conftest import REPO
@@ -26,13 +26,8 @@ pytestmark = pytest.mark.dvc
 def producer(tmp_path: Path):
     env = offline_env(tmp_path / "env")
     repo = tmp_path / "work" / "producer"
-    copy_repository(REPO, repo)
     with ExitStack() as stack:
-        running = start_replicas(kinds_in(repo / "params.yaml"), tmp_path / "replicas", stack)
-        point_params_at_replicas(repo / "params.yaml", running)
-        git(["init", "-q", "-b", "main"], repo, env)
-        git(["add", "-A"], repo, env)
-        git(["commit", "-qm", "replica params"], repo, env)
+        replica_repository(REPO, repo, tmp_path / "replicas", env, stack)
         yield repo, env
 
 

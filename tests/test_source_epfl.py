@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from emdata.config import load_config
 from emdata.testing.epfl import EPFL_PATH

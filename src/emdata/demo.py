@@ -67,6 +67,21 @@ def kinds_in(params_path: Path) -> set[str]:
     return {ds["source"]["kind"] for ds in params["datasets"].values()}
 
 
+def replica_repository(src: Path, repo: Path, replicas: Path, env: dict[str, str], stack: ExitStack, *,
+                       coordinate: bool = True) -> list[str]:
+    """A git repository copied from ``src`` whose params point at running replicas; the dataset keys.
+
+    The replicas keep serving until ``stack`` closes.
+    """
+    copy_repository(Path(src), repo)
+    running = start_replicas(kinds_in(repo / "params.yaml"), replicas, stack, coordinate=coordinate)
+    keys = point_params_at_replicas(repo / "params.yaml", running)
+    git(["init", "-q", "-b", "main"], repo, env)
+    git(["add", "-A"], repo, env)
+    git(["commit", "-qm", "params point at the loopback replicas"], repo, env)
+    return keys
+
+
 def _hashes(repo: Path, keys: list[str]) -> dict[str, str]:
     return {k: sha256_file(repo / "data" / "processed" / f"{k}.h5") for k in keys}
 
@@ -85,15 +100,10 @@ def run_demo(repo_root: Path, *, workdir: Path | None = None, keep: bool = False
     producer = base / "work" / "producer"
     try:
         with ExitStack() as stack:
-            copy_repository(Path(repo_root), producer)
-            running = start_replicas(kinds_in(producer / "params.yaml"), base / "replicas", stack, coordinate=False)
+            keys = replica_repository(Path(repo_root), producer, base / "replicas", env, stack, coordinate=False)
             s3 = stack.enter_context(SeaweedS3(base / "s3", access_key=env["AWS_ACCESS_KEY_ID"],
                                                secret_key=env["AWS_SECRET_ACCESS_KEY"]))
             s3.create_bucket("emdata-dvc")
-            keys = point_params_at_replicas(producer / "params.yaml", running)
-            git(["init", "-q", "-b", "main"], producer, env)
-            git(["add", "-A"], producer, env)
-            git(["commit", "-qm", "demo: params point at the loopback replicas"], producer, env)
             _configure_s3(producer, s3.endpoint, env)
             log.info("demo: dvc repro in %s", producer)
             dvc(["repro"], producer, env)
