@@ -81,12 +81,18 @@ class _Rogue(http.server.BaseHTTPRequestHandler):
         self.close_connection = True
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients here hang up mid-response on purpose
+
+
 @pytest.fixture
 def rogue():
     routes: dict[str, Callable[[_Rogue], None]] = {}
     handler = type("Handler", (_Rogue,), {"routes": routes})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
+    httpd = _QuietServer(("127.0.0.1", 0), handler)
     httpd.hits = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
