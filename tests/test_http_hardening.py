@@ -41,6 +41,13 @@ def client(sleeps: list | None = None, dataset: str = "ds") -> HttpClient:
     return HttpClient(dataset, policy=FAST, sleep=(sleeps.append if sleeps is not None else lambda s: None), seed=1)
 
 
+def call(c: HttpClient, verb: str, url: str, tmp_path: Path) -> Any:
+    """``download`` into tmp_path/f, or ``head`` / ``get_json``."""
+    if verb == "download":
+        return c.download(url, tmp_path / "f")
+    return getattr(c, verb)(url)
+
+
 def one_line(err: BaseException, limit: int = 300) -> str:
     text = str(err)
     assert "\n" not in text and len(text) <= limit, text
@@ -71,6 +78,10 @@ class _Rogue(http.server.BaseHTTPRequestHandler):
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()
+
+    def reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        self.head(status, {**headers, "Content-Length": str(len(body))})
+        self.wfile.write(body)
 
     def endless(self, chunked: bool) -> None:
         """Send up to SERVER_CAP bytes as one never-ending body (the client should stop first)."""
@@ -254,10 +265,7 @@ def test_redirect_to_another_scheme_is_refused(rogue, tmp_path, target, verb) ->
     sleeps: list = []
     c = client(sleeps)
     with pytest.raises(FetchError) as err:
-        if verb == "download":
-            c.download(url + "/go", tmp_path / "f")
-        else:
-            getattr(c, verb)(url + "/go")
+        call(c, verb, url + "/go", tmp_path)
     text = one_line(err.value)
     assert text.startswith(f"ds: {url}/go: redirected to a {target.split(':')[0]} URL")
     assert sleeps == [] and len(hits) == 1 and not (tmp_path / "f").exists()
@@ -270,10 +278,7 @@ def test_redirect_loop_is_one_line_error(rogue, tmp_path, verb) -> None:
     sleeps: list = []
     c = client(sleeps)
     with pytest.raises(FetchError, match="redirects") as err:
-        if verb == "download":
-            c.download(url + "/loop", tmp_path / "f")
-        else:
-            getattr(c, verb)(url + "/loop")
+        call(c, verb, url + "/loop", tmp_path)
     assert url + "/loop" in one_line(err.value) and sleeps == []
     assert len(hits) <= 31
 
@@ -290,22 +295,15 @@ def test_redirect_to_http_is_followed_and_counted(rogue, srv, tmp_path) -> None:
 def test_bad_urls_are_fetch_errors(tmp_path, bad, verb) -> None:
     c = client()
     with pytest.raises(FetchError) as err:
-        if verb == "download":
-            c.download(bad, tmp_path / "f")
-        else:
-            getattr(c, verb)(bad)
+        call(c, verb, bad, tmp_path)
     assert one_line(err.value).startswith(f"ds: {bad}: ")
 
 
 def test_undecodable_body_is_a_fetch_error(rogue, tmp_path) -> None:
     url, routes, _ = rogue
 
-    def bad_gzip(h: _Rogue) -> None:
-        body = b"this is not gzip at all, whatever the header says"
-        h.head(200, {"Content-Encoding": "gzip", "Content-Length": str(len(body))})
-        h.wfile.write(body)
-
-    routes["/g"] = bad_gzip
+    routes["/g"] = lambda h: h.reply(200, b"this is not gzip at all, whatever the header says",
+                                     {"Content-Encoding": "gzip"})
     sleeps: list = []
     with pytest.raises(FetchError) as err:
         client(sleeps).get_json(url + "/g")
@@ -332,12 +330,7 @@ def test_gzip_body_is_decoded_by_the_fallback_reader(rogue, tmp_path) -> None:
 def test_truncated_json_is_a_fetch_error(rogue) -> None:
     url, routes, _ = rogue
 
-    def half(h: _Rogue) -> None:
-        body = b'{"files": [1, 2'
-        h.head(200, {"Content-Type": "application/json", "Content-Length": str(len(body))})
-        h.wfile.write(body)
-
-    routes["/j"] = half
+    routes["/j"] = lambda h: h.reply(200, b'{"files": [1, 2', {"Content-Type": "application/json"})
     with pytest.raises(FetchError, match="not JSON"):
         client().get_json(url + "/j")
 
@@ -351,10 +344,7 @@ def test_unresolvable_host_fails_fast_without_retries(tmp_path, verb) -> None:
     url = "http://no-such-host.invalid/x.bin"
     t0 = time.monotonic()
     with pytest.raises(FetchError) as err:
-        if verb == "download":
-            c.download(url, tmp_path / "f")
-        else:
-            getattr(c, verb)(url)
+        call(c, verb, url, tmp_path)
     assert time.monotonic() - t0 < 5
     text = one_line(err.value, limit=200)
     assert "cannot resolve host no-such-host.invalid" in text and "check the URL or the network" in text
@@ -373,10 +363,7 @@ def test_connection_refused_is_retried_with_a_short_message(tmp_path, verb) -> N
     c = client(sleeps)
     url = f"http://127.0.0.1:{free_port()}/x"
     with pytest.raises(FetchError, match="failed after 3 attempts") as err:
-        if verb == "download":
-            c.download(url, tmp_path / "f")
-        else:
-            getattr(c, verb)(url)
+        call(c, verb, url, tmp_path)
     text = one_line(err.value, limit=200 + len("ds: ") + len(url))
     assert f"connection refused by {url.split('/')[2]}" in text and "Max retries" not in text
     assert len(sleeps) == 2
