@@ -500,17 +500,27 @@ def test_complete_part_from_an_earlier_run_is_hashed_from_disk(srv, tmp_path) ->
     assert result.sha256 == SHA and srv.requests[0].status == 416
 
 
-def test_direct_io_refused_by_the_file_system_falls_back(srv, tmp_path, monkeypatch) -> None:
-    real = os.write
+@pytest.mark.parametrize("where", ["fcntl", "write"])
+def test_direct_io_refused_by_the_file_system_falls_back(srv, tmp_path, monkeypatch, where) -> None:
+    import fcntl
 
-    def no_direct(fd: int, data: Any) -> int:
-        import fcntl
+    o_direct = getattr(os, "O_DIRECT", 0)
+    real_write, real_fcntl = os.write, fcntl.fcntl
 
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+    def no_direct_write(fd: int, data: Any) -> int:
+        if real_fcntl(fd, fcntl.F_GETFL) & o_direct:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(os, "write", no_direct)
+    def no_direct_fcntl(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & o_direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+
+    if where == "write":
+        monkeypatch.setattr(os, "write", no_direct_write)
+    else:
+        monkeypatch.setattr(fcntl, "fcntl", no_direct_fcntl)
     result = client().download(srv.url + "/d/file.bin", tmp_path / "f", size=len(DATA), sha256=SHA)
     assert result.path.read_bytes() == DATA and result.sha256 == SHA
 

@@ -357,7 +357,7 @@ class _Sink:
                     try:
                         n = os.write(self.fd, piece)
                     except OSError as exc:
-                        if not (direct and exc.errno == errno.EINVAL):
+                        if not (direct and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP)):
                             raise
                         self._direct_ok = direct = False  # this file system refuses it: page cache from now on
                         continue
