@@ -263,7 +263,7 @@ class _Sink:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="emdata-sha256")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="emdata-write")
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="emdata-flush")
-        self._buffers: list[memoryview] = []
+        self._buffers: dict[int, memoryview] = {}  # slot -> buffer, made on first use
         self._pending: list[list[Future]] = [[] for _ in range(RECV_BUFFERS)]
         self._slot = 0
         self._prefix: Future | None = None
@@ -318,10 +318,10 @@ class _Sink:
 
     def buffer(self) -> memoryview:
         """The next free receive buffer, to hold the bytes from file offset ``queued`` on."""
-        if not self._buffers:
-            self._buffers = [memoryview(mmap.mmap(-1, RECV_BUFFER + ALIGN)) for _ in range(RECV_BUFFERS)]
         self._wait(self._slot)
         self.check()
+        if self._slot not in self._buffers:  # a small file never needs more than one
+            self._buffers[self._slot] = memoryview(mmap.mmap(-1, RECV_BUFFER + ALIGN))
         start = self.queued % ALIGN
         return self._buffers[self._slot][start:start + RECV_BUFFER]
 
@@ -432,7 +432,7 @@ class _Sink:
         self._hasher.shutdown()
         self._writer.shutdown()
         self._flusher.shutdown()
-        self._buffers = []
+        self._buffers = {}
 
 
 def _body_reader(response: requests.Response) -> Callable[[memoryview], int]:
