@@ -3,36 +3,85 @@
 A download streams to ``<dest>.part``. When the connection drops, the next attempt asks for the
 rest with a ``Range`` request, so bytes already on disk are never fetched twice (also across
 runs: a later ``emdata fetch`` resumes the same ``.part``). Connection errors, 429 and 5xx are
-retried a bounded number of times with exponential backoff and jitter, honouring ``Retry-After``.
-The finished file is checked against the size the server announced and the size and sha256
-pinned in params.yaml, then renamed into place. Every failure is a FetchError or IntegrityError
-naming the dataset and the URL.
+retried a bounded number of times with exponential backoff and jitter, honouring ``Retry-After``;
+a host name that does not resolve fails at once. The finished file is checked against the size
+the server announced and the size and sha256 pinned in params.yaml, then flushed to disk and
+renamed into place. Every failure is a one-line FetchError or IntegrityError naming the dataset
+and the URL.
+
+Safety: nothing is written past the pinned size (or, unpinned, the announced one): a
+``Content-Length`` or ``Content-Range`` that disagrees with it fails before the body is read, and
+an endless body stops at the limit. ``.part`` is opened without following symbolic links, and a
+``.part`` or destination that is a symbolic link is refused. Redirects are followed to http and
+https URLs only.
+
+Speed: the body is received into a few reusable, page-aligned buffers (straight from the socket
+when the response is plain, length-delimited HTTP: no per-block objects, no decoding layer).
+While the next buffer fills, one worker thread appends the last one to ``.part`` and another
+computes its sha256 (both release the GIL), so the file is never read back, except to hash the
+prefix that an earlier run left in ``.part``. The aligned bulk is written with ``O_DIRECT`` where
+the file system allows it: no page-cache copy and nothing left for the final fsync (the file is
+then not in the page cache afterwards). Elsewhere writes go through the page cache and a third
+worker starts the write-back as the file grows.
+
+Environment:
+
+``EMDATA_READ_TIMEOUT``
+    Seconds to wait for the next bytes of a response before the attempt counts as failed
+    (default 60). Used when no explicit ``RetryPolicy`` is given; a value that is not a positive
+    number is refused when the client is created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import errno
 import hashlib
+import http.client
+import io
 import logging
+import math
+import mmap
 import os
 import random
 import re
+import socket
+import stat
 import time
+import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import requests
 import urllib3
 
-from ..errors import FetchError, IntegrityError
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no O_DIRECT either
+    fcntl = None  # type: ignore[assignment]
+
+from ..errors import ConfigError, FetchError, IntegrityError
 from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 BLOCK = 1 << 20
+RECV_BUFFER = 4 << 20  # one receive buffer; they rotate between receiving, writing and hashing
+RECV_BUFFERS = 6
+ALIGN = 4096  # O_DIRECT alignment of memory, file offsets and lengths
+DIRECT_IO = True  # write the aligned bulk of a download with O_DIRECT where the file system allows
+FLUSH_EVERY = 64 << 20  # without O_DIRECT: start the write-back after this many new bytes
+FILL_SECONDS = 1.0  # a slow link still reaches the disk (and the progress bar) every second
 USER_AGENT = "emdata (+https://github.com/emdata; research data pipeline)"
+READ_TIMEOUT_ENV = "EMDATA_READ_TIMEOUT"
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY = getattr(os, "O_BINARY", 0)
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +99,22 @@ class RetryPolicy:
         """Exponential backoff with equal jitter: half fixed, half random."""
         delay = min(self.max_delay, self.base_delay * (2 ** attempt))
         return delay / 2 + rng.uniform(0, delay / 2)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **fields: Any) -> RetryPolicy:
+        """The default policy, with ``read_timeout`` from ``EMDATA_READ_TIMEOUT`` when it is set."""
+        environ = os.environ if environ is None else environ
+        value = environ.get(READ_TIMEOUT_ENV, "").strip()
+        if value and "read_timeout" not in fields:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = math.nan
+            if not (math.isfinite(seconds) and seconds > 0):
+                raise ConfigError(f"{READ_TIMEOUT_ENV}={value!r}: expected a positive number of seconds "
+                                  f"(such as 60 or 2.5); unset it for the default {cls.read_timeout:g}")
+            fields["read_timeout"] = seconds
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -99,6 +164,60 @@ def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
     return start, total
 
 
+def _content_length(response: requests.Response, *, of_body: bool = False) -> int | None:
+    """The Content-Length; ``of_body``: None when a Content-Encoding makes it the encoded size."""
+    value = response.headers.get("Content-Length", "").strip()
+    if of_body and response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+        return None
+    return int(value) if value.isdigit() else None
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps (requests -> urllib3 -> socket), breadth first, each once."""
+    todo, seen = [exc], set()
+    while todo and len(seen) < 32:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = (getattr(current, "reason", None), current.__cause__, current.__context__, *current.args)
+        todo.extend(x for x in linked if isinstance(x, BaseException))
+
+
+def _unresolved_host(exc: BaseException) -> bool:
+    return any(isinstance(e, (urllib3.exceptions.NameResolutionError, socket.gaierror)) for e in _causes(exc))
+
+
+def _network_problem(exc: BaseException, url: str, policy: RetryPolicy) -> str:
+    """A short reason for a transport failure (urllib3's own messages run to 300 characters)."""
+    host = urllib.parse.urlsplit(url).netloc or url
+    for e in _causes(exc):
+        if isinstance(e, ConnectionRefusedError):
+            return f"connection refused by {host}"
+        if isinstance(e, (requests.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)) and not isinstance(
+                e, urllib3.exceptions.NewConnectionError):
+            return f"no connection to {host} within {policy.connect_timeout:g} s"
+        if isinstance(e, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            return f"no data for {policy.read_timeout:g} s (read timeout; {READ_TIMEOUT_ENV} sets it)"
+        if isinstance(e, ConnectionResetError):
+            return "the connection was reset"
+        if isinstance(e, (http.client.IncompleteRead, urllib3.exceptions.IncompleteRead,
+                          urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError)):
+            return "the connection was cut mid-response"
+        if isinstance(e, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)):
+            return f"TLS error ({_clip(e, 80)})"
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.strerror:
+            return f"{host}: {_clip(e.strerror, 80)}"
+    return f"{type(exc).__name__}: {_clip(exc, 80)}"
+
+
 class _Retry(Exception):
     """Internal: this attempt failed in a way worth another try."""
 
@@ -107,20 +226,276 @@ class _Retry(Exception):
         self.wait = wait
 
 
+# Requests failures that no retry can cure: a bad URL or scheme, a redirect loop, a body that
+# cannot be decoded. Checked before the retried ones (every requests exception is an OSError).
+_FATAL = (requests.TooManyRedirects, requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL,
+          requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader,
+          requests.exceptions.ContentDecodingError, requests.exceptions.StreamConsumedError,
+          requests.exceptions.RetryError, requests.exceptions.InvalidJSONError, urllib3.exceptions.DecodeError)
+_TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+              urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)
+
+
+class _Sink:
+    """The ``.part`` of one download: receive buffers go to disk and to sha256 on two workers.
+
+    Buffers are page-aligned and placed so that a buffer's bytes sit at the same offset modulo
+    ``ALIGN`` in memory as in the file; the aligned bulk of each is written with ``O_DIRECT``
+    where the file system allows it (no page-cache copy, nothing left to write back), the
+    unaligned head and tail through the page cache. Without ``O_DIRECT`` every write goes through
+    the page cache and a third worker starts the write-back as the file grows.
+
+    ``hashed`` counts the bytes of ``.part`` fed, in order, to the sha256 worker; the digest is
+    used only when that equals the final size, else the file is hashed from disk. When an attempt
+    resumes a ``.part`` whose bytes were not hashed here (an earlier run's), its prefix is read
+    once, on the worker, ahead of the new bytes.
+    """
+
+    def __init__(self, client: HttpClient, url: str, part: Path) -> None:
+        self.client, self.url, self.part = client, url, part
+        self.fd: int | None = None
+        self.size = 0  # bytes in .part; the writer updates it
+        self.queued = 0  # bytes in .part once the queued writes are done
+        self.sha = hashlib.sha256()
+        self.hashed = -1  # -1: unknown, rehash from disk on the next open
+        self.direct = False  # O_DIRECT is set on fd
+        self._direct_ok = DIRECT_IO and _O_DIRECT != 0 and fcntl is not None
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="emdata-sha256")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="emdata-write")
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="emdata-flush")
+        self._buffers: dict[int, memoryview] = {}  # slot -> buffer, made on first use
+        self._pending: list[list[Future]] = [[] for _ in range(RECV_BUFFERS)]
+        self._slot = 0
+        self._prefix: Future | None = None
+        self._flush: Future | None = None
+        self._flushed_at = 0
+        self._failure: OSError | None = None  # the first failed write; later ones are skipped
+        self._bad_tail = False  # that write left bytes that could not be cut off again
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    def open(self, restart: bool, expect: int) -> None:
+        """Open ``.part`` to append (``restart``: emptied first); it must hold ``expect`` bytes."""
+        flags = os.O_WRONLY | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY | (os.O_TRUNC if restart else 0)
+        try:
+            fd = os.open(self.part, flags, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or self.part.is_symlink():
+                raise self.client._symlink_error(self.url, self.part) from exc
+            raise self._disk_error(exc, "open") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise FetchError(self.client.dataset, self.url, f"{self.part} is not a regular file",
+                                 "remove it, then run the same command again")
+            os.lseek(fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.direct = fd, False
+        self.size = self.queued = self._flushed_at = info.st_size
+        self._failure, self._bad_tail = None, False
+        if info.st_size != expect:
+            self.close()
+            raise _Retry(f"{self.part} changed during the request; starting again")
+        if restart or self.hashed != self.size:
+            self.sha, self.hashed = hashlib.sha256(), self.size
+            if self.size:
+                self._prefix = self._hasher.submit(self._hash_prefix, self.sha, self.size)
+
+    def _hash_prefix(self, sha: Any, size: int) -> None:
+        fd = os.open(self.part, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
+        try:
+            done = 0
+            while done < size:
+                chunk = os.pread(fd, min(RECV_BUFFER, size - done), done)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{self.part} is shorter than {size} bytes")
+                sha.update(chunk)
+                done += len(chunk)
+        finally:
+            os.close(fd)
+
+    def buffer(self) -> memoryview:
+        """The next free receive buffer, to hold the bytes from file offset ``queued`` on."""
+        self._wait(self._slot)
+        self.check()
+        if self._slot not in self._buffers:  # a small file never needs more than one
+            self._buffers[self._slot] = memoryview(mmap.mmap(-1, RECV_BUFFER + ALIGN))
+        start = self.queued % ALIGN
+        return self._buffers[self._slot][start:start + RECV_BUFFER]
+
+    def append(self, view: memoryview) -> None:
+        """Queue ``view`` (the start of the buffer last handed out) for writing and hashing."""
+        assert self.fd is not None
+        jobs = self._pending[self._slot]
+        jobs.append(self._writer.submit(self._write, view, self.queued))
+        if self.hashed >= 0:
+            jobs.append(self._hasher.submit(self.sha.update, view))
+            self.hashed += len(view)
+        self.queued += len(view)
+        self._slot = (self._slot + 1) % RECV_BUFFERS
+        if not self._direct_ok and self.queued - self._flushed_at >= FLUSH_EVERY and (
+                self._flush is None or self._flush.done()):
+            if self._flush is not None and self._flush.exception() is not None:
+                self._failure = self._failure or self._flush.exception()
+            self._flush = self._flusher.submit(os.fdatasync if hasattr(os, "fdatasync") else os.fsync, self.fd)
+            self._flushed_at = self.queued
+
+    def _write(self, view: memoryview, offset: int) -> None:
+        """Writer thread: append ``view`` at ``offset``, the aligned middle with O_DIRECT."""
+        if self._failure is not None:
+            return  # after a failed write nothing else may land in the file
+        head = min(len(view), -offset % ALIGN)
+        bulk = (len(view) - head) // ALIGN * ALIGN if self._direct_ok else 0
+        try:
+            for piece, direct in ((view[:head], False), (view[head:head + bulk], True),
+                                  (view[head + bulk:], False)):
+                while piece:
+                    if direct != self.direct and not self._set_direct(direct):
+                        direct = False
+                    try:
+                        n = os.write(self.fd, piece)
+                    except OSError as exc:
+                        if not (direct and exc.errno in (errno.EINVAL, errno.EOPNOTSUPP)):
+                            raise
+                        self._direct_ok = direct = False  # this file system refuses it: page cache from now on
+                        continue
+                    self.size += n
+                    piece = piece[n:]
+                    if piece and direct:  # a short direct write leaves an unaligned rest
+                        direct = False
+        except OSError as exc:
+            self._failure = exc
+            try:
+                if os.fstat(self.fd).st_size != self.size:
+                    os.ftruncate(self.fd, self.size)
+            except OSError:
+                self._bad_tail = True
+
+    def _set_direct(self, on: bool) -> bool:
+        try:
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+        except OSError:
+            if on:
+                self._direct_ok = False
+                return False
+            raise
+        self.direct = on
+        return True
+
+    def _wait(self, slot: int) -> None:
+        jobs, self._pending[slot] = self._pending[slot], []
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        """End the attempt: wait for the workers, close the file (``size``, ``hashed`` settle)."""
+        if self._prefix is not None:
+            if self._prefix.exception() is not None:
+                self.hashed = -1  # the earlier prefix could not be read: hash the file at the end
+            self._prefix = None
+        for slot in range(RECV_BUFFERS):
+            self._wait(slot)
+        if self._flush is not None:
+            if self._flush.exception() is not None:
+                self._failure = self._failure or self._flush.exception()
+            self._flush = None
+        if self._failure is not None:
+            self.hashed = -1
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+            if self._bad_tail:
+                self.part.unlink(missing_ok=True)  # not a clean prefix: nothing to resume from
+
+    def check(self) -> None:
+        """Raise the failed write, if any, as a one-line FetchError."""
+        if self._failure is not None:
+            raise self._disk_error(self._failure) from self._failure
+
+    def _disk_error(self, exc: OSError, action: str = "write") -> FetchError:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "disk full" if full else (exc.strerror or str(exc))
+        hint = "free some space, then run the same command again to resume" if full else \
+            "check the data folder, then run the same command again"
+        return FetchError(self.client.dataset, self.url, f"cannot {action} {self.part}: {what}", hint)
+
+    # -- the whole download -----------------------------------------------------------------
+
+    def digest(self, size: int) -> str | None:
+        return self.sha.hexdigest() if self.hashed == size else None
+
+    def shutdown(self) -> None:
+        self.close()
+        self._hasher.shutdown()
+        self._writer.shutdown()
+        self._flusher.shutdown()
+        self._buffers = {}
+
+
+def _body_reader(response: requests.Response) -> Callable[[memoryview], int]:
+    """``readinto1`` for the body: one receive per call, so a dropped connection loses no byte.
+
+    A plain length-delimited body is read straight from the socket's buffered reader into our
+    buffer (no copies, no per-block objects); anything else (chunked, or a Content-Encoding the
+    server applied although we asked for identity) goes through urllib3's decoding ``read1``.
+    """
+    raw = response.raw
+    inner = getattr(raw, "_fp", None)  # urllib3 keeps the http.client response here
+    stream = getattr(inner, "fp", None)
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if (isinstance(inner, http.client.HTTPResponse) and not inner.chunked and inner.length is not None
+            and encoding in ("", "identity") and hasattr(stream, "readinto1")
+            and getattr(raw, "_fp_bytes_read", None) == 0):
+        first = [True]
+
+        def readinto1(view: memoryview) -> int:
+            if first:  # bytes read along with the headers: hand them over without a receive
+                first.clear()
+                return stream.readinto1(view[:io.DEFAULT_BUFFER_SIZE])
+            return stream.readinto1(view)
+
+        return readinto1
+
+    def read1(view: memoryview) -> int:
+        data = raw.read1(len(view), decode_content=True)
+        view[:len(data)] = data
+        return len(data)
+
+    return read1
+
+
+@dataclass
+class _Job:
+    """What the attempts of one download share."""
+
+    url: str
+    part: Path
+    pinned: int | None
+    announced: int | None
+    sink: _Sink
+    progress: Progress
+
+
 class HttpClient:
-    """One dataset's HTTP transfers, with one session and one retry policy."""
+    """One dataset's HTTP transfers, with one session and one retry policy.
+
+    With no ``policy``, ``RetryPolicy.from_env()`` is used (``EMDATA_READ_TIMEOUT``).
+    """
 
     def __init__(
         self,
         dataset: str,
         *,
-        policy: RetryPolicy = RetryPolicy(),
+        policy: RetryPolicy | None = None,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         seed: int | None = None,
     ) -> None:
         self.dataset = dataset
-        self.policy = policy
+        self.policy = policy if policy is not None else RetryPolicy.from_env()
         self.session = session or requests.Session()
         self.session.headers.setdefault("User-Agent", USER_AGENT)
         self.sleep = sleep
@@ -129,16 +504,21 @@ class HttpClient:
 
     # -- the retry loop shared by every verb --------------------------------------------------
 
-    def _with_retries(self, url: str, attempt_once: Callable[[], Any]) -> Any:
+    def _with_retries(self, url: str, attempt_once: Callable[[], Any], *, resumable: bool = False) -> Any:
         last = ""
         for attempt in range(self.policy.attempts):
             try:
                 return attempt_once()
             except _Retry as exc:
                 retry = exc
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    urllib3.exceptions.HTTPError) as exc:
-                retry = _Retry(f"{type(exc).__name__}: {exc}")
+            except _FATAL as exc:
+                raise self._fatal(url, exc) from exc
+            except _TRANSIENT as exc:
+                if _unresolved_host(exc):
+                    host = urllib.parse.urlsplit(url).hostname or url
+                    raise FetchError(self.dataset, url, f"cannot resolve host {_clip(host, 80)}",
+                                     "check the URL or the network") from exc
+                retry = _Retry(_network_problem(exc, url, self.policy))
             last = str(retry)
             if attempt + 1 == self.policy.attempts:
                 break
@@ -146,22 +526,54 @@ class HttpClient:
             log.warning("%s: %s (%s); retry %d/%d in %.1fs", self.dataset, url, last,
                         attempt + 1, self.policy.attempts - 1, wait)
             self.sleep(wait)
+        hint = "check the network or the server, then run the same command again"
         raise FetchError(self.dataset, url, f"failed after {self.policy.attempts} attempts ({last})",
-                         "check the network or the server, then run the same command again to resume")
+                         hint + " to resume" if resumable else hint)
+
+    def _fatal(self, url: str, exc: BaseException) -> FetchError:
+        if isinstance(exc, requests.TooManyRedirects):
+            problem = f"more than {self.session.max_redirects} redirects (a redirect loop?)"
+        elif isinstance(exc, requests.exceptions.InvalidSchema):
+            problem = f"unsupported URL scheme ({_clip(exc, 80)})"
+        elif isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema)):
+            problem = f"invalid URL ({_clip(exc, 80)})"
+        elif isinstance(exc, (requests.exceptions.ContentDecodingError, urllib3.exceptions.DecodeError)):
+            problem = "the response body could not be decoded"
+        else:
+            problem = f"{type(exc).__name__}: {_clip(exc, 80)}"
+        return FetchError(self.dataset, url, problem, "check the URL in params.yaml (datasets.<name>.source)")
+
+    def _check_redirect(self, url: str) -> Callable[..., requests.Response]:
+        """A response hook refusing, before it is followed, a redirect to anything but http(s)."""
+
+        def hook(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+            if response.is_redirect:
+                target = urllib.parse.urljoin(response.url, response.headers["Location"])
+                scheme = urllib.parse.urlsplit(target).scheme.lower()
+                if scheme not in ("http", "https"):
+                    response.close()
+                    raise FetchError(self.dataset, url, f"redirected to a {scheme or 'non-http'} URL "
+                                     f"({_clip(target, 80)}); only http and https are followed",
+                                     "check the URL in params.yaml (datasets.<name>.source)")
+            return response
+
+        return hook
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         self.requests += 1
         timeout = (self.policy.connect_timeout, self.policy.read_timeout)
-        response = self.session.request(method, url, timeout=timeout, **kwargs)
+        response = self.session.request(method, url, timeout=timeout,
+                                        hooks={"response": [self._check_redirect(url)]}, **kwargs)
+        self.requests += len(response.history)  # each redirect followed was a request too
         if response.status_code in RETRY_STATUS:
             wait = parse_retry_after(response.headers.get("Retry-After"))
             if wait is not None:
                 wait = min(wait, self.policy.max_retry_after)
             response.close()
-            raise _Retry(f"HTTP {response.status_code} {response.reason}", wait)
+            raise _Retry(f"HTTP {response.status_code} {_clip(response.reason, 60)}", wait)
         if response.status_code >= 400 and response.status_code != 416:
             response.close()
-            raise FetchError(self.dataset, url, f"HTTP {response.status_code} {response.reason}",
+            raise FetchError(self.dataset, url, f"HTTP {response.status_code} {_clip(response.reason, 60)}",
                              "check the URL in params.yaml (datasets.<name>.source)")
         return response
 
@@ -170,9 +582,7 @@ class HttpClient:
     def head(self, url: str) -> RemoteInfo:
         def once() -> RemoteInfo:
             with self._send("HEAD", url, allow_redirects=True) as r:
-                size = r.headers.get("Content-Length")
-                return RemoteInfo(url, int(size) if size and size.isdigit() else None,
-                                  r.headers.get("Accept-Ranges", "").lower() == "bytes")
+                return RemoteInfo(url, _content_length(r), r.headers.get("Accept-Ranges", "").lower() == "bytes")
 
         return self._with_retries(url, once)
 
@@ -192,36 +602,102 @@ class HttpClient:
         """Fetch ``url`` into ``dest`` (resuming ``dest.part``), verify it, rename it into place."""
         dest = Path(dest)
         part = dest.with_name(dest.name + ".part")
+        for path in (dest, part):
+            if path.is_symlink():
+                raise self._symlink_error(url, path)
         start_requests = self.requests
-        state = {"announced": size}
-        progress = Progress(size, label or dest.name)
+        job = _Job(url, part, size, size, _Sink(self, url, part), Progress(size, label or dest.name))
         try:
-            self._with_retries(url, lambda: self._download_once(url, part, state, progress))
-        finally:
-            progress.close()
-        got = part.stat().st_size
-        announced = state["announced"]
-        try:
+            self._with_retries(url, lambda: self._download_once(job), resumable=True)
+            got = self._part_size(url, part)
+            announced = job.announced
             if announced is not None and got != announced:
                 raise IntegrityError(self.dataset, url, f"received {got} bytes, expected {announced}",
                                      "the server sent a different size; check params.yaml or try later")
-            digest = sha256_file(part)
+            digest = job.sink.digest(got) or self._hash_part(url, part)
             if sha256 is not None and digest != sha256:
                 raise IntegrityError(self.dataset, url, f"sha256 {digest} does not match params.yaml ({sha256})",
                                      "the remote file changed or is corrupt; check the pinned sha256")
         except IntegrityError:
-            part.unlink(missing_ok=True)  # bad bytes must not be resumed from
+            job.sink.close()
+            with contextlib.suppress(OSError):  # bad bytes must not be resumed from
+                if not part.is_symlink():
+                    part.unlink(missing_ok=True)
             raise
-        with open(part, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(part, dest)
+        finally:
+            job.progress.close()
+            job.sink.shutdown()
+        self._sync_and_rename(url, part, dest)
         return Downloaded(dest, got, digest, self.requests - start_requests)
 
-    def _download_once(self, url: str, part: Path, state: dict, progress: Progress) -> None:
-        have = part.stat().st_size if part.exists() else 0
-        expected = state["announced"]
-        if expected is not None and have > expected:
-            part.unlink()
+    # -- the pieces of a download -------------------------------------------------------------
+
+    def _symlink_error(self, url: str, path: Path) -> FetchError:
+        return FetchError(self.dataset, url, f"{path} is a symbolic link; refusing to write through it",
+                          "remove it, then run the same command again")
+
+    def _discard(self, url: str, part: Path) -> None:
+        try:
+            part.unlink(missing_ok=True)
+        except OSError as exc:
+            raise FetchError(self.dataset, url, f"cannot remove {part}: {exc.strerror or exc}",
+                             "check the data folder, then run the same command again") from exc
+
+    def _part_size(self, url: str, part: Path) -> int:
+        """Bytes in ``.part`` (0 if absent); a link or a folder there is refused, never followed."""
+        try:
+            info = os.lstat(part)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise FetchError(self.dataset, url, f"cannot read {part}: {exc.strerror}") from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise self._symlink_error(url, part)
+        if not stat.S_ISREG(info.st_mode):
+            raise FetchError(self.dataset, url, f"{part} is not a regular file",
+                             "remove it, then run the same command again")
+        return info.st_size
+
+    def _hash_part(self, url: str, part: Path) -> str:
+        digest = hashlib.sha256()
+        try:
+            fd = os.open(part, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
+            with open(fd, "rb", buffering=0) as fh:
+                while chunk := fh.read(RECV_BUFFER):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise FetchError(self.dataset, url, f"cannot read {part}: {exc.strerror or exc}") from exc
+        return digest.hexdigest()
+
+    def _sync_and_rename(self, url: str, part: Path, dest: Path) -> None:
+        try:
+            fd = os.open(part, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_BINARY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if dest.is_symlink():
+                raise self._symlink_error(url, dest)
+            os.replace(part, dest)
+        except OSError as exc:
+            what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+            raise FetchError(self.dataset, url, f"cannot store {dest}: {what}",
+                             "check the data folder, then run the same command again") from exc
+
+    def _too_big(self, job: _Job, what: str, size: int) -> IntegrityError:
+        if job.pinned is not None:
+            problem = f"the server announces {what} {size} bytes, params.yaml pins {job.pinned}"
+            hint = "the remote file changed or the pinned size is wrong; check params.yaml"
+        else:
+            problem = f"the server announces {what} {size} bytes, earlier {job.announced}"
+            hint = "the remote file changed during the download; run the same command again"
+        return IntegrityError(self.dataset, job.url, problem, hint)
+
+    def _download_once(self, job: _Job) -> None:
+        url, part = job.url, job.part
+        have = self._part_size(url, part)
+        if job.announced is not None and have > job.announced:
+            self._discard(url, part)
             have = 0
         headers = {"Accept-Encoding": "identity"}
         if have:
@@ -231,26 +707,80 @@ class HttpClient:
                 # Nothing left to send: the part is complete if its size is what the server holds.
                 total = (_content_range(r.headers.get("Content-Range")) or (0, None))[1]
                 if have and total == have:
-                    state["announced"] = expected if expected is not None else total
+                    if job.announced is None:
+                        job.announced = total
                     return
-                part.unlink(missing_ok=True)
+                self._discard(url, part)
                 raise _Retry("HTTP 416 for a resume; restarting from zero")
+            length = _content_length(r, of_body=True)  # decoded bytes, which is what we store
             if r.status_code == 206:
                 start, total = _content_range(r.headers.get("Content-Range")) or (-1, None)
                 if start != have:
-                    part.unlink(missing_ok=True)
+                    self._discard(url, part)
                     raise _Retry(f"server answered a range from {start}, asked {have}; restarting")
-                mode = "ab"
+                if total is not None and job.announced is not None and total != job.announced:
+                    raise self._too_big(job, "a total of", total)
+                restart = False
             else:  # 200: the whole body, from byte 0 (the server may ignore Range)
-                length = r.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                have, mode = 0, "wb"
-            if state["announced"] is None:
-                state["announced"] = total
-            progress.update(have - progress.done)  # resumed bytes count as done; a restart rewinds
-            with open(part, mode) as fh:
-                # read1 hands over whatever arrived, so a dropped connection loses no byte
-                # already received: the next attempt resumes exactly where this one stopped.
-                while block := r.raw.read1(BLOCK, decode_content=True):
-                    fh.write(block)
-                    progress.update(len(block))
+                total = length
+                if length is not None and job.announced is not None and length != job.announced:
+                    raise self._too_big(job, "a body of", length)
+                have, restart = 0, True
+            if job.announced is None:
+                job.announced = total
+            if length is not None and job.announced is not None and have + length > job.announced:
+                raise self._too_big(job, "a body of", length)
+            job.progress.update(have - job.progress.done)  # resumed bytes count as done; a restart rewinds
+            job.sink.open(restart, have)
+            try:
+                self._receive(job, r, have, length)
+            finally:
+                job.sink.close()
+                job.sink.check()  # a failed write outranks whatever the network did
+
+    def _receive(self, job: _Job, r: requests.Response, have: int, length: int | None) -> None:
+        """Append the body to ``.part``, never past the announced/pinned size."""
+        readinto1 = _body_reader(r)
+        sink, limit = job.sink, job.announced
+        end = None if length is None else have + length  # where this body ends
+        pos = have
+        while True:
+            # Ask for no more than this body holds; with an unknown length, for one byte past the
+            # limit, so that a body running on past it is caught without writing that byte.
+            if end is not None:
+                want = end - pos
+            elif limit is not None:
+                want = limit + 1 - pos
+            else:
+                want = RECV_BUFFER
+            if want <= 0:
+                break
+            view = sink.buffer()[:min(RECV_BUFFER, want)]
+            n, eof, failure = 0, False, None
+            started = time.monotonic()
+            try:
+                while n < len(view):
+                    got = readinto1(view[n:])
+                    if not got:
+                        eof = True
+                        break
+                    n += got
+                    if time.monotonic() - started > FILL_SECONDS:
+                        break
+            except BaseException as exc:  # keep what arrived before the connection failed
+                failure = exc
+            if limit is not None and pos + n > limit:
+                raise IntegrityError(self.dataset, job.url, f"the server sent more than {limit} bytes",
+                                     "the remote file changed or the pinned size is wrong; check params.yaml")
+            if n:
+                sink.append(view[:n])
+                pos += n
+                job.progress.update(n)
+            if failure is not None:
+                if isinstance(failure, OSError) and not isinstance(failure, requests.RequestException):
+                    raise _Retry(_network_problem(failure, job.url, self.policy)) from failure
+                raise failure
+            if eof:
+                break
+        if end is not None and pos < end:
+            raise _Retry(f"the connection closed after {pos - have} of {length} bytes")
