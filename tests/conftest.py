@@ -30,6 +30,8 @@ def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyte
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("EMDATA_PROJECT", raising=False)
     monkeypatch.delenv("EMDATA_DEBUG", raising=False)
+    monkeypatch.delenv("EMDATA_READ_TIMEOUT", raising=False)
+    monkeypatch.delenv("EMDATA_FETCH_WORKERS", raising=False)
 
 
 @pytest.fixture

@@ -89,3 +89,12 @@ def test_duplicate_keys_and_syntax_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML at line") as err:
         load_config(tmp_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("values, message", [({"mito": {255: "one"}}, "label_values.mito"),
+                                             ({"Mito": {255: 1}}, "label_values.Mito"),
+                                             ([255, 1], "label_values: expected")])
+def test_label_values_are_checked(tmp_path, values, message) -> None:
+    cfg = _load(tmp_path, {"datasets": {"a": {**_dataset(), "label_values": values}}})
+    with pytest.raises(ConfigError, match=message):
+        cfg.dataset("a")

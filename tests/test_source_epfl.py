@@ -32,14 +32,35 @@ def test_plan_reports_sizes_without_downloading(epfl_project, server) -> None:
     assert not epfl_project.raw_dir("epfl_mito_train").exists()
 
 
-def test_labels_keep_native_values(epfl_project, epfl_replica) -> None:
-    import h5py
+def test_labels_are_mapped_by_params_and_native_values_stay_available(epfl_project, epfl_replica) -> None:
+    import json
 
+    import h5py
+    import yaml
+
+    from emdata.config import load_config
     from emdata.normalize import normalize_dataset
     from emdata.pipeline import fetch_dataset
 
+    native = epfl_replica.arrays["testing_groundtruth.tif"]
     fetch_dataset(epfl_project, "epfl_mito_test")
     with h5py.File(normalize_dataset(epfl_project, "epfl_mito_test")) as f:
-        labels = f["labels/mitochondria"][()]
-    assert set(np.unique(labels)) <= {0, 255}
-    np.testing.assert_array_equal(labels, epfl_replica.arrays["testing_groundtruth.tif"])
+        labels = f["labels/mitochondria"]
+        assert set(np.unique(labels[()])) == {0, 1}
+        np.testing.assert_array_equal(labels[()], (native == 255).astype(np.uint8))
+        assert json.loads(labels.attrs["value_map"]) == {"255": 1}
+    params_path = epfl_project.root / "params.yaml"  # without label_values: the native 0/255
+    params = yaml.safe_load(params_path.read_text())
+    del params["datasets"]["epfl_mito_test"]["label_values"]
+    params_path.write_text(yaml.safe_dump(params))
+    with h5py.File(normalize_dataset(load_config(epfl_project.root), "epfl_mito_test")) as f:
+        np.testing.assert_array_equal(f["labels/mitochondria"][()], native)
+        assert "value_map" not in f["labels/mitochondria"].attrs
+
+
+def test_real_params_store_the_epfl_masks_as_zero_and_one() -> None:
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO)
+    for key in ("epfl_mito_train", "epfl_mito_test"):
+        assert cfg.dataset(key).label_values == {"mitochondria": {255: 1}}

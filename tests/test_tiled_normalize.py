@@ -77,3 +77,17 @@ def test_reading_a_tiff_box_does_not_import_the_network_or_the_registry() -> Non
             "print(sorted(m for m in ('requests', 'urllib3', 'emdata.sources', 'emdata.io.http') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16])
+def test_mapped_label_values(dtype) -> None:
+    from emdata.raw import MappedVolume
+
+    native = (coordinate_volume((3, 5, 7), np.uint8) % 4).astype(dtype) * 3  # values 0, 3, 6, 9
+    mapped = MappedVolume(ArrayVolume(native, "t"), {3: 1, 9: -1 if np.dtype(dtype).kind == "i" else 2})
+    got = mapped[:]
+    expected = native.copy()
+    expected[native == 3] = 1
+    expected[native == 9] = -1 if np.dtype(dtype).kind == "i" else 2
+    np.testing.assert_array_equal(got, expected)
+    assert got.dtype == native.dtype

@@ -137,6 +137,21 @@ def as_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     return parse
 
 
+def as_label_values(value: Any, path: str) -> dict[str, dict[int, int]]:
+    """``{label: {native value: stored value}}``, e.g. ``{mitochondria: {255: 1}}``."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected {{label: {{native: stored}}}}, got {value!r}")
+    out: dict[str, dict[int, int]] = {}
+    for name, mapping in value.items():
+        ok = isinstance(name, str) and KEY_PATTERN.fullmatch(name) and isinstance(mapping, Mapping) and mapping
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for pair in mapping.items() for v in pair)
+        if not ok:
+            raise ConfigError(f"{PARAMS_FILE}: {path}.{name}: expected a label name with a mapping of integers "
+                              f"{{native: stored}}, got {mapping!r}")
+        out[name] = {int(k): int(v) for k, v in mapping.items()}
+    return out
+
+
 def processed_relpath(key: str) -> str:
     """Where normalize writes a dataset's HDF5, relative to the repository (dvc.yaml agrees)."""
     return f"data/processed/{key}.h5"
@@ -190,6 +205,7 @@ class DatasetConfig:
     source_kind: str
     source: Any  # the source module's frozen Params dataclass
     raw_params: dict = field(repr=False, compare=False, default_factory=dict)
+    label_values: dict[str, dict[int, int]] = field(default_factory=dict)  # label -> {native: stored}
     accession: str | None = None
     doi: str | None = None
 
@@ -285,6 +301,7 @@ def parse_dataset(key: str, data: Any) -> DatasetConfig:
         voxel_size_nm=sec.optional("voxel_size_nm", as_triple(positive=True)),
         offset_nm=sec.optional("offset_nm", as_triple(positive=False)),
         geometry_trust=sec.optional("geometry_trust", as_choice(GEOMETRY_TRUST)),
+        label_values=sec.optional("label_values", as_label_values, {}),
         accession=sec.optional("accession", as_str),
         doi=sec.optional("doi", as_str),
         source_kind=kind,

@@ -47,9 +47,9 @@ class FetchContext:
             if self.http_factory is not None:
                 self._http = self.http_factory()
             else:
-                from .io.http import HttpClient, RetryPolicy
+                from .io.http import HttpClient
 
-                self._http = HttpClient(self.dataset, policy=self.policy or RetryPolicy())
+                self._http = HttpClient(self.dataset, policy=self.policy)  # None: RetryPolicy.from_env()
         return self._http
 
     @property
@@ -66,7 +66,7 @@ class FetchContext:
                              "pip install s3fs (it comes with dvc-s3)") from exc
         from .io.http import RetryPolicy
 
-        policy = self.policy or RetryPolicy()
+        policy = self.policy or RetryPolicy.from_env()
         client_kwargs: dict[str, Any] = {}
         if region:
             client_kwargs["region_name"] = region
@@ -81,7 +81,7 @@ class FetchContext:
         """A tensorstore ``context`` with bounded HTTP and S3 retries (unbounded ones hang for minutes)."""
         from .io.http import RetryPolicy
 
-        policy = self.policy or RetryPolicy()
+        policy = self.policy or RetryPolicy.from_env()
         retries = {"max_retries": max(0, policy.attempts - 1), "initial_delay": f"{policy.base_delay}s",
                    "max_delay": f"{policy.max_delay}s"}
         return {"http_request_retries": retries, "s3_request_retries": retries}

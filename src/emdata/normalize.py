@@ -24,13 +24,13 @@ import numpy as np
 
 from . import __version__
 from .config import Config
-from .errors import FormatError
+from .errors import ConfigError, FormatError
 from .fetch_record import FetchRecord, require_fetched
 from .geometry import Geometry, resolve
 from .io import hdf5
 from .io.lock import dataset_lock
 from .progress import Progress
-from .raw import RawVolume, json_safe
+from .raw import MappedVolume, RawVolume, json_safe
 from .sources import get_source
 from .stats import StreamingStats
 from .tiles import Box, plan_tiles
@@ -187,6 +187,16 @@ def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume]) -> 
                                   "labels must lie on the image's grid")
 
 
+def _map_label_values(key: str, labels: dict[str, RawVolume],
+                      values: dict[str, dict[int, int]]) -> dict[str, RawVolume]:
+    """Labels with the value mappings of params (``label_values``) applied as they are read."""
+    unknown = sorted(set(values) - set(labels))
+    if unknown:
+        raise ConfigError(f"params.yaml: datasets.{key}.label_values.{unknown[0]}: no such label "
+                          f"(labels: {', '.join(sorted(labels)) or 'none'})")
+    return {name: MappedVolume(lab, values[name]) if name in values else lab for name, lab in labels.items()}
+
+
 def normalize_dataset(cfg: Config, key: str) -> Path:
     """Write ``data/processed/<key>.h5`` from ``data/raw/<key>``; return its path."""
     ds = cfg.dataset(key)
@@ -219,6 +229,7 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
             open_labels = getattr(source, "open_labels", None)
             labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
             _check_labels(key, volume, labels)
+            labels = _map_label_values(key, labels, ds.label_values)
             geometry = dataset_geometry(cfg, key, volume)
             native = json_safe(source.read_metadata(ds.source, raw, key))
             with h5py.File(tmp, "w") as f:
@@ -231,8 +242,11 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
                               budget=params.memory_budget)
                 write_volume(f, hdf5.RAW, volume, label=False, desc=f"{key}: raw", **common)
                 for name, lab in labels.items():
+                    mapping = ds.label_values.get(name)
+                    attrs = {**common["attrs"], **({"value_map": json.dumps({str(k): v for k, v in mapping.items()})}
+                                                   if mapping else {})}
                     result = write_volume(f, f"{hdf5.LABELS}/{name}", lab, label=True,
-                                          desc=f"{key}: labels/{name}", **common)
+                                          desc=f"{key}: labels/{name}", **{**common, "attrs": attrs})
                     f.create_dataset(f"{hdf5.LABEL_STATS}/{name}/chunk_foreground", data=result["foreground"])
         _check_written(tmp, key, tuple(volume.shape), list(labels))
         _publish(cfg, key, tmp, out)

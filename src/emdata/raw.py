@@ -97,6 +97,42 @@ class ArrayVolume(RawVolume):
         return np.ascontiguousarray(self.array[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]])
 
 
+class MappedVolume(RawVolume):
+    """Another volume with some integer values replaced (``{255: 1}``); the rest pass unchanged."""
+
+    def __init__(self, inner: RawVolume, mapping: dict[int, int]) -> None:
+        self.inner = inner
+        self.mapping = dict(mapping)
+        self.dataset = inner.dataset
+        self.shape = inner.shape
+        self.dtype = inner.dtype
+        self.voxel_size_nm, self.offset_nm = inner.voxel_size_nm, inner.offset_nm
+        if self.dtype.kind not in "iu":
+            raise ConfigError(f"{self.dataset}: label values can be mapped only in integer volumes, not {self.dtype}")
+        info = np.iinfo(self.dtype)
+        bad = [v for pair in self.mapping.items() for v in pair if not info.min <= v <= info.max]
+        if bad:
+            raise ConfigError(f"{self.dataset}: label value {bad[0]} does not fit the labels' type {self.dtype}")
+        self._lut = None
+        if self.dtype.itemsize == 1:  # a lookup table is one pass for 8-bit labels
+            self._lut = np.arange(info.min, info.max + 1, dtype=np.int64).astype(self.dtype)
+            for native, stored in self.mapping.items():
+                self._lut[native - info.min] = stored
+
+    def read_box(self, start: IntTriple, stop: IntTriple) -> np.ndarray:
+        data = self.inner.read_box(start, stop)
+        if self._lut is not None:
+            offset = int(np.iinfo(self.dtype).min)
+            return self._lut[data.astype(np.int16) - offset] if offset else self._lut[data]
+        out = data.copy()
+        for native, stored in self.mapping.items():
+            out[data == native] = stored
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def json_safe(value: Any) -> Any:
     """Round-trip through JSON with numpy scalars, arrays and bytes made plain."""
 

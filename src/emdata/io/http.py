@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - Windows: no O_DIRECT either
 
 from ..errors import ConfigError, FetchError, IntegrityError
 from ..progress import Progress
+from .digest import sha256_file  # noqa: F401  (re-exported: emdata.io.http.sha256_file)
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,6 @@ class Downloaded:
     size: int
     sha256: str
     requests: int
-
-
-def sha256_file(path: Path, block: int = 8 * BLOCK) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -6,8 +6,10 @@ directly; the raw-volume type lives in :mod:`emdata.raw`.
 
 from __future__ import annotations
 
+import stat
 import urllib.parse
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import Section, as_int, as_sha256, as_str
@@ -64,16 +66,24 @@ def plan_files(ctx: FetchContext, files: Iterable[RemoteFile]) -> list[FilePlan]
     for spec in files:
         done = ctx.dest / spec.name
         part = ctx.dest / (spec.name + ".part")
-        if done.is_file():
+        if _regular_file(done):
             plans.append(FilePlan(spec.name, spec.url, done.stat().st_size, 0, 0, "done"))
             continue
         size, requests = spec.size, 0
         if size is None:
             size, requests = ctx.http.head(spec.url).size, 1
-        have = part.stat().st_size if part.is_file() else 0
+        have = part.lstat().st_size if _regular_file(part) else 0
         left = None if size is None else max(0, size - have)
         plans.append(FilePlan(spec.name, spec.url, size, left, requests + 1, "resume" if have else "new"))
     return plans
+
+
+def _regular_file(path: Path) -> bool:
+    """A real file, not a symlink (never follow links planted in the partial folder)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
 
 
 def fetch_files(ctx: FetchContext, files: Iterable[RemoteFile]) -> dict[str, FetchedFile]:

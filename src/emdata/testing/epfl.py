@@ -20,6 +20,7 @@ from .volumes import blob_labels, coordinate_volume, em_like_volume, write_tiff_
 
 EPFL_PATH = "/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
 FOLDER = "groups/c/cv/cvlab-unit/www/data/ ElectronMicroscopy_Hippocampus"
+LABEL_VALUES = {"mitochondria": {255: 1}}  # as params.yaml: the 0/255 masks are stored as 0/1
 DEMO_SHAPES = {"volume_shape": (80, 211, 257), "bench_shape": (45, 97, 131)}
 
 
@@ -63,10 +64,10 @@ def epfl_datasets(base_url: str) -> dict[str, Any]:
     return {
         "epfl_hippocampus": {"title": "EPFL hippocampus (replica)", **common,
                              "source": {"kind": "epfl", "base_url": base_url, "image": {"file": "volumedata.tif"}}},
-        "epfl_mito_train": {"title": "EPFL mito train (replica)", **common,
+        "epfl_mito_train": {"title": "EPFL mito train (replica)", **common, "label_values": LABEL_VALUES,
                             "source": {"kind": "epfl", "base_url": base_url, "image": {"file": "training.tif"},
                                        "labels": {"mitochondria": {"file": "training_groundtruth.tif"}}}},
-        "epfl_mito_test": {"title": "EPFL mito test (replica)", **common,
+        "epfl_mito_test": {"title": "EPFL mito test (replica)", **common, "label_values": LABEL_VALUES,
                            "source": {"kind": "epfl", "base_url": base_url, "image": {"file": "testing.tif"},
                                       "labels": {"mitochondria": {"file": "testing_groundtruth.tif"}}}},
     }
@@ -94,7 +95,9 @@ class RunningEpfl:
         out = []
         for key, (image, labels) in _CASES.items():
             expected = {"raw": self.replica.arrays[image]}
-            expected.update({f"labels/{n}": self.replica.arrays[f] for n, f in labels.items()})
+            for n, f in labels.items():  # stored with params' label_values applied (255 -> 1)
+                native = self.replica.arrays[f]
+                expected[f"labels/{n}"] = np.where(native == 255, 1, native).astype(native.dtype)
             files = {name: EPFL_PATH + name for name in [image, *labels.values()]}
             out.append(ReplicaCase(key, datasets[key], expected, (5.0, 5.0, 5.0), (0.0, 0.0, 0.0),
                                    fault_path=EPFL_PATH + image, files=files))
