@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 
 ENTRY_POINT_GROUP = "emdata.sources"
+REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")  # see protocol.Source
 KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
 }
@@ -47,8 +48,6 @@ def get_source(kind: str, path: str = "source.kind") -> ModuleType:
         raise ConfigError(f"params.yaml: {path}: unknown source kind {kind!r} "
                           f"(known kinds: {', '.join(sorted(known_kinds()))})")
     module = importlib.import_module(target)
-    from .protocol import REQUIRED
-
     missing = [name for name in REQUIRED if not hasattr(module, name)]
     if missing or getattr(module, "KIND", None) != kind:
         raise ConfigError(f"params.yaml: {path}: module {target} does not implement source kind {kind!r} "

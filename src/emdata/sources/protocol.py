@@ -48,5 +48,3 @@ class LabelledSource(Source, Protocol):
 
     def open_labels(self, params: Any, raw: Path, dataset: str) -> dict[str, RawVolume]: ...
 
-
-REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")
