@@ -81,3 +81,41 @@ def test_downstream_repo_imports_one_hdf5(producer, tmp_path: Path) -> None:
     dvc(["import", str(repo), "data/processed/epfl_mito_train.h5", "-o", "train.h5"], downstream, env)
     assert sha256_file(downstream / "train.h5") == sha256_file(repo / "data" / "processed" / "epfl_mito_train.h5")
     assert (downstream / "train.h5.dvc").is_file()
+
+
+def test_a_tagged_release_is_consumed_by_pull_import_and_open_dataset(producer, tmp_path: Path) -> None:
+    """What `make publish` does (repro, push, commit dvc.lock, tag), then three ways to consume the tag."""
+    import h5py
+    import numpy as np
+
+    from emdata.access.volume import open_dataset
+
+    repo, env = producer
+    dvc(["repro", "normalize@epfl_mito_train"], repo, env)
+    dvc(["push"], repo, env)
+    git(["add", "-A"], repo, env)
+    git(["commit", "-qm", "publish v1.0"], repo, env)
+    git(["tag", "-a", "v1.0", "-m", "release"], repo, env)
+    produced = repo / "data" / "processed" / "epfl_mito_train.h5"
+    digest = sha256_file(produced)
+    # Later work on main must not change what the tag serves.
+    dvc(["repro", "normalize@epfl_mito_test"], repo, env)
+    git(["add", "-A"], repo, env)
+    git(["commit", "-qm", "more data"], repo, env)
+
+    clone = tmp_path / "work" / "clone"
+    git(["clone", "-q", "--branch", "v1.0", str(repo), str(clone)], tmp_path, env)
+    dvc(["pull", "data/processed/epfl_mito_train.h5"], clone, env)
+    assert sha256_file(clone / "data" / "processed" / "epfl_mito_train.h5") == digest
+
+    downstream = tmp_path / "work" / "downstream"
+    downstream.mkdir()
+    git(["init", "-q", "-b", "main"], downstream, env)
+    dvc(["init", "-q"], downstream, env)
+    dvc(["import", str(repo), "data/processed/epfl_mito_train.h5", "--rev", "v1.0", "-o", "train.h5"], downstream, env)
+    assert sha256_file(downstream / "train.h5") == digest
+
+    vol = open_dataset("epfl_mito_train", rev="v1.0", repo=str(repo), cache_dir=tmp_path / "cache")
+    assert sha256_file(vol.path) == digest
+    with h5py.File(produced, "r") as f:
+        np.testing.assert_array_equal(vol[:], f["raw"][()])

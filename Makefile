@@ -1,0 +1,58 @@
+# Two commands for a new user (README): `make demo` and `make test`. Both create .venv with
+# python3, install the package with the extras they need, and run. Nothing else is required.
+#
+#   make demo      offline demo: the whole pipeline (dvc repro, push, clone, pull) against loopback replicas
+#   make test      mypy on the source protocol, then the test suite (offline; also what CI runs)
+#   make repro     the real pipeline from the public services (needs internet)
+#   make publish   maintainer: repro, push to the S3 remote, commit dvc.lock, tag (TAG=v1.0)
+#
+# torch: TORCH (default torch==2.13.0, a CPU wheel where the machine's pip provides one); set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to force PyTorch's CPU builds elsewhere, or
+# TORCH= to install without torch (its tests are then skipped).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TAG ?=
+export DVC_NO_ANALYTICS := 1
+export AWS_EC2_METADATA_DISABLED := true
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.emdata-installed
+
+.PHONY: install demo test repro publish clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@echo "installing emdata and its test extras into $(VENV) (log: $(VENV)/pip.log)"
+	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -e ".[dask,test]" \
+		> $(VENV)/pip.log 2>&1 || { grep -v "^WARNING: Location" $(VENV)/pip.log | tail -40; exit 1; }
+	$(BIN)/python -c "import emdata, h5py, dvc" && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m emdata demo
+
+test: $(STAMP)
+	$(BIN)/python -m mypy
+	$(BIN)/python -m pytest -q
+
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+publish: $(STAMP)
+	@test -n "$(TAG)" || { echo "make publish: set TAG, e.g. make publish TAG=v1.0"; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m emdata check
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc push -r s3
+	$(BIN)/dvc push
+	git add dvc.lock METADATA_SUMMARY.md data/metadata.csv thumbnails
+	git commit -m "Publish $(TAG): dvc.lock and generated summary"
+	git tag -a $(TAG) -m "emdata data release $(TAG)"
+	@echo "published $(TAG): now git push --follow-tags"
+
+clean-venv:
+	rm -rf $(VENV)
