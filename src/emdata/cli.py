@@ -235,6 +235,14 @@ def main() -> None:
             raise
         typer.echo(f"emdata: error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # A file-system failure nothing below turned into an EmdataError: still one line.
+        if os.environ.get("EMDATA_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "free some disk space and run again" if exc.errno == 28 else "check the path and permissions"
+        typer.echo(f"emdata: error: {where}{exc.strerror or exc}; {hint}", err=True)
+        sys.exit(10)
     except usage as exc:
         # One line, click's own wording, and the command to get help.
         typer.echo(f"emdata: error: {exc.format_message().rstrip('.')}; see `emdata --help`", err=True)

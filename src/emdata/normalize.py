@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -210,6 +211,18 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
         return _normalize_locked(cfg, key, source, raw, record, out)
 
 
+def _check_free_space(key: str, out: Path, arrays: list[RawVolume], compression: str) -> None:
+    """Refuse to start when the disk cannot hold the output (HDF5 fails badly when a write hits ENOSPC)."""
+    voxels = sum(int(np.prod(a.shape)) * output_dtype(a.dtype).itemsize for a in arrays)
+    need = voxels // (2 if compression != "none" else 1) + (4 << 20)  # compressed: assume at most half saved
+    free = shutil.disk_usage(out.parent).free
+    old = out.stat().st_size if out.is_file() else 0  # replaced only after the new file is complete
+    if free < need:
+        raise FormatError(key, str(out.parent), f"not enough free disk space: {free / 2**20:.0f} MiB free, "
+                          f"the output needs about {need / 2**20:.0f} MiB (the old output, {old / 2**20:.0f} MiB, "
+                          "stays until the new one is complete)", "free some space and run normalize again")
+
+
 def _remove_stale_temporaries(out: Path) -> None:
     """Temporaries of earlier runs that were killed (the lock says no other run is writing)."""
     for old in out.parent.glob(f".{out.name}.*.tmp"):
@@ -230,6 +243,7 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
             labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
             _check_labels(key, volume, labels)
             labels = _map_label_values(key, labels, ds.label_values)
+            _check_free_space(key, out, [volume, *labels.values()], params.compression)
             geometry = dataset_geometry(cfg, key, volume)
             native = json_safe(source.read_metadata(ds.source, raw, key))
             with h5py.File(tmp, "w") as f:
