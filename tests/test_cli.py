@@ -137,3 +137,12 @@ def test_usage_mistakes_are_one_line(tmp_path, args, words) -> None:
     proc = emdata(tmp_path, *args)
     line = one_line_error(proc)
     assert words in line and proc.returncode == 2
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "summarize"])
+def test_a_truncated_metadata_record_is_one_line(built, command) -> None:
+    record = built.record_path("epfl_mito_train")
+    record.write_text(record.read_text()[:40])
+    args = [command] if command == "summarize" else [command, "epfl_mito_train"]
+    line = one_line_error(emdata(built.root, *args))
+    assert "metadata record is damaged" in line and "emdata normalize epfl_mito_train" in line

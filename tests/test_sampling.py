@@ -193,3 +193,90 @@ def test_damaged_ledger_restarts_cleanly(volume, arrays, tmp_path) -> None:
     run_tiled(volume, lambda x: x.astype(np.float32), out_path, block_shape=(8, 16, 16))
     with h5py.File(out_path, "r") as f:
         np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32))
+
+
+# --- chunk-aligned, label-aware sampling: odd shapes and chunkings ------------------------------
+
+ODD = (37, 53, 71)
+ODD_CHUNKS = (5, 11, 13)
+
+
+def _rechunk_label(path, name: str, label: np.ndarray, chunks: tuple[int, int, int]) -> None:
+    """Store ``label`` with its own chunking and rewrite its per-chunk statistics to match."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        del f[f"labels/{name}"], f[f"label_stats/{name}/chunk_foreground"]
+        f.create_dataset(f"labels/{name}", data=label, chunks=chunks)
+        for key in ("resolution", "offset"):  # canonical files give labels their geometry
+            f[f"labels/{name}"].attrs[key] = f["raw"].attrs[key]
+        grid = [-(-s // c) for s, c in zip(label.shape, chunks)]
+        counts = np.zeros(grid, np.int64)
+        for index in np.ndindex(*grid):
+            box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))
+            counts[index] = np.count_nonzero(label[box])
+        f.create_dataset(f"label_stats/{name}/chunk_foreground", data=counts)
+
+
+@pytest.mark.parametrize("label_chunks", [None, (7, 9, 10)])
+@pytest.mark.parametrize("jitter", [0, (1, 2, 3)])
+def test_aligned_label_patches_are_found_whenever_the_bound_allows(tmp_path, jitter, label_chunks) -> None:
+    """One dense 6x12x14 box sits exactly on the image chunk grid: few aligned origins can reach 90%."""
+    label = np.zeros(ODD, np.uint8)
+    label[10:16, 22:34, 26:40] = 1
+    path = write_canonical(tmp_path / "odd.h5", coordinate_volume(ODD), labels={"m": label}, chunks=ODD_CHUNKS)
+    if label_chunks is not None:
+        _rechunk_label(path, "m", label, label_chunks)
+    vol = Volume(path)
+    patch = (6, 12, 14)
+    jit = (jitter,) * 3 if isinstance(jitter, int) else jitter
+    a = RandomPatches(vol, patch, seed=5, length=10, label="m", min_foreground=0.9, align_to_chunks=True,
+                      jitter=jitter)
+    b = RandomPatches(vol, patch, seed=5, length=10, label="m", min_foreground=0.9, align_to_chunks=True,
+                      jitter=jitter)
+    for epoch in (0, 1):
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        origins = [a.origin(i) for i in range(10)]  # all ten are found: none raises
+        assert origins == [b.origin(i) for i in reversed(range(10))][::-1]  # deterministic per (seed, e, i)
+        for o in origins:
+            for axis in range(3):  # within the jitter of a point of the image chunk grid
+                off = o[axis] % ODD_CHUNKS[axis]
+                assert min(off, ODD_CHUNKS[axis] - off) <= jit[axis], (o, axis)
+            box = tuple(slice(s, s + p) for s, p in zip(o, patch))
+            assert np.count_nonzero(label[box]) >= a.need
+    patch_0 = a[0]
+    assert np.count_nonzero(patch_0.label) >= a.need
+
+
+def test_aligned_rare_patches_spend_the_budget_on_exact_checks_only(tmp_path) -> None:
+    """The bound allows 90% at a few aligned origins but no patch reaches it: every try is a real check."""
+    label = np.zeros(ODD, np.uint8)
+    label[11:17, 23:35, 27:41] = 1  # one voxel off the chunk grid on every axis: aligned best is 71%
+    vol = Volume(write_canonical(tmp_path / "off.h5", coordinate_volume(ODD), labels={"m": label},
+                                 chunks=ODD_CHUNKS))
+    sampler = RandomPatches(vol, (6, 12, 14), seed=0, label="m", min_foreground=0.9, align_to_chunks=True,
+                            max_tries=25)
+    reads = []
+    read = sampler.label.read
+    sampler.label.read = lambda *args, **kw: reads.append(1) or read(*args, **kw)
+    with pytest.raises(AccessError) as caught:
+        sampler.origin(3)
+    assert len(reads) == 25  # cheap rejections do not use up the budget
+    message = str(caught.value)
+    assert "\n" not in message
+    for part in ("6x12x14", ">= 90.0% m", "found in 25 tries", "patch 3", "max_tries", "min_foreground"):
+        assert part in message, (part, message)
+
+
+def test_aligned_request_no_aligned_patch_can_meet_fails_at_once(tmp_path) -> None:
+    """Foreground straddling a chunk boundary is reachable unaligned but not by aligned 4x8x10 patches."""
+    label = np.zeros(ODD, np.uint8)
+    label[3:7, 8:16, 9:19] = 1  # crosses the z, y and x chunk boundaries (5, 11, 13)
+    vol = Volume(write_canonical(tmp_path / "cross.h5", coordinate_volume(ODD), labels={"m": label},
+                                 chunks=ODD_CHUNKS))
+    RandomPatches(vol, (4, 8, 10), label="m", min_foreground=0.9)  # feasible without alignment
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"chunk-aligned.*jitter.*align_to_chunks=False"):
+        RandomPatches(vol, (4, 8, 10), label="m", min_foreground=0.9, align_to_chunks=True)
+    assert time.perf_counter() - start < 0.5

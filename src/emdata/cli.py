@@ -175,7 +175,9 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
         state = dataset_state(cfg, dataset)
         typer.echo(json.dumps({"title": ds.title, "source": ds.source.to_dict(), **state}, indent=1))
         return
-    record = json.loads(path.read_text())
+    from .metadata import read_record
+
+    record = read_record(cfg, dataset)
     if as_json:
         typer.echo(json.dumps(record, indent=1, sort_keys=True))
         return

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .config import Config
+from .errors import FormatError
 from .io import hdf5
 from .io.atomic import write_json_atomic
 from .io.http import sha256_file
@@ -92,13 +93,28 @@ def write_record(cfg: Config, key: str) -> Path:
     return path
 
 
+def read_record(cfg: Config, key: str) -> dict[str, Any]:
+    """``data/metadata/<key>.json``; a damaged record is one line saying how to rebuild it."""
+    path = cfg.record_path(key)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise FormatError(key, str(path), f"the metadata record is damaged ({exc})",
+                          f"run `emdata normalize {key}` (or `dvc checkout {path.relative_to(cfg.root)}`)") from exc
+
+
 def load_records(cfg: Config) -> dict[str, dict[str, Any]]:
     """Records of the datasets in params.yaml that have one, in key order."""
     records = {}
     for key in sorted(cfg.datasets):
         path = cfg.record_path(key)
         if path.is_file():
-            records[key] = json.loads(path.read_text())
+            records[key] = read_record(cfg, key)
     return records
 
 

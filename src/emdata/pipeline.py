@@ -138,7 +138,9 @@ def verify_dataset(cfg: Config, key: str) -> list[tuple[str, str]]:
     h5, record_path = cfg.processed_path(key), cfg.record_path(key)
     if not h5.is_file() or not record_path.is_file():
         raise NotBuiltError(f"{key}: {h5} or {record_path} is missing; run `dvc pull` or `emdata normalize {key}`")
-    record = json.loads(record_path.read_text())
+    from .metadata import read_record
+
+    record = read_record(cfg, key)
     passed = []
     digest = sha256_file(h5)
     if digest != record["file_sha256"]:
