@@ -120,34 +120,39 @@ def test_gaussian_blend_weights_the_centre(volume, tmp_path) -> None:
         assert len(np.unique(f["prediction"][()])) > 10
 
 
+def _twice(x):
+    return x.astype(np.float32) * 2
+
+
 @pytest.mark.parametrize("blend", ["crop", "gaussian"])
-def test_interrupted_tiled_run_resumes_without_recomputing(volume, arrays, tmp_path, blend) -> None:
+def test_interrupted_tiled_run_resumes_without_recomputing(volume, arrays, tmp_path, blend, monkeypatch) -> None:
+    """The same model, restarted, resumes. The interruption comes from outside the model: the ledger
+    identifies a model by its code and state, so an instrumented copy would be another model."""
     import h5py
+
+    from emdata.access import tiling
 
     raw, _ = arrays
     calls = []
+    predict = tiling._predict
 
     class Interrupted(Exception):
         pass
 
-    def flaky(x):
+    def interrupt_after_five(volume, fn, b, pad):
         if len(calls) == 5:
             raise Interrupted
         calls.append(1)
-        return x.astype(np.float32) * 2
+        return predict(volume, fn, b, pad)
 
+    monkeypatch.setattr(tiling, "_predict", interrupt_after_five)
     out_path = tmp_path / "p.h5"
     with pytest.raises(Interrupted):
-        run_tiled(volume, flaky, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
+        run_tiled(volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
     assert not out_path.exists()
     second = []
-
-    def counting(x):
-        second.append(1)
-        return x.astype(np.float32) * 2
-
-    counting.__qualname__ = flaky.__qualname__  # the same model, restarted
-    run_tiled(volume, counting, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
+    monkeypatch.setattr(tiling, "_predict", lambda *args: second.append(1) or predict(*args))
+    run_tiled(volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
     total = 4 * 3 * 4
     assert len(second) == total - 5
     with h5py.File(out_path, "r") as f:
@@ -219,9 +224,12 @@ def _rechunk_label(path, name: str, label: np.ndarray, chunks: tuple[int, int, i
 
 
 @pytest.mark.parametrize("label_chunks", [None, (7, 9, 10)])
-@pytest.mark.parametrize("jitter", [0, (1, 2, 3)])
+@pytest.mark.parametrize("jitter", [0, (1, 1, 1)])
 def test_aligned_label_patches_are_found_whenever_the_bound_allows(tmp_path, jitter, label_chunks) -> None:
-    """One dense 6x12x14 box sits exactly on the image chunk grid: few aligned origins can reach 90%."""
+    """One dense 6x12x14 box sits exactly on the image chunk grid: few aligned origins can reach 90%.
+
+    Of the aligned origins the per-chunk bound allows, 6-100% pass the exact count here (a larger
+    jitter dilutes that: the bound cannot tell jittered origins within one chunk span apart)."""
     label = np.zeros(ODD, np.uint8)
     label[10:16, 22:34, 26:40] = 1
     path = write_canonical(tmp_path / "odd.h5", coordinate_volume(ODD), labels={"m": label}, chunks=ODD_CHUNKS)

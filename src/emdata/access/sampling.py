@@ -6,10 +6,12 @@ any number of DataLoader workers.
 
 Label-aware sampling uses the per-chunk foreground counts written by ``normalize``
 (``/label_stats/<label>/chunk_foreground``). A patch can hold no more foreground than the chunks
-it overlaps, so before drawing anything the sampler finds the best such bound over all patch
-positions: a request no patch can satisfy fails at once, with the best achievable fraction in
-the message. Candidates are then drawn only where the bound allows the requested fraction, and
-checked exactly on the label voxels.
+it overlaps, so before drawing anything the sampler bounds every origin it could draw (every
+position, or with ``align_to_chunks`` the chunk-grid points moved by up to ``jitter``) with a
+summed-area table: a request no drawable patch can satisfy fails at once, with the best achievable
+fraction in the message. Candidates are then drawn only among drawable origins whose bound allows
+the requested fraction (with the probabilities they have without a label, restricted to those), so
+every try is an exact check on the label voxels and ``max_tries`` counts only those.
 """
 
 from __future__ import annotations
@@ -31,24 +33,52 @@ class Patch:
     label: np.ndarray | None = None
 
 
-def _axis_ranges(size: int, patch: int, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per axis: distinct (first chunk, last chunk) spans of patch positions and how many positions each has."""
-    origins = np.arange(size - patch + 1)
-    spans = np.stack([origins // chunk, (origins + patch - 1) // chunk], axis=1)
-    unique, counts = np.unique(spans, axis=0, return_counts=True)
-    return unique[:, 0], unique[:, 1], counts
+def _axis_candidates(size: int, patch: int, grid: int, jitter: int, align: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per axis: the origins a sampler can draw and their probabilities (summing to 1).
+
+    Unaligned, every origin in ``0..size - patch`` is equally likely. Aligned, a point of the chunk
+    grid (step ``grid``) is drawn, moved by a uniform shift in ``-jitter..jitter`` and clipped into
+    the volume, exactly as ``RandomPatches._propose`` does without a label.
+    """
+    limit = size - patch
+    if not align:
+        return np.arange(limit + 1), np.full(limit + 1, 1.0 / (limit + 1))
+    points = np.arange(limit // grid + 1) * grid
+    moved = np.clip(points[:, None] + np.arange(-jitter, jitter + 1)[None, :], 0, limit).ravel()
+    counts = np.bincount(moved, minlength=limit + 1)
+    origins = np.flatnonzero(counts)
+    return origins, counts[origins] / moved.size
+
+
+class _AxisSpans:
+    """One axis's candidate origins grouped by span: the (first, last) label chunk a patch overlaps."""
+
+    def __init__(self, origins: np.ndarray, probs: np.ndarray, patch: int, chunk: int) -> None:
+        spans = np.stack([origins // chunk, (origins + patch - 1) // chunk], axis=1)
+        unique, inverse = np.unique(spans, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        self.first, self.last = unique[:, 0], unique[:, 1]
+        self.weight = np.bincount(inverse, weights=probs, minlength=len(unique))
+        self.members = []  # per span: its origins and their cumulative probabilities within it
+        for group in range(len(unique)):
+            mine = inverse == group
+            cdf = np.cumsum(probs[mine])
+            self.members.append((origins[mine], cdf / cdf[-1]))
+
+    def draw(self, group: int, u: float) -> int:
+        origins, cdf = self.members[group]
+        return int(origins[min(int(np.searchsorted(cdf, u, side="right")), len(origins) - 1)])
 
 
 class _ForegroundBound:
     """Upper bounds on a patch's foreground voxels, from per-chunk counts (summed-area table)."""
 
-    def __init__(self, counts: np.ndarray, chunks: tuple[int, ...], shape: tuple[int, ...], patch: tuple[int, ...]) -> None:
+    def __init__(self, counts: np.ndarray, chunks: tuple[int, ...], patch: tuple[int, ...]) -> None:
         self.chunks = chunks
         self.patch = patch
         table = np.zeros(tuple(n + 1 for n in counts.shape), np.int64)
         table[1:, 1:, 1:] = counts.cumsum(0).cumsum(1).cumsum(2)
         self.table = table
-        self.axes = [_axis_ranges(s, p, c) for s, p, c in zip(shape, patch, chunks)]
 
     def box_sum(self, lo: tuple[np.ndarray, ...], hi: tuple[np.ndarray, ...]) -> np.ndarray:
         """Sum of counts over chunk boxes [lo, hi] (inclusive), broadcasting over the inputs."""
@@ -57,14 +87,12 @@ class _ForegroundBound:
         return (t[z1, y1, x1] - t[z0, y1, x1] - t[z1, y0, x1] - t[z1, y1, x0]
                 + t[z0, y0, x1] + t[z0, y1, x0] + t[z1, y0, x0] - t[z0, y0, x0])
 
-    def all_spans(self) -> tuple[np.ndarray, np.ndarray]:
-        """Bound and number of patch positions for every combination of per-axis spans."""
-        (za, zb, zn), (ya, yb, yn), (xa, xb, xn) = self.axes
-        lo = (za[:, None, None], ya[None, :, None], xa[None, None, :])
-        hi = (zb[:, None, None], yb[None, :, None], xb[None, None, :])
-        bound = self.box_sum(lo, hi)
-        positions = zn[:, None, None] * yn[None, :, None] * xn[None, None, :]
-        return bound, positions
+    def over(self, axes: list[_AxisSpans]) -> np.ndarray:
+        """The bound for every combination of per-axis spans (shape: spans per axis)."""
+        z, y, x = axes
+        lo = (z.first[:, None, None], y.first[None, :, None], x.first[None, None, :])
+        hi = (z.last[:, None, None], y.last[None, :, None], x.last[None, None, :])
+        return self.box_sum(lo, hi)
 
     def of_origin(self, origin: tuple[int, ...]) -> int:
         lo = tuple(np.int64(o // c) for o, c in zip(origin, self.chunks))
@@ -82,9 +110,18 @@ class RandomPatches:
         length: patches per epoch (``len(sampler)``).
         label: name of a label of the volume to return with each patch.
         min_foreground: minimum fraction of nonzero label voxels in a patch (needs ``label``).
-        align_to_chunks: draw origins on the chunk grid (6-7x faster reads on compressed
-            files), moved by up to ``jitter`` voxels per axis.
-        max_tries: exact label checks per patch before giving up with an error.
+        align_to_chunks: draw origins on the image's chunk grid (6-7x faster reads on compressed
+            files), moved by up to ``jitter`` voxels per axis (and clipped into the volume). With
+            ``min_foreground``, only aligned origins whose per-chunk bound allows it are drawn; if
+            there are none, the constructor says so (add jitter or turn alignment off).
+        max_tries: exact label checks per patch before giving up with an error. Origins the
+            per-chunk bound rules out are never drawn, so every try is an exact check; running
+            out means patches that pass the bound rarely pass the exact count.
+
+    Raises:
+        ConfigError: at construction, when no drawable patch can reach ``min_foreground`` by the
+            per-chunk statistics (or they are missing).
+        AccessError: from ``origin``/``[]``, when ``max_tries`` exact checks all fall short.
     """
 
     def __init__(self, volume: Volume, patch_shape: int | tuple[int, ...], *, seed: int = 0, length: int = 1000,
@@ -97,6 +134,8 @@ class RandomPatches:
         self.seed, self.length, self.epoch = int(seed), int(length), 0
         self.align, self.jitter = bool(align_to_chunks), parse_triple(jitter, "jitter", 0)
         self.max_tries = int(max_tries)
+        if self.max_tries < 1:
+            raise ConfigError(f"max_tries must be at least 1, got {max_tries}")
         if not 0.0 <= min_foreground <= 1.0:
             raise ConfigError(f"min_foreground must be within [0, 1], got {min_foreground}")
         if min_foreground > 0 and label is None:
@@ -110,28 +149,46 @@ class RandomPatches:
         self.min_foreground = float(min_foreground)
         self.need = int(np.ceil(self.min_foreground * np.prod(self.patch) - 1e-9))
         self._bound: _ForegroundBound | None = None
-        self._spans: tuple[np.ndarray, np.ndarray] | None = None
+        self._draw: tuple[np.ndarray, np.ndarray, tuple[int, ...], list[_AxisSpans]] | None = None
         if self.need > 0:
             self._prepare_label_bounds()
 
+    def _axes(self, align: bool) -> list[_AxisSpans]:
+        return [_AxisSpans(*_axis_candidates(size, patch, grid, jitter, align), patch, chunk)
+                for size, patch, grid, jitter, chunk in zip(self.volume.shape, self.patch, self.volume.chunks,
+                                                            self.jitter, self.label.chunks)]
+
     def _prepare_label_bounds(self) -> None:
+        """Bound every drawable origin's foreground; keep the distribution over those that can pass."""
         with hdf5.open_read(self.volume.path) as f:
             stats = f.get(f"{hdf5.LABEL_STATS}/{self.label_name}/chunk_foreground")
             if stats is None:
                 raise ConfigError(f"{self.volume.name}: no per-chunk statistics for label {self.label_name!r}; "
                                   "re-run `emdata normalize` to write them")
             counts = stats[()]
-        bound = _ForegroundBound(counts, self.label.chunks, self.volume.shape, self.patch)
-        totals, positions = bound.all_spans()
+        bound = _ForegroundBound(counts, self.label.chunks, self.patch)
+        size, shape = np.prod(self.patch), "x".join(map(str, self.patch))
+        anywhere = int(bound.over(self._axes(False)).max())
+        if anywhere < self.need:
+            raise ConfigError(
+                f"{self.volume.name}: no {shape} patch can have >= "
+                f"{self.min_foreground:.1%} {self.label_name}: per-chunk label statistics bound the best patch at "
+                f"{anywhere / size:.2%}; lower min_foreground or enlarge the patch")
+        axes = self._axes(True) if self.align else self._axes(False)
+        totals = bound.over(axes)
         best = int(totals.max())
         if best < self.need:
             raise ConfigError(
-                f"{self.volume.name}: no {'x'.join(map(str, self.patch))} patch can have >= "
-                f"{self.min_foreground:.1%} {self.label_name}: per-chunk label statistics bound the best patch at "
-                f"{best / np.prod(self.patch):.2%}; lower min_foreground or enlarge the patch")
+                f"{self.volume.name}: no chunk-aligned {shape} patch (jitter {'x'.join(map(str, self.jitter))}) "
+                f"can have >= {self.min_foreground:.1%} {self.label_name}: per-chunk label statistics bound the "
+                f"best aligned patch at {best / size:.2%} ({anywhere / size:.2%} unaligned); add jitter, set "
+                "align_to_chunks=False or lower min_foreground")
+        z, y, x = (a.weight for a in axes)
+        weights = z[:, None, None] * y[None, :, None] * x[None, None, :]
+        feasible = np.flatnonzero(totals >= self.need)
+        cdf = np.cumsum(weights.ravel()[feasible])
         self._bound = bound
-        weights = np.where(totals >= self.need, positions, 0).astype(np.float64).ravel()
-        self._spans = (weights / weights.sum(), totals)
+        self._draw = (feasible, cdf / cdf[-1], totals.shape, axes)
 
     def __len__(self) -> int:
         return self.length
@@ -140,7 +197,14 @@ class RandomPatches:
         self.epoch = int(epoch)
 
     def _propose(self, rng: np.random.Generator) -> tuple[int, ...]:
+        """A candidate origin: with a foreground minimum, only one the per-chunk bound allows."""
         limits = [s - p for s, p in zip(self.volume.shape, self.patch)]
+        if self._draw is not None:
+            # A span combination by its probability among the feasible ones, then an origin inside it.
+            feasible, cdf, shape, axes = self._draw
+            pick = feasible[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(feasible) - 1)]
+            return tuple(axis.draw(int(group), rng.random())
+                         for axis, group in zip(axes, np.unravel_index(pick, shape)))
         if self.align:
             origin = []
             for limit, chunk, jitter in zip(limits, self.volume.chunks, self.jitter):
@@ -148,43 +212,33 @@ class RandomPatches:
                 shift = rng.integers(-jitter, jitter + 1) if jitter else 0
                 origin.append(int(np.clip(grid + shift, 0, limit)))
             return tuple(origin)
-        if self._spans is None:
-            return tuple(int(rng.integers(0, limit + 1)) for limit in limits)
-        # Pick a span combination in proportion to its positions, then a position inside it.
-        probs, totals = self._spans
-        flat = rng.choice(probs.size, p=probs)
-        picks = np.unravel_index(flat, totals.shape)
-        origin = []
-        for axis, pick in enumerate(picks):
-            first, last, _ = self._bound.axes[axis]
-            chunk, patch, limit = self._bound.chunks[axis], self.patch[axis], limits[axis]
-            # positions whose span is (first, last): o // chunk == first and (o + patch - 1) // chunk == last
-            lo = max(first[pick] * chunk, last[pick] * chunk - patch + 1, 0)
-            hi = min(first[pick] * chunk + chunk - 1, last[pick] * chunk + chunk - patch, limit)
-            origin.append(int(rng.integers(lo, hi + 1)))
-        return tuple(origin)
+        return tuple(int(rng.integers(0, limit + 1)) for limit in limits)
 
     def origin(self, index: int, epoch: int | None = None) -> tuple[int, int, int]:
-        """The origin of patch ``index`` (deterministic for seed, epoch, index)."""
+        """The origin of patch ``index`` (deterministic for seed, epoch, index).
+
+        With ``min_foreground``, up to ``max_tries`` candidates (all allowed by the per-chunk bound)
+        are checked exactly on the label; ``AccessError`` if none has enough foreground.
+        """
         if not 0 <= index < self.length:
             raise AccessError(f"patch index {index} is outside 0..{self.length - 1}")
-        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch, index])
         if self.need == 0:
             return self._propose(rng)
-        cheap_rejections = 0
+        best = 0
         for _ in range(self.max_tries):
             origin = self._propose(rng)
-            if self._bound.of_origin(origin) < self.need:  # cannot pass: skip the read
-                cheap_rejections += 1
-                if cheap_rejections > 100 * self.max_tries:
-                    break
-                continue
-            fg = np.count_nonzero(self.label.read(origin, self.patch))
+            fg = int(np.count_nonzero(self.label.read(origin, self.patch)))
             if fg >= self.need:
                 return origin
-        raise AccessError(f"{self.volume.name}: no patch with >= {self.min_foreground:.1%} {self.label_name} "
-                          f"found in {self.max_tries} tries (patch {index}, epoch {self.epoch}); "
-                          "such patches are rare: lower min_foreground or raise max_tries")
+            best = max(best, fg)
+        aligned = "; or set align_to_chunks=False" if self.align else ""
+        raise AccessError(
+            f"{self.volume.name}: no {'x'.join(map(str, self.patch))} patch with >= {self.min_foreground:.1%} "
+            f"{self.label_name} found in {self.max_tries} tries (patch {index}, epoch {epoch}; every try passed the "
+            f"per-chunk bound, the best had {best / np.prod(self.patch):.1%}): such patches are rare, lower "
+            f"min_foreground, enlarge patch_shape or raise max_tries{aligned}")
 
     def __getitem__(self, index: int) -> Patch:
         origin = self.origin(index)
