@@ -5,6 +5,7 @@
 #   make test      mypy on the source protocol, then the test suite (offline; also what CI runs)
 #   make repro     the real pipeline from the public services (needs internet)
 #   make publish   maintainer: repro, push to the S3 remote, commit dvc.lock, tag (TAG=v1.0)
+#   make install   only set up .venv
 #
 # torch: TORCH (default torch==2.13.0, a CPU wheel where the machine's pip provides one); set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu to force PyTorch's CPU builds elsewhere, or
