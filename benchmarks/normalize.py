@@ -25,7 +25,8 @@ here over the TIFF pages in order::
 Every TIFF is generated page by page (the generator holds one band of rows, not the volume) and
 kept in ``--workdir`` for the next run. A warm-up normalize (it compiles the numba histogram
 kernel once; it is cached afterwards) runs before anything is timed. Peak RSS is the child's
-``ru_maxrss`` from ``os.wait4``; CPU is its user + system time. Each run waits (up to 2 min) for
+``ru_maxrss`` from ``os.wait4``, shown with its anonymous and file-backed parts (RssAnon and RssFile
+sampled from /proc/<pid>/status every 20 ms); CPU is its user + system time. Each run waits (up to 2 min) for
 the machine to be idle first, and "others" reports the cores the rest of the machine used during
 the run (from /proc/stat): a run with others > 0.1 was disturbed.
 """
@@ -349,14 +350,14 @@ def memory(args: argparse.Namespace, work: Path) -> None:
         r = summary(runs)
         limit = budget + SLACK
         failed |= r.rss >= limit
-        rows.append(f"{' x '.join(map(str, shape)):<17} {budget / MIB:4.0f} MiB  {mode:<36} {r.rss / MIB:5.0f} MiB "
+        rows.append(f"{' x '.join(map(str, shape)):<17} {budget / MIB:4.0f} MiB  {mode:<44} {r.rss / MIB:5.0f} MiB "
                     f"{(r.rss - budget) / MIB:+6.0f} MiB {r.anon / MIB:5.0f} MiB {r.file / MIB:5.0f} MiB "
                     f"{nbytes / r.seconds / 1e6:5.0f}  yes       {'yes' if r.rss < limit else 'NO':<4} "
                     f"{'yes' if r.anon < limit else 'NO'}")
         (project / "data" / "processed" / "bench.h5").unlink(missing_ok=True)
     print(f"memory mode, best of {args.repeat}; limit = budget + 200 MB = {limit / MIB:.0f} MiB; verified = record "
           "shape is the volume's and array_sha256 = sha256 of the TIFF pages in order")
-    print(f"{'volume (uint8)':<17} {'budget':>8}  {'plan':<36} {'peak RSS':>9} {'RSS-budget':>10} {'anon':>9} "
+    print(f"{'volume (uint8)':<17} {'budget':>8}  {'plan':<44} {'peak RSS':>9} {'RSS-budget':>10} {'anon':>9} "
           f"{'file':>9} {'MB/s':>5}  verified  RSS<limit anon<limit")
     for row in rows:
         print(row)
