@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import EmdataError, IntegrityError
-from .io.http import sha256_file
+from .io.digest import sha256_file
 from .testing.dvc import dvc, git, offline_env
 
 log = logging.getLogger(__name__)

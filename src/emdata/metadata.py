@@ -15,7 +15,7 @@ from .config import Config
 from .errors import FormatError
 from .io import hdf5
 from .io.atomic import write_json_atomic
-from .io.http import sha256_file
+from .io.digest import sha256_file
 
 FILTER_NAMES = {1: "gzip", 2: "shuffle", 32001: "blosc", 32015: "zstd", 32004: "lz4", 32008: "bitshuffle"}
 TABLE_COLUMNS = [

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -57,7 +58,11 @@ class _Digest:
         self.foreground = np.zeros(grid, np.int64) if label else None
 
     def hash(self, data: np.ndarray) -> None:
+        """Voxels in C order: every call must continue where the previous box ended."""
         self.sha.update(hdf5.voxel_bytes(data))
+
+    def tally(self, data: np.ndarray) -> None:
+        """Exact statistics: order-free, so they come from the write pass, on the reader thread."""
         self.stats.update(data)
 
     def count(self, start: tuple[int, ...], data: np.ndarray) -> None:
@@ -122,6 +127,13 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
                               "the source reader returned the wrong shape; please report it")
         return data.astype(dtype, copy=False)
 
+    def read_and_tally(box: Box) -> np.ndarray:
+        # The histogram runs here so that the three threads carry similar loads: read + histogram |
+        # HDF5 write | sha256 (+ label counts).
+        data = read(box)
+        digest.tally(data)
+        return data
+
     def write(box: Box, data: np.ndarray) -> None:
         (z0, y0, x0), (z1, y1, x1) = box
         dset[z0:z1, y0:y1, x0:x1] = data
@@ -133,7 +145,7 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
 
     voxels = int(np.prod(shape))
     with Progress(voxels * (1 if plan.one_pass else 2), desc, unit="vox") as progress:
-        _pipeline(plan.tiles, read, write, hash_and_count, progress)
+        _pipeline(plan.tiles, read_and_tally, write, hash_and_count, progress)
         if not plan.one_pass:  # the sha256 needs C order: a second, read-only pass in hash boxes
             _pipeline(plan.hash_boxes or [], read, lambda box, data: None, lambda box, data: digest.hash(data),
                       progress)
@@ -188,6 +200,17 @@ def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume]) -> 
                                   "labels must lie on the image's grid")
 
 
+def _warm_kernels() -> None:
+    """Load the compiled histogram kernel while the files are opened (it costs ~0.5 s per process)."""
+    try:
+        from .kernels import add_histogram
+
+        for codes, bins in ((np.zeros(8, np.uint8), 256), (np.zeros(8, np.uint16), 65536)):
+            add_histogram(codes, np.zeros(bins, np.int64))
+    except Exception:  # noqa: BLE001 - a failure shows again, with its cause, where the kernel is used
+        log.debug("preloading the histogram kernel failed", exc_info=True)
+
+
 def _map_label_values(key: str, labels: dict[str, RawVolume],
                       values: dict[str, dict[int, int]]) -> dict[str, RawVolume]:
     """Labels with the value mappings of params (``label_values``) applied as they are read."""
@@ -235,10 +258,13 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
 
     ds = cfg.dataset(key)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
     try:
         with ExitStack() as stack:
             volume = stack.enter_context(source.open_volume(ds.source, raw, key))
+            if int(np.prod(volume.shape)) > 1 << 16:  # small volumes count with np.bincount instead
+                warm.start()
             open_labels = getattr(source, "open_labels", None)
             labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
             _check_labels(key, volume, labels)
@@ -267,6 +293,9 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if warm.is_alive():
+            warm.join()
     log.info("%s: wrote %s and %s", key, out, cfg.record_path(key))
     return out
 

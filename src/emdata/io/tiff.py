@@ -6,13 +6,16 @@ time points or samples (C, T, S with more than one entry) are refused with a cle
 than flattened into Z. The page orientation (TIFF tag 274) is applied, never assumed; big-endian
 files are read correctly and returned in native byte order.
 
-Boxes are read without holding more than the box: an uncompressed contiguous stack is memory
-mapped and sliced; otherwise pages are decoded one at a time and cropped. Any reader failure
+Boxes are read without holding more than the box: an uncompressed contiguous stack is read with
+``os.preadv`` straight into the output (row bands of each plane; no memory map, whose touched
+pages would stay in the process's RSS and fault in page by page); otherwise pages are decoded one
+at a time and cropped. Any reader failure
 becomes a FormatError naming the dataset and the file.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ class TiffStack(RawVolume):
         self.path = Path(path)
         self.dataset = dataset
         self._tif: Any = None
-        self._map: np.ndarray | None = None
+        self._fd: int | None = None
+        self._data_offset: int | None = None
         try:
             self._tif = tifffile.TiffFile(self.path)
             self._open_series()
@@ -86,20 +90,21 @@ class TiffStack(RawVolume):
         self.orientation = orientation
         self.page_shape = page_shape
         self._pages = pages
-        if offset is not None:  # uncompressed and contiguous: slice a memory map
+        if offset is not None:  # uncompressed and contiguous: read byte ranges directly
             nbytes = depth * page_shape[0] * page_shape[1] * file_dtype.itemsize
             size = self.path.stat().st_size
             if offset + nbytes > size:
                 raise self._error(f"the file holds {size} bytes but its {depth} pages need {offset + nbytes}; "
                                   "it is truncated")
-            self._map = np.memmap(self.path, dtype=file_dtype, mode="r", offset=offset,
-                                  shape=(depth, *page_shape))
+            self._data_offset = int(offset)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         elif pages is None:
             raise self._error(f"the series has {len(series[0].pages)} page entries for {depth} planes "
                               "and is not contiguous; it cannot be read plane by plane")
         transpose = _ORIENT[orientation][0]
         self.shape = (depth, *(page_shape[::-1] if transpose else page_shape))
         self.dtype = file_dtype.newbyteorder("=")
+        self.file_dtype = file_dtype
 
     def _error(self, problem: str) -> FormatError:
         return FormatError(self.dataset, str(self.path), problem,
@@ -120,8 +125,8 @@ class TiffStack(RawVolume):
         (z0, y0, x0), (z1, y1, x1) = start, stop
         out = np.empty((z1 - z0, y1 - y0, x1 - x0), self.dtype)
         try:
-            if self._map is not None:
-                out[...] = self._oriented(self._map[z0:z1])[:, y0:y1, x0:x1]
+            if self._fd is not None:
+                self._read_contiguous(out, start, stop)
             elif self._pages is not None:
                 for i, z in enumerate(range(z0, z1)):
                     page = self._pages[z].asarray(maxworkers=1)
@@ -131,6 +136,41 @@ class TiffStack(RawVolume):
         except Exception as exc:
             raise self._error(f"pages {z0}..{z1 - 1} cannot be read ({type(exc).__name__}: {exc})") from exc
         return out
+
+    def _pread(self, buffer: np.ndarray, offset: int) -> None:
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view):  # preadv may return short counts
+            n = os.preadv(self._fd, [view[got:]], offset + got)  # type: ignore[arg-type]
+            if n == 0:
+                raise self._error(f"the file ends at byte {offset + got}, before the pages it declares; it is truncated")
+            got += n
+
+    def _read_contiguous(self, out: np.ndarray, start: IntTriple, stop: IntTriple) -> None:
+        """Read a box of a contiguous stack: whole bands of stored rows per plane, then orient and crop."""
+        (z0, y0, x0), (z1, y1, x1) = start, stop
+        h, w = self.page_shape
+        item = self.file_dtype.itemsize
+        base = self._data_offset or 0
+        plain = self.orientation == 1
+        native = self.file_dtype == self.dtype
+        if plain and native and (y0, x0, y1, x1) == (0, 0, h, w):  # whole planes: one read into the output
+            self._pread(out, base + z0 * h * w * item)
+            return
+        # Stored rows that hold the box: display rows when not transposed, display columns when transposed.
+        transpose = _ORIENT[self.orientation][0]
+        lo, hi = (x0, x1) if transpose else (y0, y1)
+        flip = _ORIENT[self.orientation][2 if transpose else 1]
+        rows_lo, rows_hi = (h - hi, h - lo) if flip else (lo, hi)
+        band = np.empty((rows_hi - rows_lo, w), self.file_dtype)
+        for i, z in enumerate(range(z0, z1)):
+            self._pread(band, base + (z * h + rows_lo) * w * item)
+            if plain:
+                out[i] = band[:, x0:x1]
+                continue
+            plane = np.zeros((h, w), self.file_dtype)  # views only need the band's rows to be right
+            plane[rows_lo:rows_hi] = band
+            out[i] = self._oriented(plane)[y0:y1, x0:x1]
 
     def tags(self) -> dict[str, Any]:
         """Tags of the first page, the page count and the file's axes, for the metadata record."""
@@ -148,7 +188,9 @@ class TiffStack(RawVolume):
         return self.tags()
 
     def close(self) -> None:
-        self._map = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         tif, self._tif = self._tif, None
         if tif is not None:
             tif.close()
