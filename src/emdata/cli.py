@@ -71,14 +71,14 @@ def list_datasets() -> None:
     typer.echo(f"{'dataset':<28} {'kind':<8} {'fetched':<8} {'raw':>10} {'normalized':<11} {'hdf5':>10}")
     for key in cfg.datasets:
         if problems[key] is not None:
-            typer.echo(f"{key:<28} {cfg.datasets.kind_of(key) or '?':<8} invalid: {problems[key]}")
+            typer.echo(f"{key!r:<28} {cfg.datasets.kind_of(key) or '?':<8} invalid: {_one_line(problems[key])}")
             continue
         s = dataset_state(cfg, key)
         typer.echo(f"{key:<28} {s['kind']:<8} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
     bad = [key for key, problem in problems.items() if problem is not None]
     if bad:
-        raise ConfigError(f"{len(bad)} dataset(s) in params.yaml are invalid: {', '.join(bad)}; see above")
+        raise ConfigError(f"{len(bad)} dataset(s) in params.yaml are invalid: {', '.join(map(repr, bad))}; see above")
 
 
 @app.command()
@@ -89,7 +89,7 @@ def check() -> None:
     cfg = _config()
     problems = cfg.check()
     for key, problem in problems.items():
-        typer.echo(f"{'ok     ' if problem is None else 'invalid'} {key}" + ("" if problem is None else f": {problem}"))
+        typer.echo(f"{'ok     ' if problem is None else 'invalid'} {key}" + ("" if problem is None else f": {_one_line(problem)}"))
     kinds = {cfg.datasets.kind_of(k) for k, p in problems.items() if p is None}
     stale = codedeps.stale(cfg.root, {k for k in kinds if k})
     for path in stale:
@@ -213,6 +213,11 @@ def demo(
     run_demo(_config().root, workdir=workdir, keep=keep)
 
 
+def _one_line(text: object) -> str:
+    """An error message as one line: control characters (a newline in a key, HDF5's own text) escaped."""
+    return " ".join(str(text).replace("\r", " ").split("\n")).replace("\t", " ").strip()
+
+
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(usage/parameter errors, aborts) of click and of the click that newer Typer vendors."""
     import click
@@ -235,7 +240,7 @@ def main() -> None:
     except EmdataError as exc:
         if os.environ.get("EMDATA_DEBUG"):
             raise
-        typer.echo(f"emdata: error: {exc}", err=True)
+        typer.echo(f"emdata: error: {_one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:
         # A file-system failure nothing below turned into an EmdataError: still one line.
@@ -243,7 +248,7 @@ def main() -> None:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
         hint = "free some disk space and run again" if exc.errno == 28 else "check the path and permissions"
-        typer.echo(f"emdata: error: {where}{exc.strerror or exc}; {hint}", err=True)
+        typer.echo(f"emdata: error: {_one_line(where + str(exc.strerror or exc))}; {hint}", err=True)
         sys.exit(10)
     except usage as exc:
         # One line, click's own wording, and the command to get help.

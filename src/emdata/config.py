@@ -283,8 +283,9 @@ class Config:
 def parse_dataset(key: str, data: Any) -> DatasetConfig:
     from .sources import get_source  # sources import config helpers; avoid a cycle at import
 
-    path = f"datasets.{key}"
-    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+    valid = isinstance(key, str) and KEY_PATTERN.fullmatch(key)
+    path = f"datasets.{key}" if valid else f"datasets.{key!r}"
+    if not valid:
         raise ConfigError(f"{PARAMS_FILE}: {path}: dataset keys must match {KEY_PATTERN.pattern}")
     sec = Section(data, path)
     src = sec.section("source")

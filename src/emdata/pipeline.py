@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
-from .errors import IntegrityError, NotBuiltError
+from .errors import FetchError, IntegrityError, NotBuiltError
 from .fetch_context import FetchContext, workers_from_env
 from .fetch_record import FetchRecord, fetched, require_fetched
 from .io.atomic import write_json_atomic
@@ -61,6 +61,7 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     raw = cfg.raw_dir(key)
     ctx = fetch_context(cfg, key, http_factory)
     partial = ctx.dest
+    refuse_links(key, cfg.root, [raw, partial])
     marker = partial / _SPEC_MARKER
     if partial.exists() and (not marker.is_file() or _read_json(marker) != spec):
         shutil.rmtree(partial)  # left by a fetch for other params: nothing to resume
@@ -76,6 +77,19 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     _replace_dir(partial, raw)
     log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(record.files), raw, ctx.requests)
     return FetchResult(raw, False, ctx.requests)
+
+
+def refuse_links(key: str, root: Path, paths: list[Path]) -> None:
+    """No folder on the way from the repository to ``paths`` may be a symlink emdata did not make."""
+    seen: set[Path] = set()
+    for path in paths:
+        for folder in [path, *path.parents]:
+            if folder == root or root not in folder.parents or folder in seen:
+                break
+            seen.add(folder)
+            if folder.is_symlink():
+                raise FetchError(key, str(folder), "is a symbolic link",
+                                 "remove it; emdata writes only real files and folders under data/")
 
 
 def _read_json(path: Path) -> Any:

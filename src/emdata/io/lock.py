@@ -30,7 +30,13 @@ class LockedError(EmdataError):
 def dataset_lock(folder: Path, key: str, action: str) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    if folder.is_symlink() or path.is_symlink():
+        link = folder if folder.is_symlink() else path
+        raise LockedError(f"{key}: {link} is a symbolic link; remove it (emdata never writes through links)")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise LockedError(f"{key}: cannot open the lock file {path} ({exc.strerror}); check the folder") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
