@@ -146,3 +146,17 @@ def test_a_truncated_metadata_record_is_one_line(built, command) -> None:
     args = [command] if command == "summarize" else [command, "epfl_mito_train"]
     line = one_line_error(emdata(built.root, *args))
     assert "metadata record is damaged" in line and "emdata normalize epfl_mito_train" in line
+
+
+@pytest.mark.parametrize("command", ["plan", "fetch"])
+def test_an_unresolvable_host_fails_fast_in_one_short_line(make_project, command) -> None:
+    import time
+
+    base = "https://no-such-host.invalid/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
+    entry = {"title": "t", "license": "l", "citation": "c", "modality": "FIB-SEM", "voxel_size_nm": [5, 5, 5],
+             "offset_nm": [0, 0, 0], "source": {"kind": "epfl", "base_url": base, "image": {"file": "volumedata.tif"}}}
+    cfg = make_project({"offline_set": entry})
+    started = time.monotonic()
+    line = one_line_error(emdata(cfg.root, command, "offline_set"))
+    assert time.monotonic() - started < 5
+    assert len(line) <= 200 and "offline_set" in line and "cannot resolve host no-such-host.invalid" in line

@@ -133,6 +133,15 @@ class Downloaded:
     requests: int
 
 
+def _short_url(url: str, limit: int = 90) -> str:
+    """``scheme://host/…/name`` when a URL is long: the host and the file still say which it is."""
+    if len(url) <= limit:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    name = parts.path.rstrip("/").rsplit("/", 1)[-1]
+    return _clip(f"{parts.scheme}://{parts.netloc}/…/{name}", limit)
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -509,8 +518,8 @@ class HttpClient:
             except _TRANSIENT as exc:
                 if _unresolved_host(exc):
                     host = urllib.parse.urlsplit(url).hostname or url
-                    raise FetchError(self.dataset, url, f"cannot resolve host {_clip(host, 80)}",
-                                     "check the URL or the network") from exc
+                    raise FetchError(self.dataset, _short_url(url), f"cannot resolve host {_clip(host, 80)}",
+                                     "check the URL in params.yaml or the network") from exc
                 retry = _Retry(_network_problem(exc, url, self.policy))
             last = str(retry)
             if attempt + 1 == self.policy.attempts:
