@@ -138,7 +138,7 @@ class TiffStack(RawVolume):
         return out
 
     def _pread(self, buffer: np.ndarray, offset: int) -> None:
-        view = memoryview(buffer).cast("B")
+        view = buffer.data.cast("B")
         got = 0
         while got < len(view):  # preadv may return short counts
             n = os.preadv(self._fd, [view[got:]], offset + got)  # type: ignore[arg-type]
