@@ -72,19 +72,27 @@ class FetchContext:
             client_kwargs["region_name"] = region
         if endpoint_url:
             client_kwargs["endpoint_url"] = endpoint_url
-        config = {"retries": {"max_attempts": policy.attempts, "mode": "standard"},
+        # botocore's max_attempts counts retries; total_max_attempts counts tries. s3fs has its own
+        # retry loop on top (5 by default), which would multiply the two: keep only botocore's.
+        config = {"retries": {"total_max_attempts": policy.attempts, "mode": "standard"},
                   "connect_timeout": policy.connect_timeout, "read_timeout": policy.read_timeout}
-        return s3fs.S3FileSystem(anon=True, client_kwargs=client_kwargs, config_kwargs=config,
-                                 skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(anon=True, client_kwargs=client_kwargs, config_kwargs=config,
+                               skip_instance_cache=True)
+        fs.retries = 1
+        return fs
 
     def tensorstore_context(self) -> dict[str, Any]:
         """A tensorstore ``context`` with bounded HTTP and S3 retries (unbounded ones hang for minutes)."""
         from .io.http import RetryPolicy
 
         policy = self.policy or RetryPolicy.from_env()
-        retries = {"max_retries": max(0, policy.attempts - 1), "initial_delay": f"{policy.base_delay}s",
+        # tensorstore's max_retries is the number of tries; it has no request timeout of its own, so
+        # callers bound each operation with ``future.result(timeout=...)``. Public data: no credentials.
+        retries = {"max_retries": max(1, policy.attempts), "initial_delay": f"{policy.base_delay}s",
                    "max_delay": f"{policy.max_delay}s"}
-        return {"http_request_retries": retries, "s3_request_retries": retries}
+        limit = {"limit": max(1, self.workers)}
+        return {"http_request_retries": retries, "s3_request_retries": retries, "aws_credentials": {"type": "anonymous"},
+                "http_request_concurrency": limit, "s3_request_concurrency": limit}
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -104,9 +112,11 @@ class FetchContext:
         return target
 
     def record(self, files: dict[str, FetchedFile], extra: dict[str, Any] | None = None) -> FetchRecord:
-        """The fetch record a source returns from ``fetch``."""
-        return FetchRecord(self.dataset, self.kind, self.spec, {safe_relpath(k): v for k, v in files.items()},
-                           extra or {})
+        """The fetch record a source returns from ``fetch`` (``extra`` made JSON-plain)."""
+        from .raw import json_safe
+
+        return FetchRecord(self.dataset, self.kind, plain_spec(self.spec),
+                           {safe_relpath(k): v for k, v in files.items()}, json_safe(extra or {}))
 
     # -- work ----------------------------------------------------------------------------------
 
@@ -120,6 +130,13 @@ class FetchContext:
 
     def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
         return Progress(total, f"{self.dataset}: {desc}", unit=unit)
+
+
+def plain_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A source spec as JSON gives it back (tuples as lists...), so a stored spec compares equal."""
+    import json
+
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
 
 def workers_from_env(default: int = DEFAULT_WORKERS) -> int:

@@ -97,10 +97,17 @@ class FetchRecord:
         return found
 
 
+def _plain(spec: dict[str, Any]) -> Any:
+    return json.loads(json.dumps(spec, sort_keys=True, default=str))
+
+
 def fetched(folder: Path, spec: dict[str, Any], *, hashes: bool = False) -> FetchRecord | None:
-    """The record when ``folder`` is a complete fetch of ``spec``, else None (the one definition)."""
+    """The record when ``folder`` is a complete fetch of ``spec``, else None (the one definition).
+
+    Specs compare as JSON sees them, so a tuple in a source's params equals the list stored.
+    """
     record = FetchRecord.load(folder)
-    if record is None or record.spec != spec or record.problems(folder, hashes=hashes):
+    if record is None or record.spec != _plain(spec) or record.problems(folder, hashes=hashes):
         return None
     return record
 
@@ -111,7 +118,7 @@ def require_fetched(folder: Path, key: str, spec: dict[str, Any], *, hashes: boo
     if record is None:
         raise NotBuiltError(f"{key}: not fetched yet ({folder / RECORD_NAME} is missing or damaged); "
                             f"run `emdata fetch {key}` or `dvc pull data/raw/{key}`")
-    if record.spec != spec:
+    if record.spec != _plain(spec):
         raise NotBuiltError(f"{key}: {folder} was fetched with other source params than params.yaml has now; "
                             f"run `emdata fetch {key}` (or `dvc repro fetch@{key}`)")
     problems = record.problems(folder, hashes=hashes)

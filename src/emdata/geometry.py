@@ -39,6 +39,11 @@ def _differs(a: Triple, b: Triple, scale: Triple) -> bool:
     return False
 
 
+def same_geometry(a: Triple, b: Triple, scale: Triple | None = None) -> bool:
+    """Within 1 % (relative to the larger value, or to ``scale``, the voxel size, near zero)."""
+    return not _differs(a, b, scale or a)
+
+
 def _fmt(values: Triple) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 

@@ -28,7 +28,7 @@ from . import __version__
 from .config import Config
 from .errors import ConfigError, FormatError
 from .fetch_record import FetchRecord, require_fetched
-from .geometry import Geometry, resolve
+from .geometry import Geometry, resolve, same_geometry
 from .io import hdf5
 from .io.lock import dataset_lock
 from .progress import Progress
@@ -193,9 +193,10 @@ def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume]) -> 
             where = getattr(lab, "path", f"labels/{name}")
             raise FormatError(key, str(where), f"label {name!r} has shape {tuple(lab.shape)} but the image has "
                               f"{tuple(volume.shape)}", "check that both files are complete and belong together")
+        scale = volume.voxel_size_nm or lab.voxel_size_nm
         for attr in ("voxel_size_nm", "offset_nm"):
             mine, theirs = getattr(lab, attr), getattr(volume, attr)
-            if mine is not None and theirs is not None and not np.allclose(mine, theirs, rtol=0.01):
+            if mine is not None and theirs is not None and same_geometry(mine, theirs, scale) is False:
                 raise FormatError(key, f"labels/{name}", f"{attr} {mine} differs from the image's {theirs}",
                                   "labels must lie on the image's grid")
 

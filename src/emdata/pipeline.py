@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .config import Config
 from .errors import FetchError, IntegrityError, NotBuiltError
-from .fetch_context import FetchContext, workers_from_env
+from .fetch_context import FetchContext, plain_spec, workers_from_env
 from .fetch_record import FetchRecord, fetched, require_fetched
 from .io.atomic import write_json_atomic
 from .io.digest import sha256_file
@@ -63,7 +63,7 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     partial = ctx.dest
     refuse_links(key, cfg.root, [raw, partial])
     marker = partial / _SPEC_MARKER
-    if partial.exists() and (not marker.is_file() or _read_json(marker) != spec):
+    if partial.exists() and (not marker.is_file() or _read_json(marker) != plain_spec(spec)):
         shutil.rmtree(partial)  # left by a fetch for other params: nothing to resume
     partial.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, spec)
