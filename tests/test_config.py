@@ -33,7 +33,7 @@ def test_valid_params_parse(tmp_path) -> None:
     ({"datasets": {"a": {**_dataset(), "source": {"kind": "ftp"}}}}, "datasets.a.source.kind: unknown source kind 'ftp'"),
     ({"datasets": {"a": {k: v for k, v in _dataset().items() if k != "title"}}}, "datasets.a.title: missing required key"),
     ({"datasets": {"a": {**_dataset(), "voxel_size_nm": [5, 0, 5]}}}, "datasets.a.voxel_size_nm: expected three positive"),
-    ({"datasets": {"Bad-Key": _dataset()}}, "datasets.Bad-Key: dataset keys must match"),
+    ({"datasets": {"Bad-Key": _dataset()}}, "datasets.'Bad-Key': dataset keys must match"),
     ({"datasets": {"a": _dataset()}, "normalize": {"compression": "gzip"}}, "normalize.compression: expected one of"),
     ({"datasets": {"a": _dataset()}, "normalise": {}}, "normalise: unknown key"),
     ({"datasets": {"a": _dataset(image={"file": "v.tif", "sha256": "abc"})}}, "datasets.a.source.image.sha256"),

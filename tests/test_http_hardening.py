@@ -347,7 +347,7 @@ def test_unresolvable_host_fails_fast_without_retries(tmp_path, verb) -> None:
         call(c, verb, url, tmp_path)
     assert time.monotonic() - t0 < 5
     text = one_line(err.value, limit=200)
-    assert "cannot resolve host no-such-host.invalid" in text and "check the URL or the network" in text
+    assert "cannot resolve host no-such-host.invalid" in text and "check the URL in params.yaml or the network" in text
     assert sleeps == [] and c.requests == 1 and "resume" not in text
 
 
