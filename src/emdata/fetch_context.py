@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from .errors import FetchError
-from .fetch_record import FetchedFile, FetchRecord, safe_relpath
+from .fetch_record import FetchedFile, FetchRecord, plain_spec, safe_relpath
 from .progress import Progress
 
 if TYPE_CHECKING:  # imported lazily: plan/fetch of an S3 source never loads requests, and vice versa
@@ -130,13 +130,6 @@ class FetchContext:
 
     def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
         return Progress(total, f"{self.dataset}: {desc}", unit=unit)
-
-
-def plain_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """A source spec as JSON gives it back (tuples as lists...), so a stored spec compares equal."""
-    import json
-
-    return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
 
 def workers_from_env(default: int = DEFAULT_WORKERS) -> int:

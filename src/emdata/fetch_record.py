@@ -97,7 +97,8 @@ class FetchRecord:
         return found
 
 
-def _plain(spec: dict[str, Any]) -> Any:
+def plain_spec(spec: dict[str, Any]) -> Any:
+    """A source spec as JSON gives it back (tuples as lists...), so a stored spec compares equal."""
     return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
 
@@ -107,7 +108,7 @@ def fetched(folder: Path, spec: dict[str, Any], *, hashes: bool = False) -> Fetc
     Specs compare as JSON sees them, so a tuple in a source's params equals the list stored.
     """
     record = FetchRecord.load(folder)
-    if record is None or record.spec != _plain(spec) or record.problems(folder, hashes=hashes):
+    if record is None or record.spec != plain_spec(spec) or record.problems(folder, hashes=hashes):
         return None
     return record
 
@@ -118,7 +119,7 @@ def require_fetched(folder: Path, key: str, spec: dict[str, Any], *, hashes: boo
     if record is None:
         raise NotBuiltError(f"{key}: not fetched yet ({folder / RECORD_NAME} is missing or damaged); "
                             f"run `emdata fetch {key}` or `dvc pull data/raw/{key}`")
-    if record.spec != _plain(spec):
+    if record.spec != plain_spec(spec):
         raise NotBuiltError(f"{key}: {folder} was fetched with other source params than params.yaml has now; "
                             f"run `emdata fetch {key}` (or `dvc repro fetch@{key}`)")
     problems = record.problems(folder, hashes=hashes)

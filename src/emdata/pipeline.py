@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from .config import Config
 from .errors import FetchError, IntegrityError, NotBuiltError
-from .fetch_context import FetchContext, plain_spec, workers_from_env
-from .fetch_record import FetchRecord, fetched, require_fetched
+from .fetch_context import FetchContext, workers_from_env
+from .fetch_record import FetchRecord, fetched, plain_spec, require_fetched
 from .io.atomic import write_json_atomic
 from .io.digest import sha256_file
 from .io.lock import dataset_lock
