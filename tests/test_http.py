@@ -101,3 +101,53 @@ def test_unreachable_host_fails_within_bounds(tmp_path) -> None:
         port = s.getsockname()[1]  # closed again: nothing listens there
     with pytest.raises(FetchError, match="failed after 3 attempts"):
         client().download(f"http://127.0.0.1:{port}/x", tmp_path / "f")
+
+
+# -- small whole responses (APIs, listings, tiles) -------------------------------------------
+
+
+def _api(srv: ReplicaServer) -> None:
+    def image(match, query):
+        if match.group(1) == "404":
+            return 404, b'{"message": "Image 404 not found"}', "application/json"
+        return 200, ('{"id": %s, "q": %r}' % (match.group(1), query.get("q", [""])[0])).replace("'", '"').encode(), \
+            "application/json"
+
+    srv.route(r"/api/images/(\d+)/", image)
+    srv.route(r"/html/", lambda m, q: (200, b"<!DOCTYPE html><html><body>Maintenance</body></html>", "text/html"))
+
+
+def test_get_json_through_a_route_with_query_and_retries(srv) -> None:
+    _api(srv)
+    srv.fail("/api/images/7/", status=503, times=2)
+    assert client().get_json(srv.url + "/api/images/7/?q=a+b") == {"id": 7, "q": "a b"}
+    log = srv.requests_for("/api/images/7/")
+    assert [r.status for r in log] == [503, 503, 200] and log[-1].query == "q=a+b"
+
+
+def test_html_instead_of_json_is_one_fetch_error(srv) -> None:
+    _api(srv)
+    with pytest.raises(FetchError, match=r"ds: .*/html/: the response is not JSON \(it starts with '<!DOCTYPE html>"):
+        client().get_json(srv.url + "/html/")
+
+
+def test_api_404_is_a_fetch_error_and_probe_says_none(srv) -> None:
+    _api(srv)
+    with pytest.raises(FetchError, match="HTTP 404"):
+        client().get_json(srv.url + "/api/images/404/")
+    assert client().probe(srv.url + "/d/missing.bin") is None
+    info = client().probe(srv.url + "/d/file.bin")
+    assert info is not None and info.size == len(DATA) and info.accepts_ranges
+
+
+def test_get_bytes_refuses_more_than_its_cap(srv) -> None:
+    assert client().get_bytes(srv.url + "/d/file.bin") == DATA
+    with pytest.raises(FetchError, match="announces 101636 bytes, more than the 1000"):
+        client().get_bytes(srv.url + "/d/file.bin", max_bytes=1000)
+
+
+def test_a_route_can_be_cut_like_a_file(srv) -> None:
+    _api(srv)
+    srv.drop_after("/api/images/9/", nbytes=5, times=1)
+    assert client().get_json(srv.url + "/api/images/9/") == {"id": 9, "q": ""}
+    assert [r.status for r in srv.requests_for("/api/images/9/")] == [200, 200]

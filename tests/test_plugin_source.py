@@ -9,6 +9,7 @@ offset) over loopback HTTP. Its module and replica are written into a temporary 
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 import textwrap
 from contextlib import ExitStack
@@ -72,6 +73,10 @@ def open_volume(params, raw: Path, dataset: str):
 
 def read_metadata(params, raw: Path, dataset: str):
     return {"info": json.loads((raw / "info.json").read_text())}
+
+
+def describe(params, raw: Path, dataset: str):
+    return {"instrument": "toy scope", "slices": int(np.load(raw / "volume.npy", mmap_mode="r").shape[0])}
 '''
 
 TOY_REPLICA = '''
@@ -172,6 +177,8 @@ def test_a_source_registered_from_a_test_runs_repro_push_and_pull(toy_plugin: Pa
             np.testing.assert_array_equal(f["raw"][()], case.expected["raw"])
             np.testing.assert_allclose(f["raw"].attrs["resolution"], case.voxel_size_nm)
             np.testing.assert_allclose(f["raw"].attrs["offset"], case.offset_nm)
+        record = json.loads((repo / "data" / "metadata" / "toy_set.json").read_text())
+        assert record["description"] == {"instrument": "toy scope", "slices": case.expected["raw"].shape[0]}
         clone = tmp_path / "clone"
         git(["clone", "-q", str(repo), str(clone)], tmp_path, env)
         dvc(["remote", "modify", "--local", "s3", "endpointurl", s3.endpoint], clone, env)

@@ -73,6 +73,7 @@ def build_record(cfg: Config, key: str, path: Path | None = None) -> dict[str, A
             "license": root["license"],
             "citation": root["citation"],
             "modality": root["modality"],
+            "description": json.loads(root.get("description", "{}")),
             "voxel_size_nm": spatial["resolution"],
             "offset_nm": spatial["offset"],
             "extent_nm": [float(s * r) for s, r in zip(raw.shape, spatial["resolution"])],

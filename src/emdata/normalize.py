@@ -158,7 +158,8 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
             "tiles": len(plan.tiles), "one_pass": plan.one_pass}
 
 
-def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry) -> dict[str, Any]:
+def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
+                description: dict[str, Any]) -> dict[str, Any]:
     ds = cfg.dataset(key)
     files = record.files
     return {
@@ -177,6 +178,7 @@ def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry) 
         "params": json.dumps({"dataset": json_safe(ds.raw_params), "normalize": cfg.normalize.to_dict()},
                              sort_keys=True),
         "geometry_origin": json.dumps(geometry.origin, sort_keys=True),
+        "description": json.dumps(description, sort_keys=True),
     }
 
 
@@ -273,8 +275,10 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
             _check_free_space(key, out, [volume, *labels.values()], params.compression)
             geometry = dataset_geometry(cfg, key, volume)
             native = json_safe(source.read_metadata(ds.source, raw, key))
+            describe = getattr(source, "describe", None)
+            description = json_safe(describe(ds.source, raw, key)) if describe else {}
             with h5py.File(tmp, "w") as f:
-                f.attrs.update(_root_attrs(cfg, key, record, geometry))
+                f.attrs.update(_root_attrs(cfg, key, record, geometry, description))
                 prov = f.create_group("provenance")
                 prov.create_dataset("source_record", data=json.dumps(record.to_dict(), sort_keys=True))
                 prov.create_dataset("native_metadata", data=json.dumps(native, sort_keys=True))

@@ -40,6 +40,7 @@ import errno
 import hashlib
 import http.client
 import io
+import json
 import logging
 import math
 import mmap
@@ -79,6 +80,7 @@ FLUSH_EVERY = 64 << 20  # without O_DIRECT: start the write-back after this many
 FILL_SECONDS = 1.0  # a slow link still reaches the disk (and the progress bar) every second
 USER_AGENT = "emdata (+https://github.com/emdata; research data pipeline)"
 READ_TIMEOUT_ENV = "EMDATA_READ_TIMEOUT"
+API_MAX_BYTES = 64 << 20  # cap on a whole-response read (API answers, listings, tiles)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
@@ -588,16 +590,57 @@ class HttpClient:
 
         return self._with_retries(url, once)
 
-    def get_json(self, url: str) -> Any:
-        def once() -> Any:
-            with self._send("GET", url, headers={"Accept": "application/json"}) as r:
-                try:
-                    return r.json()
-                except ValueError as exc:
-                    raise FetchError(self.dataset, url, "the response is not JSON",
-                                     "check the API URL in params.yaml") from exc
+    def probe(self, url: str) -> RemoteInfo | None:
+        """``head`` that answers None for 404/410 instead of failing (does this file exist?)."""
+        def once() -> RemoteInfo | None:
+            try:
+                with self._send("HEAD", url, allow_redirects=True) as r:
+                    return RemoteInfo(url, _content_length(r), r.headers.get("Accept-Ranges", "").lower() == "bytes")
+            except FetchError as exc:
+                if re.search(r"\bHTTP (404|410)\b", str(exc)):
+                    return None
+                raise
 
         return self._with_retries(url, once)
+
+    def get_bytes(self, url: str, *, max_bytes: int = API_MAX_BYTES, accept: str | None = None) -> bytes:
+        """A small whole response (API answer, listing, image tile), at most ``max_bytes``, with retries."""
+        def once() -> bytes:
+            headers = {"Accept": accept} if accept else {}
+            with self._send("GET", url, headers=headers, stream=True) as r:
+                announced = _content_length(r, of_body=True)
+                if announced is not None and announced > max_bytes:
+                    raise FetchError(self.dataset, url, f"the response announces {announced} bytes, more than "
+                                     f"the {max_bytes} expected here", "check the URL in params.yaml")
+                body = bytearray()
+                for block in r.iter_content(1 << 16):
+                    body += block
+                    if len(body) > max_bytes:
+                        raise FetchError(self.dataset, url, f"the response is longer than the {max_bytes} bytes "
+                                         "expected here", "check the URL in params.yaml")
+                if announced is not None and len(body) != announced:
+                    raise _Retry(f"received {len(body)} of {announced} bytes")
+                return bytes(body)
+
+        return self._with_retries(url, once)
+
+    def get_text(self, url: str, *, max_bytes: int = API_MAX_BYTES, accept: str | None = None) -> str:
+        data = self.get_bytes(url, max_bytes=max_bytes, accept=accept)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FetchError(self.dataset, url, f"the response is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                             "check the URL in params.yaml") from exc
+
+    def get_json(self, url: str, *, max_bytes: int = API_MAX_BYTES) -> Any:
+        """A JSON answer; an HTML page or other non-JSON body is one FetchError naming the URL."""
+        text = self.get_text(url, max_bytes=max_bytes, accept="application/json")
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            start = " ".join(text[:60].split())
+            raise FetchError(self.dataset, url, f"the response is not JSON (it starts with {start!r})",
+                             "check the API URL in params.yaml; the service may be down or have moved") from exc
 
     def download(self, url: str, dest: Path, *, size: int | None = None,
                  sha256: str | None = None, label: str | None = None) -> Downloaded:

@@ -43,6 +43,17 @@ class Source(Protocol):
         """Native metadata as found (tags, attributes, API answers), JSON-safe; no network."""
 
 
+class DescribedSource(Source, Protocol):
+    """A source that adds descriptive fields to the record (``describe`` is optional).
+
+    ``describe`` returns a small flat JSON-safe dict (instrument, detector, paper DOI, names from
+    the service, ...); it is stored as the root attribute ``description`` and as ``description``
+    in the metadata record. Large or nested answers belong in ``read_metadata`` instead.
+    """
+
+    def describe(self, params: Any, raw: Path, dataset: str) -> dict[str, Any]: ...
+
+
 class LabelledSource(Source, Protocol):
     """A source that also has label volumes on the image's grid (``open_labels`` is optional)."""
 

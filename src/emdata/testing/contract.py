@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,14 @@ class SourceCase:
     reload: Callable[[], Config]  # re-read params.yaml after a test edits it
     voxel_size_nm: tuple[float, float, float] = (5.0, 5.0, 5.0)
     offset_nm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    files: dict[str, str] = field(default_factory=dict)  # raw-folder relpath -> URL path (ReplicaCase.files)
+
+    def relpath(self, url_path: str) -> str:
+        """Where the file served at ``url_path`` lands in the raw folder (default: its base name)."""
+        for rel, served in self.files.items():
+            if urllib.parse.unquote(served) == urllib.parse.unquote(url_path):
+                return rel
+        return urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
 
 
 def client_for(case: SourceCase, sleeps: list[float] | None = None) -> HttpClient:
@@ -151,7 +160,7 @@ class HttpContract:
         assert len(gets) == 2
         assert "Range" not in gets[0].headers
         assert gets[1].headers["Range"] == "bytes=1000-" and gets[1].status == 206
-        local = case.cfg.raw_dir(case.key) / _file_name(case.big_file)
+        local = case.cfg.raw_dir(case.key) / case.relpath(case.big_file)
         served = case.server.local_path(case.big_file)
         assert local.read_bytes() == served.read_bytes()
 
@@ -166,7 +175,7 @@ class HttpContract:
         self._fetch(case)
         gets = [r for r in case.server.requests_for(case.big_file) if r.method == "GET"]
         assert [g.headers.get("Range") for g in gets] == [f"bytes={700 * FAST_RETRIES.attempts}-"]
-        local = case.cfg.raw_dir(case.key) / _file_name(case.big_file)
+        local = case.cfg.raw_dir(case.key) / case.relpath(case.big_file)
         assert local.read_bytes() == case.server.local_path(case.big_file).read_bytes()
 
     def test_normalize_refuses_raw_data_of_other_params(self, case: SourceCase) -> None:
@@ -198,7 +207,7 @@ class HttpContract:
         assert case.key in str(err.value) and "127.0.0.1" in str(err.value)
         raw = case.cfg.raw_dir(case.key)
         assert not raw.exists()
-        leftovers = list(case.cfg.partial_dir(case.key).glob(_file_name(case.big_file) + "*"))
+        leftovers = list(case.cfg.partial_dir(case.key).glob(case.relpath(case.big_file) + "*"))
         assert leftovers == []
 
     def test_404_is_one_line_error_naming_dataset_and_url(self, case: SourceCase, tmp_path: Path) -> None:
@@ -215,12 +224,6 @@ class HttpContract:
 
 
 
-def _file_name(url_path: str) -> str:
-    import urllib.parse
-
-    return urllib.parse.unquote(url_path.rsplit("/", 1)[-1])
-
-
 def _pin_size(case: SourceCase, url_path: str, extra: int = 0) -> None:
     """Pin the real (untruncated) size of the file, plus ``extra``, in params.yaml."""
     import yaml
@@ -228,7 +231,7 @@ def _pin_size(case: SourceCase, url_path: str, extra: int = 0) -> None:
     served = case.server.local_path(url_path)
     params_path = case.cfg.root / "params.yaml"
     params: dict[str, Any] = yaml.safe_load(params_path.read_text())
-    name = _file_name(url_path)
+    name = case.relpath(url_path)
     for spec in _file_specs(params["datasets"][case.key]["source"]):
         if spec.get("file") == name:
             spec["size"] = served.stat().st_size + extra

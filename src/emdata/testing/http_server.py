@@ -8,6 +8,11 @@ and Apache-style HTML directory listings. Tests inject faults per URL path (quot
 - ``truncate(path, nbytes)``: serve only the first ``nbytes`` as if they were the whole file;
 - ``lie_length(path, extra)``: announce ``extra`` more bytes than the file has, then close;
 - ``ignore_range(path)``: answer every request with 200 and the whole body, as some servers do.
+
+Dynamic endpoints (APIs) are added with ``route(pattern, handler)``: ``pattern`` is a regular
+expression matched against the whole unquoted path, ``handler(match, query)`` returns
+``(status, body, content type)``. Faults (``fail``, ``drop_after``, ``truncate``) apply to routes
+too, so an API call can be made to fail like a file.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Request:
     path: str
     headers: dict[str, str]
     status: int = 0
+    query: str = ""
 
 
 @dataclass
@@ -48,8 +54,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _record(self, status: int) -> None:
-        self.server.owner._log(Request(self.command, urllib.parse.unquote(self.path.split("?")[0]),
-                                       dict(self.headers.items()), status))
+        path, _, query = self.path.partition("?")
+        self.server.owner._log(Request(self.command, urllib.parse.unquote(path), dict(self.headers.items()),
+                                       status, query))
 
     def do_HEAD(self) -> None:
         self._serve(body=False)
@@ -71,17 +78,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, body: bool) -> None:
         owner = self.server.owner
-        url_path = urllib.parse.unquote(self.path.split("?")[0])
-        handler = owner.routes.get(url_path)
-        if handler is not None:
-            status, payload, ctype = handler(self.path)
-            return self._simple(status, payload, content_type=ctype)
+        raw_path, _, query = self.path.partition("?")
+        url_path = urllib.parse.unquote(raw_path)
         with owner.lock:
             fail = owner.faults.fail.get(url_path)
             if fail and fail[1] > 0:
                 fail[1] -= 1
                 headers = {"Retry-After": str(fail[2])} if fail[2] is not None else {}
                 return self._simple(fail[0], b"temporarily unavailable\n", headers)
+        routed = owner.dispatch(url_path, query)
+        if routed is not None:
+            status, payload, ctype = routed
+            if status != 200:
+                return self._simple(status, payload, content_type=ctype)
+            return self._send_body(url_path, payload, body, ctype)
         local = owner.local_path(url_path)
         if local is None:
             return self._simple(404, b"not found\n")
@@ -89,7 +99,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not url_path.endswith("/"):
                 return self._simple(301, b"", {"Location": url_path + "/"})
             return self._simple(200, owner.listing(url_path, local), content_type="text/html")
-        data_len = local.stat().st_size
+        return self._send_body(url_path, local, body)
+
+    def _send_body(self, url_path: str, source: "Path | bytes", body: bool,
+                   content_type: str = "application/octet-stream") -> None:
+        """Serve a file or an in-memory payload with Range, keep-alive and the path's faults."""
+        owner = self.server.owner
+        data_len = source.stat().st_size if isinstance(source, Path) else len(source)
         with owner.lock:
             data_len = min(data_len, owner.faults.truncate.get(url_path, data_len))
             lie = owner.faults.lie.get(url_path, 0)
@@ -112,7 +128,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = end - start + 1
         self._record(status)
         self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", content_type)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(length + lie))
         if status == 206:
@@ -121,15 +137,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not body:
             return
         to_send = length if cut is None else min(length, cut)
-        with open(local, "rb") as fh:
-            fh.seek(start)
-            left = to_send
-            while left > 0:
-                block = fh.read(min(left, 1 << 20))
-                if not block:
-                    break
-                self.wfile.write(block)
-                left -= len(block)
+        if isinstance(source, bytes):
+            self.wfile.write(source[start:start + to_send])
+        else:
+            with open(source, "rb") as fh:
+                fh.seek(start)
+                left = to_send
+                while left > 0:
+                    block = fh.read(min(left, 1 << 20))
+                    if not block:
+                        break
+                    self.wfile.write(block)
+                    left -= len(block)
         if cut is not None or lie:
             self.wfile.flush()
             self.close_connection = True  # the announced length was not sent: end the connection
@@ -147,7 +166,7 @@ class ReplicaServer:
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = Path(root).resolve()
         self.faults = _Faults()
-        self.routes: dict[str, Any] = {}  # exact path -> fn(raw_path) -> (status, bytes, content type)
+        self.routes: list[tuple[re.Pattern[str], Any]] = []  # see route()
         self.requests: list[Request] = []
         self.lock = threading.RLock()
         self._httpd = _Server((host, port), _Handler)
@@ -174,6 +193,22 @@ class ReplicaServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- dynamic endpoints ----------------------------------------------------------------------
+
+    def route(self, pattern: str, handler: Any) -> None:
+        """Answer paths that fully match ``pattern`` with ``handler(match, query) -> (status, body, type)``.
+
+        ``query`` is the parsed query string (``dict[str, list[str]]``). Later routes win.
+        """
+        self.routes.insert(0, (re.compile(pattern), handler))
+
+    def dispatch(self, url_path: str, query: str) -> tuple[int, bytes, str] | None:
+        for pattern, handler in list(self.routes):
+            match = pattern.fullmatch(url_path)
+            if match is not None:
+                return handler(match, urllib.parse.parse_qs(query, keep_blank_values=True))
+        return None
 
     # -- request log ----------------------------------------------------------------------------
 
