@@ -1512,7 +1512,7 @@ CASES: list[Any] = [
     pytest.param(r04_flipped_raw_byte, id="04-flipped-raw-byte", marks=BUG_04),
     pytest.param(r05a_disk_full_fetch, id="05a-disk-full-fetch"),
     pytest.param(r05b_disk_full_normalize, id="05b-disk-full-normalize"),
-    pytest.param(r05c_disk_full_during_hdf5_write, id="05c-disk-full-during-hdf5-write", marks=BUG_05C),
+    pytest.param(r05c_disk_full_during_hdf5_write, id="05c-disk-full-during-hdf5-write"),
     pytest.param(r06a_truncated_record, id="06a-truncated-metadata-record"),
     pytest.param(r06b_redirect_to_file, id="06b-redirect-to-file-url"),
     pytest.param(r06c_redirect_to_ftp, id="06c-redirect-to-ftp-url"),

@@ -51,6 +51,12 @@ class FormatError(SourceError):
     exit_code = 6
 
 
+class OutputError(SourceError):
+    """Writing an output failed (full disk, I/O error); the previous output is left as it was."""
+
+    exit_code = 10
+
+
 class NotBuiltError(EmdataError):
     """An output a command needs does not exist yet (not fetched, normalized or pulled)."""
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .config import Config
-from .errors import ConfigError, FormatError
+from .errors import ConfigError, FormatError, OutputError
 from .fetch_record import FetchRecord, require_fetched
 from .geometry import Geometry, resolve, same_geometry
 from .io import hdf5
@@ -149,6 +149,7 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
         if not plan.one_pass:  # the sha256 needs C order: a second, read-only pass in hash boxes
             _pipeline(plan.hash_boxes or [], read, lambda box, data: None, lambda box, data: digest.hash(data),
                       progress)
+    dset.flush()  # write failures surface here, not in a __dealloc__ that cannot raise
     array_sha256 = digest.sha.hexdigest()
     statistics = digest.stats.result()
     dset.attrs.update(attrs)
@@ -244,7 +245,7 @@ def _check_free_space(key: str, out: Path, arrays: list[RawVolume], compression:
     free = shutil.disk_usage(out.parent).free
     old = out.stat().st_size if out.is_file() else 0  # replaced only after the new file is complete
     if free < need:
-        raise FormatError(key, str(out.parent), f"not enough free disk space: {free / 2**20:.0f} MiB free, "
+        raise OutputError(key, str(out.parent), f"not enough free disk space: {free / 2**20:.0f} MiB free, "
                           f"the output needs about {need / 2**20:.0f} MiB (the old output, {old / 2**20:.0f} MiB, "
                           "stays until the new one is complete)", "free some space and run normalize again")
 
@@ -257,8 +258,6 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path) -> Path:
-    import h5py
-
     ds = cfg.dataset(key)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
@@ -277,7 +276,7 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
             native = json_safe(source.read_metadata(ds.source, raw, key))
             describe = getattr(source, "describe", None)
             description = json_safe(describe(ds.source, raw, key)) if describe else {}
-            with h5py.File(tmp, "w") as f:
+            with hdf5.create(tmp, key) as f:
                 f.attrs.update(_root_attrs(cfg, key, record, geometry, description))
                 prov = f.create_group("provenance")
                 prov.create_dataset("source_record", data=json.dumps(record.to_dict(), sort_keys=True))

@@ -13,11 +13,17 @@ No timestamps are written, so identical inputs give bit-identical files (stable 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+
+from ..errors import OutputError
 
 FORMAT_VERSION = 1
 RAW = "raw"
@@ -164,3 +170,71 @@ class ChunkMap:
                     # never written: HDF5 would return the fill value
                     out[oz, oy, ox] = self.fill if block is None else block[sz, sy, sx]
         return out
+
+
+@contextlib.contextmanager
+def create(path: Path, dataset: str) -> Iterator[Any]:
+    """A new HDF5 file that counts as written only once everything in it reached the disk.
+
+    HDF5 reports some write failures only where h5py cannot raise them (a dataset's chunk cache
+    is flushed when the object is deallocated: "Exception ignored in ObjectID.__dealloc__"), and
+    a file whose flush failed cannot be closed: the library then crashes at interpreter exit. So
+    the body's writes are flushed explicitly, swallowed dealloc errors are collected and count as
+    a failure, and a failed file's descriptor is pointed at /dev/null before it is closed (the
+    close then succeeds; the caller removes the temporary file). A failure is an ``OutputError``
+    naming the dataset and the file, one line, with ENOSPC called what it is.
+    """
+    import h5py
+
+    swallowed: list[BaseException] = []
+    previous_hook = sys.unraisablehook
+
+    def collect(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, (OSError, RuntimeError)):  # HDF5's errors in h5py's __dealloc__
+            swallowed.append(unraisable.exc_value)
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = collect
+    f = h5py.File(path, "w")
+    try:
+        yield f
+        f.flush()
+        if swallowed:
+            raise swallowed[0]
+        f.close()
+        if swallowed:
+            raise swallowed[0]
+    except BaseException as exc:
+        _abandon(f)
+        if isinstance(exc, (OSError, RuntimeError)):
+            raise _write_error(dataset, path, exc) from exc
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+
+
+def _abandon(f: Any) -> None:
+    """Close a file whose writes failed without writing to it again (see :func:`create`)."""
+    with contextlib.suppress(Exception):
+        if not f.id.valid:
+            return
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+def _write_error(dataset: str, path: Path, exc: BaseException) -> OutputError:
+    text = str(exc)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+        return OutputError(dataset, str(path), "the disk became full while the HDF5 was written "
+                           "(No space left on device); the old output is unchanged",
+                           "free some space and run normalize again")
+    first = " ".join(text.split("(file write failed")[0].split())[:160]
+    return OutputError(dataset, str(path), f"writing the HDF5 failed ({type(exc).__name__}: {first}); "
+                       "the old output is unchanged", "check the disk and run normalize again")
