@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +83,15 @@ def test_corrupt_tiff(built) -> None:
     data = bytearray(tif.read_bytes())
     data[4:8] = b"\xff\xff\xff\x7f"  # the first page directory now points past the end of the file
     tif.write_bytes(bytes(data))
+    line = one_line_error(emdata(built.root, "normalize", "epfl_mito_train"))  # changed after the fetch
+    assert "epfl_mito_train" in line and "training.tif does not match its recorded sha256" in line
+    assert _outputs(built) == before
+    # As if the server had sent these bytes: the record vouches for them, the reader refuses them.
+    record_path = built.raw_dir("epfl_mito_train") / "source.json"
+    record = json.loads(record_path.read_text())
+    record["files"]["training.tif"]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    record_path.write_text(json.dumps(record))
+    before = _outputs(built)
     line = one_line_error(emdata(built.root, "normalize", "epfl_mito_train"))
     assert "epfl_mito_train" in line and "training.tif" in line and "not a readable TIFF" in line
     assert _outputs(built) == before

@@ -28,3 +28,50 @@ def test_a_spec_with_tuples_is_fetched_after_a_round_trip_through_json(tmp_path)
 def test_unsafe_relative_paths_are_refused(name) -> None:
     with pytest.raises(ConfigError):
         safe_relpath(name)
+
+
+def test_hash_state_rehashes_only_files_whose_stat_changed(tmp_path, monkeypatch) -> None:
+    import hashlib
+    import os
+
+    import emdata.fetch_record as fr
+
+    folder, state_path = tmp_path / "raw", tmp_path / "state" / "d.json"
+    folder.mkdir()
+    data = {"a.bin": b"alpha" * 7, "b/c.bin": b"gamma" * 11}
+    files = {}
+    for name, payload in data.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(payload)
+        files[name] = FetchedFile("http://x/" + name, len(payload), hashlib.sha256(payload).hexdigest())
+    spec = {"kind": "toy"}
+    FetchRecord("d", "toy", spec, files).write(folder)
+    hashed: list[str] = []
+    real = fr.sha256_file
+    monkeypatch.setattr(fr, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+
+    fr.HashState(state_path).remember_record(folder, FetchRecord.load(folder))
+    assert fetched(folder, spec, state=fr.HashState(state_path)) is not None
+    assert hashed == []  # verified at fetch time, unchanged since: no hashing
+
+    flipped = bytearray(data["b/c.bin"])
+    flipped[3] ^= 1
+    st = os.stat(folder / "b/c.bin")
+    (folder / "b/c.bin").write_bytes(bytes(flipped))
+    os.utime(folder / "b/c.bin", ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old mtime
+    assert fetched(folder, spec) is not None  # sizes alone cannot tell
+    assert fetched(folder, spec, state=fr.HashState(state_path)) is None
+    assert hashed == ["c.bin"]  # only the changed file was read
+    problems = FetchRecord.load(folder).problems(folder, state=fr.HashState(state_path))
+    assert problems == ["b/c.bin does not match its recorded sha256 (its bytes changed after the fetch)"]
+
+    (folder / "b/c.bin").write_bytes(data["b/c.bin"])  # restored (as dvc checkout would): hashed once
+    hashed.clear()
+    assert fetched(folder, spec, state=fr.HashState(state_path)) is not None
+    assert fetched(folder, spec, state=fr.HashState(state_path)) is not None
+    assert hashed == ["c.bin"]
+
+    state_path.write_text("{not json")  # a damaged cache costs a re-hash, nothing else
+    hashed.clear()
+    assert fetched(folder, spec, state=fr.HashState(state_path)) is not None
+    assert sorted(hashed) == ["a.bin", "c.bin"]

@@ -270,6 +270,10 @@ class Config:
     def lock_dir(self) -> Path:
         return self.root / "data" / ".locks"
 
+    def hash_state_path(self, key: str) -> Path:
+        """Local cache of verified raw-file hashes (fetch_record.HashState); never versioned."""
+        return self.root / "data" / ".state" / f"{key}.json"
+
     def partial_dir(self, key: str) -> Path:
         return self.root / "data" / "raw" / ".partial" / key
 

@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__
 from .config import Config
 from .errors import ConfigError, FormatError, OutputError
-from .fetch_record import FetchRecord, require_fetched
+from .fetch_record import FetchRecord, HashState, require_fetched
 from .geometry import Geometry, resolve, same_geometry
 from .io import hdf5
 from .io.lock import dataset_lock
@@ -230,7 +230,9 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
-    record = require_fetched(raw, key, ds.source.to_dict())
+    # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
+    # HDF5 is built from bytes that are not the fetched ones.
+    record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
     with dataset_lock(cfg.lock_dir(), key, "normalize"):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from .config import Config
 from .errors import FetchError, IntegrityError, NotBuiltError
 from .fetch_context import FetchContext, workers_from_env
-from .fetch_record import FetchRecord, fetched, plain_spec, require_fetched
+from .fetch_record import FetchRecord, HashState, fetched, plain_spec, require_fetched
 from .io.atomic import write_json_atomic
 from .io.digest import sha256_file
 from .io.lock import dataset_lock
@@ -48,7 +48,7 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     source = get_source(ds.source_kind)
     spec = ds.source.to_dict()
     raw = cfg.raw_dir(key)
-    if fetched(raw, spec) is not None:
+    if fetched(raw, spec, state=HashState(cfg.hash_state_path(key))) is not None:
         log.info("%s: up to date in %s", key, raw)
         return FetchResult(raw, True, 0)
     with dataset_lock(cfg.lock_dir(), key, "fetch"):
@@ -75,6 +75,7 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     record.write(partial)
     marker.unlink()
     _replace_dir(partial, raw)
+    HashState(cfg.hash_state_path(key)).remember_record(raw, record)
     log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(record.files), raw, ctx.requests)
     return FetchResult(raw, False, ctx.requests)
 
@@ -136,7 +137,8 @@ def dataset_state(cfg: Config, key: str) -> dict[str, Any]:
 def verify_raw(cfg: Config, key: str) -> list[tuple[str, str]]:
     """Re-hash the fetched raw files against their fetch record (when they are present)."""
     ds = cfg.dataset(key)
-    record = require_fetched(cfg.raw_dir(key), key, ds.source.to_dict(), hashes=True)
+    record = require_fetched(cfg.raw_dir(key), key, ds.source.to_dict(), hashes=True,
+                             state=HashState(cfg.hash_state_path(key)))
     return [(f"raw {name} sha256", f.sha256 or "-") for name, f in sorted(record.files.items())]
 
 
