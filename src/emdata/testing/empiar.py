@@ -134,7 +134,7 @@ class EmpiarReplica:
 
 def build_empiar_replica(root: Path, *, shape: tuple[int, int, int] = TEST_SHAPE, coordinate: bool = True,
                          name_format: str = NAME, make_slice: Callable[[int], np.ndarray] | None = None,
-                         keep: bool = True) -> EmpiarReplica:
+                         keep: bool = True, slice_nm: float = SLICE_NM) -> EmpiarReplica:
     """Write the slices, the XML and a small ``trakem2/`` tree under ``root``, one slice at a time."""
     replica = EmpiarReplica(Path(root), tuple(shape))  # type: ignore[arg-type]
     if make_slice is None:
@@ -144,7 +144,7 @@ def build_empiar_replica(root: Path, *, shape: tuple[int, int, int] = TEST_SHAPE
     for z in range(shape[0]):
         image = np.ascontiguousarray(make_slice(z), dtype=np.uint8)
         name = name_format.format(z)
-        write_slice(replica.folder / name, image, z, name_format=name_format)
+        write_slice(replica.folder / name, image, z, name_format=name_format, slice_nm=slice_nm)
         replica.names.append(name)
         if keep:
             kept.append(image)
