@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 
 KIND = "empiar"
 READERS = ("emdata.io.dm3",)
+# fetch parses each slice's DM3 header (RosettaSciIO) and records it in source.json, so normalize
+# reads pixels at the recorded offsets without importing the reader (it and the dask/pandas it
+# loads cost ~70 MiB of RSS) and a corrupt or ragged slice is refused before it is ever stored.
+DECODES_ON_FETCH = True
 TRUST = ("dm3", "api")
 TOLERANCE = 0.01
 log = logging.getLogger(__name__)
@@ -307,38 +311,51 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     files = {params.entry_file: FetchedFile(params.api_url, len(data), hashlib.sha256(data).hexdigest())}
     files.update(fetch_files(ctx, found.files))
     return ctx.record(files, {"imageset": found.imageset.get("name") or found.imageset.get("directory"),
-                              "slices": found.slices, "unlisted": found.unlisted})
+                              "slices": found.slices, "unlisted": found.unlisted,
+                              "dm3": _parse_headers(ctx, found.slices)})
+
+
+def _parse_headers(ctx: FetchContext, slices: list[str]) -> dict[str, Any]:
+    """Each slice's DM3 header (the first with its tag tree); a bad slice is removed, to be fetched again."""
+    from ..io.dm3 import Dm3Stack
+
+    try:
+        stack = Dm3Stack.parse([ctx.dest / name for name in slices], ctx.dataset)
+    except FormatError as exc:
+        bad = Path(exc.where)
+        if bad.parent == ctx.dest and bad.name in slices:
+            bad.unlink(missing_ok=True)
+        raise
+    return {name: image.header(tags=i == 0) for i, (name, image) in enumerate(zip(slices, stack.slices))}
 
 
 # -- reading what was fetched ------------------------------------------------------------------
 
 
-def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], list[str]]:
-    """The stored API entry and the slice names in stacking order."""
-    record = FetchRecord.load(raw)
+def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], "Dm3Stack"]:
+    """The stored API entry, and the slices (natural order) from the headers fetch recorded."""
+    from ..io.dm3 import Dm3Stack, natural_sorted
+
     path = raw / params.entry_file
     try:
         entry = _entry(params, json.loads(path.read_text(encoding="utf-8")), dataset)
     except (OSError, ValueError) as exc:
         raise FormatError(dataset, str(path), f"cannot read the stored API answer ({exc})",
                           f"run `emdata fetch {dataset}` again") from exc
-    from ..io.dm3 import natural_sorted
-
-    names = [n for n in (record.files if record else {}) if "/" not in n and fnmatch.fnmatchcase(n, params.pattern)]
-    return entry, natural_sorted(names)
+    record = FetchRecord.load(raw)
+    files = record.files if record else {}
+    names = natural_sorted([n for n in files if "/" not in n and fnmatch.fnmatchcase(n, params.pattern)])
+    headers = (record.extra.get("dm3") if record else None) or {}
+    if sorted(headers) != sorted(names):
+        raise FormatError(dataset, str(raw / "source.json"), "the fetch record has no DM3 header for every slice",
+                          f"run `emdata fetch {dataset}` again")
+    return entry, Dm3Stack.from_headers([raw / n for n in names], [headers[n] for n in names], dataset)
 
 
 def open_volume(params: Params, raw: Path, dataset: str) -> "Dm3Stack":
-    from ..io.dm3 import Dm3Stack
-
-    entry, names = _fetched(params, raw, dataset)
+    entry, stack = _fetched(params, raw, dataset)
     imageset = select_imageset(entry, params.imageset, dataset, str(raw / params.entry_file))
-    stack = Dm3Stack([raw / n for n in names], dataset)
-    try:
-        _reconcile_pixel_size(params, stack, imageset, dataset)
-    except BaseException:
-        stack.close()
-        raise
+    _reconcile_pixel_size(params, stack, imageset, dataset)
     return stack
 
 
@@ -360,21 +377,16 @@ def _reconcile_pixel_size(params: Params, stack: "Dm3Stack", imageset: dict[str,
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
-    from ..io.dm3 import Dm3Stack
-
-    entry, names = _fetched(params, raw, dataset)
-    with Dm3Stack([raw / n for n in names], dataset) as stack:
-        native = stack.native_metadata()
-    return {"empiar_entry": entry, **native}
+    entry, stack = _fetched(params, raw, dataset)
+    return {"empiar_entry": entry, **stack.native_metadata()}
 
 
 def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     """Instrument, detector and entry facts for the record (flat)."""
-    from ..io.dm3 import open_dm3
-
-    entry, names = _fetched(params, raw, dataset)
+    entry, stack = _fetched(params, raw, dataset)
     imageset = select_imageset(entry, params.imageset, dataset, str(raw / params.entry_file))
-    tags = open_dm3(raw / names[0], dataset).image_tags if names else {}
+    names = [image.path.name for image in stack.slices]
+    tags = stack.slices[0].image_tags
     scope = tags.get("Microscope Info") or {}
     session = tags.get("Session Info") or {}
     bar = tags.get("DataBar") or {}
