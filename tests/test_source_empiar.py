@@ -273,3 +273,33 @@ def test_failures_are_one_line_and_leave_outputs_untouched(make_project, empiar,
     if fault in ("ragged", "corrupt_header"):  # the bad slice is not kept for a resume: the next fetch gets it again
         bad = expected.split(":")[0]
         assert not (cfg.partial_dir(KEY) / bad).exists() and (cfg.partial_dir(KEY) / empiar.replica.names[0]).exists()
+
+
+@pytest.mark.dvc
+def test_dvc_repro_builds_empiar_11759_from_the_replica(tmp_path: Path) -> None:
+    """The real params entry, pointed at the replica, through `dvc repro` (fetch, normalize, summarize)."""
+    from emdata.demo import copy_repository, point_params_at_replicas
+    from emdata.testing.dvc import dvc, git, offline_env
+
+    env = offline_env(tmp_path / "env")
+    repo = tmp_path / "repo"
+    copy_repository(REPO, repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["datasets"] = {KEY: params["datasets"][KEY]}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with running(tmp_path / "www", shape=(16, 53, 47)) as run:
+        point_params_at_replicas(repo / "params.yaml", {"empiar": run})
+        git(["init", "-q", "-b", "main"], repo, env)
+        git(["add", "-A"], repo, env)
+        git(["commit", "-qm", "params"], repo, env)
+        dvc(["repro"], repo, env)
+        expected = run.replica.volume
+    with h5py.File(repo / "data" / "processed" / f"{KEY}.h5") as f:
+        np.testing.assert_array_equal(f["raw"][()], expected)
+        np.testing.assert_allclose(f["raw"].attrs["resolution"], [50.0, 7.99825, 7.99825], rtol=1e-6)
+    record = json.loads((repo / "data" / "metadata" / f"{KEY}.json").read_text())
+    assert (record["doi"], record["accession"]) == ("10.6019/EMPIAR-11759", ACCESSION) and "CC0" in record["license"]
+    assert (record["description"]["instrument"], record["description"]["detector"]) == ("FEI Quanta", "3VBSED")
+    summary = (repo / "METADATA_SUMMARY.md").read_text()
+    assert f"`{KEY}`" in summary and f"thumbnails/{KEY}_xy.png" in summary
+    assert (repo / "thumbnails" / f"{KEY}_xz.png").is_file()
