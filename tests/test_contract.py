@@ -40,7 +40,8 @@ def _make_case(kind: str, index: int, tmp_path: Path):
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         yield SourceCase(cfg=load_config(root), key=rc.key, server=running.server, expected=rc.expected,
                          big_file=rc.fault_path or "", reload=lambda: load_config(root),
-                         voxel_size_nm=rc.voxel_size_nm, offset_nm=rc.offset_nm, files=rc.files)
+                         voxel_size_nm=rc.voxel_size_nm, offset_nm=rc.offset_nm, files=rc.files,
+                         pin_size=rc.pin_size)
 
 
 @pytest.mark.parametrize("kind_case", _cases("http"), ids=lambda kc: f"{kc[0]}-{kc[1]}")

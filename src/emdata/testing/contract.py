@@ -41,6 +41,7 @@ class SourceCase:
     voxel_size_nm: tuple[float, float, float] = (5.0, 5.0, 5.0)
     offset_nm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     files: dict[str, str] = field(default_factory=dict)  # raw-folder relpath -> URL path (ReplicaCase.files)
+    pin_size: Callable[[dict[str, Any], str, int], None] | None = None  # ReplicaCase.pin_size
 
     def relpath(self, url_path: str) -> str:
         """Where the file served at ``url_path`` lands in the raw folder (default: its base name)."""
@@ -232,9 +233,13 @@ def _pin_size(case: SourceCase, url_path: str, extra: int = 0) -> None:
     params_path = case.cfg.root / "params.yaml"
     params: dict[str, Any] = yaml.safe_load(params_path.read_text())
     name = case.relpath(url_path)
-    for spec in _file_specs(params["datasets"][case.key]["source"]):
-        if spec.get("file") == name:
-            spec["size"] = served.stat().st_size + extra
+    entry = params["datasets"][case.key]
+    specs = [spec for spec in _file_specs(entry["source"]) if spec.get("file") == name]
+    for spec in specs:
+        spec["size"] = served.stat().st_size + extra
+    if not specs:  # no {file: ...} spec names it: the replica says how this source pins a size
+        assert case.pin_size is not None, f"{case.key}: params name no {name!r} and the replica has no pin_size"
+        case.pin_size(entry, name, served.stat().st_size + extra)
     params_path.write_text(yaml.safe_dump(params))
     case.cfg = case.reload()
 

@@ -12,7 +12,7 @@ import importlib
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from ..errors import EmdataError
 ENTRY_POINT_GROUP = "emdata.replicas"
 REPLICAS: dict[str, str] = {
     "epfl": "emdata.testing.epfl:REPLICA",
+    "empiar": "emdata.testing.empiar:REPLICA",
 }
 
 
@@ -35,6 +36,9 @@ class ReplicaCase:
     offset_nm: tuple[float, float, float]
     fault_path: str | None = None  # the largest file's URL path or object key, for fault injection
     files: dict[str, str] = field(default_factory=dict)  # raw-folder relpath -> URL path (or key)
+    # Pin a file's size in a params entry, in place: (entry, raw relpath, size). For sources whose
+    # params have no ``{file: ...}`` spec of that file (the contract's size tests use those when present).
+    pin_size: Callable[[dict[str, Any], str, int], None] | None = None
 
 
 class RunningReplica(Protocol):

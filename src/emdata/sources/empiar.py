@@ -1,0 +1,408 @@
+"""EMPIAR entries: the EMPIAR REST API for what an imageset holds, the EBI HTTPS mirror for the files.
+
+Generic over entries; params name the accession, the API URL, the imageset (by ``name`` or
+``directory``), the mirror folder to list and the slice file pattern. EMPIAR-11759 (zebrafish
+retina, SBF-SEM) is 16 DM3 files of one 5500 x 5496 uint8 section each, plus one XML file and a
+``trakem2/`` tree (skipped unless ``include_folders`` names it).
+
+- The API answer (``{"EMPIAR-11759": {...}}``; ``image_width`` is a string, ``pixel_width`` a
+  float in Ångström, ``num_images_or_tilt_series`` an int) is stored as ``<accession>.api.json``.
+- The mirror folder is an Apache autoindex: links are parsed, folders end in ``/``. The API's
+  image count is the authority, because one backend's listing was seen to leave out a file
+  that still answered: a numbered slice missing from the listing is asked for with HEAD and
+  fetched when it answers; slices really missing are named together in one error.
+- No checksums are published: ``source.json`` records each file's size and sha256, and
+  ``pins`` in params can fix them after a first download.
+- Slices are stacked in natural filename order (``_2`` before ``_10``) and read through
+  :mod:`emdata.io.dm3` (RosettaSciIO). Z spacing comes from the DM3 tag
+  ``ImageTags.SBFSEM.Record.Slice thickness``, the in-plane pixel from the calibration (µm ->
+  nm), cross-checked against the API's ``pixel_width`` (Å -> nm): more than 1 % apart is a
+  FormatError unless ``pixel_size_trust`` says ``dm3`` or ``api``. ``voxel_size_nm`` in the
+  dataset overrides all of it (``geometry_trust``).
+
+Licence: CC0 (every EMPIAR entry). Cite the entry DOI (10.6019/EMPIAR-11759) and its paper.
+
+params.yaml::
+
+    source:
+      kind: empiar
+      accession: EMPIAR-11759
+      api_url: https://www.ebi.ac.uk/empiar/api/entry/EMPIAR-11759/
+      base_url: https://ftp.ebi.ac.uk/empiar/world_availability/11759/data/
+      imageset: data                  # the imageset's name or directory in the API answer
+      pattern: "*.dm3"                # the slices (fnmatch, names in base_url)
+      extra_files: ["*.xml"]          # also fetched, not stacked
+      include_folders: []             # e.g. [trakem2]: fetched whole, recursively
+      pixel_size_trust: null          # dm3 | api, when the two disagree by more than 1 %
+      pins: {NAME: {size: N, sha256: HEX}}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import html
+import json
+import logging
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import Section, as_choice, as_int, as_sha256, as_str, as_url
+from ..errors import ConfigError, FetchError, FormatError
+from ..fetch_context import FetchContext
+from ..fetch_record import FetchedFile, FetchRecord, safe_relpath
+from .base import FilePlan, RemoteFile, fetch_files, plan_files
+
+if TYPE_CHECKING:
+    from ..io.dm3 import Dm3Stack
+
+KIND = "empiar"
+READERS = ("emdata.io.dm3",)
+# fetch parses each slice's DM3 header (RosettaSciIO) and records it in source.json, so normalize
+# reads pixels at the recorded offsets without importing the reader (it and the dask/pandas it
+# loads cost ~70 MiB of RSS) and a corrupt or ragged slice is refused before it is ever stored.
+DECODES_ON_FETCH = True
+TRUST = ("dm3", "api")
+TOLERANCE = 0.01
+log = logging.getLogger(__name__)
+
+
+def _str_list(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"params.yaml: {path}: expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Params:
+    accession: str
+    api_url: str
+    base_url: str
+    imageset: str
+    pattern: str
+    extra_files: tuple[str, ...] = ()
+    include_folders: tuple[str, ...] = ()
+    pixel_size_trust: str | None = None
+    pins: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def entry_file(self) -> str:
+        return f"{self.accession}.api.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": KIND, "accession": self.accession, "api_url": self.api_url, "base_url": self.base_url,
+                "imageset": self.imageset, "pattern": self.pattern, "extra_files": list(self.extra_files),
+                "include_folders": list(self.include_folders), "pixel_size_trust": self.pixel_size_trust,
+                "pins": {k: dict(v) for k, v in sorted(self.pins.items())}}
+
+
+def parse_params(sec: Section) -> Params:
+    accession = sec.required("accession", as_str)
+    if not re.fullmatch(r"EMPIAR-\d+", accession):
+        raise ConfigError(f"params.yaml: {sec.path}.accession: expected EMPIAR-<number>, got {accession!r}")
+    base_url = sec.required("base_url", as_url)
+    if not base_url.endswith("/"):
+        raise ConfigError(f"params.yaml: {sec.path}.base_url: a folder URL ending in '/' is expected")
+    folders = sec.optional("include_folders", _str_list, ())
+    for name in folders:
+        safe_relpath(name.rstrip("/"), f"params.yaml: {sec.path}.include_folders")
+    pins_sec = sec.section("pins", required=False)
+    pins = {}
+    for name in pins_sec.keys():
+        pin = pins_sec.section(str(name))
+        safe_relpath(str(name), f"params.yaml: {pin.path}")
+        pins[str(name)] = {"size": pin.optional("size", as_int), "sha256": pin.optional("sha256", as_sha256)}
+        pin.finish()
+    return Params(accession=accession, api_url=sec.required("api_url", as_url), base_url=base_url,
+                  imageset=sec.required("imageset", as_str), pattern=sec.required("pattern", as_str),
+                  extra_files=sec.optional("extra_files", _str_list, ()),
+                  include_folders=tuple(f.rstrip("/") for f in folders),
+                  pixel_size_trust=sec.optional("pixel_size_trust", as_choice(TRUST)), pins=pins)
+
+
+# -- the API answer ------------------------------------------------------------------------------
+
+
+def select_imageset(entry: dict[str, Any], wanted: str, dataset: str, where: str) -> dict[str, Any]:
+    """The imageset whose name or directory is ``wanted`` (a trailing ``/`` ignored)."""
+    sets = entry.get("imagesets")
+    if not isinstance(sets, list) or not sets:
+        raise FormatError(dataset, where, "the entry lists no imagesets", "check source.accession and source.api_url")
+    for item in sets:
+        if isinstance(item, dict) and wanted.strip("/") in (str(item.get("name", "")).strip("/"),
+                                                             str(item.get("directory", "")).strip("/")):
+            return item
+    names = ", ".join(repr(s.get("name") or s.get("directory")) for s in sets if isinstance(s, dict))
+    raise FormatError(dataset, where, f"no imageset named {wanted!r} (the entry has {names})",
+                      "set source.imageset to one of them (name or directory)")
+
+
+def image_count(imageset: dict[str, Any], dataset: str, where: str) -> int:
+    value = imageset.get("num_images_or_tilt_series")
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise FormatError(dataset, where, f"num_images_or_tilt_series is {value!r}, not a count",
+                          "the API's answer changed shape; please report it")
+    return int(value)
+
+
+def api_pixel_nm(imageset: dict[str, Any]) -> tuple[float, float] | None:
+    """(y, x) pixel size in nm from ``pixel_height``/``pixel_width`` (Å), or None when absent."""
+    try:
+        x = float(imageset["pixel_width"]) / 10.0
+        y = float(imageset.get("pixel_height") or imageset["pixel_width"]) / 10.0
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (y, x) if x > 0 and y > 0 else None
+
+
+def _entry(params: Params, answer: Any, dataset: str) -> dict[str, Any]:
+    if not isinstance(answer, dict) or not isinstance(answer.get(params.accession), dict):
+        keys = ", ".join(map(str, answer)) if isinstance(answer, dict) else type(answer).__name__
+        raise FormatError(dataset, params.api_url, f"the answer has no entry {params.accession!r} (found: {keys})",
+                          "check source.accession and source.api_url")
+    return answer[params.accession]
+
+
+# -- the mirror listing --------------------------------------------------------------------------
+
+_HREF = re.compile(r"""href\s*=\s*(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
+
+
+def parse_listing(page: str) -> tuple[list[str], list[str]]:
+    """(files, folders) linked from an Apache autoindex page: direct children only, unquoted."""
+    files, folders = [], []
+    for match in _HREF.finditer(page):
+        href = html.unescape(match.group(1) if match.group(1) is not None else match.group(2))
+        href = href.split("?", 1)[0].split("#", 1)[0]
+        if not href or href.startswith(("/", ".")) or ":" in href:
+            continue  # sort links, the parent folder, absolute links
+        name = urllib.parse.unquote(href)
+        if name.endswith("/") and "/" not in name[:-1]:
+            folders.append(name[:-1])
+        elif "/" not in name:
+            files.append(name)
+    return sorted(set(files)), sorted(set(folders))
+
+
+def _list_tree(ctx: FetchContext, url: str, prefix: str, out: list[tuple[str, str]], depth: int = 0) -> int:
+    """Every file under ``url`` as (relpath, url); returns the number of listing requests."""
+    if depth > 16:
+        raise FormatError(ctx.dataset, url, "folders nest more than 16 deep", "check source.include_folders")
+    files, folders = parse_listing(ctx.http.get_text(url))
+    out += [(prefix + name, urllib.parse.urljoin(url, urllib.parse.quote(name))) for name in files]
+    requests = 1
+    for folder in folders:
+        requests += _list_tree(ctx, urllib.parse.urljoin(url, urllib.parse.quote(folder) + "/"),
+                               f"{prefix}{folder}/", out, depth + 1)
+    return requests
+
+
+@dataclass
+class Discovery:
+    entry: dict[str, Any]
+    imageset: dict[str, Any]
+    slices: list[str]
+    files: list[RemoteFile]  # slices (natural order), extra files, included folders
+    unlisted: list[str]  # slices the listing left out that answered a HEAD request
+    requests: int  # API, listings and HEAD probes
+
+
+def _numbered(names: list[str]) -> tuple[str, int, str, list[int]] | None:
+    """(prefix, zero-padded width or 0, suffix, numbers) when the names are one numbered series."""
+    parts = [re.fullmatch(r"(.*?)(\d+)([^\d.]*(?:\..*)?)", n) for n in names]
+    if not parts or any(p is None for p in parts):
+        return None
+    keys = {(p.group(1), p.group(3)) for p in parts if p}
+    if len(keys) != 1:
+        return None
+    prefix, suffix = keys.pop()
+    digits = [p.group(2) for p in parts if p]
+    widths = {len(d) for d in digits}
+    width = widths.pop() if len(widths) == 1 and any(d.startswith("0") for d in digits) else 0
+    return prefix, width, suffix, sorted(int(d) for d in digits)
+
+
+def _candidates(names: list[str], count: int) -> list[str]:
+    """Names a numbered series of ``count`` lacks, from its first number on; then those before it."""
+    series = _numbered(names)
+    if series is None or len(names) >= count:
+        return []
+    prefix, width, suffix, numbers = series
+    have, lo = set(numbers), numbers[0]
+    expected = [n for n in range(lo, max(lo + count, numbers[-1] + 1)) if n not in have]
+    before = [n for n in range(lo - 1, lo - 1 - (count - len(names)), -1) if n >= 0]
+    return [f"{prefix}{n:0{width}d}{suffix}" for n in expected + before]
+
+
+def discover(params: Params, ctx: FetchContext) -> Discovery:
+    """Ask the API what the imageset holds and the mirror where its files are (no download)."""
+    entry = _entry(params, ctx.http.get_json(params.api_url), ctx.dataset)
+    imageset = select_imageset(entry, params.imageset, ctx.dataset, params.api_url)
+    count = image_count(imageset, ctx.dataset, params.api_url)
+    files, folders = parse_listing(ctx.http.get_text(params.base_url))
+    requests = 2
+    slices = [n for n in files if fnmatch.fnmatchcase(n, params.pattern)]
+    if len(slices) > count:
+        raise FormatError(ctx.dataset, params.base_url, f"{len(slices)} files match {params.pattern!r} but the API "
+                          f"lists {count} images in imageset {params.imageset!r}",
+                          "narrow source.pattern to the imageset's slices")
+    unlisted: list[str] = []
+    missing: list[str] = []
+    for name in _candidates(slices, count):
+        if len(slices) + len(unlisted) >= count:
+            break
+        requests += 1
+        if ctx.http.probe(urllib.parse.urljoin(params.base_url, urllib.parse.quote(name))) is None:
+            missing.append(name)
+        else:
+            unlisted.append(name)
+    short = count - len(slices) - len(unlisted)
+    if short > 0:
+        detail = f"missing: {', '.join(missing)} (not in the listing; HEAD answered 404)" if missing else \
+            f"{short} unnamed file(s) (the listed names are no numbered series to guess from)"
+        raise FetchError(ctx.dataset, params.base_url, f"the API lists {count} images in imageset "
+                         f"{params.imageset!r} but the mirror has {count - short}; {detail}",
+                         "the mirror may be incomplete: try again later, or check source.pattern")
+    if unlisted:
+        log.warning("%s: %s not in the listing of %s but served; fetched (the API count is the authority)",
+                    ctx.dataset, ", ".join(unlisted), params.base_url)
+    from ..io.dm3 import natural_sorted
+
+    slices = natural_sorted(slices + unlisted)
+    extras = [n for n in files if n not in slices and any(fnmatch.fnmatchcase(n, p) for p in params.extra_files)]
+    tree: list[tuple[str, str]] = []
+    for folder in params.include_folders:
+        if folder not in folders:
+            raise FormatError(ctx.dataset, params.base_url, f"no folder {folder + '/'!r} in the listing "
+                              f"(folders: {', '.join(folders) or 'none'})", "check source.include_folders")
+        requests += _list_tree(ctx, urllib.parse.urljoin(params.base_url, urllib.parse.quote(folder) + "/"),
+                               folder + "/", tree)
+    urls = [(n, urllib.parse.urljoin(params.base_url, urllib.parse.quote(n))) for n in slices + extras] + tree
+    unknown = sorted(set(params.pins) - {n for n, _ in urls})
+    if unknown:
+        raise ConfigError(f"params.yaml: datasets.{ctx.dataset}.source.pins.{unknown[0]}: no such file in "
+                          f"{params.base_url} (fetched: {', '.join(slices[:3])}, ...)")
+    remote = [RemoteFile(n, u, params.pins.get(n, {}).get("size"), params.pins.get(n, {}).get("sha256"))
+              for n, u in urls]
+    return Discovery(entry, imageset, slices, remote, unlisted, requests)
+
+
+def _entry_bytes(params: Params, entry: dict[str, Any]) -> bytes:
+    return (json.dumps({params.accession: entry}, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
+    """The API answer (its row counts the API, listing and probe requests), then HEAD per file."""
+    found = discover(params, ctx)
+    size = len(_entry_bytes(params, found.entry))
+    return [FilePlan(params.entry_file, params.api_url, size, size, found.requests, "new"),
+            *plan_files(ctx, found.files)]
+
+
+def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
+    from ..io.atomic import write_bytes_atomic
+
+    found = discover(params, ctx)
+    data = _entry_bytes(params, found.entry)
+    write_bytes_atomic(ctx.path(params.entry_file), data)
+    files = {params.entry_file: FetchedFile(params.api_url, len(data), hashlib.sha256(data).hexdigest())}
+    files.update(fetch_files(ctx, found.files))
+    return ctx.record(files, {"imageset": found.imageset.get("name") or found.imageset.get("directory"),
+                              "slices": found.slices, "unlisted": found.unlisted,
+                              "dm3": _parse_headers(ctx, found.slices)})
+
+
+def _parse_headers(ctx: FetchContext, slices: list[str]) -> dict[str, Any]:
+    """Each slice's DM3 header (the first with its tag tree); a bad slice is removed, to be fetched again."""
+    from ..io.dm3 import Dm3Stack
+
+    try:
+        stack = Dm3Stack.parse([ctx.dest / name for name in slices], ctx.dataset)
+    except FormatError as exc:
+        bad = Path(exc.where)
+        if bad.parent == ctx.dest and bad.name in slices:
+            bad.unlink(missing_ok=True)
+        raise
+    return {name: image.header(tags=i == 0) for i, (name, image) in enumerate(zip(slices, stack.slices))}
+
+
+# -- reading what was fetched ------------------------------------------------------------------
+
+
+def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], "Dm3Stack"]:
+    """The stored API entry, and the slices (natural order) from the headers fetch recorded."""
+    from ..io.dm3 import Dm3Stack, natural_sorted
+
+    path = raw / params.entry_file
+    try:
+        entry = _entry(params, json.loads(path.read_text(encoding="utf-8")), dataset)
+    except (OSError, ValueError) as exc:
+        raise FormatError(dataset, str(path), f"cannot read the stored API answer ({exc})",
+                          f"run `emdata fetch {dataset}` again") from exc
+    record = FetchRecord.load(raw)
+    files = record.files if record else {}
+    names = natural_sorted([n for n in files if "/" not in n and fnmatch.fnmatchcase(n, params.pattern)])
+    headers = (record.extra.get("dm3") if record else None) or {}
+    if sorted(headers) != sorted(names):
+        raise FormatError(dataset, str(raw / "source.json"), "the fetch record has no DM3 header for every slice",
+                          f"run `emdata fetch {dataset}` again")
+    return entry, Dm3Stack.from_headers([raw / n for n in names], [headers[n] for n in names], dataset)
+
+
+def open_volume(params: Params, raw: Path, dataset: str) -> "Dm3Stack":
+    entry, stack = _fetched(params, raw, dataset)
+    imageset = select_imageset(entry, params.imageset, dataset, str(raw / params.entry_file))
+    _reconcile_pixel_size(params, stack, imageset, dataset)
+    return stack
+
+
+def _reconcile_pixel_size(params: Params, stack: "Dm3Stack", imageset: dict[str, Any], dataset: str) -> None:
+    """The DM3 calibration against the API's pixel size: > 1 % apart needs ``pixel_size_trust``."""
+    api = api_pixel_nm(imageset)
+    dm3 = stack.slices[0].pixel_nm
+    if api is None:
+        return
+    if dm3 is None or params.pixel_size_trust == "api":
+        stack.set_pixel_size(api, "EMPIAR API pixel_height/pixel_width")
+        return
+    apart = any(abs(a - b) > TOLERANCE * max(abs(a), abs(b)) for a, b in zip(api, dm3))
+    if apart and params.pixel_size_trust != "dm3":
+        raise FormatError(dataset, str(stack.slices[0].path),
+                          f"the DM3 calibration gives {dm3[1]:g} nm pixels but the EMPIAR API says "
+                          f"{imageset.get('pixel_width')} Å ({api[1]:g} nm), more than 1 % apart",
+                          f"set datasets.{dataset}.source.pixel_size_trust to dm3 or api")
+
+
+def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    entry, stack = _fetched(params, raw, dataset)
+    return {"empiar_entry": entry, **stack.native_metadata()}
+
+
+def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    """Instrument, detector and entry facts for the record (flat)."""
+    entry, stack = _fetched(params, raw, dataset)
+    imageset = select_imageset(entry, params.imageset, dataset, str(raw / params.entry_file))
+    names = [image.path.name for image in stack.slices]
+    tags = stack.slices[0].image_tags
+    scope = tags.get("Microscope Info") or {}
+    session = tags.get("Session Info") or {}
+    bar = tags.get("DataBar") or {}
+    papers = [str(c["doi"]) for c in entry.get("citation") or [] if isinstance(c, dict) and c.get("doi")]
+    out = {
+        "instrument": scope.get("Name") or session.get("Microscope") or None,
+        "detector": session.get("Detector") or bar.get("Signal Name") or None,
+        "acceleration_voltage_v": scope.get("Voltage"),
+        "indicated_magnification": scope.get("Indicated Magnification"),
+        "acquisition_date": bar.get("Acquisition Date"),
+        "entry_title": entry.get("title"),
+        "entry_doi": entry.get("entry_doi"),
+        "experiment_type": entry.get("experiment_type"),
+        "release_date": entry.get("release_date"),
+        "paper_doi": ", ".join(papers) or None,
+        "imageset": imageset.get("name"),
+        "images": len(names),
+    }
+    return {k: v for k, v in out.items() if v not in (None, "")}
