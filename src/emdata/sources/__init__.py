@@ -19,13 +19,15 @@ ENTRY_POINT_GROUP = "emdata.sources"
 REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")  # see protocol.Source
 KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
+    "idr": "emdata.sources.idr",
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import epfl
-    from .protocol import LabelledSource
+    from . import epfl, idr
+    from .protocol import DescribedSource, LabelledSource
 
     _epfl: LabelledSource = epfl
+    _idr: DescribedSource = idr
 
 
 def plugin_kinds() -> dict[str, str]:

@@ -21,6 +21,7 @@ from ..errors import EmdataError
 ENTRY_POINT_GROUP = "emdata.replicas"
 REPLICAS: dict[str, str] = {
     "epfl": "emdata.testing.epfl:REPLICA",
+    "idr": "emdata.testing.idr:REPLICA",
 }
 
 
