@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from emdata.demo import copy_repository, point_params_at_replicas
+from emdata.demo import copy_repository, kinds_in, point_params_at_replicas, start_replicas
 from emdata.testing.dvc import dvc, git, offline_env
 from emdata.testing.epfl import RunningEpfl, build_epfl_replica
 from emdata.testing.http_server import ReplicaServer
@@ -29,9 +30,10 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
                                  coordinate=False)
     env = offline_env(tmp_path / "env")
     repo = tmp_path / "repo"
-    with ReplicaServer(replica.root) as server:
+    with ReplicaServer(replica.root) as server, ExitStack() as stack:
         copy_repository(REPO, repo)
-        point_params_at_replicas(repo / "params.yaml", {"epfl": RunningEpfl(replica, server)})
+        others = start_replicas(kinds_in(repo / "params.yaml") - {"epfl"}, tmp_path / "replicas", stack)
+        point_params_at_replicas(repo / "params.yaml", {**others, "epfl": RunningEpfl(replica, server)})
         git(["init", "-q", "-b", "main"], repo, env)
         git(["add", "-A"], repo, env)
         git(["commit", "-qm", "params"], repo, env)

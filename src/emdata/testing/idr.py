@@ -278,7 +278,7 @@ def build_idr_replica(root: Path, *, shape: tuple[int, int, int] = TEST_SHAPE, c
     replica = IdrReplica(Path(root))
     volume = coordinate_volume(shape) if coordinate else em_like_volume(shape, seed=86)
     resliced = np.ascontiguousarray(volume.transpose(1, 0, 2))  # the _xz file: pages are Y, rows are Z
-    hela = (coordinate_volume((5, 11, 19)) if coordinate else em_like_volume((12, 40, 60), seed=3))[::-1].copy()
+    hela = (coordinate_volume((9, 21, 31)) if coordinate else em_like_volume((12, 40, 60), seed=3))[::-1].copy()
     for img in (IdrImage(IMAGE_ID, U2OS_XY, DATASET_ID, volume, (0.02, 0.02, 0.02), FOLDER + U2OS_XY),
                 IdrImage(XZ_ID, U2OS_XZ, DATASET_ID, resliced, (0.02, 0.02, 0.02), FOLDER + U2OS_XZ),
                 IdrImage(HELA_ID, HELA_PLUS, HELA_DATASET_ID, hela, (0.004, 0.004, 0.004), FOLDER + HELA_PLUS)):
