@@ -20,7 +20,7 @@ import yaml
 from emdata.config import Config, load_config
 from emdata.errors import FetchError, FormatError
 from emdata.io.http import sha256_file
-from emdata.testing.contract import FAST_RETRIES, CoreContract, HttpContract, SourceCase, client_for
+from emdata.testing.contract import FAST_RETRIES, CoreContract, HttpContract, SourceCase
 from emdata.testing.idr import (DATASET_ID, FOLDER, HELA_ID, HELA_PLUS, IMAGE_ID, REPLICA, U2OS_XY, RunningIdr,
                                 idr_entry, imagej_description, write_imagej_tiff)
 from tests.conftest import REPO
@@ -86,6 +86,7 @@ class TestPlusInFileNameContract(CoreContract, HttpContract):
     @pytest.fixture
     def case(self, idr, tmp_path):
         img = idr.replica.images[HELA_ID]
+        assert img.name == HELA_PLUS and "+" in img.file
         return _case(idr, tmp_path, idr_entry(idr.server.url, HELA_ID), 4.0, img.file, img.array)
 
 
@@ -195,12 +196,14 @@ def test_fetch_keeps_omero_answers_and_describes_names(idr, tmp_path) -> None:
 
 
 def test_image_data_as_a_one_element_list_is_accepted(idr, tmp_path) -> None:
+    import h5py
+
     img = idr.replica.images[IMAGE_ID]
     body = json.dumps({"data": [idr.replica.image_json(img)]}).encode()
     idr.server.route(rf"/api/v0/m/images/{IMAGE_ID}/", lambda m, q: (200, body, "application/json"))
     cfg = project(tmp_path, {KEY: idr_entry(idr.server.url)})
     fetch(cfg)
-    with __import__("h5py").File(normalize(cfg)) as f:
+    with h5py.File(normalize(cfg)) as f:
         np.testing.assert_array_equal(f["raw"][()], img.array)
 
 
@@ -298,6 +301,8 @@ def test_render_route_refuses_jpeg_tiles(idr, tmp_path) -> None:
 
 
 def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tmp_path) -> None:
+    import h5py
+
     cfg = project(tmp_path, {KEY: idr_entry(idr.server.url, pixels="render", tile_size=TILE)})
     broken = f"/webgateway/render_image_region/{IMAGE_ID}/5/0/"
     idr.server.fail(broken, status=500, times=10_000)
@@ -313,7 +318,7 @@ def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tm
     fetch(cfg)
     again = [r for r in idr.server.requests if "render_image_region" in r.path]
     assert len(again) == 42 - len(kept)  # only the missing tiles
-    with __import__("h5py").File(normalize(cfg)) as f:
+    with h5py.File(normalize(cfg)) as f:
         np.testing.assert_array_equal(f["raw"][()], idr.replica.images[IMAGE_ID].array)
 
 
