@@ -1,25 +1,31 @@
 """IDR: the render route (PNG tiles from render_image_region) against the original-file route.
 
 Both routes of source kind ``idr`` run against the IDR replica (``emdata.testing.idr``), which
-serves in a separate process (so the client's threads and the server's do not share one GIL):
-the original big-endian ImageJ TIFF over HTTP with Range, and ``render_image_region`` encoding a
-PNG per request (Pillow, default compression) from an EM-like uint8 volume with the real plane
-size, 775 × 1121, and ``--depth`` planes. Each run is the CLI as a user runs it, in a throw-away
-project with one dataset per route and tile size:
+serves from a separate process (so the client's threads and the server's do not share one GIL):
+the original big-endian ImageJ TIFF over HTTP with Range, and ``render_image_region`` answering
+each region as an RGB PNG (Pillow, default compression, as the image-region microservice answers
+greyscale) from an EM-like uint8 volume with the real plane size, 775 × 1121, and ``--depth``
+planes. Each run is the CLI as a user runs it, in a throw-away project with one dataset per route
+and tile size:
 
 - ``python -m emdata -q fetch <key>`` (``data/raw/<key>`` deleted first): API answers plus the
   TIFF, or plus every tile (``EMDATA_FETCH_WORKERS`` parallel requests, default 4);
 - ``python -m emdata -q normalize <key>``: the HDF5 (the render route decodes its PNGs here).
 
+Two server modes, one after the other in the same run:
+
+- ``rendering``: the server renders and encodes every tile when asked, as OMERO does;
+- ``cached``: the server answers from a cache filled by an untimed first fetch, so the time is
+  the transfer and emdata's own work (requests, checks, hashing, writing, PNG decoding).
+
 The runs alternate (order rotated each round), the best of ``--repeat`` counts, and every
 output's ``array_sha256`` must be the same (byte-identical ``/raw`` by both routes). Throughput is
-MB of voxels (Z × Y × X bytes) per second: for fetch alone and for fetch + normalize.
-The render route's ratio to the original route is printed for each tile size.
+MB of voxels (Z × Y × X bytes) per second, for fetch alone and for fetch + normalize.
 
     python benchmarks/idr_routes.py --depth 48 --tiles 256,512,1024,1121 --repeat 3
 
-The replica is Python: its PNG encoding runs on this machine's two cores beside the client,
-where the real OMERO renders on its own servers. The numbers compare the routes here; they do
+The replica is Python and runs on this machine's two cores beside the client; the real OMERO
+renders on its own servers, across the internet. The numbers compare the routes here; they do
 not predict IDR's speed.
 """
 
@@ -40,7 +46,7 @@ WORK = HERE / ".work" / "idr_routes"
 PLANE = (775, 1121)  # the real image's rows and columns
 
 
-def serve(root: Path, depth: int) -> None:
+def serve(root: Path, depth: int, cache: bool) -> None:
     """Build the replica (original TIFF + API) and serve it until stdin closes."""
     import numpy as np
 
@@ -53,7 +59,7 @@ def serve(root: Path, depth: int) -> None:
     for z in range(depth):  # smooth structure plus noise, plane by plane (no volume-sized temporaries)
         base = 128 + 45 * np.sin(xx / 37.0 + z / 9.0) * np.cos(yy / 53.0)
         volume[z] = np.clip(base + rng.normal(0, 18, PLANE), 0, 255).astype(np.uint8)
-    replica = IdrReplica(root)
+    replica = IdrReplica(root, render_cache={} if cache else None)
     img = IdrImage(IMAGE_ID, U2OS_XY, DATASET_ID, volume, (0.02, 0.02, 0.02), FOLDER + U2OS_XY)
     replica.images[img.id] = img
     write_imagej_tiff(root / FOLDER.lstrip("/") / U2OS_XY, volume)
@@ -63,10 +69,11 @@ def serve(root: Path, depth: int) -> None:
         sys.stdin.read()  # until the parent closes our stdin
 
 
-def start_server(depth: int) -> tuple[subprocess.Popen, str]:
+def start_server(depth: int, cache: bool) -> tuple[subprocess.Popen, str]:
     root = WORK / "www"
     shutil.rmtree(root, ignore_errors=True)
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root), "--depth", str(depth)],
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root), "--depth", str(depth),
+                             *(["--cache"] if cache else [])],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env())
     url = proc.stdout.readline().strip() if proc.stdout else ""
     if not url.startswith("http://"):
@@ -125,58 +132,77 @@ def run_once(project: Path, key: str) -> tuple[float, float, str, int]:
     return fetch, normalize, record["array_sha256"], raw_bytes
 
 
+def measure(mode: str, depth: int, tiles: list[int], repeat: int) -> tuple[dict[str, tuple[float, float]],
+                                                                          dict[str, str], dict[str, int], dict[str, str]]:
+    """Best (fetch, normalize) seconds per dataset of one server mode; hashes; raw bytes; labels."""
+    server, url = start_server(depth, cache=mode == "cached")
+    try:
+        project = WORK / "project"
+        labels = make_project(project, url, tiles)
+        keys = list(labels)
+        timed(project, "list")  # warm imports and bytecode
+        if mode == "cached":
+            for key in keys[1:]:
+                run_once(project, key)  # fills the server's cache; not timed
+        best: dict[str, tuple[float, float]] = {}
+        hashes, sizes = {}, {}
+        for round_ in range(repeat):
+            order = keys[round_ % len(keys):] + keys[:round_ % len(keys)]
+            for key in order:
+                fetch, normalize, digest, raw_bytes = run_once(project, key)
+                hashes[key], sizes[key] = digest, raw_bytes
+                print(f"{mode} round {round_ + 1} {labels[key]:<18} fetch {fetch:6.2f} s  normalize {normalize:5.2f} s  "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                old = best.get(key)
+                if old is None or fetch + normalize < sum(old):
+                    best[key] = (fetch, normalize)
+        return best, hashes, sizes, labels
+    finally:
+        if server.stdin:
+            server.stdin.close()
+        server.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=48, help="planes of 775 x 1121 (the real image has 184)")
     parser.add_argument("--tiles", default="256,512,1024,1121", help="render tile sizes to compare")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", default="rendering,cached", help="server modes: rendering, cached")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     if args.serve:
-        serve(args.serve, args.depth)
+        serve(args.serve, args.depth, args.cache)
         return
     tiles = [int(t) for t in args.tiles.split(",") if t]
-    server, url = start_server(args.depth)
-    try:
-        labels = make_project(WORK / "project", url, tiles)
-        voxels = args.depth * PLANE[0] * PLANE[1]
-        best: dict[str, tuple[float, float]] = {}
-        hashes, sizes = {}, {}
-        keys = list(labels)
-        timed(WORK / "project", "list")  # warm imports and bytecode
-        for round_ in range(args.repeat):
-            order = keys[round_ % len(keys):] + keys[:round_ % len(keys)]
-            for key in order:
-                fetch, normalize, digest, raw_bytes = run_once(WORK / "project", key)
-                hashes[key], sizes[key] = digest, raw_bytes
-                print(f"round {round_ + 1} {labels[key]:<18} fetch {fetch:6.2f} s  normalize {normalize:5.2f} s  "
-                      f"load {os.getloadavg()[0]:.2f}", flush=True)
-                old = best.get(key)
-                if old is None or fetch + normalize < sum(old):
-                    best[key] = (fetch, normalize)
-        if len(set(hashes.values())) != 1:
-            sys.exit(f"the routes disagree: {hashes}")
-        mb = voxels / 1e6
+    mb = args.depth * PLANE[0] * PLANE[1] / 1e6
+    digests = set()
+    tables = []
+    for mode in args.modes.split(","):
+        best, hashes, sizes, labels = measure(mode, args.depth, tiles, args.repeat)
+        digests |= set(hashes.values())
         base_fetch, base_norm = best["original"]
-        print(f"\n{args.depth} x {PLANE[0]} x {PLANE[1]} uint8 = {mb:.1f} MB of voxels; /raw identical by every route "
-              f"(array_sha256 {next(iter(hashes.values()))[:16]}...); best of {args.repeat}\n")
-        print("| route | fetch | fetch MB/s | fetch + normalize | MB/s | vs original (fetch / total) | raw on disk |")
-        print("|---|---|---|---|---|---|---|")
-        for key in keys:
+        rows = [f"\nserver mode: {mode}\n",
+                "| route | fetch | fetch MB/s | fetch + normalize | MB/s | vs original (fetch / total) | raw on disk |",
+                "|---|---|---|---|---|---|---|"]
+        for key in labels:
             fetch, normalize = best[key]
             ratio = "" if key == "original" else \
-                f"{base_fetch / fetch:.2f}× / {(base_fetch + base_norm) / (fetch + normalize):.2f}×"
-            print(f"| {labels[key]} | {fetch:.2f} s | {mb / fetch:.0f} | {fetch + normalize:.2f} s | "
-                  f"{mb / (fetch + normalize):.0f} | {ratio} | {sizes[key] / 1e6:.1f} MB |")
-        render = [k for k in keys if k != "original"]
+                f"{base_fetch / fetch:.3f}× / {(base_fetch + base_norm) / (fetch + normalize):.3f}×"
+            rows.append(f"| {labels[key]} | {fetch:.2f} s | {mb / fetch:.1f} | {fetch + normalize:.2f} s | "
+                        f"{mb / (fetch + normalize):.1f} | {ratio} | {sizes[key] / 1e6:.1f} MB |")
+        render = [k for k in labels if k != "original"]
         if render:
             top = min(render, key=lambda k: sum(best[k]))
-            print(f"\nbest tile size here: {labels[top]} ({mb / sum(best[top]):.0f} MB/s fetch + normalize)")
-    finally:
-        if server.stdin:
-            server.stdin.close()
-        server.wait(timeout=30)
+            rows.append(f"\nbest tile size ({mode}): {labels[top]} ({mb / sum(best[top]):.1f} MB/s fetch + normalize)")
+        tables.append("\n".join(rows))
+    if len(digests) != 1:
+        sys.exit(f"the routes disagree: {sorted(digests)}")
+    print(f"\n{args.depth} x {PLANE[0]} x {PLANE[1]} uint8 = {mb:.1f} MB of voxels; /raw identical by every route "
+          f"and mode (array_sha256 {next(iter(digests))[:16]}...); best of {args.repeat}")
+    print("\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -162,6 +162,10 @@ def test_imagej_calibration_decodes_the_micro_escape(tmp_path) -> None:
     info = imagej_info(write_imagej_tiff(tmp_path / "a.tif", vol, pixel_um=0.008, spacing_um=0.05), "t")
     assert info["unit"] == "µm" and info["imagej"]["unit"] == "\\u00B5m"
     np.testing.assert_allclose(voxel_size_nm(info), (50.0, 8.0, 8.0))
+    # A plain TIFF's 72 dpi is no calibration; ImageJ's "micron" is.
+    assert voxel_size_nm({"imagej": {}, "XResolution": [72, 1], "YResolution": [72, 1], "ResolutionUnit": 2}) is None
+    plain = {"imagej": {"spacing": 0.1}, "unit": "micron", "XResolution": [4, 1], "YResolution": [4, 1]}
+    np.testing.assert_allclose(voxel_size_nm(plain), (100.0, 250.0, 250.0))
 
 
 # -- what OMERO answers -----------------------------------------------------------------------------

@@ -59,10 +59,12 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def voxel_size_nm(info: dict[str, Any]) -> tuple[float | None, float, float] | None:
-    """(z, y, x) in nm from :func:`imagej_info`; z is None without ``spacing``; None without a unit."""
+    """(z, y, x) in nm from :func:`imagej_info`; z is None without ``spacing``.
+
+    None without an ImageJ ``unit`` of length: a plain TIFF's resolution (often a 72 dpi default
+    that no microscope set) is not taken for a calibration.
+    """
     unit = info.get("unit")
-    if unit is None and info.get("ResolutionUnit") in (2, 3):  # plain TIFF units: inch, centimetre
-        unit = "inch" if info["ResolutionUnit"] == 2 else "cm"
     factor = UNIT_NM.get(str(unit).strip().lower()) if unit else None
     rows, cols = info.get("YResolution"), info.get("XResolution")
     if factor is None or not all(isinstance(r, list) and len(r) == 2 and r[0] > 0 and r[1] > 0 for r in (rows, cols)):

@@ -139,6 +139,7 @@ class IdrReplica:
     projects: dict[int, str] = field(default_factory=lambda: {PROJECT_ID: f"{STUDY}/experimentD"})
     max_limit: int = 500
     renders: int = 0  # render_image_region answers so far
+    render_cache: dict[tuple[Any, ...], tuple[bytes, str]] | None = None  # a dict: answers kept (benchmarks)
 
     # -- JSON bodies, shaped as OMERO.web's -------------------------------------------------
 
@@ -223,6 +224,16 @@ class IdrReplica:
         return self._json(200, self.img_data(img))
 
     def render_region(self, match: Any, query: dict[str, list[str]]) -> tuple[int, bytes, str]:
+        key = (match.groups(), tuple(sorted((k, tuple(v)) for k, v in query.items())))
+        if self.render_cache is not None and key in self.render_cache:
+            body, ctype = self.render_cache[key]
+            return 200, body, ctype
+        status, body, ctype = self._render(match, query)
+        if self.render_cache is not None and status == 200:
+            self.render_cache[key] = (body, ctype)
+        return status, body, ctype
+
+    def _render(self, match: Any, query: dict[str, list[str]]) -> tuple[int, bytes, str]:
         from PIL import Image
 
         img = self.images.get(int(match.group(1)))
