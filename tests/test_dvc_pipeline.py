@@ -59,6 +59,7 @@ def test_demo_pushes_and_pulls_identical_files(tmp_path: Path) -> None:
 
     result = run_demo(REPO, workdir=tmp_path / "demo", keep=True)
     assert set(result["hashes"]) == set(yaml.safe_load((REPO / "params.yaml").read_text())["datasets"])
+    assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test"} <= set(result["hashes"])
     for remote in ("local", "s3"):
         assert result["checks"][remote] == result["hashes"]
         clone = tmp_path / "demo" / "work" / f"clone-{remote}"

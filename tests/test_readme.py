@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from contextlib import ExitStack
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,7 @@ bounded worker pool. Nothing here knows a source: a source asks for the transpor
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
@@ -121,12 +121,25 @@ class FetchContext:
     # -- work ----------------------------------------------------------------------------------
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """``fn`` over ``items`` on at most ``workers`` threads, results in order; the first error wins."""
+        """``fn`` over ``items`` on at most ``workers`` threads, results in order; the first error wins.
+
+        After an error the items not yet started are cancelled (those running finish), so a dead
+        server costs one item's retries, not every item's.
+        """
         items = list(items)
         if self.workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="emdata-fetch") as pool:
-            return list(pool.map(fn, items))
+            futures = [pool.submit(fn, item) for item in items]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:  # an item failed (or we were interrupted): start no more
+                for future in futures:
+                    future.cancel()  # a no-op for finished and running ones
+            for future in futures:
+                if future.done() and not future.cancelled() and future.exception() is not None:
+                    future.result()  # re-raise the first failed item's error, in item order
+            return [future.result() for future in futures]
 
     def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
         return Progress(total, f"{self.dataset}: {desc}", unit=unit)

@@ -20,14 +20,16 @@ REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metada
 KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
     "empiar": "emdata.sources.empiar",
+    "idr": "emdata.sources.idr",
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import empiar, epfl
+    from . import empiar, epfl, idr
     from .protocol import DescribedSource, LabelledSource
 
     _epfl: LabelledSource = epfl
     _empiar: DescribedSource = empiar
+    _idr: DescribedSource = idr
 
 
 def plugin_kinds() -> dict[str, str]:

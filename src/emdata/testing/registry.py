@@ -22,6 +22,7 @@ ENTRY_POINT_GROUP = "emdata.replicas"
 REPLICAS: dict[str, str] = {
     "epfl": "emdata.testing.epfl:REPLICA",
     "empiar": "emdata.testing.empiar:REPLICA",
+    "idr": "emdata.testing.idr:REPLICA",
 }
 
 
