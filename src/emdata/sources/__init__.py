@@ -19,13 +19,15 @@ ENTRY_POINT_GROUP = "emdata.sources"
 REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")  # see protocol.Source
 KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
+    "precomputed": "emdata.sources.precomputed",
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import epfl
-    from .protocol import LabelledSource
+    from . import epfl, precomputed
+    from .protocol import DescribedSource, LabelledSource
 
     _epfl: LabelledSource = epfl
+    _precomputed: DescribedSource = precomputed
 
 
 def plugin_kinds() -> dict[str, str]:

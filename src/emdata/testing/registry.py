@@ -21,6 +21,7 @@ from ..errors import EmdataError
 ENTRY_POINT_GROUP = "emdata.replicas"
 REPLICAS: dict[str, str] = {
     "epfl": "emdata.testing.epfl:REPLICA",
+    "precomputed": "emdata.testing.precomputed:REPLICA",
 }
 
 
@@ -49,7 +50,7 @@ class RunningReplica(Protocol):
 
 class Replica(Protocol):
     kind: str
-    transport: str  # "http" or "s3": which transport mixin of the contract applies
+    transport: str  # "http", "http-array" or "s3": which transport mixin of the contract applies
 
     def start(self, root: Path, *, coordinate: bool = True) -> AbstractContextManager[RunningReplica]:
         """Write the data under ``root`` and serve it until the context exits."""
