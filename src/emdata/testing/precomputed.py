@@ -54,8 +54,8 @@ def tissue_mask(shape: tuple[int, ...], offset: tuple[int, ...], factor: int) ->
     """Voxels whose centre lies in the tissue ellipsoid (physical coordinates, shared by every scale)."""
     fine_lo = np.array(FINE_OFFSET, float)
     fine_hi = fine_lo + np.array(FINE_SIZE, float)
-    centre = (fine_lo + fine_hi) / 2
-    radii = np.array(FINE_SIZE, float) * np.array([0.42, 0.40, 0.38])
+    centre = fine_lo + (fine_hi - fine_lo) * np.array([0.5, 0.5, 0.64])  # off-centre: one side is all background
+    radii = np.array(FINE_SIZE, float) * np.array([0.42, 0.40, 0.30])
     axes = [((np.arange(n) + o + 0.5) * factor - c) / r for n, o, c, r in zip(shape, offset, centre, radii)]
     z, y, x = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
     return (z**2 + y**2 + x**2) <= 1.0
