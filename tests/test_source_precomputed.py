@@ -415,3 +415,13 @@ def test_a_new_seed_reruns_only_this_datasets_stages(tmp_path) -> None:
         assert ran == sorted([f"fetch@{KEY}", f"normalize@{KEY}", "summarize"])
     second = json.loads((repo / "data" / "raw" / KEY / "source.json").read_text())["extra"]["roi"]
     assert second["start_zyx"] != first["start_zyx"]
+
+
+def test_summary_lists_it_before_it_is_built(tmp_path) -> None:
+    """Its voxel size comes from the layer, so params have none to show yet."""
+    from emdata.summary import summarize
+
+    cfg = project(tmp_path, {KEY: precomputed_dataset("https://example.org/layer", seed=1)})
+    summarize(cfg)
+    text = (cfg.root / "METADATA_SUMMARY.md").read_text()
+    assert f"| `{KEY}` | FIB-SEM | not built yet | from the source |" in text

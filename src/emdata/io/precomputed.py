@@ -36,6 +36,16 @@ DATA_TYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "
 SHARDING = "neuroglancer_uint64_sharded_v1"
 
 
+def tensorstore(dataset: str) -> Any:
+    """The tensorstore module, or one line saying how to install it."""
+    try:
+        import tensorstore as ts
+    except ImportError as exc:
+        raise FormatError(dataset, "tensorstore", "tensorstore is not installed (it reads precomputed layers)",
+                          'pip install "emdata[precomputed]"') from exc
+    return ts
+
+
 def xyz_to_zyx(values: Any) -> tuple:
     """The one place where the layer's X, Y, Z order becomes Z, Y, X."""
     x, y, z = values
@@ -206,7 +216,7 @@ def _triple(value: Any, kind: type) -> bool:
 
 def open_scale(layer: Layer, scale: Scale, context: dict[str, Any], dataset: str, timeout: float) -> Any:
     """A tensorstore of one scale as a Z, Y, X view (channel 0), in absolute voxel coordinates."""
-    import tensorstore as ts
+    ts = tensorstore(dataset)
 
     spec = {"driver": "neuroglancer_precomputed", "kvstore": {"driver": "http", "base_url": layer.url + "/"},
             "scale_index": scale.index, "context": context}
@@ -279,9 +289,8 @@ class CropStore:
     renames it), so an existing file is a finished block and a fetch resumes from the others.
     """
 
-    def __init__(self, folder: Path, shape: IntTriple, block: IntTriple, dtype: np.dtype) -> None:
-        import tensorstore as ts
-
+    def __init__(self, folder: Path, shape: IntTriple, block: IntTriple, dtype: np.dtype, dataset: str) -> None:
+        ts = tensorstore(dataset)
         self.folder = folder
         self.shape = shape
         self.block = block
@@ -305,7 +314,7 @@ class CropVolume(RawVolume):
     """The fetched crop (``crop.zarr`` in the raw folder) as a lazy Z, Y, X volume."""
 
     def __init__(self, folder: Path, dataset: str, *, voxel_size_nm: Triple, offset_nm: Triple) -> None:
-        import tensorstore as ts
+        ts = tensorstore(dataset)
 
         self.path = folder
         self.dataset = dataset

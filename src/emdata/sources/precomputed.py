@@ -423,7 +423,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
     p = prepare(params, ctx)
     folder = ctx.path(f"{STORE}/.zarray").parent
-    store = CropStore(folder, params.crop_size, p.block, p.layer.dtype)
+    store = CropStore(folder, params.crop_size, p.block, p.layer.dtype, ctx.dataset)
     todo = [(key, a, b) for key, a, b in _boxes(params.crop_size, p.block) if not store.done(key)]
     if todo:
         remote = open_scale(p.layer, p.scale, p.context, ctx.dataset, p.timeout)
