@@ -317,6 +317,36 @@ def test_plan_after_an_interrupted_fetch_marks_finished_blocks_done(running, tmp
     assert all((cfg.partial_dir(case.key) / r.name).is_file() for r in done)
 
 
+def test_blocks_of_another_crop_are_not_resumed(running, tmp_path) -> None:
+    """Blocks left by an interrupted fetch are kept only when they belong to the crop chosen now."""
+    import h5py
+
+    from emdata.errors import FetchError
+    from emdata.io.http import HttpClient
+    from emdata.normalize import normalize_dataset
+    from emdata.pipeline import fetch_dataset
+    from emdata.testing.contract import FAST_RETRIES
+
+    case = running.cases()[0]
+    cfg = project(tmp_path, {case.key: case.dataset})
+    fast = lambda: HttpClient(case.key, policy=FAST_RETRIES)  # noqa: E731
+    running.server.fail(case.fault_path, status=503, times=10**6)
+    with pytest.raises(FetchError):
+        fetch_dataset(cfg, case.key, http_factory=fast)
+    running.server.faults.fail.clear()
+    partial = cfg.partial_dir(case.key)
+    marker = json.loads((partial / ".crop.json").read_text())
+    left = [p for p in (partial / "crop.zarr").iterdir() if not p.name.startswith(".")]
+    assert left
+    for path in left:  # stands for another crop's voxels: resuming them would show in the output
+        path.write_bytes(bytes(path.stat().st_size))
+    (partial / ".crop.json").write_text(json.dumps({**marker, "start_zyx": [0, 0, 0]}))  # as if another crop
+    fetch_dataset(cfg, case.key, http_factory=fast)
+    assert not (cfg.raw_dir(case.key) / ".crop.json").exists()
+    with h5py.File(normalize_dataset(cfg, case.key)) as f:
+        np.testing.assert_array_equal(f["raw"][()], case.expected["raw"])
+
+
 # -- one-line errors ------------------------------------------------------------------------------
 
 

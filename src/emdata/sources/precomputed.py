@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from ..config import Section, as_int_range, as_int_triple, as_str
 from ..errors import ConfigError, FormatError
 from ..fetch_context import FetchContext
 from ..fetch_record import FetchedFile, FetchRecord, plain_spec
+from ..io.atomic import write_json_atomic
 from ..io.digest import sha256_file
 from .base import FilePlan
 
@@ -68,6 +70,7 @@ MIN_SPAN = 8  # the default screening scale still spans this many voxels of the 
 MAX_SCREEN_VOXELS = 1 << 26  # one candidate's screening box
 MAX_TRIES = 10_000
 HEAD_SAMPLE = 16  # chunks probed to estimate the bytes of an unsharded scale
+CROP_MARKER = ".crop.json"  # in the partial folder while a fetch is under way: which crop its blocks belong to
 
 
 @dataclass(frozen=True)
@@ -422,6 +425,13 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     from ..io.precomputed import STORE, CropStore, open_scale, read
 
     p = prepare(params, ctx)
+    # Blocks left by an interrupted run are kept only if they belong to this very crop (the search
+    # is deterministic, but the server's coarse data could have changed in between).
+    marker = ctx.path(CROP_MARKER)
+    crop_id = {"scale": p.scale.key, "start_zyx": list(p.crop.start), "block_zyx": list(p.block)}
+    if _read_json(marker) != crop_id:
+        shutil.rmtree(ctx.dest / STORE, ignore_errors=True)
+        write_json_atomic(marker, crop_id)
     folder = ctx.path(f"{STORE}/.zarray").parent
     store = CropStore(folder, params.crop_size, p.block, p.layer.dtype, ctx.dataset)
     todo = [(key, a, b) for key, a, b in _boxes(params.crop_size, p.block) if not store.done(key)]
@@ -452,6 +462,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     for rel in store.files():
         path = ctx.dest / rel
         files[rel] = FetchedFile(p.scale_url, path.stat().st_size, sha256_file(path))
+    marker.unlink()
     return ctx.record(files, _extra(p, params))
 
 
