@@ -28,7 +28,7 @@ STAMP := $(VENV)/.emdata-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing emdata and its test extras into $(VENV) (log: $(VENV)/pip.log)"
-	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -e ".[dask,dm3,test]" \
+	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -e ".[dask,dm3,precomputed,test]" \
 		> $(VENV)/pip.log 2>&1 || { grep -v "^WARNING: Location" $(VENV)/pip.log | tail -40; exit 1; }
 	$(BIN)/python -c "import emdata, h5py, dvc" && touch $(STAMP)
 

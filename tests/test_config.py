@@ -64,7 +64,8 @@ def test_the_repository_params_parse() -> None:
     from tests.conftest import REPO
 
     cfg = load_config(REPO)
-    assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "idr0086_u2os"} <= set(cfg.datasets)
+    assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "empiar_11759", "idr0086_u2os",
+            "hemibrain_em_crop"} <= set(cfg.datasets)
     assert {key: error for key, error in cfg.check().items() if error is not None} == {}
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from emdata.config import load_config
-from emdata.testing.contract import CoreContract, HttpContract, S3Contract, SourceCase
+from emdata.testing.contract import ArrayHttpContract, CoreContract, HttpContract, S3Contract, SourceCase
 from emdata.testing.registry import registered_kinds, replica_for
 
 
@@ -46,6 +46,13 @@ def _make_case(kind: str, index: int, tmp_path: Path):
 
 @pytest.mark.parametrize("kind_case", _cases("http"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
 class TestHttpSources(CoreContract, HttpContract):
+    @pytest.fixture
+    def case(self, kind_case, tmp_path):
+        yield from _make_case(*kind_case, tmp_path)
+
+
+@pytest.mark.parametrize("kind_case", _cases("http-array"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
+class TestArrayHttpSources(CoreContract, ArrayHttpContract):
     @pytest.fixture
     def case(self, kind_case, tmp_path):
         yield from _make_case(*kind_case, tmp_path)

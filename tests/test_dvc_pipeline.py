@@ -38,8 +38,8 @@ def ran_stages(output: str) -> list[str]:
 def test_repro_is_a_noop_the_second_time_and_reruns_only_what_changed(producer) -> None:
     repo, env = producer
     first = dvc(["repro"], repo, env)
-    keys = yaml.safe_load((repo / "params.yaml").read_text())["datasets"]
-    assert len(ran_stages(first)) == 2 * len(keys) + 1  # fetch and normalize per dataset, one summarize
+    datasets = yaml.safe_load((repo / "params.yaml").read_text())["datasets"]
+    assert len(ran_stages(first)) == 2 * len(datasets) + 1  # fetch and normalize each, then summarize
     assert ran_stages(dvc(["repro"], repo, env)) == []
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"]["epfl_mito_test"]["voxel_size_nm"] = [30.0, 5.0, 5.0]

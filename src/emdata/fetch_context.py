@@ -9,6 +9,7 @@ bounded worker pool. Nothing here knows a source: a source asks for the transpor
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -81,13 +82,27 @@ class FetchContext:
         fs.retries = 1
         return fs
 
-    def tensorstore_context(self) -> dict[str, Any]:
-        """A tensorstore ``context`` with bounded HTTP and S3 retries (unbounded ones hang for minutes)."""
+    @property
+    def retry_policy(self) -> "RetryPolicy":
+        """This fetch's retry policy: the explicit one, else the (injected) HTTP client's, else the environment's."""
+        if self.policy is not None:
+            return self.policy
+        if self.http_factory is not None or self._http is not None:
+            return self.http.policy
         from .io.http import RetryPolicy
 
-        policy = self.policy or RetryPolicy.from_env()
+        return RetryPolicy.from_env()
+
+    def tensorstore_context(self) -> dict[str, Any]:
+        """A tensorstore ``context`` with bounded HTTP and S3 retries (unbounded ones hang for minutes)."""
+        policy = self.retry_policy
         # tensorstore's max_retries is the number of tries; it has no request timeout of its own, so
-        # callers bound each operation with ``future.result(timeout=...)``. Public data: no credentials.
+        # callers bound each operation with ``future.result(timeout=...)``, and a stalled transfer
+        # (under 1 byte/s for the read timeout) is cut by curl's low-speed watchdog, which tensorstore
+        # configures from the environment when it makes its first HTTP request in this process.
+        # Public data: no credentials.
+        os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, math.ceil(policy.read_timeout))))
+        os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
         retries = {"max_retries": max(1, policy.attempts), "initial_delay": f"{policy.base_delay}s",
                    "max_delay": f"{policy.max_delay}s"}
         limit = {"limit": max(1, self.workers)}

@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__
 from .config import Config
 from .errors import ConfigError, FormatError, OutputError
-from .fetch_record import FetchRecord, HashState, require_fetched
+from .fetch_record import FetchedFile, FetchRecord, HashState, require_fetched
 from .geometry import Geometry, resolve, same_geometry
 from .io import hdf5
 from .io.lock import dataset_lock
@@ -159,10 +159,50 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
             "tiles": len(plan.tiles), "one_pass": plan.one_pass}
 
 
+MAX_SOURCE_ENTRIES = 64  # root attributes live in the object header (64 KiB in all): keep the lists bounded
+
+
+def source_entries(files: dict[str, FetchedFile]) -> dict[str, str | None]:
+    """URL -> sha256 for the root attributes ``source_urls``/``source_checksums``, at most 64 entries.
+
+    One entry per distinct URL, in the order of the files' relative paths: the file's sha256, or,
+    when one URL stands for several local files (a decoded chunk store), the sha256 of their
+    manifest (a ``relpath size sha256`` line per file, sorted). Beyond 64 URLs (a copy of
+    thousands of objects), URLs are folded into their parent folders until they fit. The full
+    per-file list is always in ``/provenance/source_record``.
+    """
+    groups: dict[str, list[tuple[str, FetchedFile]]] = {}
+    for rel, f in sorted(files.items()):
+        groups.setdefault(f.url, []).append((rel, f))
+    while len(groups) > MAX_SOURCE_ENTRIES:
+        folded: dict[str, list[tuple[str, FetchedFile]]] = {}
+        for url, items in groups.items():
+            folded.setdefault(_parent_url(url), []).extend(items)
+        if len(folded) == len(groups):
+            break
+        groups = folded
+    return {url: items[0][1].sha256 if len(items) == 1 else _manifest_sha256(items) for url, items in groups.items()}
+
+
+def _parent_url(url: str) -> str:
+    """``https://h/a/b/c`` -> ``https://h/a/b/``; a host's root stays itself."""
+    head, sep, path = url.partition("://")
+    host, slash, rest = path.partition("/")
+    parts = rest.rstrip("/").split("/")
+    if not sep or not slash or parts == [""]:
+        return url
+    return f"{head}://{host}/" + "".join(p + "/" for p in parts[:-1])
+
+
+def _manifest_sha256(items: list[tuple[str, FetchedFile]]) -> str:
+    lines = sorted(f"{rel} {f.size} {f.sha256}\n" for rel, f in items)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
                 description: dict[str, Any]) -> dict[str, Any]:
     ds = cfg.dataset(key)
-    files = record.files
+    entries = source_entries(record.files)
     return {
         "emdata_version": __version__,
         "format_version": hdf5.FORMAT_VERSION,
@@ -174,8 +214,8 @@ def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
         "doi": ds.doi or "",
         "modality": ds.modality,
         "source_kind": ds.source_kind,
-        "source_urls": json.dumps([f.url for f in files.values()]),
-        "source_checksums": json.dumps({f.url: f.sha256 for f in files.values()}, sort_keys=True),
+        "source_urls": json.dumps(list(entries)),
+        "source_checksums": json.dumps(entries, sort_keys=True),
         "params": json.dumps({"dataset": json_safe(ds.raw_params), "normalize": cfg.normalize.to_dict()},
                              sort_keys=True),
         "geometry_origin": json.dumps(geometry.origin, sort_keys=True),

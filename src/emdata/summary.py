@@ -83,7 +83,8 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         r = records.get(key)
         if r is None:
             ds = cfg.datasets[key]
-            lines.append(f"| `{key}` | {ds.modality} | not built yet | {_triple(list(ds.voxel_size_nm))} | | | | {ds.license} |")
+            voxel = _triple(list(ds.voxel_size_nm)) if ds.voxel_size_nm else "from the source"  # e.g. an info file
+            lines.append(f"| `{key}` | {ds.modality} | not built yet | {voxel} | | | | {ds.license} |")
             continue
         lines.append(f"| `{key}` | {r['modality']} | {_triple(r['shape'])} | {_triple(r['voxel_size_nm'])} | {r['dtype']} "
                      f"| {', '.join(sorted(r['labels'])) or '-'} | {_human_bytes(r['bytes_on_disk'])} | {r['license']} |")

@@ -21,15 +21,17 @@ KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
     "empiar": "emdata.sources.empiar",
     "idr": "emdata.sources.idr",
+    "precomputed": "emdata.sources.precomputed",
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import empiar, epfl, idr
+    from . import empiar, epfl, idr, precomputed
     from .protocol import DescribedSource, LabelledSource
 
     _epfl: LabelledSource = epfl
     _empiar: DescribedSource = empiar
     _idr: DescribedSource = idr
+    _precomputed: DescribedSource = precomputed
 
 
 def plugin_kinds() -> dict[str, str]:

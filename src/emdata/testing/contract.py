@@ -4,7 +4,9 @@ Layers: :class:`CoreContract` holds what every source must do whatever its trans
 round trip of an odd-shaped, coordinate-encoded volume; a second fetch is a no-op; JSON-safe
 native metadata; geometry reported by the source or overridden by params). Transport mixins add
 the failure behaviour of one protocol: :class:`HttpContract` (drops, 503 + Retry-After,
-truncation, wrong length, 404) and :class:`S3Contract` (for S3 sources). ``tests/test_contract.py``
+truncation, wrong length, 404), :class:`ArrayHttpContract` (chunked arrays read over HTTP through
+a library such as tensorstore: retried chunks, one-line failures, resume by block) and
+:class:`S3Contract` (for S3 sources). ``tests/test_contract.py``
 runs them for every kind in :mod:`emdata.testing.registry`, with no per-kind code.
 """
 
@@ -146,6 +148,75 @@ class S3Contract:
     line naming dataset, bucket and key; a second fetch lists nothing. No test runs here until an
     S3 replica (with a fault-injecting front) is registered.
     """
+
+
+class ArrayHttpContract:
+    """Failure behaviour of sources that read a chunked array over HTTP(S) and store decoded blocks.
+
+    A library (tensorstore) sends one request per chunk or shard and retries it; the source writes
+    what it decodes into a local chunked store, block by block. ``big_file`` is an object that
+    some blocks of the case read and others do not (the replica chooses it), so a failure there
+    leaves finished blocks behind, which the next run keeps.
+    """
+
+    case: Callable[..., SourceCase]
+    _fetch: Callable[..., Any]
+    _normalize: Callable[..., Path]
+
+    def _assert_round_trip(self, case: SourceCase) -> None:
+        import h5py
+
+        with h5py.File(self._normalize(case), "r") as f:
+            np.testing.assert_array_equal(f["raw"][()], case.expected["raw"])
+
+    def test_503_then_success(self, case: SourceCase) -> None:
+        case.server.fail(case.big_file, status=503, times=2, retry_after=1)
+        self._fetch(case)
+        statuses = [r.status for r in case.server.requests_for(case.big_file) if r.method == "GET"]
+        assert statuses[:2] == [503, 503] and set(statuses[2:]) <= {200, 206} and statuses[2:]
+        self._assert_round_trip(case)
+
+    def test_dropped_connection_is_retried(self, case: SourceCase) -> None:
+        case.server.drop_after(case.big_file, nbytes=10, times=1)
+        self._fetch(case)
+        assert len([r for r in case.server.requests_for(case.big_file) if r.method == "GET"]) >= 2
+        self._assert_round_trip(case)
+
+    def test_failure_is_one_error_and_the_next_run_resumes_by_block(self, case: SourceCase) -> None:
+        from ..errors import FetchError
+
+        case.server.fail(case.big_file, status=503, times=10**6)
+        with pytest.raises(FetchError) as err:
+            self._fetch(case)
+        message = str(err.value)
+        assert message.startswith(f"{case.key}: ") and urllib.parse.unquote(case.big_file) in message
+        assert "\n" not in message and "503" in message, message
+        assert not case.cfg.raw_dir(case.key).exists()  # nothing that looks complete
+        partial = case.cfg.partial_dir(case.key)
+        kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in partial.rglob("*")
+                if p.is_file() and not p.name.startswith(".")}
+        assert kept, "no block was finished before the failure"
+        case.server.faults.fail.clear()
+        case.server.clear_log()
+        self._fetch(case)
+        raw = case.cfg.raw_dir(case.key)
+        for path, stamp in kept.items():  # finished blocks are neither fetched nor written again
+            moved = raw / path.relative_to(partial)
+            assert (moved.stat().st_ino, moved.stat().st_mtime_ns) == stamp, moved
+        self._assert_round_trip(case)
+
+    @pytest.mark.parametrize("fault", ["truncate", "lie_length"])
+    def test_damaged_object_is_an_error_and_leaves_nothing(self, case: SourceCase, fault: str) -> None:
+        from ..errors import SourceError
+
+        if fault == "truncate":
+            case.server.truncate(case.big_file, 40)  # served consistently: only decoding can tell
+        else:
+            case.server.lie_length(case.big_file, 77)
+        with pytest.raises(SourceError) as err:
+            self._fetch(case)
+        assert str(err.value).startswith(f"{case.key}: ") and "127.0.0.1" in str(err.value)
+        assert not case.cfg.raw_dir(case.key).exists()
 
 
 class HttpContract:

@@ -160,6 +160,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog is 5: clients that open many connections at once (tensorstore
+    # reads chunks on up to 32) would see dropped SYNs and a one-second retransmit each.
+    request_queue_size = 128
     owner: "ReplicaServer"
 
 

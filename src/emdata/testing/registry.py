@@ -23,6 +23,7 @@ REPLICAS: dict[str, str] = {
     "epfl": "emdata.testing.epfl:REPLICA",
     "empiar": "emdata.testing.empiar:REPLICA",
     "idr": "emdata.testing.idr:REPLICA",
+    "precomputed": "emdata.testing.precomputed:REPLICA",
 }
 
 
@@ -54,7 +55,7 @@ class RunningReplica(Protocol):
 
 class Replica(Protocol):
     kind: str
-    transport: str  # "http" or "s3": which transport mixin of the contract applies
+    transport: str  # "http", "http-array" or "s3": which transport mixin of the contract applies
 
     def start(self, root: Path, *, coordinate: bool = True) -> AbstractContextManager[RunningReplica]:
         """Write the data under ``root`` and serve it until the context exits."""

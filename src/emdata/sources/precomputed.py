@@ -1,0 +1,501 @@
+"""Neuroglancer precomputed image layers over HTTPS, as a seeded random crop inside tissue.
+
+The layer's ``info`` is read first (over the HTTP client: bounded retries, one-line errors, an
+unreachable host fails in seconds) and drives everything: scales, sizes, chunking, sharding,
+encoding. Voxels are read through tensorstore's ``neuroglancer_precomputed`` driver over its
+HTTP key-value store (public GCS needs no credentials this way), with the fetch context's
+bounded retries; its X, Y, Z order becomes Z, Y, X once, in :mod:`emdata.io.precomputed`.
+
+The crop: ``crop_size`` voxels of the chosen ``scale``. With ``roi_start`` in params the crop
+starts there. Otherwise a seeded search draws starts on the scale's chunk grid inside its bounds
+(``voxel_offset`` .. ``voxel_offset + size``; on the grid, so no chunk is read twice) and screens
+each on a coarse scale: a candidate is accepted when at least ``tissue.min_fraction`` of the
+coarse voxels it covers are non-zero (missing chunks are zero, as in neuroglancer), after at
+most ``tissue.max_tries`` candidates. The same params give the same crop; the ROI, seed, tries,
+every candidate's tissue fraction and the layer's ``info`` are recorded in ``source.json``
+(``extra``) and in the metadata record (native metadata and description).
+
+``fetch`` writes the decoded crop into ``data/raw/<ds>/crop.zarr`` (zarr v2, one uncompressed
+chunk file per block of ``block`` voxels) block by block: memory holds a few blocks, never the
+crop, and an interrupted fetch resumes from the blocks not yet written. ``plan`` reports the
+scale, the ROI, the chunks and shards it touches and the bytes it would transfer (estimated from
+HEAD requests on the shards, or on a sample of the chunks).
+
+params.yaml::
+
+    source:
+      kind: precomputed
+      url: https://storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg
+      scale: 8                      # nm (isotropic), [z, y, x] nm, or a scale key ("8.0x8.0x8.0")
+      crop_size: [1000, 1000, 1000] # z, y, x voxels of that scale
+      seed: 1                       # the random crop; not needed with roi_start
+      roi_start: null               # [z, y, x] voxels of the scale: a fixed crop, no search
+      tissue: {min_fraction: 0.9, max_tries: 100, scale: null}  # scale: the screening scale
+      block: null                   # [z, y, x] voxels per block (default: one chunk deep, 4 x 4 chunks)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from ..config import Section, as_int_range, as_int_triple, as_str
+from ..errors import ConfigError, FormatError
+from ..fetch_context import FetchContext
+from ..fetch_record import FetchedFile, FetchRecord, plain_spec
+from ..io.atomic import write_json_atomic
+from ..io.digest import sha256_file
+from .base import FilePlan
+
+if TYPE_CHECKING:
+    from ..io.precomputed import CropVolume, Layer, Scale
+
+log = logging.getLogger(__name__)
+
+KIND = "precomputed"
+READERS = ("emdata.io.precomputed",)
+DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
+
+ScaleRef = Union[str, float, tuple[float, float, float]]
+IntTriple = tuple[int, int, int]
+MIN_SPAN = 8  # the default screening scale still spans this many voxels of the crop per axis
+MAX_SCREEN_VOXELS = 1 << 26  # one candidate's screening box
+MAX_TRIES = 10_000
+HEAD_SAMPLE = 16  # chunks probed to estimate the bytes of an unsharded scale
+CROP_MARKER = ".crop.json"  # in the partial folder while a fetch is under way: which crop its blocks belong to
+
+
+@dataclass(frozen=True)
+class Tissue:
+    min_fraction: float = 0.9
+    max_tries: int = 100
+    scale: ScaleRef | None = None  # None: the coarsest scale that still spans MIN_SPAN voxels of the crop
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_fraction": self.min_fraction, "max_tries": self.max_tries, "scale": _scale_dict(self.scale)}
+
+
+@dataclass(frozen=True)
+class Params:
+    url: str  # the layer folder (holding ``info``), no trailing slash
+    scale: ScaleRef
+    crop_size: IntTriple
+    seed: int | None = None
+    roi_start: IntTriple | None = None
+    tissue: Tissue = field(default_factory=Tissue)
+    block: IntTriple | None = None
+    path: str = "datasets.?.source"  # where these params live, for messages (not part of the spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": KIND, "url": self.url, "scale": _scale_dict(self.scale), "crop_size": list(self.crop_size),
+                "seed": self.seed, "roi_start": None if self.roi_start is None else list(self.roi_start),
+                "tissue": self.tissue.to_dict(), "block": None if self.block is None else list(self.block)}
+
+
+def _scale_dict(scale: ScaleRef | None) -> Any:
+    return list(scale) if isinstance(scale, tuple) else scale
+
+
+# -- params -------------------------------------------------------------------------------------
+
+
+def as_layer_url(value: Any, path: str) -> str:
+    """An http(s) layer URL; ``precomputed://`` is dropped and ``gs://b/p`` becomes public HTTPS."""
+    text = as_str(value, path).strip()
+    if text.startswith("precomputed://"):
+        text = text[len("precomputed://"):]
+    if text.startswith("gs://"):
+        text = "https://storage.googleapis.com/" + text[len("gs://"):]
+    if not text.startswith(("http://", "https://")) or "?" in text or "#" in text:
+        raise ConfigError(f"params.yaml: {path}: expected the http(s) URL of a precomputed layer "
+                          f"(or gs://bucket/path), got {value!r}")
+    return text.rstrip("/")
+
+
+def as_scale(value: Any, path: str) -> ScaleRef:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    if (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                    for v in value)):
+        return (float(value[0]), float(value[1]), float(value[2]))
+    raise ConfigError(f"params.yaml: {path}: expected a scale key (such as '8.0x8.0x8.0'), a resolution in nm "
+                      f"(8) or [z, y, x] nm, got {value!r}")
+
+
+def as_fraction(value: Any, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"params.yaml: {path}: expected a fraction from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def as_voxel_triple(value: Any, path: str) -> IntTriple:
+    if (not isinstance(value, list) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"params.yaml: {path}: expected three integers [z, y, x] (voxels), got {value!r}")
+    return (value[0], value[1], value[2])
+
+
+def parse_params(sec: Section) -> Params:
+    url = sec.required("url", as_layer_url)
+    scale = sec.required("scale", as_scale)
+    crop = sec.required("crop_size", as_int_triple)
+    roi = sec.optional("roi_start", as_voxel_triple)
+    seed = sec.optional("seed", as_int_range(0, 2**63 - 1))
+    if roi is None and seed is None:
+        raise ConfigError(f"params.yaml: {sec.path}.seed: missing required key (the random crop needs a seed; "
+                          "or give roi_start for a fixed crop)")
+    tsec = sec.section("tissue", required=False)
+    tissue = Tissue(min_fraction=tsec.optional("min_fraction", as_fraction, Tissue.min_fraction),
+                    max_tries=tsec.optional("max_tries", as_int_range(1, MAX_TRIES), Tissue.max_tries),
+                    scale=tsec.optional("scale", as_scale))
+    tsec.finish()
+    block = sec.optional("block", as_int_triple)
+    return Params(url=url, scale=scale, crop_size=crop, seed=seed, roi_start=roi, tissue=tissue, block=block,
+                  path=sec.path)
+
+
+# -- the layer, the scale, the crop --------------------------------------------------------------
+
+
+@dataclass
+class Crop:
+    start: IntTriple  # absolute voxels of the scale, Z, Y, X
+    stop: IntTriple
+    chosen_by: str  # "roi_start" or "search"
+    search: dict[str, Any] | None = None
+
+
+@dataclass
+class Prepared:
+    layer: "Layer"
+    scale: "Scale"
+    crop: Crop
+    block: IntTriple
+    timeout: float
+    context: dict[str, Any]
+
+    @property
+    def scale_url(self) -> str:
+        return f"{self.layer.url}/{self.scale.key}"
+
+
+def _timeout(ctx: FetchContext) -> float:
+    """The longest one tensorstore operation may take: every try of a request, with its waits."""
+    policy = ctx.retry_policy
+    return policy.connect_timeout + policy.attempts * (policy.read_timeout + policy.max_delay)
+
+
+def _context(ctx: FetchContext) -> dict[str, Any]:
+    """The fetch context's bounded retries, more concurrent requests (a block is many chunks), a small cache."""
+    base = ctx.tensorstore_context()
+    return {**base, "http_request_concurrency": {"limit": 4 * max(1, ctx.workers)},
+            "cache_pool": {"total_bytes_limit": 64 << 20}}
+
+
+def read_layer(params: Params, ctx: FetchContext) -> "Layer":
+    from ..io.precomputed import parse_info
+
+    info = ctx.http.get_json(f"{params.url}/info")
+    return parse_info(info, ctx.dataset, params.url)
+
+
+def find_scale(layer: "Layer", wanted: ScaleRef, path: str) -> "Scale":
+    """The scale a params value names (key, or resolution within 1 %); a ConfigError lists the others."""
+    for scale in layer.scales:
+        if isinstance(wanted, str):
+            if scale.key == wanted:
+                return scale
+            continue
+        target = (wanted,) * 3 if isinstance(wanted, float) else wanted
+        if all(abs(r - t) <= 0.01 * max(r, t) for r, t in zip(scale.resolution, target)):
+            return scale
+    have = ", ".join(s.label() for s in layer.scales)
+    raise ConfigError(f"params.yaml: {path}: {layer.url}/info has no scale {_scale_dict(wanted)!r} "
+                      f"(resolutions z, y, x in nm; scales: {have})")
+
+
+def screening_scale(params: Params, layer: "Layer", scale: "Scale") -> "Scale":
+    if params.tissue.scale is not None:
+        return find_scale(layer, params.tissue.scale, f"{params.path}.tissue.scale")
+    extent = [c * r for c, r in zip(params.crop_size, scale.resolution)]
+    coarser = [s for s in layer.scales
+               if all(rc >= r * 0.99 for rc, r in zip(s.resolution, scale.resolution))
+               and all(e / rc >= MIN_SPAN for e, rc in zip(extent, s.resolution))]
+    return max(coarser, key=lambda s: (math.prod(s.resolution), -s.index), default=scale)
+
+
+def _coarse_box(start: IntTriple, stop: IntTriple, scale: "Scale", screen: "Scale") -> tuple[IntTriple, IntTriple]:
+    """The voxels of ``screen`` that cover the box ``[start, stop)`` of ``scale`` (clipped to ``screen``)."""
+    lo = [math.floor(a * r / rc + 1e-9) for a, r, rc in zip(start, scale.resolution, screen.resolution)]
+    hi = [math.ceil(b * r / rc - 1e-9) for b, r, rc in zip(stop, scale.resolution, screen.resolution)]
+    lo = [min(max(v, o), e) for v, o, e in zip(lo, screen.voxel_offset, screen.stop)]
+    hi = [min(max(v, a), e) for v, a, e in zip(hi, lo, screen.stop)]
+    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+
+
+def choose_crop(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale",
+                context: dict[str, Any], timeout: float) -> Crop:
+    crop = params.crop_size
+    lo, hi = scale.voxel_offset, scale.stop
+    if any(c > s for c, s in zip(crop, scale.size)):
+        raise ConfigError(f"params.yaml: {params.path}.crop_size: {list(crop)} (z, y, x) is larger than scale "
+                          f"{scale.key} of {layer.url} ({list(scale.size)} voxels, z, y, x)")
+    if params.roi_start is not None:
+        start = params.roi_start
+        stop = tuple(a + c for a, c in zip(start, crop))
+        if any(a < o for a, o in zip(start, lo)) or any(b > e for b, e in zip(stop, hi)):
+            raise ConfigError(f"params.yaml: {params.path}.roi_start: the crop {list(start)}..{list(stop)} (z, y, x) "
+                              f"leaves scale {scale.key} of {layer.url}, whose voxels are {list(lo)}..{list(hi)}")
+        return Crop(start, stop, "roi_start")  # type: ignore[arg-type]
+    return _search(params, ctx, layer, scale, context, timeout)
+
+
+def _search(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale", context: dict[str, Any],
+            timeout: float) -> Crop:
+    from ..io.precomputed import open_scale
+
+    crop, tissue = params.crop_size, params.tissue
+    screen = screening_scale(params, layer, scale)
+    positions = np.array([(s - c) // ch + 1 for s, c, ch in zip(scale.size, crop, scale.chunk)], dtype=np.int64)
+    rng = np.random.default_rng(params.seed)
+    store = open_scale(layer, screen, context, ctx.dataset, timeout)
+    seen: dict[IntTriple, float] = {}
+    candidates = []
+    for _ in range(tissue.max_tries):
+        steps = rng.integers(0, positions)
+        start: IntTriple = tuple(int(o + ch * k) for o, ch, k in zip(scale.voxel_offset, scale.chunk, steps))  # type: ignore[assignment]
+        stop: IntTriple = tuple(a + c for a, c in zip(start, crop))  # type: ignore[assignment]
+        if start not in seen:
+            seen[start] = _tissue_fraction(store, start, stop, scale, screen, params, layer, ctx)
+        fraction = seen[start]
+        candidates.append({"start_zyx": list(start), "fraction": fraction})
+        if fraction >= tissue.min_fraction:
+            search = {"seed": params.seed, "tries": len(candidates), "min_fraction": tissue.min_fraction,
+                      "max_tries": tissue.max_tries, "screening_scale": screen.key, "fraction": fraction,
+                      "candidates": candidates}
+            log.info("%s: crop %s..%s (z, y, x) of scale %s after %d tr%s: %.1f%% of the %s voxels are non-zero",
+                     ctx.dataset, list(start), list(stop), scale.key, len(candidates),
+                     "y" if len(candidates) == 1 else "ies", 100 * fraction, screen.key)
+            return Crop(start, stop, "search", search)
+    best = max(candidates, key=lambda c: float(c["fraction"]))  # type: ignore[arg-type]
+    raise ConfigError(f"params.yaml: {params.path}.tissue: none of {len(candidates)} random {list(crop)} crops "
+                      f"(seed {params.seed}) of {layer.url} scale {scale.key} has {tissue.min_fraction:.0%} non-zero "
+                      f"voxels at scale {screen.key} (best: {best['fraction']:.1%} at {best['start_zyx']}); lower "
+                      "tissue.min_fraction, raise tissue.max_tries, change the seed or give roi_start")
+
+
+def _tissue_fraction(store: Any, start: IntTriple, stop: IntTriple, scale: "Scale", screen: "Scale",
+                     params: Params, layer: "Layer", ctx: FetchContext) -> float:
+    from ..io.precomputed import read
+
+    lo, hi = _coarse_box(start, stop, scale, screen)
+    count = math.prod(b - a for a, b in zip(lo, hi))
+    if count == 0:
+        return 0.0
+    if count > MAX_SCREEN_VOXELS:
+        raise ConfigError(f"params.yaml: {params.path}.tissue.scale: screening a crop at scale {screen.key} reads "
+                          f"{count} voxels per candidate; choose a coarser scale of {layer.url}")
+    data = read(store, lo, hi, ctx.dataset, f"{layer.url}/{screen.key}", _timeout(ctx))
+    return round(float(np.count_nonzero(data)) / count, 6)
+
+
+def default_block(scale: "Scale", crop: IntTriple) -> IntTriple:
+    """One chunk deep and 4 x 4 chunks wide (64 x 256 x 256 for 64^3 chunks), at most the crop."""
+    want = (scale.chunk[0], 4 * scale.chunk[1], 4 * scale.chunk[2])
+    return tuple(min(w, c) for w, c in zip(want, crop))  # type: ignore[return-value]
+
+
+def prepare(params: Params, ctx: FetchContext) -> Prepared:
+    layer = read_layer(params, ctx)
+    scale = find_scale(layer, params.scale, f"{params.path}.scale")
+    timeout, context = _timeout(ctx), _context(ctx)
+    crop = choose_crop(params, ctx, layer, scale, context, timeout)
+    block = params.block or default_block(scale, params.crop_size)
+    block = tuple(min(b, c) for b, c in zip(block, params.crop_size))  # type: ignore[assignment]
+    return Prepared(layer, scale, crop, block, timeout, context)
+
+
+def _extra(p: Prepared, params: Params) -> dict[str, Any]:
+    s = p.scale
+    return {
+        "layer": {"url": p.layer.url, "info": p.layer.info},
+        "scale": {"key": s.key, "index": s.index, "resolution_nm_zyx": list(s.resolution), "size_zyx": list(s.size),
+                  "voxel_offset_zyx": list(s.voxel_offset), "chunk_zyx": list(s.chunk), "encoding": s.encoding,
+                  "sharding": s.sharding, "data_type": p.layer.data_type},
+        "roi": {"start_zyx": list(p.crop.start), "stop_zyx": list(p.crop.stop), "size_zyx": list(params.crop_size),
+                "offset_nm_zyx": [a * r for a, r in zip(p.crop.start, s.resolution)], "chosen_by": p.crop.chosen_by},
+        "search": p.crop.search,
+        "store": {"path": "crop.zarr", "format": "zarr v2, uncompressed, C order", "block_zyx": list(p.block)},
+    }
+
+
+# -- the verbs ----------------------------------------------------------------------------------
+
+
+def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
+    from ..io.precomputed import STORE
+
+    p = prepare(params, ctx)
+    scale, crop = p.scale, p.crop
+    chunks = scale.chunks_in(crop.start, crop.stop)
+    per_chunk, how, shards = _bytes_per_chunk(p, chunks, ctx)
+    itemsize = p.layer.dtype.itemsize
+    rows = []
+    folder = ctx.dest / STORE
+    resumable = _read_json(ctx.dest / ".spec.json") == plain_spec(ctx.spec)  # the partial fetch is of these params
+    for key, a, b in _boxes(params.crop_size, p.block):
+        start = tuple(c + x for c, x in zip(crop.start, a))
+        stop = tuple(c + x for c, x in zip(crop.start, b))
+        touched = scale.chunks_in(start, stop)  # type: ignore[arg-type]
+        done = resumable and (folder / key).is_file()
+        wire = 0 if done else int(sum(per_chunk(pos) for pos in touched))
+        rows.append(FilePlan(f"{STORE}/{key}", p.scale_url, math.prod(y - x for x, y in zip(a, b)) * itemsize,
+                             wire, 0 if done else len(touched), "done" if done else "new"))
+    how_chosen = ("roi_start from params" if crop.chosen_by == "roi_start" else
+                  f"seed {params.seed}, {crop.search['tries'] if crop.search else '?'} tr(ies), "
+                  f"{100 * (crop.search or {}).get('fraction', 0):.1f}% non-zero at {(crop.search or {}).get('screening_scale')}")
+    log.info("%s: %s scale %s; ROI z %d..%d, y %d..%d, x %d..%d voxels (%s); offset %s nm", ctx.dataset, p.layer.url,
+             scale.label(), crop.start[0], crop.stop[0], crop.start[1], crop.stop[1], crop.start[2], crop.stop[2],
+             how_chosen, [a * r for a, r in zip(crop.start, scale.resolution)])
+    shard_text = f" in {len(shards)} shard(s) ({', '.join(shards[:6])}{', ...' if len(shards) > 6 else ''})" if shards else ""
+    log.info("%s: %d chunk(s) of %s voxels (z, y, x)%s; about %.1f MiB on the wire (%s), %.1f MiB decoded, "
+             "%d block(s) of %s", ctx.dataset, len(chunks), "x".join(map(str, scale.chunk)), shard_text,
+             sum(r.to_transfer or 0 for r in rows) / 2**20, how,
+             math.prod(params.crop_size) * itemsize / 2**20, len(rows), "x".join(map(str, p.block)))
+    return rows
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _bytes_per_chunk(p: Prepared, chunks: list[IntTriple], ctx: FetchContext) -> tuple[Any, str, list[str]]:
+    """(chunk -> estimated bytes, how it was estimated, shard names) from a few HEAD requests."""
+    scale = p.scale
+    if scale.sharding:
+        by_shard: dict[str, int] = {}
+        names = {pos: scale.shard_of(pos) for pos in chunks}
+        for name in names.values():
+            by_shard[name] = by_shard.get(name, 0) + 1
+        total_chunks = math.prod(scale.grid)
+        nominal = max(1.0, total_chunks / 2 ** int(scale.sharding["shard_bits"]))
+        sizes = {}
+        for name in sorted(by_shard):
+            found = ctx.http.probe(f"{p.scale_url}/{name}")
+            sizes[name] = (found.size or 0) if found else 0
+        estimate = {name: min(size, size / nominal) for name, size in sizes.items()}
+        return (lambda pos: estimate[names[pos]]), f"shard sizes from {len(sizes)} HEAD request(s)", sorted(by_shard)
+    step = max(1, len(chunks) // HEAD_SAMPLE)
+    sample = chunks[::step][:HEAD_SAMPLE]
+    found_sizes: list[int] = []
+    for pos in sample:
+        found = ctx.http.probe(f"{p.scale_url}/{scale.chunk_name(pos)}")
+        found_sizes.append((found.size or 0) if found else 0)
+    mean = sum(found_sizes) / len(found_sizes) if found_sizes else 0.0
+    return (lambda pos: mean), f"mean of {len(found_sizes)} sampled chunk(s)", []
+
+
+def _boxes(shape: IntTriple, block: IntTriple) -> list[tuple[str, IntTriple, IntTriple]]:
+    grid = [range(-(-s // b)) for s, b in zip(shape, block)]
+    out = []
+    for i in grid[0]:
+        for j in grid[1]:
+            for k in grid[2]:
+                start = (i * block[0], j * block[1], k * block[2])
+                stop = tuple(min(a + b, s) for a, b, s in zip(start, block, shape))
+                out.append((f"{i}.{j}.{k}", start, stop))
+    return out  # type: ignore[return-value]
+
+
+def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
+    from ..io.precomputed import STORE, CropStore, open_scale, read
+
+    p = prepare(params, ctx)
+    # Blocks left by an interrupted run are kept only if they belong to this very crop (the search
+    # is deterministic, but the server's coarse data could have changed in between).
+    marker = ctx.path(CROP_MARKER)
+    crop_id = {"scale": p.scale.key, "start_zyx": list(p.crop.start), "block_zyx": list(p.block)}
+    if _read_json(marker) != crop_id:
+        shutil.rmtree(ctx.dest / STORE, ignore_errors=True)
+        write_json_atomic(marker, crop_id)
+    folder = ctx.path(f"{STORE}/.zarray").parent
+    store = CropStore(folder, params.crop_size, p.block, p.layer.dtype, ctx.dataset)
+    todo = [(key, a, b) for key, a, b in _boxes(params.crop_size, p.block) if not store.done(key)]
+    if todo:
+        remote = open_scale(p.layer, p.scale, p.context, ctx.dataset, p.timeout)
+        itemsize = p.layer.dtype.itemsize
+        total = sum(math.prod(y - x for x, y in zip(a, b)) for _, a, b in todo) * itemsize
+        failed = threading.Event()
+        lock = threading.Lock()
+        with ctx.progress(total, f"crop {p.scale.key}, {len(todo)} block(s)") as bar:
+            def one(item: tuple[str, IntTriple, IntTriple]) -> None:
+                if failed.is_set():  # stop early: the first error is what the user sees
+                    return
+                _, a, b = item
+                start = tuple(c + x for c, x in zip(p.crop.start, a))
+                stop = tuple(c + x for c, x in zip(p.crop.start, b))
+                try:
+                    data = read(remote, start, stop, ctx.dataset, p.scale_url, p.timeout)  # type: ignore[arg-type]
+                    store.write(a, b, data.astype(store.dtype, copy=False))
+                except BaseException:
+                    failed.set()
+                    raise
+                with lock:
+                    bar.update(data.nbytes)
+
+            ctx.map(one, todo)
+    files = {}
+    for rel in store.files():
+        path = ctx.dest / rel
+        files[rel] = FetchedFile(p.scale_url, path.stat().st_size, sha256_file(path))
+    marker.unlink()
+    return ctx.record(files, _extra(p, params))
+
+
+def _record_extra(raw: Path, dataset: str) -> dict[str, Any]:
+    record = FetchRecord.load(raw)
+    extra = record.extra if record is not None else {}
+    if not extra.get("roi") or not extra.get("scale"):
+        raise FormatError(dataset, str(raw / "source.json"), "the fetch record has no crop geometry",
+                          f"run `emdata fetch {dataset}` again")
+    return extra
+
+
+def open_volume(params: Params, raw: Path, dataset: str) -> "CropVolume":
+    from ..io.precomputed import STORE, CropVolume
+
+    extra = _record_extra(raw, dataset)
+    res = tuple(float(v) for v in extra["scale"]["resolution_nm_zyx"])
+    offset = tuple(float(v) for v in extra["roi"]["offset_nm_zyx"])
+    return CropVolume(raw / STORE, dataset, voxel_size_nm=res, offset_nm=offset)  # type: ignore[arg-type]
+
+
+def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    """The layer's ``info``, the scale, the ROI and how it was chosen (every candidate of the search)."""
+    extra = _record_extra(raw, dataset)
+    return {"precomputed": {k: extra.get(k) for k in ("layer", "scale", "roi", "search", "store")}}
+
+
+def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    """Flat record fields: the layer, the scale, the ROI, and the seed and tries that chose it."""
+    extra = _record_extra(raw, dataset)
+    search = extra.get("search") or {}
+    return {"layer_url": extra["layer"]["url"], "scale_key": extra["scale"]["key"],
+            "encoding": extra["scale"]["encoding"], "roi_start_zyx": extra["roi"]["start_zyx"],
+            "roi_size_zyx": extra["roi"]["size_zyx"], "roi_chosen_by": extra["roi"]["chosen_by"],
+            "seed": search.get("seed", params.seed), "tries": search.get("tries"),
+            "tissue_fraction": search.get("fraction"), "screening_scale": search.get("screening_scale")}
