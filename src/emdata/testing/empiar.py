@@ -9,7 +9,7 @@ One loopback server answers both real paths:
   XML file and a nested ``trakem2/`` tree; HEAD, Range and the server's faults as for any file.
 
 The DM3 files come from :mod:`emdata.testing.dm3` with the structure of the real slice 0000
-(``/work/shared/reference/empiar_11759_slice_0000_dm3_tags.json``): an RGBA thumbnail as
+(``shared/reference/empiar_11759_slice_0000_dm3_tags.json``): an RGBA thumbnail as
 ``ImageList.0`` whose size varies per file, the uint8 image as ``ImageList.1`` (``Dimensions.0``
 the width), calibrations in µm, ``SBFSEM.Record.Slice thickness`` 50 and ``SBFSEM.Approach.Slice
 thickness`` 200, acquisition times per slice. Switches: ``hide(name)`` leaves a file out of the
