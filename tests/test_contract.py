@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from emdata.config import load_config
-from emdata.testing.contract import CoreContract, HttpContract, S3Contract, SourceCase
+from emdata.testing.contract import CoreContract, HttpContract, LocalContract, S3Contract, SourceCase
 from emdata.testing.registry import registered_kinds, replica_for
 
 
@@ -40,7 +40,8 @@ def _make_case(kind: str, index: int, tmp_path: Path):
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         yield SourceCase(cfg=load_config(root), key=rc.key, server=running.server, expected=rc.expected,
                          big_file=rc.fault_path or "", reload=lambda: load_config(root),
-                         voxel_size_nm=rc.voxel_size_nm, offset_nm=rc.offset_nm, files=rc.files)
+                         voxel_size_nm=rc.voxel_size_nm, offset_nm=rc.offset_nm, files=rc.files,
+                         resolutions=rc.resolutions)
 
 
 @pytest.mark.parametrize("kind_case", _cases("http"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
@@ -52,6 +53,13 @@ class TestHttpSources(CoreContract, HttpContract):
 
 @pytest.mark.parametrize("kind_case", _cases("s3"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
 class TestS3Sources(CoreContract, S3Contract):
+    @pytest.fixture
+    def case(self, kind_case, tmp_path):
+        yield from _make_case(*kind_case, tmp_path)
+
+
+@pytest.mark.parametrize("kind_case", _cases("local"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
+class TestLocalSources(CoreContract, LocalContract):
     @pytest.fixture
     def case(self, kind_case, tmp_path):
         yield from _make_case(*kind_case, tmp_path)
