@@ -55,7 +55,7 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
         if reason is None:
             log.info("%s: up to date in %s", key, raw)
             return FetchResult(raw, True, 0)
-        log.info("%s: %s; importing again", key, reason)
+        log.debug("%s: %s; importing again", key, reason)  # debug: a failing import stays one line
     with dataset_lock(cfg.lock_dir(), key, "fetch"):
         return _fetch_locked(cfg, key, source, spec, http_factory)
 

@@ -211,6 +211,10 @@ class _Tree:
                               "give the folder, or a complete .zip of it") from exc
         return out
 
+    def where(self, f: SourceFile) -> str:
+        """How messages name a source file: its path, or the zip and the member."""
+        return f"{self.root} member {f.member}" if self.is_zip else str(self.root / f.member)
+
     def open(self, f: SourceFile, zf: zipfile.ZipFile | None) -> Any:
         return zf.open(f.member) if zf is not None else open(self.root / f.member, "rb")
 
@@ -261,7 +265,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
                              "source.sha256 in params.yaml")
     for f in files:  # every labelme file checked against its TIF before the import counts as done
         if f.rel.endswith(".json"):
-            _check_annotation(ctx.dest, f.rel, ctx.dataset, tree)
+            _check_annotation(ctx.dest, f.rel, ctx.dataset, tree.where(f))
     extra = {"sources": [{"url": tree.url, "size": size_total, "sha256": digest,
                           "what": "zip archive" if tree.is_zip else "folder manifest (member, size, sha256 per line)"}],
              "skipped": tree.skipped, "stamp": tree.stamp()}
@@ -272,22 +276,24 @@ def _check_pairs(files: list[SourceFile], dataset: str, tree: _Tree) -> None:
     tifs = {f.rel.rsplit(".", 1)[0] for f in files if not f.rel.endswith(".json")}
     for f in files:
         if f.rel.endswith(".json") and f.rel.rsplit(".", 1)[0] not in tifs:
-            raise FormatError(dataset, str(tree.root / f.member) if not tree.is_zip else f"{tree.root} member {f.member}",
-                              f"has no image beside it ({f.rel.rsplit('.', 1)[0]}.tif is missing)",
+            raise FormatError(dataset, tree.where(f), f"has no image beside it ({f.rel.rsplit('.', 1)[0]}.tif is missing)",
                               "add the missing TIF or remove the annotation, then run fetch again")
 
 
-def _check_annotation(folder: Path, rel: str, dataset: str, tree: _Tree) -> None:
+def _check_annotation(folder: Path, rel: str, dataset: str, where: str) -> None:
+    """The labelme file (copied to ``folder``) is valid and fits its TIF; errors name the source file."""
     from ..io.labelme import load
 
-    path = folder / rel
-    ann = load(path, dataset)
-    tif = _tif_of(folder, rel)
-    height, width = _tif_shape(tif, dataset)
+    try:
+        ann = load(folder / rel, dataset)
+        tif = _tif_of(folder, rel)
+        height, width = _tif_shape(tif, dataset)
+    except FormatError as exc:
+        raise FormatError(dataset, where if exc.where == str(folder / rel) else exc.where, exc.problem,
+                          exc.hint) from exc
     if (ann.height, ann.width) != (height, width):
-        raise FormatError(dataset, str(tree.root / rel) if not tree.is_zip else f"{tree.root} member {rel}",
-                          f"says the image is {ann.width} x {ann.height}, {tif.name} is {width} x {height}",
-                          "the annotation belongs to another image; fix it, then run fetch again")
+        raise FormatError(dataset, where, f"says the image is {ann.width} x {ann.height}, {tif.name} is "
+                          f"{width} x {height}", "the annotation belongs to another image; fix it, then run fetch again")
 
 
 def _tif_of(folder: Path, rel: str) -> Path:
