@@ -102,7 +102,7 @@ def verify(root: Path, study: Path, raw_files: dict[str, tuple[int, str]]) -> di
     for name in sorted(raw_files)[:: max(1, len(raw_files) // 4)]:
         parts = name.split(".")[0].split("_")
         path = f"inputs/{parts[2]}_{parts[3]}" if parts[2] == "BF" else f"targets/{parts[2]}"
-        pixels = tifffile.imread(study / name)[0, 0, 0]
+        pixels = np.squeeze(tifffile.imread(study / name))
         want = hashlib.sha256(np.ascontiguousarray(pixels, "<u2").data).hexdigest()
         got = record["arrays"][f"images/{parts[1]}/{path}"]["array_sha256"]
         if got != want:

@@ -190,3 +190,46 @@ def test_params_override_a_pixel_size_only_when_trusted(lmc, tmp_path) -> None:
     _project(root, {"lightmycells_study_2": entry})
     with pytest.raises(FormatError, match=r"params.yaml says \[200, 200\] nm but the source says \[108.3, 108.3\]"):
         normalize_dataset(load_config(root), "lightmycells_study_2")
+
+
+OME = ('<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" '
+       'DimensionOrder="XYZCT" Type="uint16" SizeX="53" SizeY="37" SizeZ="1" SizeC="1" SizeT="1"{extra}>'
+       '<Channel ID="Channel:0:0" Name="BF"/></Pixels></Image></OME>')
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (' PhysicalSizeX="0.1625" PhysicalSizeY="0.1625"', (162.5, 162.5)),  # the schema's default unit is µm
+    (' PhysicalSizeX="650" PhysicalSizeXUnit="Å" PhysicalSizeY="0.07" PhysicalSizeYUnit="µm"', (70.0, 65.0)),
+    ('', None),
+])
+def test_ome_pixel_sizes_become_nm(extra, expected) -> None:
+    from emdata.io.ometiff import parse_ome_xml
+
+    info = parse_ome_xml(OME.format(extra=extra), "ds", Path("a.ome.tiff"))
+    assert info.pixel_size_nm == (pytest.approx(expected) if expected else None)
+    assert info.shape == (37, 53) and info.dtype == "uint16" and info.channels == ("BF",)
+
+
+@pytest.mark.parametrize("xml, problem", [
+    (OME.format(extra="").replace('SizeZ="1"', 'SizeZ="3"'), "T = C = Z = 1"),
+    (OME.format(extra=' PhysicalSizeX="1" PhysicalSizeXUnit="furlong" PhysicalSizeY="1"'), "'furlong'"),
+    (OME.format(extra=' PhysicalSizeX="1"'), "only one of X and Y"),
+    (OME.format(extra="").replace('Type="uint16"', 'Type="bit"'), "Type='bit'"),
+    (OME.format(extra="")[:200], "does not parse"),
+])
+def test_ome_xml_that_is_not_one_plane_is_refused(xml, problem) -> None:
+    from emdata.io.ometiff import parse_ome_xml
+
+    with pytest.raises(FormatError, match=problem):
+        parse_ome_xml(xml, "ds", Path("a.ome.tiff"))
+
+
+def test_without_a_pixel_size_params_must_give_it(lmc, tmp_path) -> None:
+    from emdata.collection import CollectionItem
+    from emdata.errors import ConfigError
+    from emdata.normalize_collection import item_geometry
+
+    root = _project(tmp_path / "p", {"s": lightmycells_dataset(lmc.share_url, 1)})
+    item = CollectionItem("1", "inputs/BF_z0", lambda: None, (3, 4), np.dtype("u2"))  # type: ignore[arg-type, return-value]
+    with pytest.raises(ConfigError, match=r"datasets.s.voxel_size_nm: the source does not report it"):
+        item_geometry(load_config(root), "s", item)

@@ -263,9 +263,15 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
         raise IntegrityError(ctx.dataset, str(tree.root), f"the {what} sha256 is {digest}, params.yaml pins "
                              f"{params.sha256}", "the files changed since they were pinned: check them, then update "
                              "source.sha256 in params.yaml")
-    for f in files:  # every labelme file checked against its TIF before the import counts as done
-        if f.rel.endswith(".json"):
-            _check_annotation(ctx.dest, f.rel, ctx.dataset, tree.where(f))
+    # every TIF readable, every labelme file valid and the size of its TIF, before the import counts
+    names = {str(ctx.dest / f.rel): tree.where(f) for f in files}
+    try:
+        shapes = {f.rel: _tif_shape(ctx.dest / f.rel, ctx.dataset) for f in files if not f.rel.endswith(".json")}
+        for f in files:
+            if f.rel.endswith(".json"):
+                _check_annotation(ctx.dest, f.rel, ctx.dataset, shapes)
+    except FormatError as exc:  # name the user's file, not the copy
+        raise FormatError(ctx.dataset, names.get(exc.where, exc.where), exc.problem, exc.hint) from exc
     extra = {"sources": [{"url": tree.url, "size": size_total, "sha256": digest,
                           "what": "zip archive" if tree.is_zip else "folder manifest (member, size, sha256 per line)"}],
              "skipped": tree.skipped, "stamp": tree.stamp()}
@@ -280,19 +286,15 @@ def _check_pairs(files: list[SourceFile], dataset: str, tree: _Tree) -> None:
                               "add the missing TIF or remove the annotation, then run fetch again")
 
 
-def _check_annotation(folder: Path, rel: str, dataset: str, where: str) -> None:
-    """The labelme file (copied to ``folder``) is valid and fits its TIF; errors name the source file."""
+def _check_annotation(folder: Path, rel: str, dataset: str, shapes: dict[str, tuple[int, int]]) -> None:
+    """The labelme file (copied to ``folder``) is valid and says the size of its TIF."""
     from ..io.labelme import load
 
-    try:
-        ann = load(folder / rel, dataset)
-        tif = _tif_of(folder, rel)
-        height, width = _tif_shape(tif, dataset)
-    except FormatError as exc:
-        raise FormatError(dataset, where if exc.where == str(folder / rel) else exc.where, exc.problem,
-                          exc.hint) from exc
+    ann = load(folder / rel, dataset)
+    tif = _tif_of(folder, rel)
+    height, width = shapes[tif.relative_to(folder).as_posix()]
     if (ann.height, ann.width) != (height, width):
-        raise FormatError(dataset, where, f"says the image is {ann.width} x {ann.height}, {tif.name} is "
+        raise FormatError(dataset, str(folder / rel), f"says the image is {ann.width} x {ann.height}, {tif.name} is "
                           f"{width} x {height}", "the annotation belongs to another image; fix it, then run fetch again")
 
 
