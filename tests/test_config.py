@@ -64,7 +64,9 @@ def test_the_repository_params_parse() -> None:
     from tests.conftest import REPO
 
     cfg = load_config(REPO)
-    assert set(cfg.datasets) == {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test"}
+    assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "lightmycells_study_1",
+            "organoid_tracking"} <= set(cfg.datasets)
+    assert all(problem is None for problem in cfg.check().values())
 
 
 @pytest.mark.parametrize("key", ["abc\n", "a-b", "1abc"])
