@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from emdata.config import load_config
-from emdata.testing.contract import ArrayHttpContract, CoreContract, HttpContract, S3Contract, SourceCase
+from emdata.testing.contract import (ArrayHttpContract, CoreContract, HttpContract, LocalContract, S3Contract,
+                                      SourceCase)
 from emdata.testing.registry import registered_kinds, replica_for
 
 
@@ -41,7 +42,7 @@ def _make_case(kind: str, index: int, tmp_path: Path):
         yield SourceCase(cfg=load_config(root), key=rc.key, server=running.server, expected=rc.expected,
                          big_file=rc.fault_path or "", reload=lambda: load_config(root),
                          voxel_size_nm=rc.voxel_size_nm, offset_nm=rc.offset_nm, files=rc.files,
-                         pin_size=rc.pin_size)
+                         pin_size=rc.pin_size, resolutions=rc.resolutions)
 
 
 @pytest.mark.parametrize("kind_case", _cases("http"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
@@ -60,6 +61,13 @@ class TestArrayHttpSources(CoreContract, ArrayHttpContract):
 
 @pytest.mark.parametrize("kind_case", _cases("s3"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
 class TestS3Sources(CoreContract, S3Contract):
+    @pytest.fixture
+    def case(self, kind_case, tmp_path):
+        yield from _make_case(*kind_case, tmp_path)
+
+
+@pytest.mark.parametrize("kind_case", _cases("local"), ids=lambda kc: f"{kc[0]}-{kc[1]}")
+class TestLocalSources(CoreContract, LocalContract):
     @pytest.fixture
     def case(self, kind_case, tmp_path):
         yield from _make_case(*kind_case, tmp_path)

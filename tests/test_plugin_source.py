@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import textwrap
 from contextlib import ExitStack
@@ -146,7 +147,8 @@ def test_a_source_registered_from_a_test_runs_repro_push_and_pull(toy_plugin: Pa
     from emdata.testing.s3 import SeaweedS3
 
     env = offline_env(tmp_path / "env")
-    env["PYTHONPATH"] = str(toy_plugin)  # the dvc stages' `python -m emdata` find the plug-in too
+    # the dvc stages' `python -m emdata` find the plug-in too (and the emdata under test, if on the path)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(toy_plugin), os.environ.get("PYTHONPATH", "")) if p)
     repo = tmp_path / "producer"
     copy_repository(REPO, repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())

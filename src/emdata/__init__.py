@@ -18,6 +18,9 @@ _LAZY = {
     "RandomPatches": "emdata.access.sampling",
     "GridPatches": "emdata.access.sampling",
     "run_tiled": "emdata.access.tiling",
+    "open_collection": "emdata.access.collection",
+    "Collection": "emdata.access.collection",
+    "PairedPatches": "emdata.access.collection",
     "load_config": "emdata.config",
 }
 

@@ -181,6 +181,13 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
     if as_json:
         typer.echo(json.dumps(record, indent=1, sort_keys=True))
         return
+    if record.get("layout") == "collection":
+        roles = ", ".join(f"{k} ({v['count']})" for k, v in record["roles"].items())
+        typer.echo(f"{dataset}: {record['title']}")
+        typer.echo(f"  collection of {record['n_images']} images, {len(record['arrays'])} arrays: {roles}")
+        typer.echo(f"  compression {record['compression']}, {_size(record['bytes_on_disk'])}; licence {record['license']}")
+        typer.echo(f"  file sha256 {record['file_sha256']}")
+        return
     stats = record["statistics"]
     typer.echo(f"{dataset}: {record['title']}")
     typer.echo(f"  shape (z,y,x) {record['shape']} {record['dtype']}, voxel {record['voxel_size_nm']} nm, "

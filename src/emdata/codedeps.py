@@ -10,7 +10,10 @@ elsewhere (CLI, access layer, HTTP transport, another kind's reader) re-runs not
 - normalize: the source module, the readers it declares (``READERS``), and the shared writer
   (normalize, tiles, stats, kernels, raw, geometry, io/hdf5, metadata).
 - fetch: the source module and the fetch record; plus its readers when the source decodes
-  while fetching (``DECODES_ON_FETCH = True``, e.g. a precomputed crop).
+  while fetching (``DECODES_ON_FETCH = True``, e.g. a precomputed crop), and the modules it
+  declares in ``FETCHERS`` (code that decides the fetched bytes, e.g. archive extraction).
+- collections (``LAYOUT = "collection"``): normalize also depends on the collection writer and
+  layout (``COLLECTION_CODE``); volume kinds do not.
 
 ``python -m emdata code-deps --write`` rewrites the files; a test and ``emdata check`` fail when
 they are stale, so a reader change cannot slip past DVC.
@@ -30,6 +33,7 @@ STAGES = ("fetch", "normalize")
 NORMALIZE_CODE = ("emdata.normalize", "emdata.tiles", "emdata.stats", "emdata.kernels", "emdata.raw",
                   "emdata.geometry", "emdata.io.hdf5", "emdata.metadata")
 FETCH_CODE = ("emdata.fetch_record",)
+COLLECTION_CODE = ("emdata.collection", "emdata.normalize_collection")
 
 
 def _module_file(name: str) -> Path:
@@ -46,9 +50,11 @@ def modules_for(kind: str, stage: str) -> list[str]:
     source = get_source(kind)
     readers = tuple(getattr(source, "READERS", ()))
     if stage == "normalize":
-        names = (source.__name__, *readers, *NORMALIZE_CODE)
+        layout = COLLECTION_CODE if getattr(source, "LAYOUT", "volume") == "collection" else ()
+        names = (source.__name__, *readers, *NORMALIZE_CODE, *layout)
     elif stage == "fetch":
-        names = (source.__name__, *FETCH_CODE, *(readers if getattr(source, "DECODES_ON_FETCH", False) else ()))
+        names = (source.__name__, *FETCH_CODE, *tuple(getattr(source, "FETCHERS", ())),
+                 *(readers if getattr(source, "DECODES_ON_FETCH", False) else ()))
     else:
         raise ValueError(stage)
     return sorted(set(names))

@@ -128,6 +128,13 @@ def as_int_triple(value: Any, path: str) -> tuple[int, int, int]:
     return tuple(value)  # type: ignore[return-value]
 
 
+def as_int_pair(value: Any, path: str) -> tuple[int, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ConfigError(f"{PARAMS_FILE}: {path}: expected two positive integers [y, x], got {value!r}")
+    return tuple(value)  # type: ignore[return-value]
+
+
 def as_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
     def parse(value: Any, path: str) -> str:
         if value not in choices:
@@ -168,6 +175,7 @@ class NormalizeParams:
     compression: str = "none"
     compression_level: int = 3
     memory_budget_mb: int = 256  # working set of normalize (tiles in flight), whatever the XY size
+    image_chunks: tuple[int, int] = (256, 256)  # (y, x) chunks of the 2D images of collections
 
     @classmethod
     def parse(cls, sec: Section) -> "NormalizeParams":
@@ -176,6 +184,7 @@ class NormalizeParams:
             compression=sec.optional("compression", as_choice(COMPRESSIONS), cls.compression),
             compression_level=sec.optional("compression_level", as_int_range(0, 22), cls.compression_level),
             memory_budget_mb=sec.optional("memory_budget_mb", as_int_range(16, 1 << 20), cls.memory_budget_mb),
+            image_chunks=sec.optional("image_chunks", as_int_pair, cls.image_chunks),
         )
         sec.finish()
         return out

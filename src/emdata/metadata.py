@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .collection import collection_record, is_collection
 from .config import Config
 from .errors import FormatError
 from .io import hdf5
@@ -60,32 +61,50 @@ def build_record(cfg: Config, key: str, path: Path | None = None) -> dict[str, A
     path = cfg.processed_path(key) if path is None else path
     with hdf5.open_read(path) as f:
         root = hdf5.read_attrs(f)
-        raw = f[hdf5.RAW]
-        spatial = hdf5.read_attrs(raw)
-        record = {
-            "dataset": key,
-            "title": root["title"],
-            "source_kind": root["source_kind"],
-            "source_urls": json.loads(root["source_urls"]),
-            "source_checksums": json.loads(root["source_checksums"]),
-            "accession": root["accession"] or None,
-            "doi": root["doi"] or None,
-            "license": root["license"],
-            "citation": root["citation"],
-            "modality": root["modality"],
-            "description": json.loads(root.get("description", "{}")),
-            "voxel_size_nm": spatial["resolution"],
-            "offset_nm": spatial["offset"],
-            "extent_nm": [float(s * r) for s, r in zip(raw.shape, spatial["resolution"])],
-            **_array_info(raw),
-            "labels": {name: _array_info(f[f"{hdf5.LABELS}/{name}"]) for name in f.get(hdf5.LABELS, {})},
-            "native": json.loads(f["provenance/native_metadata"][()]),
-            "emdata_version": root["emdata_version"],
-            "format_version": root["format_version"],
-        }
+        if is_collection(f):  # many images with a table (emdata.collection)
+            record = {**_common(key, root, f), **collection_record(f)}
+            first = f[next(iter(record["arrays"]))] if record["arrays"] else None
+            record["compression"] = ("+".join(_filters(first)) or "none") if first is not None else "none"
+            record["native"] = json.loads(f["provenance/native_metadata"][()])
+            record["emdata_version"], record["format_version"] = root["emdata_version"], root["format_version"]
+        else:
+            record = _volume_record(key, root, f)
     record["bytes_on_disk"] = path.stat().st_size
     record["file_sha256"] = sha256_file(path)
     return record
+
+
+def _common(key: str, root: dict[str, Any], f: Any) -> dict[str, Any]:
+    """The record fields every layout has (from the root attributes)."""
+    return {
+        "dataset": key,
+        "title": root["title"],
+        "source_kind": root["source_kind"],
+        "source_urls": json.loads(root["source_urls"]),
+        "source_checksums": json.loads(root["source_checksums"]),
+        "accession": root["accession"] or None,
+        "doi": root["doi"] or None,
+        "license": root["license"],
+        "citation": root["citation"],
+        "modality": root["modality"],
+        "description": json.loads(root.get("description", "{}")),
+    }
+
+
+def _volume_record(key: str, root: dict[str, Any], f: Any) -> dict[str, Any]:
+    raw = f[hdf5.RAW]
+    spatial = hdf5.read_attrs(raw)
+    return {
+        **_common(key, root, f),
+        "voxel_size_nm": spatial["resolution"],
+        "offset_nm": spatial["offset"],
+        "extent_nm": [float(s * r) for s, r in zip(raw.shape, spatial["resolution"])],
+        **_array_info(raw),
+        "labels": {name: _array_info(f[f"{hdf5.LABELS}/{name}"]) for name in f.get(hdf5.LABELS, {})},
+        "native": json.loads(f["provenance/native_metadata"][()]),
+        "emdata_version": root["emdata_version"],
+        "format_version": root["format_version"],
+    }
 
 
 def write_record(cfg: Config, key: str) -> Path:
@@ -127,9 +146,36 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _collection_row(key: str, r: dict[str, Any]) -> dict[str, Any]:
+    """A collection's line of data/metadata.csv: counts and ranges over its images."""
+    roles = r["roles"]
+    arrays = list(r["arrays"].values())
+    pixels = sorted({v for a in arrays for v in (a.get("resolution") or [])[-2:]})
+    images = [a for name, a in r["arrays"].items() if "/labels/" not in name]
+    count = sum(roles[k]["pixels"] for k in roles if not k.startswith("labels/"))
+    mean = sum(roles[k]["mean"] * roles[k]["pixels"] for k in roles if not k.startswith("labels/")) / count \
+        if count else None
+    return {
+        "dataset": key, "title": r["title"], "source_kind": r["source_kind"], "accession": r["accession"],
+        "modality": r["modality"], "shape_zyx": f"{r['n_images']} images, {len(arrays)} arrays",
+        "dtype": " ".join(sorted({a["dtype"] for a in arrays})),
+        "voxel_size_nm_zyx": f"{pixels[0]:g}-{pixels[-1]:g}" if pixels else None, "extent_nm_zyx": None,
+        "offset_nm_zyx": None, "min": min((a["min"] for a in images), default=None),
+        "max": max((a["max"] for a in images), default=None), "mean": mean, "std": None, "p0.1": None,
+        "p99.9": None, "zero_fraction": None,
+        "labels": " ".join(sorted({k.split("/", 1)[1] for k in roles if k.startswith("labels/")})),
+        "chunks": arrays[0]["chunks"] if arrays else None, "compression": r.get("compression"),
+        "bytes_on_disk": r["bytes_on_disk"], "file_sha256": r["file_sha256"], "array_sha256": None,
+        "license": r["license"], "doi": r["doi"],
+    }
+
+
 def table_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     rows = []
     for key, r in records.items():
+        if r.get("layout") == "collection":
+            rows.append(_collection_row(key, r))
+            continue
         stats = r["statistics"]
         pct = stats.get("percentiles") or {}
         rows.append({

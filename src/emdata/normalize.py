@@ -33,7 +33,7 @@ from .io import hdf5
 from .io.lock import dataset_lock
 from .progress import Progress
 from .raw import MappedVolume, RawVolume, json_safe
-from .sources import get_source
+from .sources import get_source, layout_of
 from .stats import StreamingStats
 from .tiles import Box, plan_tiles
 
@@ -107,12 +107,21 @@ def _pipeline(boxes: list[Box], read: Callable[[Box], np.ndarray], consume: Call
 
 def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int, int, int], compression: str,
                  level: int, attrs: dict[str, Any], label: bool, desc: str,
-                 budget: int = DEFAULT_BUDGET) -> dict[str, Any]:
-    """Stream ``volume`` into dataset ``name``; return its sha256, statistics and chunk counts."""
+                 budget: int = DEFAULT_BUDGET, plane: bool = False,
+                 progress: Progress | None = None) -> dict[str, Any]:
+    """Stream ``volume`` into dataset ``name``; return its sha256, statistics and chunk counts.
+
+    ``plane``: the volume is one Z plane, stored as a 2D (Y, X) dataset (collections of 2D
+    images). ``progress``: count into a caller's progress (one for many small arrays).
+    """
     shape = tuple(int(n) for n in volume.shape)
     dtype = output_dtype(volume.dtype)
     chunk = hdf5.chunk_shape(chunks, shape)
-    dset = group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunk, fillvalue=0,
+    if plane and shape[0] != 1:
+        raise FormatError(getattr(volume, "dataset", "?"), desc, f"a 2D image was expected, got shape {shape}",
+                          "please report it (a source bug)")
+    stored, stored_chunk = (shape[1:], chunk[1:]) if plane else (shape, chunk)
+    dset = group.create_dataset(name, shape=stored, dtype=dtype, chunks=stored_chunk, fillvalue=0,
                                 **hdf5.compression_options(compression, level))
     digest = _Digest(dtype, chunk, shape, label)
     plan = plan_tiles(shape, chunk, dtype.itemsize, budget)
@@ -136,7 +145,10 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
 
     def write(box: Box, data: np.ndarray) -> None:
         (z0, y0, x0), (z1, y1, x1) = box
-        dset[z0:z1, y0:y1, x0:x1] = data
+        if plane:
+            dset[y0:y1, x0:x1] = data[0]
+        else:
+            dset[z0:z1, y0:y1, x0:x1] = data
 
     def hash_and_count(box: Box, data: np.ndarray) -> None:
         if plan.one_pass:
@@ -144,7 +156,9 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
         digest.count(box[0], data)
 
     voxels = int(np.prod(shape))
-    with Progress(voxels * (1 if plan.one_pass else 2), desc, unit="vox") as progress:
+    with ExitStack() as stack:
+        if progress is None:
+            progress = stack.enter_context(Progress(voxels * (1 if plan.one_pass else 2), desc, unit="vox"))
         _pipeline(plan.tiles, read_and_tally, write, hash_and_count, progress)
         if not plan.one_pass:  # the sha256 needs C order: a second, read-only pass in hash boxes
             _pipeline(plan.hash_boxes or [], read, lambda box, data: None, lambda box, data: digest.hash(data),
@@ -277,6 +291,10 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with dataset_lock(cfg.lock_dir(), key, "normalize"):
         _remove_stale_temporaries(out)
+        if layout_of(source) == "collection":  # many images with a table: its own writer
+            from .normalize_collection import normalize_collection
+
+            return normalize_collection(cfg, key, source, raw, record, out)
         return _normalize_locked(cfg, key, source, raw, record, out)
 
 

@@ -48,9 +48,14 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     source = get_source(ds.source_kind)
     spec = ds.source.to_dict()
     raw = cfg.raw_dir(key)
-    if fetched(raw, spec, state=HashState(cfg.hash_state_path(key))) is not None:
-        log.info("%s: up to date in %s", key, raw)
-        return FetchResult(raw, True, 0)
+    record = fetched(raw, spec, state=HashState(cfg.hash_state_path(key)))
+    if record is not None:
+        changed = getattr(source, "source_changed", None)  # local imports: did the user's files change?
+        reason = changed(ds.source, record) if changed is not None else None
+        if reason is None:
+            log.info("%s: up to date in %s", key, raw)
+            return FetchResult(raw, True, 0)
+        log.debug("%s: %s; importing again", key, reason)  # debug: a failing import stays one line
     with dataset_lock(cfg.lock_dir(), key, "fetch"):
         return _fetch_locked(cfg, key, source, spec, http_factory)
 
@@ -147,6 +152,7 @@ def verify_dataset(cfg: Config, key: str) -> list[tuple[str, str]]:
 
     Returns the checks that passed; raises IntegrityError on the first mismatch.
     """
+    from .collection import hashed_arrays, is_collection
     from .io import hdf5
     from .metadata import hash_dataset
 
@@ -164,7 +170,10 @@ def verify_dataset(cfg: Config, key: str) -> list[tuple[str, str]]:
                              f"run `dvc checkout {h5}` or `emdata normalize {key}`")
     passed.append(("file sha256", digest))
     with hdf5.open_read(h5) as f:
-        names = [hdf5.RAW] + [f"{hdf5.LABELS}/{n}" for n in f.get(hdf5.LABELS, {})]
+        if is_collection(f):  # every image array of the collection
+            names = hashed_arrays(f)
+        else:
+            names = [hdf5.RAW] + [f"{hdf5.LABELS}/{n}" for n in f.get(hdf5.LABELS, {})]
         for name in names:
             stored = f[name].attrs["array_sha256"]
             actual = hash_dataset(f[name])

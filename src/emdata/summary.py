@@ -42,6 +42,8 @@ def _thumbnail_png(section: np.ndarray, pixel_hw: tuple[float, float], low: floa
 
 
 def write_thumbnails(cfg: Config, key: str, record: dict[str, Any]) -> list[str]:
+    if record.get("layout") == "collection":
+        return write_collection_thumbnail(cfg, key, record)
     xy, xz = central_slices(cfg.processed_path(key))
     pct = record["statistics"].get("percentiles") or {}
     low = pct.get("p0.1", record["statistics"]["min"])
@@ -83,8 +85,11 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         r = records.get(key)
         if r is None:
             ds = cfg.datasets[key]
-            voxel = _triple(list(ds.voxel_size_nm)) if ds.voxel_size_nm else "from the source"  # e.g. an info file
+            voxel = _triple(list(ds.voxel_size_nm)) if ds.voxel_size_nm else "from the source"
             lines.append(f"| `{key}` | {ds.modality} | not built yet | {voxel} | | | | {ds.license} |")
+            continue
+        if r.get("layout") == "collection":
+            lines.append(_collection_table_row(key, r))
             continue
         lines.append(f"| `{key}` | {r['modality']} | {_triple(r['shape'])} | {_triple(r['voxel_size_nm'])} | {r['dtype']} "
                      f"| {', '.join(sorted(r['labels'])) or '-'} | {_human_bytes(r['bytes_on_disk'])} | {r['license']} |")
@@ -99,6 +104,9 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         lines.append(f"- Citation: {ds.citation}")
         if r is None:
             lines.append("- Not built yet: run `dvc repro` (or `dvc pull`) and then `emdata summarize`.")
+            continue
+        if r.get("layout") == "collection":
+            lines += _collection_section(key, r, thumbs[key])
             continue
         stats = r["statistics"]
         pct = stats.get("percentiles") or {}
@@ -129,3 +137,116 @@ def summarize(cfg: Config) -> list[Path]:
     md_path = cfg.root / SUMMARY_FILE
     write_bytes_atomic(md_path, render_markdown(cfg, records, thumbs).encode())
     return [csv_path, md_path, *(cfg.root / t for names in thumbs.values() for t in names)]
+
+
+# -- collections (many images with a table; emdata.collection) -----------------------------------
+
+PANELS = 4  # arrays of the first image shown side by side
+BOX_COLOUR = (255, 40, 40)
+
+
+def _collection_table_row(key: str, r: dict[str, Any]) -> str:
+    pixels = sorted({v for a in r["arrays"].values() for v in (a.get("resolution") or [])[-2:]})
+    size = f"{pixels[0]:g}" + (f"-{pixels[-1]:g}" if pixels[-1] != pixels[0] else "") if pixels else "?"
+    dtypes = ", ".join(sorted({a["dtype"] for a in r["arrays"].values()}))
+    roles = ", ".join(sorted({k.split("/", 1)[1] if "/" in k else k for k in r["roles"]
+                              if k.startswith(("targets/", "labels/"))})) or "-"
+    return (f"| `{key}` | {r['modality']} | {r['n_images']} images (collection) | {size} (y, x) | {dtypes} | {roles} "
+            f"| {_human_bytes(r['bytes_on_disk'])} | {r['license']} |")
+
+
+def _collection_section(key: str, r: dict[str, Any], thumbs: list[str]) -> list[str]:
+    lines = ["- Source: " + ", ".join(f"<{u}>" for u in r["source_urls"]),
+             f"- Collection: {r['n_images']} images, {len(r['arrays'])} arrays ({r['compression']}, "
+             f"{_human_bytes(r['bytes_on_disk'])}); per-image table `/table`"
+             + (f"; tables {', '.join(sorted({t.rsplit('/', 1)[-1] for t in r['tables']}))} per image" if r["tables"]
+                else ""),
+             f"- sha256: file `{r['file_sha256']}`"]
+    for role, info in r["roles"].items():
+        mean = f", mean {info['mean']:.4g}" if info.get("mean") is not None else ""
+        lines.append(f"- `{role}`: {info['count']} arrays, {', '.join(info['dtypes'])}, values {info['min']:g} to "
+                     f"{info['max']:g}{mean}")
+    table = r["table"]
+    if table:
+        columns = r.get("table_columns") or list(table[0])
+        shown = table[:8]
+        lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in shown]
+        if len(table) > len(shown):
+            lines.append(f"\n({len(table) - len(shown)} more rows in `/table` and `data/metadata/{key}.json`)")
+    if thumbs:
+        lines += ["", f"First image ({table[0]['image'] if table else '?'}): ![{key}]({thumbs[0]})"]
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "" if value is None else str(value)
+
+
+def _panel(dset: Any, stats: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """A strided 2D view of one array (frame 0 of a series), at most ~2x the thumbnail size; its step."""
+    shape = dset.shape[-2:]
+    step = max(1, -(-max(shape) // (THUMBNAIL_MAX * 2)))
+    plane = dset[::step, ::step] if dset.ndim == 2 else dset[0, ::step, ::step]
+    pct = stats.get("percentiles") or {}
+    low, high = pct.get("p0.1", stats["min"]), pct.get("p99.9", stats["max"])
+    return _to_uint8(plane, low, high), step
+
+
+def collection_thumbnail_png(path: Path, image: str | None = None) -> bytes:
+    """The first image's arrays side by side (labels left out), boxes of its first frame drawn in red."""
+    import io
+    import json
+
+    from PIL import Image, ImageDraw
+
+    from .collection import IMAGES, TABLE, array_to_rows, image_arrays
+    from .io import hdf5
+
+    with hdf5.open_read(path) as f:
+        arrays = image_arrays(f)
+        rows = array_to_rows(f[TABLE][()]) if TABLE in f else []
+        image = image or (str(rows[0]["image"]) if rows else next(iter(arrays)))
+        paths = [p for p in arrays.get(image, []) if not p.startswith("labels/")]
+        seen, chosen = set(), []
+        for p in paths:  # one array per role: inputs/BF_z0 for the BF planes, each target
+            role = p.rsplit("_z", 1)[0] if p.startswith("inputs/") else p
+            if role not in seen:
+                seen.add(role)
+                chosen.append(p)
+        panels = []
+        for p in chosen[:PANELS]:
+            dset = f[f"{IMAGES}/{image}/{p}"]
+            pixels, step = _panel(dset, json.loads(dset.attrs["statistics"]))
+            panel = Image.fromarray(pixels).convert("RGB")
+            boxes_name = f"{IMAGES}/{image}/annotations/boxes"
+            if boxes_name in f:
+                boxes = f[boxes_name][()]
+                first_t = int(np.asarray(dset.attrs["t"]).ravel()[0]) if "t" in dset.attrs else None
+                draw = ImageDraw.Draw(panel)
+                for b in boxes:
+                    if first_t is None or int(b["t"]) == first_t:
+                        draw.rectangle([b["x0"] / step, b["y0"] / step, b["x1"] / step, b["y1"] / step],
+                                       outline=BOX_COLOUR, width=max(1, panel.width // 160))
+            panels.append(panel)
+    height = min(THUMBNAIL_MAX, max(p.height for p in panels))
+    width = sum(p.width * height / p.height for p in panels)
+    if width > PANELS * THUMBNAIL_MAX:  # wide images: keep the strip at most PANELS thumbnails wide
+        height = max(16, int(height * PANELS * THUMBNAIL_MAX / width))
+    scaled = [p.resize((max(1, round(p.width * height / p.height)), height), Image.Resampling.BOX) for p in panels]
+    canvas = Image.new("RGB", (sum(p.width for p in scaled) + 4 * (len(scaled) - 1), height), (255, 255, 255))
+    x = 0
+    for p in scaled:
+        canvas.paste(p, (x, 0))
+        x += p.width + 4
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_collection_thumbnail(cfg: Config, key: str, record: dict[str, Any]) -> list[str]:
+    name = f"{THUMBNAIL_DIR}/{key}_images.png"
+    write_bytes_atomic(cfg.root / name, collection_thumbnail_png(cfg.processed_path(key)))
+    return [name]

@@ -45,17 +45,25 @@ class Volume:
             if array not in f:
                 raise AccessError(f"{self.path} has no array /{array}")
             dset = f[array]
-            self.shape: tuple[int, int, int] = tuple(dset.shape)
+            if dset.ndim not in (2, 3):
+                raise AccessError(f"{self.path}:/{array} is {dset.ndim}D; a Volume reads 2D and 3D arrays")
+            lead = (1,) * (3 - dset.ndim)  # a 2D image (collections) is a volume of one Z plane
+            self.stored_shape: tuple[int, ...] = tuple(dset.shape)
+            self.shape: tuple[int, int, int] = lead + tuple(dset.shape)  # type: ignore[assignment]
             self.dtype = dset.dtype
-            self.chunks: tuple[int, ...] = tuple(dset.chunks or dset.shape)
+            self.chunks: tuple[int, ...] = lead + tuple(dset.chunks or dset.shape)
             attrs = hdf5.read_attrs(dset)
+            axes = str(attrs.get("axes", "zyx"))
+            self.dims = "YX" if dset.ndim == 2 else axes.upper()  # "ZYX", or "TYX" for a time series
             if resolution is None and "resolution" not in attrs:
                 raise ConfigError(f"{self.path}:/{array} records no resolution; pass resolution=(z, y, x) in nm "
                                   "(a voxel size is never guessed)")
             given = resolution if resolution is not None else attrs["resolution"]
-            self.resolution = np.asarray(given, np.float64)
-            self.offset = np.asarray(offset if offset is not None else attrs.get("offset", (0.0, 0.0, 0.0)),
-                                     np.float64)
+            # 2D images and time series record a (y, x) pixel size: the first axis (one plane, or
+            # time) gets 1.0 so that voxel and nm coordinates still map one to one along it.
+            self.resolution = _three(np.asarray(given, np.float64), 1.0)
+            self.offset = _three(np.asarray(offset if offset is not None else attrs.get("offset", (0.0, 0.0, 0.0)),
+                                            np.float64), 0.0)
             self.attrs = attrs
             self.label_names = sorted(f.get(hdf5.LABELS, {}).keys()) if array == hdf5.RAW else []
 
@@ -73,7 +81,7 @@ class Volume:
             file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
             dset = file.get(self.array)
             if dset is None or (tuple(dset.shape), dset.dtype, tuple(dset.chunks or dset.shape)) != (
-                    self.shape, self.dtype, self.chunks):
+                    self.stored_shape, self.dtype, self.chunks[3 - len(self.stored_shape):]):
                 file.close()
                 raise AccessError(f"{self.path} was replaced by a different file since this Volume was "
                                   f"created; open it again (emdata.open_dataset or Volume)")
@@ -86,6 +94,8 @@ class Volume:
         handle = self._open()
         if handle.chunkmap is not None:
             return handle.chunkmap.read(tuple(int(v) for v in start), tuple(int(v) for v in stop))
+        if len(self.stored_shape) == 2:
+            return handle.dset[int(start[1]):int(stop[1]), int(start[2]):int(stop[2])][None]
         return handle.dset[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
 
     def close(self) -> None:
@@ -111,7 +121,7 @@ class Volume:
     # -- bioimage-ecosystem views -------------------------------------------------------------
 
     ndim = 3
-    dims = "ZYX"
+    dims = "ZYX"  # "YX" for a 2D image (shape (1, Y, X)), "TYX" for a time series
 
     @property
     def physical_pixel_sizes(self) -> PhysicalPixelSizes:
@@ -238,6 +248,11 @@ class Volume:
         return self.read(block.read_start, block.read_shape, pad=pad, constant=constant)
 
 
+def _three(values: np.ndarray, first: float) -> np.ndarray:
+    """(y, x) values of a 2D image or time series as three, ``first`` for the leading axis."""
+    return np.concatenate([np.full(3 - values.size, first), values]) if values.size < 3 else values
+
+
 def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str | os.PathLike | None = None,
                  label: str | None = None, cache_dir: str | os.PathLike | None = None) -> Volume:
     """Open ``data/processed/<name>.h5`` read-only (``label`` picks ``/labels/<label>``).
@@ -251,6 +266,14 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
     cache keyed by the file's DVC content hash (``cache_dir``, ``$EMDATA_CACHE`` or
     ``~/.cache/emdata``) first, so a moved branch never serves stale data.
     """
+    path, display = dataset_path(name, rev=rev, repo=repo, cache_dir=cache_dir)
+    volume = Volume(path) if _looks_like_path(name) else Volume(path, name=display)
+    return volume if label is None else _label_of(volume, display, label)
+
+
+def dataset_path(name: str | os.PathLike, *, rev: str | None = None, repo: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """The HDF5 file ``name`` stands for (see :func:`open_dataset`), and the name to show."""
     from ..config import KEY_PATTERN, find_root, processed_relpath
 
     if _looks_like_path(name):
@@ -260,8 +283,7 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
         if not file.is_file():
             raise NotBuiltError(f"{file}: no such file (opened as a path because it is a Path, ends in .h5/.hdf5 "
                                 f"or contains '/'); for a dataset of this repository pass its name")
-        volume = Volume(file)
-        return volume if label is None else _label_of(volume, str(file), label)
+        return file, str(file)
     name = str(name)
     if not KEY_PATTERN.fullmatch(name):
         raise ConfigError(f"{name!r} is neither a dataset name (names match {KEY_PATTERN.pattern}) nor an "
@@ -271,10 +293,8 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
         if not path.is_file():
             raise NotBuiltError(f"{name}: {path} is missing; get it with `dvc pull {processed_relpath(name)}` "
                                 f"or build it with `dvc repro normalize@{name}`")
-    else:
-        path = _fetch_version(name, rev=rev, repo=repo, cache_dir=cache_dir)
-    volume = Volume(path, name=name)
-    return volume if label is None else _label_of(volume, name, label)
+        return path, name
+    return _fetch_version(name, rev=rev, repo=repo, cache_dir=cache_dir), name
 
 
 def _looks_like_path(name: Any) -> bool:

@@ -103,7 +103,7 @@ def read_attrs(obj: Any) -> dict[str, Any]:
 
 
 class ChunkMap:
-    """Zero-copy reads of an *uncompressed* chunked dataset through a memory map.
+    """Zero-copy reads of an *uncompressed* chunked dataset through a memory map (3D, or 2D as Z = 1).
 
     HDF5 stores each uncompressed chunk as one contiguous, full-size block (edge chunks too) at
     an offset its chunk index reports. Mapping the file and copying sub-boxes out of those blocks
@@ -114,8 +114,9 @@ class ChunkMap:
     def __init__(self, dset: Any, offsets: dict[tuple[int, ...], int]) -> None:
         import mmap
 
-        self.shape = tuple(dset.shape)
-        self.chunks = tuple(dset.chunks)
+        lead = (1,) * (3 - dset.ndim)  # a 2D image is read as one Z plane
+        self.shape = lead + tuple(dset.shape)
+        self.chunks = lead + tuple(dset.chunks)
         self.dtype = dset.dtype
         self.fill = dset.fillvalue
         count = int(np.prod(self.chunks))
@@ -133,15 +134,17 @@ class ChunkMap:
 
     @classmethod
     def build(cls, dset: Any) -> "ChunkMap | None":
-        if dset.chunks is None or dset.id.get_create_plist().get_nfilters() > 0 or dset.dtype.hasobject:
+        if dset.chunks is None or dset.id.get_create_plist().get_nfilters() > 0 or dset.dtype.hasobject \
+                or dset.ndim not in (2, 3):
             return None
         if dset.file.driver != "sec2" or dset.file.userblock_size:
             return None  # only a plain local file has the raw chunk offsets at face value
         offsets: dict[tuple[int, ...], int] = {}
         chunks = dset.chunks
+        lead = (0,) * (3 - dset.ndim)
 
         def visit(info: Any) -> None:
-            offsets[tuple(o // c for o, c in zip(info.chunk_offset, chunks))] = info.byte_offset
+            offsets[lead + tuple(o // c for o, c in zip(info.chunk_offset, chunks))] = info.byte_offset
 
         if hasattr(dset.id, "chunk_iter"):  # one pass over the chunk index (HDF5 >= 1.14)
             dset.id.chunk_iter(visit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..collection import RawCollection
 from ..config import Section
 from ..fetch_context import FetchContext
 from ..fetch_record import FetchRecord
@@ -59,3 +60,36 @@ class LabelledSource(Source, Protocol):
 
     def open_labels(self, params: Any, raw: Path, dataset: str) -> dict[str, RawVolume]: ...
 
+
+
+class CollectionSource(Protocol):
+    """A source whose datasets are collections of images with a table (``LAYOUT = "collection"``).
+
+    Same verbs as :class:`Source`, with ``open_collection`` in place of ``open_volume``: the items
+    (image id, path inside the image's group, a lazy RawVolume, stored shape, axes, pixel size,
+    attributes) and one table row per image (see :mod:`emdata.collection`).
+    """
+
+    KIND: str
+    LAYOUT: str
+
+    def parse_params(self, sec: Section) -> Any: ...
+
+    def plan(self, params: Any, ctx: FetchContext) -> list[FilePlan]: ...
+
+    def fetch(self, params: Any, ctx: FetchContext) -> FetchRecord: ...
+
+    def open_collection(self, params: Any, raw: Path, dataset: str) -> RawCollection:
+        """The images of the fetched data, each array opened lazily; no network."""
+
+    def read_metadata(self, params: Any, raw: Path, dataset: str) -> dict[str, Any]: ...
+
+
+class LocalSource(CollectionSource, Protocol):
+    """A source that imports files the user has (``source_changed`` is optional).
+
+    ``source_changed(params, record)`` says why the local files no longer match what the last
+    fetch recorded (or None): ``fetch`` then imports them again instead of saying "up to date".
+    """
+
+    def source_changed(self, params: Any, record: FetchRecord) -> str | None: ...

@@ -5,9 +5,16 @@ round trip of an odd-shaped, coordinate-encoded volume; a second fetch is a no-o
 native metadata; geometry reported by the source or overridden by params). Transport mixins add
 the failure behaviour of one protocol: :class:`HttpContract` (drops, 503 + Retry-After,
 truncation, wrong length, 404), :class:`ArrayHttpContract` (chunked arrays read over HTTP through
-a library such as tensorstore: retried chunks, one-line failures, resume by block) and
-:class:`S3Contract` (for S3 sources). ``tests/test_contract.py``
-runs them for every kind in :mod:`emdata.testing.registry`, with no per-kind code.
+a library such as tensorstore: retried chunks, one-line failures, resume by block),
+:class:`S3Contract` (for S3 sources) and :class:`LocalContract` (imports of the user's own
+files). ``tests/test_contract.py`` runs them for every kind in :mod:`emdata.testing.registry`,
+with no per-kind code.
+
+Collections (``LAYOUT = "collection"``, :mod:`emdata.collection`) run the same tests: their
+expected arrays are keyed by HDF5 path (``images/<id>/...``), each array's recorded pixel size is
+checked against ``resolutions``, and the geometry override is checked on the first item. A
+download that does not land in the raw folder as it was served (an archive that is unpacked)
+must be recorded whole in the fetch record (``extra["sources"]``: url, size, sha256).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class SourceCase:
     offset_nm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     files: dict[str, str] = field(default_factory=dict)  # raw-folder relpath -> URL path (ReplicaCase.files)
     pin_size: Callable[[dict[str, Any], str, int], None] | None = None  # ReplicaCase.pin_size
+    resolutions: dict[str, tuple[float, ...]] = field(default_factory=dict)  # collection array -> resolution
 
     def relpath(self, url_path: str) -> str:
         """Where the file served at ``url_path`` lands in the raw folder (default: its base name)."""
@@ -100,34 +108,41 @@ class CoreContract:
 
         self._fetch(case)
         with h5py.File(self._normalize(case), "r") as f:
-            np.testing.assert_allclose(f["raw"].attrs["resolution"], case.voxel_size_nm)
-            np.testing.assert_allclose(f["raw"].attrs["offset"], case.offset_nm)
+            if _is_collection(case):
+                for name in case.expected:
+                    if f[name].dtype.names:  # a table, not an image
+                        continue
+                    want = case.resolutions.get(name, case.voxel_size_nm[-len(f[name].attrs["resolution"]):])
+                    np.testing.assert_allclose(f[name].attrs["resolution"], want, err_msg=name)
+                    np.testing.assert_allclose(f[name].attrs["offset"], 0.0, err_msg=name)
+            else:
+                np.testing.assert_allclose(f["raw"].attrs["resolution"], case.voxel_size_nm)
+                np.testing.assert_allclose(f["raw"].attrs["offset"], case.offset_nm)
             origin = json.loads(f.attrs["geometry_origin"])
             assert set(origin) == {"voxel_size_nm", "offset_nm"}
         # An override in params that disagrees by more than 1 % is refused unless params say whom to trust.
         from ..errors import FormatError
-        from ..normalize import dataset_geometry
-        from ..sources import get_source
 
         reported = self._reported_voxel_size(case)
         if reported is None:  # the format carries none: params must give it (tested in test_geometry)
             return
         wrong = [v * 1.5 for v in reported]
-        _edit_dataset(case, voxel_size_nm=wrong, geometry_trust=None)
-        ds = case.cfg.dataset(case.key)
-        with get_source(ds.source_kind).open_volume(ds.source, case.cfg.raw_dir(case.key), case.key) as volume:
-            with pytest.raises(FormatError, match="params.yaml says"):
-                dataset_geometry(case.cfg, case.key, volume)
+        _edit_dataset(case, voxel_size_nm=[1.0] * (3 - len(wrong)) + wrong, geometry_trust=None)
+        with pytest.raises(FormatError, match="params.yaml says"):
+            _resolved_voxel_size(case)
         _edit_dataset(case, geometry_trust="params")
-        ds = case.cfg.dataset(case.key)
-        with get_source(ds.source_kind).open_volume(ds.source, case.cfg.raw_dir(case.key), case.key) as volume:
-            assert list(dataset_geometry(case.cfg, case.key, volume).voxel_size_nm) == wrong
+        assert list(_resolved_voxel_size(case)) == wrong
 
     def _reported_voxel_size(self, case: SourceCase) -> tuple[float, ...] | None:
+        """A volume's voxel size, or a collection's first item's pixel size (per spatial axis)."""
         from ..sources import get_source
 
         ds = case.cfg.dataset(case.key)
-        with get_source(ds.source_kind).open_volume(ds.source, case.cfg.raw_dir(case.key), case.key) as volume:
+        source = get_source(ds.source_kind)
+        if _is_collection(case):
+            with source.open_collection(ds.source, case.cfg.raw_dir(case.key), case.key) as coll:
+                return coll.items[0].pixel_size_nm
+        with source.open_volume(ds.source, case.cfg.raw_dir(case.key), case.key) as volume:
             return volume.voxel_size_nm
 
     def test_metadata_is_json_serializable(self, case: SourceCase) -> None:
@@ -138,6 +153,48 @@ class CoreContract:
         native = get_source(ds.source_kind).read_metadata(ds.source, case.cfg.raw_dir(case.key), case.key)
         assert json.loads(json.dumps(native)) == native
         assert native
+
+
+def _is_collection(case: SourceCase) -> bool:
+    from ..sources import get_source, layout_of
+
+    return layout_of(get_source(case.cfg.dataset(case.key).source_kind)) == "collection"
+
+
+def _resolved_voxel_size(case: SourceCase) -> tuple[float, ...]:
+    """What normalize would record for the volume (or the collection's first item) under params now."""
+    from ..sources import get_source
+
+    ds = case.cfg.dataset(case.key)
+    source = get_source(ds.source_kind)
+    raw = case.cfg.raw_dir(case.key)
+    if _is_collection(case):
+        from ..normalize_collection import item_geometry
+
+        with source.open_collection(ds.source, raw, case.key) as coll:
+            return item_geometry(case.cfg, case.key, coll.items[0]).voxel_size_nm
+    from ..normalize import dataset_geometry
+
+    with source.open_volume(ds.source, raw, case.key) as volume:
+        return dataset_geometry(case.cfg, case.key, volume).voxel_size_nm
+
+
+def _assert_landed(case: SourceCase, url_path: str) -> None:
+    """The served file is in the raw folder byte for byte, or (an unpacked archive) recorded whole."""
+    import hashlib
+
+    from ..fetch_record import FetchRecord
+
+    served = case.server.local_path(url_path).read_bytes()
+    local = case.cfg.raw_dir(case.key) / case.relpath(url_path)
+    if local.is_file():
+        assert local.read_bytes() == served
+        return
+    record = FetchRecord.load(case.cfg.raw_dir(case.key))
+    assert record is not None
+    digest = hashlib.sha256(served).hexdigest()
+    whole = [s for s in record.extra.get("sources", []) if s.get("sha256") == digest]
+    assert whole and whole[0]["size"] == len(served), f"{url_path} is neither in the raw folder nor recorded whole"
 
 
 class S3Contract:
@@ -232,9 +289,7 @@ class HttpContract:
         assert len(gets) == 2
         assert "Range" not in gets[0].headers
         assert gets[1].headers["Range"] == "bytes=1000-" and gets[1].status == 206
-        local = case.cfg.raw_dir(case.key) / case.relpath(case.big_file)
-        served = case.server.local_path(case.big_file)
-        assert local.read_bytes() == served.read_bytes()
+        _assert_landed(case, case.big_file)
 
     def test_failed_fetch_resumes_on_the_next_run(self, case: SourceCase) -> None:
         from ..errors import FetchError
@@ -247,8 +302,7 @@ class HttpContract:
         self._fetch(case)
         gets = [r for r in case.server.requests_for(case.big_file) if r.method == "GET"]
         assert [g.headers.get("Range") for g in gets] == [f"bytes={700 * FAST_RETRIES.attempts}-"]
-        local = case.cfg.raw_dir(case.key) / case.relpath(case.big_file)
-        assert local.read_bytes() == case.server.local_path(case.big_file).read_bytes()
+        _assert_landed(case, case.big_file)
 
     def test_normalize_refuses_raw_data_of_other_params(self, case: SourceCase) -> None:
         from ..errors import NotBuiltError
@@ -294,6 +348,55 @@ class HttpContract:
         assert case.server.url in lines[0]
         assert not case.cfg.raw_dir(case.key).exists()
 
+
+
+class LocalContract:
+    """Imports of files the user has (a folder or a zip given by path): ``fault_path`` is one of them."""
+
+    case: Callable[..., SourceCase]
+    _fetch: Callable[..., Any]
+
+    def test_a_missing_path_is_one_line_naming_dataset_and_path(self, case: SourceCase, tmp_path: Path) -> None:
+        source = Path(case.cfg.dataset(case.key).source.path)
+        source.rename(tmp_path / "moved")
+        try:
+            proc = subprocess.run([sys.executable, "-m", "emdata", "fetch", case.key], cwd=case.cfg.root,
+                                  capture_output=True, text=True, timeout=120)
+        finally:
+            (tmp_path / "moved").rename(source)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("emdata: error: ") and case.key in lines[0] and str(source) in lines[0]
+        assert not case.cfg.raw_dir(case.key).exists()
+
+    def test_changed_files_are_imported_again(self, case: SourceCase) -> None:
+        import os
+
+        self._fetch(case)
+        assert self._fetch(case).up_to_date
+        path = Path(case.big_file)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # touched, e.g. copied again
+        again = self._fetch(case)
+        assert not again.up_to_date
+        assert self._fetch(case).up_to_date
+
+    def test_a_damaged_file_leaves_the_last_import_untouched(self, case: SourceCase) -> None:
+        from ..errors import FormatError
+
+        self._fetch(case)
+        raw = case.cfg.raw_dir(case.key)
+        before = {p: p.read_bytes() for p in sorted(raw.rglob("*")) if p.is_file()}
+        path = Path(case.big_file)
+        original = path.read_bytes()
+        path.write_bytes(original[: len(original) // 3])  # a TIF (or zip) cut short
+        try:
+            with pytest.raises(FormatError):
+                self._fetch(case)
+        finally:
+            path.write_bytes(original)
+        assert {p: p.read_bytes() for p in sorted(raw.rglob("*")) if p.is_file()} == before
 
 
 def _pin_size(case: SourceCase, url_path: str, extra: int = 0) -> None:

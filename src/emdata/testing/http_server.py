@@ -11,7 +11,8 @@ and Apache-style HTML directory listings. Tests inject faults per URL path (quot
 
 Dynamic endpoints (APIs) are added with ``route(pattern, handler)``: ``pattern`` is a regular
 expression matched against the whole unquoted path, ``handler(match, query)`` returns
-``(status, body, content type)``. Faults (``fail``, ``drop_after``, ``truncate``) apply to routes
+``(status, body, content type)`` or, to add headers to a non-200 answer (a redirect's
+``Location``), ``(status, body, content type, headers)``. Faults (``fail``, ``drop_after``, ``truncate``) apply to routes
 too, so an API call can be made to fail like a file.
 """
 
@@ -91,9 +92,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return self._simple(fail[0], b"temporarily unavailable\n", headers)
         routed = owner.dispatch(url_path, query)
         if routed is not None:
-            status, payload, ctype = routed
-            if status != 200:
-                return self._simple(status, payload, content_type=ctype)
+            status, payload, ctype, *more = routed
+            if status != 200:  # a handler may add headers, e.g. Location for a redirect
+                return self._simple(status, payload, more[0] if more else None, content_type=ctype)
             return self._send_body(url_path, payload, body, ctype)
         local = owner.local_path(url_path)
         if local is None:
@@ -209,7 +210,7 @@ class ReplicaServer:
         """
         self.routes.insert(0, (re.compile(pattern), handler))
 
-    def dispatch(self, url_path: str, query: str) -> tuple[int, bytes, str] | None:
+    def dispatch(self, url_path: str, query: str) -> tuple[Any, ...] | None:
         for pattern, handler in list(self.routes):
             match = pattern.fullmatch(url_path)
             if match is not None:

@@ -24,16 +24,25 @@ REPLICAS: dict[str, str] = {
     "empiar": "emdata.testing.empiar:REPLICA",
     "idr": "emdata.testing.idr:REPLICA",
     "precomputed": "emdata.testing.precomputed:REPLICA",
+    "lightmycells": "emdata.testing.lightmycells:REPLICA",
+    "labelme_tracking": "emdata.testing.labelme_tracking:REPLICA",
 }
 
 
 @dataclass
 class ReplicaCase:
-    """One dataset served by a running replica, and what normalize must make of it."""
+    """One dataset served by a running replica, and what normalize must make of it.
+
+    A volume's ``expected`` maps "raw" and "labels/<name>" to voxels; a collection's maps the
+    HDF5 paths of its arrays and tables (``images/<id>/<path>``, e.g. ``images/3/inputs/BF_z0``
+    or ``images/W_E4_12/annotations/boxes``) to arrays, and ``resolutions`` gives the pixel size
+    each array must record (one entry per spatial axis). A local-import replica (transport
+    "local") gives the source file to damage as ``fault_path``.
+    """
 
     key: str
     dataset: dict[str, Any]  # a params.yaml ``datasets`` entry pointing at the replica
-    expected: dict[str, np.ndarray]  # "raw" and "labels/<name>" -> voxels (ZYX)
+    expected: dict[str, np.ndarray]  # "raw" and "labels/<name>" -> voxels (ZYX), or collection paths
     voxel_size_nm: tuple[float, float, float]  # what the HDF5 must record
     offset_nm: tuple[float, float, float]
     fault_path: str | None = None  # the largest file's URL path or object key, for fault injection
@@ -41,6 +50,7 @@ class ReplicaCase:
     # Pin a file's size in a params entry, in place: (entry, raw relpath, size). For sources whose
     # params have no ``{file: ...}`` spec of that file (the contract's size tests use those when present).
     pin_size: Callable[[dict[str, Any], str, int], None] | None = None
+    resolutions: dict[str, tuple[float, ...]] = field(default_factory=dict)  # collection array -> resolution
 
 
 class RunningReplica(Protocol):
@@ -55,7 +65,7 @@ class RunningReplica(Protocol):
 
 class Replica(Protocol):
     kind: str
-    transport: str  # "http", "http-array" or "s3": which transport mixin of the contract applies
+    transport: str  # "http", "http-array", "s3" or "local": which transport mixin of the contract applies
 
     def start(self, root: Path, *, coordinate: bool = True) -> AbstractContextManager[RunningReplica]:
         """Write the data under ``root`` and serve it until the context exits."""
