@@ -161,7 +161,7 @@ def main() -> None:
     expected = subprocess.run([*me, "--step", "verify", "--start", *map(str, extra["roi"]["start_zyx"])],
                               check=True, capture_output=True, text=True).stdout.strip()
     raw_bytes = sum(p.stat().st_size for p in raw.rglob("*") if p.is_file())
-    print(f"crop {extra['roi']['start_zyx']}..{extra['roi']['stop_zyx']} (z, y, x), {extra['search']['tries']} tr(ies); "
+    print(f"crop {extra['roi']['start_zyx']}..{extra['roi']['stop_zyx']} (z, y, x), tries {extra['search']['tries']}; "
           f"{len(list((raw / 'crop.zarr').iterdir())) - 1} blocks of {extra['store']['block_zyx']}, "
           f"{raw_bytes / 2**20:.0f} MiB raw; {requests} HTTP requests")
     ok = True

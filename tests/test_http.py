@@ -103,6 +103,26 @@ def test_unreachable_host_fails_within_bounds(tmp_path) -> None:
         client().download(f"http://127.0.0.1:{port}/x", tmp_path / "f")
 
 
+def test_a_host_that_never_answered_is_given_up_within_its_budget(srv, tmp_path) -> None:
+    """Connection failures stop before the tries run out once the budget would be passed; HTTP answers do not."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = RetryPolicy(attempts=10, base_delay=1.0, max_delay=8.0, connect_timeout=2, unreachable_after=6)
+    sleeps: list[float] = []
+    c = HttpClient("ds", policy=policy, sleep=sleeps.append, seed=1)
+    with pytest.raises(FetchError, match="no answer from the host after [2-4] attempts") as err:
+        c.get_json(f"http://127.0.0.1:{port}/info")
+    assert "connection refused" in str(err.value) and sum(sleeps) + policy.connect_timeout <= 6 + 8
+    srv.fail("/d/file.bin", status=503, times=10)  # the host answers: every try is used
+    sleeps.clear()
+    with pytest.raises(FetchError, match="failed after 10 attempts"):
+        HttpClient("ds", policy=policy, sleep=sleeps.append, seed=1).get_bytes(srv.url + "/d/file.bin")
+    assert len(sleeps) == 9
+
+
 # -- small whole responses (APIs, listings, tiles) -------------------------------------------
 
 

@@ -97,6 +97,10 @@ class RetryPolicy:
     max_retry_after: float = 120.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # A host that has not answered once in this client (refused, no route, no connection) is given
+    # up when the next try could end later than this after the first began: unreachable hosts
+    # fail in seconds, not after every try with its connect timeout (6 x 10 s + waits).
+    unreachable_after: float = 25.0
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Exponential backoff with equal jitter: half fixed, half random."""
@@ -174,6 +178,13 @@ def _content_length(response: requests.Response, *, of_body: bool = False) -> in
     if of_body and response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
         return None
     return int(value) if value.isdigit() else None
+
+
+def _netloc(url: str) -> str:
+    try:
+        return urllib.parse.urlsplit(url).netloc
+    except ValueError:  # a malformed URL: requests says what is wrong with it
+        return url
 
 
 def _clip(text: str, limit: int = 100) -> str:
@@ -505,12 +516,16 @@ class HttpClient:
         self.sleep = sleep
         self.rng = random.Random(seed)
         self.requests = 0
+        self._answered: set[str] = set()  # hosts that sent at least one HTTP response
 
     # -- the retry loop shared by every verb --------------------------------------------------
 
     def _with_retries(self, url: str, attempt_once: Callable[[], Any], *, resumable: bool = False) -> Any:
         last = ""
+        spent = 0.0  # seconds in tries and waits (waits as planned: tests replace ``sleep``)
+        host = _netloc(url)
         for attempt in range(self.policy.attempts):
+            began = time.monotonic()
             try:
                 return attempt_once()
             except _Retry as exc:
@@ -524,9 +539,17 @@ class HttpClient:
                                      "check the URL in params.yaml or the network") from exc
                 retry = _Retry(_network_problem(exc, url, self.policy))
             last = str(retry)
+            spent += time.monotonic() - began
             if attempt + 1 == self.policy.attempts:
                 break
             wait = retry.wait if retry.wait is not None else self.policy.backoff(attempt, self.rng)
+            if host not in self._answered and spent + wait + self.policy.connect_timeout > self.policy.unreachable_after:
+                tries = attempt + 1
+                raise FetchError(self.dataset, url, f"no answer from the host after {tries} attempt"
+                                 f"{'s' if tries > 1 else ''} in {spent:.0f} s ({last})",
+                                 "check the URL in params.yaml, the network or the server, then run the same "
+                                 "command again" + (" to resume" if resumable else ""))
+            spent += wait
             log.warning("%s: %s (%s); retry %d/%d in %.1fs", self.dataset, url, last,
                         attempt + 1, self.policy.attempts - 1, wait)
             self.sleep(wait)
@@ -568,6 +591,7 @@ class HttpClient:
         timeout = (self.policy.connect_timeout, self.policy.read_timeout)
         response = self.session.request(method, url, timeout=timeout,
                                         hooks={"response": [self._check_redirect(url)]}, **kwargs)
+        self._answered.add(_netloc(url))
         self.requests += len(response.history)  # each redirect followed was a request too
         if response.status_code in RETRY_STATUS:
             wait = parse_retry_after(response.headers.get("Retry-After"))

@@ -284,15 +284,19 @@ def _search(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale", c
             search = {"seed": params.seed, "tries": len(candidates), "min_fraction": tissue.min_fraction,
                       "max_tries": tissue.max_tries, "screening_scale": screen.key, "fraction": fraction,
                       "candidates": candidates}
-            log.info("%s: crop %s..%s (z, y, x) of scale %s after %d tr%s: %.1f%% of the %s voxels are non-zero",
-                     ctx.dataset, list(start), list(stop), scale.key, len(candidates),
-                     "y" if len(candidates) == 1 else "ies", 100 * fraction, screen.key)
+            log.info("%s: crop %s..%s (z, y, x) of scale %s after %s: %.1f%% of the %s voxels are non-zero",
+                     ctx.dataset, list(start), list(stop), scale.key, _tries(len(candidates)), 100 * fraction,
+                     screen.key)
             return Crop(start, stop, "search", search)
     best = max(candidates, key=lambda c: float(c["fraction"]))  # type: ignore[arg-type]
     raise ConfigError(f"params.yaml: {params.path}.tissue: none of {len(candidates)} random {list(crop)} crops "
                       f"(seed {params.seed}) of {layer.url} scale {scale.key} has {tissue.min_fraction:.0%} non-zero "
                       f"voxels at scale {screen.key} (best: {best['fraction']:.1%} at {best['start_zyx']}); lower "
                       "tissue.min_fraction, raise tissue.max_tries, change the seed or give roi_start")
+
+
+def _tries(n: int) -> str:
+    return f"{n} try" if n == 1 else f"{n} tries"
 
 
 def _tissue_fraction(store: Any, start: IntTriple, stop: IntTriple, scale: "Scale", screen: "Scale",
@@ -363,7 +367,7 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
         rows.append(FilePlan(f"{STORE}/{key}", p.scale_url, math.prod(y - x for x, y in zip(a, b)) * itemsize,
                              wire, 0 if done else len(touched), "done" if done else "new"))
     how_chosen = ("roi_start from params" if crop.chosen_by == "roi_start" else
-                  f"seed {params.seed}, {crop.search['tries'] if crop.search else '?'} tr(ies), "
+                  f"seed {params.seed}, {_tries((crop.search or {}).get('tries', 0))}, "
                   f"{100 * (crop.search or {}).get('fraction', 0):.1f}% non-zero at {(crop.search or {}).get('screening_scale')}")
     log.info("%s: %s scale %s; ROI z %d..%d, y %d..%d, x %d..%d voxels (%s); offset %s nm", ctx.dataset, p.layer.url,
              scale.label(), crop.start[0], crop.stop[0], crop.start[1], crop.stop[1], crop.start[2], crop.stop[2],
