@@ -123,7 +123,7 @@ def test_paper_doi_and_geometry_switch_are_not_part_of_the_fetch_spec(idr, tmp_p
     assert parse_params(Section({**entry, "geometry_from": "imagej"}, "s")).to_dict() == plain
     assert "render" not in plain and plain["original"]["name"] == U2OS_XY
     render = parse_params(Section({**entry, "pixels": "render"}, "s")).to_dict()
-    assert render["render"] == {"tile_size": 1024} and "original" not in render
+    assert render["render"] == {"tile_size": 512} and "original" not in render
 
 
 # -- the replica's TIFF is the real file's structure ----------------------------------------------------

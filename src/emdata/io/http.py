@@ -512,7 +512,7 @@ class HttpClient:
         self.dataset = dataset
         self.policy = policy if policy is not None else RetryPolicy.from_env()
         self.session = session or requests.Session()
-        self.session.headers.setdefault("User-Agent", USER_AGENT)
+        self.session.headers["User-Agent"] = USER_AGENT  # requests sets its own default: replace it
         self.sleep = sleep
         self.rng = random.Random(seed)
         self.requests = 0

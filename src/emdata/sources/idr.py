@@ -28,7 +28,10 @@ Where the render route decodes: not during fetch. The tiles are kept as served
 is what a raw folder is everywhere else (``emdata verify`` re-hashes them). A tile is written
 atomically once it has passed its header check, so an interrupted fetch resumes tile by tile
 for free, and fetch decides no voxel bytes (``DECODES_ON_FETCH = False``): a change to the PNG
-decoding below re-runs normalize only. The PNGs are decoded when normalize reads a box.
+decoding (:mod:`emdata.io.png`) re-runs normalize only. The PNGs are decoded when normalize reads
+a box. The price: greyscale arrives as RGB PNG, about 1.5 times the voxels on disk for noisy EM
+(measured on the replica); decoding during fetch into a plain stack would need its own ledger of
+finished tiles to resume, and its bytes could no longer be checked against what the server sent.
 
 Geometry: the voxel size comes from OMERO's physical sizes (units converted to nm); on the
 original route it is cross-checked against the ImageJ tags (``XResolution``/``YResolution`` in
@@ -37,7 +40,8 @@ apart is a FormatError unless ``geometry_from`` says which to trust (``omero`` o
 OMERO images carry no translation: the grid starts at the first voxel, offset (0, 0, 0).
 
 Licence and DOIs come from params (``license``, ``doi``, ``citation``; ``source.paper_doi``);
-image, dataset, project and study names from OMERO (``describe``). ``paper_doi`` and
+image, dataset and project names from OMERO (``describe``), the study's from the project's
+(IDR names projects ``<study>/<experiment>``). ``paper_doi`` and
 ``geometry_from`` do not change what is fetched, so they are not part of the fetch spec.
 
 params.yaml::
@@ -52,7 +56,7 @@ params.yaml::
         base_url: https://ftp.ebi.ac.uk/pub/databases/IDR/idr0086-miron-micrographs/.../
         file: Figure_S3B_FIB-SEM_U2OS_20x20x20nm_xy.tif
         size: 159884524
-      render: {tile_size: 1024}
+      render: {tile_size: 512}
       paper_doi: 10.1126/sciadv.aba8811
       geometry_from: null            # omero | imagej: who wins a disagreement
 """
@@ -89,7 +93,7 @@ DECODES_ON_FETCH = False  # render tiles are stored as served and decoded by nor
 
 ROUTES = ("original", "render")
 GEOMETRY_FROM = ("omero", "imagej")
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 512  # best of 256-1121 in benchmarks/idr_routes.py here
 IMAGE_JSON, IMGDATA_JSON, DATASET_JSON = "omero/image.json", "omero/imgData.json", "omero/dataset.json"
 PAGE_LIMIT = 500  # OMERO's maxLimit; the server may cap it lower (its meta says)
 JSON_MAX = 16 << 20
