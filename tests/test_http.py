@@ -171,3 +171,10 @@ def test_a_route_can_be_cut_like_a_file(srv) -> None:
     srv.drop_after("/api/images/9/", nbytes=5, times=1)
     assert client().get_json(srv.url + "/api/images/9/") == {"id": 9, "q": ""}
     assert [r.status for r in srv.requests_for("/api/images/9/")] == [200, 200]
+
+
+def test_requests_carry_emdata_user_agent(srv) -> None:
+    from emdata.io.http import USER_AGENT
+
+    client().head(srv.url + "/d/file.bin")
+    assert srv.requests_for("/d/file.bin")[-1].headers["User-Agent"] == USER_AGENT
