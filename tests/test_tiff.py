@@ -119,3 +119,16 @@ def test_rgb_pages_are_rejected(tmp_path) -> None:
     tifffile.imwrite(path, np.zeros((6, 7, 3), np.uint8), photometric="rgb")
     with pytest.raises(FormatError, match="greyscale"):
         TiffStack(path, "ds")
+
+
+def test_a_truncated_imagej_stack_is_refused_not_shortened(tmp_path) -> None:
+    """tifffile finds one page of a cut ImageJ file; the description's images= count says more."""
+    planes = (np.arange(9 * 31 * 43) % 251).astype(np.uint8).reshape(9, 31, 43)
+    whole = tmp_path / "ij.tif"
+    tifffile.imwrite(whole, planes, imagej=True, byteorder=">", metadata={"axes": "ZYX"})
+    with TiffStack(whole, "ds") as stack:
+        assert stack.shape == (9, 31, 43)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(FormatError, match="declares 9 planes but only 1 can be found; it is truncated"):
+        TiffStack(cut, "ds")

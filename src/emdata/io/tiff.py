@@ -83,6 +83,12 @@ class TiffStack(RawVolume):
                 if page.shape != page_shape or page.dtype != first.dtype or page.samplesperpixel != 1:
                     raise self._error(f"page {i} is {page.shape} {page.dtype}, page 0 is {page_shape} "
                                       f"{first.dtype}; all pages must match")
+        # A truncated ImageJ stack loses its page chain: tifffile then offers the pages it still
+        # finds (often one), so the planes ImageJ's description declares are the authority.
+        declared = (tif.imagej_metadata or {}).get("images") if tif.is_imagej else None
+        if isinstance(declared, int) and declared > depth:
+            raise self._error(f"the ImageJ description declares {declared} planes but only {depth} can be "
+                              "found; it is truncated")
         file_dtype = np.dtype(first.dtype).newbyteorder(tif.byteorder)
         orientation = int(first.tags.valueof(ORIENTATION_TAG, 1))
         if orientation not in _ORIENT:
