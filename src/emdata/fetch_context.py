@@ -37,6 +37,7 @@ class FetchContext:
     workers: int = DEFAULT_WORKERS
     http_factory: Callable[[], "HttpClient"] | None = None  # tests inject fast-retry clients here
     _http: "HttpClient | None" = field(default=None, repr=False)
+    other_requests: int = 0  # requests a source sent through its own transport (S3, tensorstore)
 
     # -- transports ---------------------------------------------------------------------------
 
@@ -54,8 +55,8 @@ class FetchContext:
 
     @property
     def requests(self) -> int:
-        """Requests sent so far through the HTTP client (0 if none was built)."""
-        return self._http.requests if self._http is not None else 0
+        """Requests sent so far: through the HTTP client, plus those a source counted in ``other_requests``."""
+        return (self._http.requests if self._http is not None else 0) + self.other_requests
 
     def s3(self, *, endpoint_url: str | None = None, region: str | None = None) -> Any:
         """An anonymous (unsigned) s3fs filesystem with bounded retries and timeouts."""
@@ -121,12 +122,21 @@ class FetchContext:
     # -- work ----------------------------------------------------------------------------------
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """``fn`` over ``items`` on at most ``workers`` threads, results in order; the first error wins."""
+        """``fn`` over ``items`` on at most ``workers`` threads, results in order; the first error wins.
+
+        After an error, items not yet started are dropped (finished ones are on disk for the next run).
+        """
         items = list(items)
         if self.workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
         with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="emdata-fetch") as pool:
-            return list(pool.map(fn, items))
+            futures = [pool.submit(fn, item) for item in items]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
 
     def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
         return Progress(total, f"{self.dataset}: {desc}", unit=unit)

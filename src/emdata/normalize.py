@@ -162,6 +162,11 @@ def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
                 description: dict[str, Any]) -> dict[str, Any]:
     ds = cfg.dataset(key)
     files = record.files
+    # A chunked source (zarr) fetches hundreds of objects: it names its arrays instead, each with
+    # a sha256 over its objects' list, in extra["sources"]; every object stays in the source record.
+    sources = record.extra.get("sources")
+    if not (isinstance(sources, dict) and sources):
+        sources = {f.url: f.sha256 for f in files.values()}
     return {
         "emdata_version": __version__,
         "format_version": hdf5.FORMAT_VERSION,
@@ -173,8 +178,8 @@ def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
         "doi": ds.doi or "",
         "modality": ds.modality,
         "source_kind": ds.source_kind,
-        "source_urls": json.dumps([f.url for f in files.values()]),
-        "source_checksums": json.dumps({f.url: f.sha256 for f in files.values()}, sort_keys=True),
+        "source_urls": json.dumps(list(sources)),
+        "source_checksums": json.dumps(sources, sort_keys=True),
         "params": json.dumps({"dataset": json_safe(ds.raw_params), "normalize": cfg.normalize.to_dict()},
                              sort_keys=True),
         "geometry_origin": json.dumps(geometry.origin, sort_keys=True),
