@@ -19,13 +19,16 @@ ENTRY_POINT_GROUP = "emdata.sources"
 REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")  # see protocol.Source
 KINDS: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
+    "ome_zarr_s3": "emdata.sources.ome_zarr_s3",
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import epfl
-    from .protocol import LabelledSource
+    from . import epfl, ome_zarr_s3
+    from .protocol import DescribedSource, LabelledSource
 
     _epfl: LabelledSource = epfl
+    _ome_zarr_s3: LabelledSource = ome_zarr_s3
+    _ome_zarr_s3_described: DescribedSource = ome_zarr_s3
 
 
 def plugin_kinds() -> dict[str, str]:

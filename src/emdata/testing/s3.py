@@ -12,6 +12,7 @@ replicas one anonymous SeaweedFS per process.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import shutil
@@ -197,6 +198,7 @@ class _S3Faults:
     fail: dict[str, list[Any]] = field(default_factory=dict)  # path -> [status, code, times, retry_after]
     drop: dict[str, list[int]] = field(default_factory=dict)  # path -> [nbytes, times]
     hidden: set[str] = field(default_factory=set)  # answered 404 NoSuchKey (listings unchanged)
+    replaced: dict[str, bytes] = field(default_factory=dict)  # path -> body served instead of the object
 
 
 def s3_error_body(code: str, message: str, path: str) -> bytes:
@@ -236,6 +238,7 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
                 drop[1] -= 1
                 cut = drop[0]
             hidden = path in front.faults.hidden
+            replaced = front.faults.replaced.get(path)
         if signed and not front.accept_signed:  # AWS answers an unknown access key so, even for public data
             return self._error(entry, 403, "InvalidAccessKeyId",
                                "The AWS Access Key Id you provided does not exist in our records.")
@@ -245,6 +248,10 @@ class _FrontHandler(http.server.BaseHTTPRequestHandler):
             return self._error(entry, status, code, _S3_ERRORS.get(status, (code, code))[1], headers)
         if hidden:
             return self._error(entry, 404, "NoSuchKey", _S3_ERRORS[404][1])
+        if replaced is not None and self.command in ("GET", "HEAD"):
+            etag = '"%s"' % hashlib.md5(replaced, usedforsecurity=False).hexdigest()
+            return self._send(entry, 200, [("Content-Type", "application/octet-stream"), ("ETag", etag),
+                                           ("Content-Length", str(len(replaced)))], replaced, cut)
         status, headers, payload = front.forward(self.command, self.path, dict(self.headers.items()), body)
         self._send(entry, status, headers, payload, cut)
 
@@ -290,7 +297,8 @@ class S3Front:
 
     - ``fail(path, status=503, code="SlowDown", times=1)``: answer with an S3 ``<Error>`` first;
     - ``drop_after(path, nbytes, times=1)``: announce the whole object, send ``nbytes``, close;
-    - ``hide(path)``: ``404 NoSuchKey`` for the object, which listings still name (deleted meanwhile).
+    - ``hide(path)``: ``404 NoSuchKey`` for the object, which listings still name (deleted meanwhile);
+    - ``replace(path, body)``: serve ``body`` instead of the object (e.g. altered metadata; GET/HEAD).
 
     A signed request (``Authorization`` header or presigned query) gets ``403 InvalidAccessKeyId``,
     as AWS answers credentials it does not know, even for a public bucket: a client of public data
@@ -389,6 +397,10 @@ class S3Front:
     def hide(self, path: str) -> None:
         with self.lock:
             self.faults.hidden.add(urllib.parse.unquote(path))
+
+    def replace(self, path: str, body: bytes) -> None:
+        with self.lock:
+            self.faults.replaced[urllib.parse.unquote(path)] = body
 
     def clear_faults(self) -> None:
         with self.lock:
