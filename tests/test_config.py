@@ -64,7 +64,8 @@ def test_the_repository_params_parse() -> None:
     from tests.conftest import REPO
 
     cfg = load_config(REPO)
-    assert set(cfg.datasets) == {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test"}
+    assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "openorganelle_jrc_mus_nacc_2"} <= set(cfg.datasets)
+    assert set(cfg.check().values()) == {None}
 
 
 @pytest.mark.parametrize("key", ["abc\n", "a-b", "1abc"])
