@@ -113,7 +113,7 @@ def test_bad_params_name_their_key(change: dict[str, Any], message: str) -> None
 
 
 def test_the_real_multiscales_parse_with_float_scales_and_the_translation_rule() -> None:
-    from emdata.sources.ome_zarr_s3 import GRID_TOLERANCE, parse_multiscales
+    from emdata.io.ngff import GRID_TOLERANCE, parse_multiscales
 
     ms = parse_multiscales(replica.multiscales(""), "g", "where", "ds")
     assert list(ms.levels) == [f"s{i}" for i in range(9)] and ms.version == "0.4"
@@ -125,7 +125,7 @@ def test_the_real_multiscales_parse_with_float_scales_and_the_translation_rule()
 
 
 def test_units_and_the_multiscale_transformation_are_applied() -> None:
-    from emdata.sources.ome_zarr_s3 import parse_multiscales
+    from emdata.io.ngff import parse_multiscales
 
     attrs = replica.multiscales("")
     ms0 = attrs["multiscales"][0]
@@ -150,7 +150,7 @@ def test_units_and_the_multiscale_transformation_are_applied() -> None:
     (lambda m: m.pop("datasets"), "no datasets"),
 ])
 def test_unusable_multiscales_are_format_errors(edit, message: str) -> None:
-    from emdata.sources.ome_zarr_s3 import parse_multiscales
+    from emdata.io.ngff import parse_multiscales
 
     attrs = replica.multiscales("")
     edit(attrs["multiscales"][0])
@@ -159,7 +159,7 @@ def test_unusable_multiscales_are_format_errors(edit, message: str) -> None:
 
 
 def test_zarray_is_read_as_served_and_checked() -> None:
-    from emdata.sources.ome_zarr_s3 import parse_zarray
+    from emdata.io.ngff import parse_zarray
 
     meta = {"zarr_format": 2, "shape": [564, 2520, 2596], "chunks": [64, 64, 64], "dtype": "<i2",
             "compressor": {"id": "zstd", "level": 1}, "fill_value": 0, "order": "C", "filters": None,

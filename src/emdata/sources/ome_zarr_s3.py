@@ -52,18 +52,19 @@ from ..config import KEY_PATTERN, Section, as_str, as_triple, as_url
 from ..errors import ConfigError, FetchError, FormatError, IntegrityError
 from ..fetch_context import FetchContext
 from ..fetch_record import FetchedFile, FetchRecord, safe_relpath
+from ..io.ngff import ArrayInfo, Level, Multiscale, parse_json, parse_multiscales, parse_zarray, same_grid
 from .base import FilePlan
 
 if TYPE_CHECKING:
+    from ..io.s3 import S3Folder
     from ..io.zarr import ZarrVolume
     from ..raw import RawVolume
 
 KIND = "ome_zarr_s3"
-READERS = ("emdata.io.zarr",)
-UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "centimeter": 1e7,
-            "meter": 1e9, "picometer": 1e-3}
-GRID_TOLERANCE = 1e-6  # relative to the voxel size: service floats such as 11.840000000000002 vs 11.84
-SPACE = ("z", "y", "x")
+# io.ngff decides which chunk objects a fetch copies as well as the geometry normalize writes, so
+# the fetch fingerprint includes the readers too (pipeline/code/ome_zarr_s3-fetch.json).
+READERS = ("emdata.io.ngff", "emdata.io.zarr")
+DECODES_ON_FETCH = True
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REGION = re.compile(r"^[a-z0-9-]+$")
@@ -178,185 +179,7 @@ def parse_params(sec: Section) -> Params:
                   endpoint=endpoint, roi=roi or roi_nm, labels=labels)
 
 
-# -- the service's metadata -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Level:
-    """One level of a multiscale: its array path and where its voxels lie (nm, ZYX; None without units)."""
-
-    path: str
-    scale: Triple  # in nm when the axes carry units, else as written
-    translation: Triple
-    in_nm: bool
-
-
-@dataclass(frozen=True)
-class Multiscale:
-    group: str
-    lead: int  # leading axes that are not spatial (t, c): their arrays must have length 1 there
-    levels: dict[str, Level]
-    version: str | None
-    name: str | None
-
-
-@dataclass(frozen=True)
-class ArrayInfo:
-    """A level's ``.zarray``, checked: what decides its chunk keys and what normalize will read."""
-
-    key: str  # container-relative path of the array
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    dtype: str
-    separator: str
-    lead: int
-    zarray: dict[str, Any]
-
-    @property
-    def space_shape(self) -> tuple[int, int, int]:
-        return tuple(self.shape[self.lead:])  # type: ignore[return-value]
-
-    def chunk_rows(self, box: Box) -> list[tuple[int, ...]]:
-        """Indices of the chunks ``box`` touches along the leading axes and Z (one listing prefix each)."""
-        (z0, _, _), (z1, _, _) = box
-        cz = self.chunks[self.lead]
-        return [(0,) * self.lead + (k,) for k in range(z0 // cz, (z1 - 1) // cz + 1)]
-
-    def chunk_keys(self, box: Box) -> list[str]:
-        start, stop = box
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, self.chunks[self.lead:])]
-        lead = ["0"] * self.lead
-        return [f"{self.key}/" + self.separator.join([*lead, str(i), str(j), str(k)])
-                for i in ranges[0] for j in ranges[1] for k in ranges[2]]
-
-    def row_prefix(self, row: tuple[int, ...]) -> str:
-        return f"{self.key}/" + self.separator.join(str(i) for i in row) + self.separator
-
-
-def _json(data: bytes, where: str, dataset: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        raise FormatError(dataset, where, f"not valid JSON ({exc})", "the object is damaged or not zarr metadata") from exc
-    if not isinstance(value, dict):
-        raise FormatError(dataset, where, "not a JSON object", "the object is not zarr metadata")
-    return value
-
-
-def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    ok = isinstance(value, list) and len(value) == n and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    return tuple(float(v) for v in value) if ok else None
-
-
-def _transforms(items: Any, n: int, where: str, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(scale, translation) of an NGFF 0.4 ``coordinateTransformations`` list (a scale, then an optional translation)."""
-    scale, translation = (1.0,) * n, (0.0,) * n
-    if items is None:
-        return scale, translation
-    kinds = [t.get("type") if isinstance(t, dict) else None for t in items] if isinstance(items, list) else [None]
-    if kinds not in (["scale"], ["scale", "translation"], []):
-        raise FormatError(dataset, where, f"coordinateTransformations {kinds} are not a scale and an optional "
-                          "translation (NGFF 0.4)", "only inline scale/translation transformations are supported")
-    for t in items:
-        values = _floats(t.get(t["type"]), n)
-        if values is None:
-            raise FormatError(dataset, where, f"the {t['type']} {t.get(t['type'])!r} is not {n} finite numbers",
-                              "the multiscales metadata is damaged")
-        if t["type"] == "scale":
-            scale = values
-        else:
-            translation = values
-    return scale, translation
-
-
-def parse_multiscales(attrs: dict[str, Any], group: str, where: str, dataset: str) -> Multiscale:
-    """The first multiscale of a group's ``.zattrs``, its geometry converted to nm (ZYX)."""
-    multiscales = attrs.get("multiscales")
-    if not isinstance(multiscales, list) or not multiscales or not isinstance(multiscales[0], dict):
-        raise FormatError(dataset, where, "the group's .zattrs has no 'multiscales' (not an OME-Zarr image)",
-                          "check the container and group paths in params.yaml")
-    ms = multiscales[0]
-    axes = ms.get("axes")
-    if not isinstance(axes, list) or not all(isinstance(a, dict) and isinstance(a.get("name"), str) for a in axes):
-        raise FormatError(dataset, where, f"multiscales axes {axes!r} are not NGFF 0.4 axes objects",
-                          "only NGFF 0.4 (axes with names, types and units) is supported")
-    names = [a["name"].lower() for a in axes]
-    lead = len(axes) - 3
-    spatial = axes[lead:] if lead >= 0 else []
-    if lead < 0 or tuple(names[lead:]) != SPACE or any(a.get("type", "space") != "space" for a in spatial) or any(
-            a.get("type") == "space" for a in axes[:lead]):
-        raise FormatError(dataset, where, f"axes {names} are not (optionally t, c and then) z, y, x",
-                          "only 3D images with spatial axes in z, y, x order are supported")
-    units = [a.get("unit") for a in spatial]
-    factors: tuple[float, ...] = (1.0, 1.0, 1.0)
-    if all(u is None for u in units):
-        in_nm = False
-    else:
-        unknown = [u for u in units if not isinstance(u, str) or u.lower() not in UNITS_NM]
-        if unknown:
-            raise FormatError(dataset, where, f"axis unit {unknown[0]!r} is not a length unit NGFF names",
-                              f"known units: {', '.join(UNITS_NM)}")
-        factors, in_nm = tuple(UNITS_NM[str(u).lower()] for u in units), True
-    n = len(axes)
-    g_scale, g_trans = _transforms(ms.get("coordinateTransformations"), n, where, dataset)
-    levels: dict[str, Level] = {}
-    datasets = ms.get("datasets")
-    if not isinstance(datasets, list) or not datasets:
-        raise FormatError(dataset, where, "multiscales has no datasets", "the group lists no arrays")
-    for entry in datasets:
-        path = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(path, str) or not path:
-            raise FormatError(dataset, where, f"a multiscales dataset has no path ({entry!r})", "the metadata is damaged")
-        scale, trans = _transforms(entry.get("coordinateTransformations"), n, where, dataset)
-        # NGFF 0.4: the multiscale's own transformations apply after each dataset's.
-        eff_scale = [s * g for s, g in zip(scale, g_scale)][lead:]
-        eff_trans = [t * g + h for t, g, h in zip(trans, g_scale, g_trans)][lead:]
-        levels[path] = Level(path, tuple(s * f for s, f in zip(eff_scale, factors)),  # type: ignore[arg-type]
-                             tuple(t * f for t, f in zip(eff_trans, factors)), in_nm)  # type: ignore[arg-type]
-    version = ms.get("version")
-    return Multiscale(group, lead, levels, version if isinstance(version, str) else None,
-                      ms.get("name") if isinstance(ms.get("name"), str) else None)
-
-
-def parse_zarray(meta: dict[str, Any], key: str, lead: int, where: str, dataset: str) -> ArrayInfo:
-    """A level's ``.zarray`` (zarr v2), checked for what tensorstore reads and chunk keys need."""
-    import numpy as np
-
-    def bad(problem: str) -> FormatError:
-        return FormatError(dataset, where, problem, "the array cannot be read as zarr v2")
-
-    if meta.get("zarr_format") != 2:
-        raise bad(f"zarr_format {meta.get('zarr_format')!r} is not 2")
-    shape: Any = meta.get("shape")
-    chunks: Any = meta.get("chunks")
-    ints = (lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
-    if not ints(shape) or not ints(chunks) or len(shape) != len(chunks) or len(shape) != lead + 3 or 0 in chunks:
-        raise bad(f"shape {shape!r} and chunks {chunks!r} are not {lead + 3} matching dimensions")
-    if any(n != 1 for n in shape[:lead]):
-        raise bad(f"shape {shape}: the non-spatial axes must have length 1")
-    try:
-        dtype = np.dtype(meta.get("dtype"))
-    except TypeError as exc:
-        raise bad(f"dtype {meta.get('dtype')!r} is not a numpy dtype") from exc
-    if dtype.kind not in "biuf":
-        raise bad(f"dtype {meta.get('dtype')!r} is not a number type")
-    separator = meta.get("dimension_separator") or "."
-    if separator not in (".", "/"):
-        raise bad(f"dimension_separator {separator!r} is neither '.' nor '/'")
-    if meta.get("order", "C") not in ("C", "F"):
-        raise bad(f"order {meta.get('order')!r} is neither C nor F")
-    if meta.get("filters"):
-        raise bad(f"filters {meta.get('filters')!r} are not supported")
-    compressor = meta.get("compressor")
-    if compressor is not None and (not isinstance(compressor, dict) or compressor.get("id") not in
-                                   ("zstd", "blosc", "gzip", "zlib", "bz2")):
-        raise bad(f"compressor {compressor!r} is not one tensorstore reads (zstd, blosc, gzip, zlib, bz2)")
-    return ArrayInfo(key, tuple(shape), tuple(chunks), str(meta.get("dtype")), separator, lead, meta)
-
-
-def _close(a: Triple, b: Triple, scale: Triple) -> bool:
-    return all(abs(x - y) <= GRID_TOLERANCE * max(abs(s), 1e-300) for x, y, s in zip(a, b, scale))
+# -- the region and the metadata it needs --------------------------------------------------------
 
 
 def voxel_box(params: Params, level: Level, shape: tuple[int, int, int], dataset: str) -> Box:
@@ -405,51 +228,55 @@ class Selection:
         return self.level.scale, offset  # type: ignore[return-value]
 
 
-def _metadata_keys(params: Params) -> tuple[list[str], list[str]]:
-    """(required, optional) container-relative metadata keys a fetch copies."""
+def metadata_keys(params: Params) -> list[str]:
+    """Container-relative keys of the metadata a fetch copies (groups' and the level's arrays')."""
     groups = [params.image, *params.labels.values()]
-    required = [f"{g}/.zattrs" for g in groups] + [f"{g}/{params.level}/.zarray" for g in groups]
-    optional = [".zgroup", *(f"{g}/.zgroup" for g in groups), *(f"{g}/{params.level}/.zattrs" for g in groups)]
-    for g in groups:  # the groups on the way, so the local copy opens as a zarr hierarchy
-        parts = g.split("/")
-        optional += [f"{'/'.join(parts[:i])}/.zgroup" for i in range(1, len(parts))]
-    return required, sorted(set(optional) - set(required))
+    keys = {".zgroup"}
+    for g in groups:
+        keys.update({f"{g}/.zattrs", f"{g}/.zgroup", f"{g}/{params.level}/.zarray", f"{g}/{params.level}/.zattrs"})
+        parts = g.split("/")  # the groups on the way, so the local copy opens as a zarr hierarchy
+        keys.update(f"{'/'.join(parts[:i])}/.zgroup" for i in range(1, len(parts)))
+    return sorted(keys)
 
 
-def select(params: Params, read: Callable[[list[str], list[str]], dict[str, bytes | None]],
-           dataset: str, where: Callable[[str], str]) -> Selection:
-    """Read and check the metadata (``read(required, optional)``), choose the level, place the ROI."""
+Missing = Callable[[str, str], Exception]  # (key, what is missing) -> the error to raise
+
+
+def select(params: Params, objects: dict[str, bytes | None], dataset: str, where: Callable[[str], str],
+           missing: Missing) -> Selection:
+    """Check the metadata (``objects``: key -> bytes, None if absent), choose the level, place the ROI."""
     import numpy as np
 
-    required, optional = _metadata_keys(params)
-    objects = read(required, optional)
+    def document(key: str, what: str) -> dict[str, Any]:
+        data = objects.get(key)
+        if data is None:
+            raise missing(key, what)
+        return parse_json(data, where(key), dataset)
+
     attrs_key = f"{params.image}/.zattrs"
-    image = parse_multiscales(_json(objects[attrs_key] or b"", where(attrs_key), dataset), params.image,
-                              where(attrs_key), dataset)
+    image = parse_multiscales(document(attrs_key, f"{params.image!r} is not an OME-Zarr group (no .zattrs)"),
+                              params.image, where(attrs_key), dataset)
     if params.level not in image.levels:
         raise ConfigError(f"params.yaml: datasets.{dataset}.source.level: {params.level!r} is not a level of "
                           f"{params.url(params.image)} (levels: {', '.join(image.levels)})")
     level = image.levels[params.level]
     arr_key = f"{params.image}/{params.level}"
-    if objects.get(f"{arr_key}/.zarray") is None:
-        raise FetchError(dataset, where(f"{arr_key}/.zarray"), "no such object, although the multiscales "
-                         "metadata lists the level", "the container is incomplete on the server")
-    array = parse_zarray(_json(objects[f"{arr_key}/.zarray"] or b"", where(f"{arr_key}/.zarray"), dataset),
-                         arr_key, image.lead, where(f"{arr_key}/.zarray"), dataset)
+    array = parse_zarray(document(f"{arr_key}/.zarray", f"the multiscales lists level {params.level!r}, but "
+                                  "its .zarray is missing"), arr_key, image.lead, where(f"{arr_key}/.zarray"), dataset)
     box = voxel_box(params, level, array.space_shape, dataset)
     labels = {}
     for name, group in params.labels.items():
         key = f"{group}/.zattrs"
-        ms = parse_multiscales(_json(objects[key] or b"", where(key), dataset), group, where(key), dataset)
+        ms = parse_multiscales(document(key, f"label {name!r}: {group!r} is not an OME-Zarr group (no .zattrs)"),
+                               group, where(key), dataset)
         lab_level = ms.levels.get(params.level)
         zkey = f"{group}/{params.level}/.zarray"
         if lab_level is None or objects.get(zkey) is None:
             raise FormatError(dataset, where(key), f"label {name!r} has no level {params.level!r} "
                               f"(levels: {', '.join(ms.levels)})", "choose a level both the image and the labels have")
-        lab = parse_zarray(_json(objects[zkey] or b"", where(zkey), dataset), f"{group}/{params.level}", ms.lead,
-                           where(zkey), dataset)
-        same = (lab_level.in_nm == level.in_nm and _close(lab_level.scale, level.scale, level.scale)
-                and _close(lab_level.translation, level.translation, level.scale))
+        lab = parse_zarray(document(zkey, ""), f"{group}/{params.level}", ms.lead, where(zkey), dataset)
+        same = (lab_level.in_nm == level.in_nm and same_grid(lab_level.scale, level.scale, level.scale)
+                and same_grid(lab_level.translation, level.translation, level.scale))
         if not same:
             raise FormatError(dataset, where(key), f"label {name!r} at level {params.level} lies on another grid "
                               f"(scale {list(lab_level.scale)}, translation {list(lab_level.translation)}) than the "
@@ -463,125 +290,10 @@ def select(params: Params, read: Callable[[list[str], list[str]], dict[str, byte
             raise FormatError(dataset, where(zkey), f"label {name!r} has dtype {lab.dtype}",
                               "labels must be integers")
         labels[name] = (ms, lab)
-    missing = [k for k in required if objects.get(k) is None]
-    if missing:  # pragma: no cover - every required key was checked above
-        raise FetchError(dataset, where(missing[0]), "no such object", "check the paths in params.yaml")
     return Selection(image, level, array, box, labels, {k: v for k, v in objects.items() if v is not None})
 
 
-# -- the service --------------------------------------------------------------------------------
-
-
-class _Bucket:
-    """Unsigned reads of one container: objects through tensorstore, listings through s3fs."""
-
-    def __init__(self, params: Params, ctx: FetchContext) -> None:
-        from ..io.http import RetryPolicy
-
-        self.params, self.ctx = params, ctx
-        policy = ctx.policy or RetryPolicy.from_env()
-        # tensorstore has no request timeout of its own: bound each operation (tries x (connect + read + backoff)).
-        self.timeout = policy.attempts * (policy.connect_timeout + policy.read_timeout + policy.max_delay)
-        self._kv: Any = None
-        self._fs: Any = None
-        self._lock = threading.Lock()  # builds the transports once
-        self._count_lock = threading.Lock()
-
-    def url(self, key: str) -> str:
-        return self.params.url(key)
-
-    def _count(self, n: int = 1) -> None:
-        with self._count_lock:
-            self.ctx.other_requests += n
-
-    @property
-    def kv(self) -> Any:
-        with self._lock:
-            if self._kv is None:
-                import tensorstore as ts
-
-                spec: dict[str, Any] = {"driver": "s3", "bucket": self.params.bucket,
-                                        "path": self.params.container + "/", "aws_region": self.params.region}
-                if self.params.endpoint:
-                    spec["endpoint"] = self.params.endpoint
-                try:
-                    self._kv = ts.KvStore.open(spec, context=ts.Context(self.ctx.tensorstore_context())).result(
-                        timeout=self.timeout)
-                except Exception as exc:
-                    raise self._error(self.url(""), exc) from exc
-            return self._kv
-
-    def _error(self, url: str, exc: BaseException) -> FetchError:
-        text = str(exc)
-        code = re.search(r"http_response_code='(\d+)'", text)
-        detail = text.split(" [", 1)[0].strip()
-        detail = re.sub(r"^[A-Z_]+: ", "", detail)
-        if "retry attempts failed" in detail:
-            detail = detail.replace("All ", "failed after ").replace(" retry attempts failed:", " tries:", 1)
-        if isinstance(exc, TimeoutError):
-            detail = f"no answer within {self.timeout:.0f} s"
-        status = f" (HTTP {code.group(1)})" if code and code.group(1) not in detail else ""
-        hint = ("the bucket must allow anonymous reads (emdata never sends credentials)" if code and code.group(1) == "403"
-                else "check the endpoint and the network, then fetch again (finished chunks are kept)")
-        return FetchError(self.ctx.dataset, url, f"{detail[:240]}{status}", hint)
-
-    def get(self, key: str) -> bytes | None:
-        """The object at a container-relative key, or None when the service has no such object."""
-        self._count()
-        try:
-            result = self.kv.read(key).result(timeout=self.timeout)
-        except FetchError:
-            raise
-        except Exception as exc:
-            raise self._error(self.url(key), exc) from exc
-        return None if result.state == "missing" else bytes(result.value)
-
-    def get_many(self, required: list[str], optional: list[str]) -> dict[str, bytes | None]:
-        """Several small objects at once; a missing required one is a one-line FetchError."""
-        futures = {}
-        self._count(len(required) + len(optional))
-        for key in [*required, *optional]:
-            try:
-                futures[key] = self.kv.read(key)
-            except Exception as exc:
-                raise self._error(self.url(key), exc) from exc
-        out: dict[str, bytes | None] = {}
-        for key, future in futures.items():
-            try:
-                result = future.result(timeout=self.timeout)
-            except Exception as exc:
-                raise self._error(self.url(key), exc) from exc
-            out[key] = None if result.state == "missing" else bytes(result.value)
-        for key in required:
-            if out[key] is None and not key.endswith("/.zarray"):  # a level's .zarray: see select()
-                group = key.rsplit("/", 1)[0]
-                raise FetchError(self.ctx.dataset, self.url(key), f"no such object: {group!r} is not an OME-Zarr "
-                                 f"group in bucket {self.params.bucket}", "check container, image and labels in "
-                                 f"datasets.{self.ctx.dataset}.source (they are paths inside the bucket)")
-        return out
-
-    def listing(self, prefix: str) -> dict[str, tuple[int, str]]:
-        """Container-relative key -> (size, ETag) of every object under ``prefix`` (ListObjectsV2, paged)."""
-        with self._lock:
-            if self._fs is None:
-                self._fs = self.ctx.s3(endpoint_url=self.params.endpoint, region=self.params.region)
-        full = f"{self.params.container}/{prefix}"
-        found: dict[str, tuple[int, str]] = {}
-        token = None
-        while True:
-            args = {"Bucket": self.params.bucket, "Prefix": full, **({"ContinuationToken": token} if token else {})}
-            self._count()
-            try:
-                page = self._fs.call_s3("list_objects_v2", **args)
-            except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-                raise FetchError(self.ctx.dataset, f"s3://{self.params.bucket}/{full}", f"listing failed ({first})",
-                                 "check the endpoint, region and bucket in params.yaml and the network") from exc
-            for item in page.get("Contents", []):
-                found[item["Key"][len(self.params.container) + 1:]] = (int(item["Size"]), str(item.get("ETag", "")))
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return found
+# -- plan and fetch ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -592,7 +304,22 @@ class _Chunk:
     etag: str
 
 
-def _chunks(sel: Selection, bucket: _Bucket) -> tuple[list[_Chunk], dict[str, list[str]], int]:
+def _folder(params: Params, ctx: FetchContext) -> "S3Folder":
+    from ..io.s3 import S3Folder
+
+    return S3Folder(ctx, bucket=params.bucket, prefix=params.container, region=params.region, endpoint=params.endpoint)
+
+
+def _remote_selection(params: Params, folder: "S3Folder", dataset: str) -> Selection:
+    def missing(key: str, what: str) -> Exception:
+        return FetchError(dataset, folder.url(key), f"no such object in bucket {params.bucket}: {what}",
+                          f"check container, image, level and labels in datasets.{dataset}.source "
+                          "(paths inside the bucket)")
+
+    return select(params, folder.get_many(metadata_keys(params)), dataset, folder.url, missing)
+
+
+def _chunks(sel: Selection, bucket: "S3Folder") -> tuple[list[_Chunk], dict[str, list[str]], int]:
     """The chunk objects the ROI touches that the service has; per array the absent ones; list requests."""
     present, absent, requests = [], {}, 0
     for name, array in sel.arrays.items():
@@ -607,14 +334,6 @@ def _chunks(sel: Selection, bucket: _Bucket) -> tuple[list[_Chunk], dict[str, li
     return present, absent, requests
 
 
-def _md5_ok(data: bytes, etag: str) -> bool:
-    """A single-part S3 ETag is the MD5 of the object; others (multipart: ``...-N``) are not checked."""
-    tag = etag.strip('"')
-    if not re.fullmatch(r"[0-9a-f]{32}", tag):
-        return True
-    return hashlib.md5(data, usedforsecurity=False).hexdigest() == tag
-
-
 def _local_file(ctx: FetchContext, relpath: str) -> Path | None:
     path = ctx.dest / relpath
     try:
@@ -624,14 +343,13 @@ def _local_file(ctx: FetchContext, relpath: str) -> Path | None:
 
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
-    bucket = _Bucket(params, ctx)
-    sel = select(params, bucket.get_many, ctx.dataset, bucket.url)
+    bucket = _folder(params, ctx)
+    sel = _remote_selection(params, bucket, ctx.dataset)
     chunks, absent, list_requests = _chunks(sel, bucket)
     rows = []
     meta_size = sum(len(v) for v in sel.objects.values())
-    required, optional = _metadata_keys(params)
     rows.append(FilePlan(f"metadata: {len(sel.objects)} objects", params.url(), meta_size, meta_size,
-                         len(required) + len(optional), "new", files=len(sel.objects)))
+                         len(metadata_keys(params)), "new", files=len(sel.objects)))
     for name, array in sel.arrays.items():
         mine = [c for c in chunks if c.array == name]
         size = sum(c.size for c in mine)
@@ -647,8 +365,10 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    bucket = _Bucket(params, ctx)
-    sel = select(params, bucket.get_many, ctx.dataset, bucket.url)
+    from ..io.s3 import etag_matches
+
+    bucket = _folder(params, ctx)
+    sel = _remote_selection(params, bucket, ctx.dataset)
     chunks, absent, _ = _chunks(sel, bucket)
     files: dict[str, FetchedFile] = {}
     for key, data in sorted(sel.objects.items()):
@@ -664,7 +384,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
             data = None
             if target.is_file() and target.stat().st_size == chunk.size:
                 data = target.read_bytes()  # finished by an interrupted fetch: keep it if it is intact
-                if not _md5_ok(data, chunk.etag):
+                if not etag_matches(data, chunk.etag):
                     data = None
             if data is None:
                 data = bucket.get(chunk.key)
@@ -673,7 +393,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
                     raise FetchError(ctx.dataset, url, f"no such object (404 NoSuchKey) in bucket {params.bucket}, "
                                      "although its listing named it", "the data changed on the server during the "
                                      "fetch; run the fetch again")
-                if len(data) != chunk.size or not _md5_ok(data, chunk.etag):
+                if len(data) != chunk.size or not etag_matches(data, chunk.etag):
                     raise IntegrityError(ctx.dataset, url, f"got {len(data)} bytes (MD5 "
                                          f"{hashlib.md5(data, usedforsecurity=False).hexdigest()}); the listing "
                                          f"says {chunk.size} bytes, ETag {chunk.etag}",
@@ -717,20 +437,15 @@ def _local_selection(params: Params, raw: Path, dataset: str) -> Selection:
     def where(key: str) -> str:
         return str(root / key)
 
-    def read(required: list[str], optional: list[str]) -> dict[str, bytes | None]:
-        out: dict[str, bytes | None] = {}
-        for key in [*required, *optional]:
-            try:
-                out[key] = (root / key).read_bytes()
-            except FileNotFoundError:
-                out[key] = None
-        for key in required:
-            if out[key] is None:
-                raise FormatError(dataset, where(key), "is missing from the fetched copy",
-                                  f"fetch the dataset again (`emdata fetch {dataset}`)")
-        return out
+    def missing(key: str, what: str) -> Exception:
+        return FormatError(dataset, where(key), "is missing from the fetched copy",
+                           f"fetch the dataset again (`emdata fetch {dataset}`)")
 
-    return select(params, read, dataset, where)
+    objects: dict[str, bytes | None] = {}
+    for key in metadata_keys(params):
+        path = root / key
+        objects[key] = path.read_bytes() if path.is_file() else None
+    return select(params, objects, dataset, where, missing)
 
 
 def open_volume(params: Params, raw: Path, dataset: str) -> "ZarrVolume":

@@ -88,10 +88,14 @@ def pyramid(variant: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     if variant == "test":
         image = coordinate_volume(s0_shape, np.int16)
         labels = blob_labels(s0_shape, seed=3, count=2, value=1)
-    else:
-        labels = blob_labels(s0_shape, seed=3, count=1, value=1)
+    else:  # a nucleus in the middle (where the real params' ROI lands), darker than the rest
+        z, y, x = np.indices(s0_shape, dtype=np.float32)
+        r = [0.18 * n for n in s0_shape]
+        inside = ((z - s0_shape[0] / 2) / r[0]) ** 2 + ((y - s0_shape[1] / 2) / r[1]) ** 2 + \
+            ((x - s0_shape[2] / 2) / r[2]) ** 2 <= 1
+        labels = inside.astype(np.uint8)
         em = em_like_volume(s0_shape, seed=5).astype(np.int16)
-        image = (em * 37 - 4200 - 900 * labels).astype(np.int16)  # signed, like the real int16 EM
+        image = (em * 37 - 4200 - 1500 * labels.astype(np.int16)).astype(np.int16)  # signed, like the real EM
     box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(missing, chunks))
     image[box] = 0  # all fill value: the service has no object for this chunk
     images, masks = [], []

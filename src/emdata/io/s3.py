@@ -1,0 +1,133 @@
+"""Unsigned reads of an S3 "folder" (a zarr container): objects through tensorstore, listings through s3fs.
+
+Public buckets are read anonymously: no credentials are looked up, sent or needed, and no
+instance-metadata endpoint is probed (tensorstore's ``anonymous`` credentials, s3fs ``anon=True``).
+Objects go through tensorstore's ``s3`` key-value store (C++, concurrent, bounded retries with
+backoff for SlowDown/5xx and dropped connections, from the fetch context's retry policy); a
+missing object is ``None``, not an error. Listings go through s3fs/botocore (ListObjectsV2, paged),
+because tensorstore lists keys without sizes and ETags. Every failure is a one-line FetchError
+naming the dataset and the ``s3://bucket/key``. Requests are counted in ``ctx.other_requests``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..errors import FetchError
+
+if TYPE_CHECKING:
+    from ..fetch_context import FetchContext
+
+
+def etag_matches(data: bytes, etag: str) -> bool:
+    """A single-part S3 ETag is the MD5 of the object; others (multipart: ``...-N``) are not checked."""
+    tag = etag.strip('"')
+    if not re.fullmatch(r"[0-9a-f]{32}", tag):
+        return True
+    return hashlib.md5(data, usedforsecurity=False).hexdigest() == tag
+
+
+class S3Folder:
+    """The objects under ``s3://<bucket>/<prefix>/``, addressed by keys relative to it."""
+
+    def __init__(self, ctx: "FetchContext", *, bucket: str, prefix: str, region: str,
+                 endpoint: str | None = None) -> None:
+        from .http import RetryPolicy
+
+        self.ctx, self.bucket, self.prefix = ctx, bucket, prefix.strip("/")
+        self.region, self.endpoint = region, endpoint
+        policy = ctx.policy or RetryPolicy.from_env()
+        # tensorstore has no request timeout of its own: bound each operation (tries x (connect + read + backoff)).
+        self.timeout = policy.attempts * (policy.connect_timeout + policy.read_timeout + policy.max_delay)
+        self._kv: Any = None
+        self._fs: Any = None
+        self._lock = threading.Lock()  # builds the transports once
+        self._count_lock = threading.Lock()
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}/{key}"
+
+    def _count(self, n: int = 1) -> None:
+        with self._count_lock:
+            self.ctx.other_requests += n
+
+    @property
+    def kv(self) -> Any:
+        with self._lock:
+            if self._kv is None:
+                import tensorstore as ts
+
+                spec: dict[str, Any] = {"driver": "s3", "bucket": self.bucket, "path": self.prefix + "/",
+                                        "aws_region": self.region}
+                if self.endpoint:
+                    spec["endpoint"] = self.endpoint
+                try:
+                    self._kv = ts.KvStore.open(spec, context=ts.Context(self.ctx.tensorstore_context())).result(
+                        timeout=self.timeout)
+                except Exception as exc:
+                    raise self._error(self.url(), exc) from exc
+            return self._kv
+
+    def _error(self, url: str, exc: BaseException) -> FetchError:
+        """tensorstore's status text, shortened to one line: what failed, the HTTP status, what to do."""
+        text = str(exc)
+        code = re.search(r"http_response_code='(\d+)'", text)
+        detail = re.sub(r"^[A-Z_]+: ", "", text.split(" [", 1)[0].strip())
+        if "retry attempts failed" in detail:
+            detail = detail.replace("All ", "failed after ").replace(" retry attempts failed:", " tries:", 1)
+        if isinstance(exc, TimeoutError):
+            detail = f"no answer within {self.timeout:.0f} s"
+        status = f" (HTTP {code.group(1)})" if code and code.group(1) not in detail else ""
+        hint = ("the bucket must allow anonymous reads (emdata never sends credentials)" if code and code.group(1) == "403"
+                else "check the endpoint and the network, then fetch again (finished objects are kept)")
+        return FetchError(self.ctx.dataset, url, f"{detail[:240]}{status}", hint)
+
+    def get(self, key: str) -> bytes | None:
+        """The object at ``key``, or None when the service has no such object."""
+        return self.get_many([key])[key]
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        """Several objects at once (concurrently); None for each one the service does not have."""
+        self._count(len(keys))
+        futures = {}
+        for key in keys:
+            try:
+                futures[key] = self.kv.read(key)
+            except FetchError:
+                raise
+            except Exception as exc:
+                raise self._error(self.url(key), exc) from exc
+        out: dict[str, bytes | None] = {}
+        for key, future in futures.items():
+            try:
+                result = future.result(timeout=self.timeout)
+            except Exception as exc:
+                raise self._error(self.url(key), exc) from exc
+            out[key] = None if result.state == "missing" else bytes(result.value)
+        return out
+
+    def listing(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """Key -> (size, ETag) of every object whose key starts with ``prefix`` (ListObjectsV2, paged)."""
+        with self._lock:
+            if self._fs is None:
+                self._fs = self.ctx.s3(endpoint_url=self.endpoint, region=self.region)
+        full = f"{self.prefix}/{prefix}"
+        found: dict[str, tuple[int, str]] = {}
+        token = None
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": full, **({"ContinuationToken": token} if token else {})}
+            self._count()
+            try:
+                page = self._fs.call_s3("list_objects_v2", **args)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+                raise FetchError(self.ctx.dataset, f"s3://{self.bucket}/{full}", f"listing failed ({first})",
+                                 "check the endpoint, region and bucket in params.yaml and the network") from exc
+            for item in page.get("Contents", []):
+                found[item["Key"][len(self.prefix) + 1:]] = (int(item["Size"]), str(item.get("ETag", "")))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return found
