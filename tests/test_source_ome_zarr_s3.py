@@ -394,3 +394,36 @@ def test_dvc_repro_of_an_roi_at_s0_and_a_whole_coarser_level(omz, tmp_path: Path
         assert png.std() > 40
     summary = (repo / "METADATA_SUMMARY.md").read_text()
     assert all(f"thumbnails/{key}_xy.png" in summary for key in cases)
+
+
+def test_an_object_that_changed_since_the_listing_is_an_integrity_error(omz, project) -> None:
+    from emdata.errors import IntegrityError
+
+    case = _cases(omz)[KEY]
+    original = omz.server.object_bytes(case.fault_path)
+    omz.server.replace(case.fault_path, original[::-1])  # same size, other bytes (and ETag) than listed
+    with pytest.raises(IntegrityError, match="the listing says") as err:
+        _fetch(project, KEY)
+    assert case.fault_path.split("/", 2)[2] in str(err.value)
+    assert not project.raw_dir(KEY).exists()
+
+
+def test_a_damaged_chunk_left_by_an_interrupted_fetch_is_fetched_again(omz, project) -> None:
+    from emdata.errors import FetchError
+
+    case = _cases(omz)[KEY]
+    omz.server.fail(case.fault_path, status=500, times=1000)
+    with pytest.raises(FetchError):
+        _fetch(project, KEY)
+    partial = project.partial_dir(KEY)
+    kept = sorted(rel for rel in case.files if (partial / rel).is_file())
+    assert kept
+    damaged = partial / kept[0]
+    damaged.write_bytes(bytes(b ^ 0xFF for b in damaged.read_bytes()))  # same size, other bytes
+    omz.server.clear_faults()
+    omz.server.clear_log()
+    _fetch(project, KEY)
+    refetched = {r.path for r in omz.server.requests if r.method == "GET"}
+    assert case.files[kept[0]] in refetched and case.fault_path in refetched
+    assert not {case.files[rel] for rel in kept[1:]} & refetched
+    assert (project.raw_dir(KEY) / kept[0]).read_bytes() == omz.server.object_bytes(case.files[kept[0]])

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from ..fetch_context import FetchContext
 
 
+def same_etag(a: str, b: str) -> bool:
+    """Two ETags name the same object version (quotes aside); an empty one (not reported) says nothing."""
+    return not a.strip('"') or not b.strip('"') or a.strip('"') == b.strip('"')
+
+
 def etag_matches(data: bytes, etag: str) -> bool:
     """A single-part S3 ETag is the MD5 of the object; others (multipart: ``...-N``) are not checked."""
     tag = etag.strip('"')
@@ -89,25 +94,36 @@ class S3Folder:
         """The object at ``key``, or None when the service has no such object."""
         return self.get_many([key])[key]
 
+    def read_async(self, key: str) -> Any:
+        """Start reading ``key``; :meth:`result` waits for it (reads run concurrently, bounded by the context)."""
+        self._count()
+        try:
+            return self.kv.read(key)
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise self._error(self.url(key), exc) from exc
+
+    def result(self, key: str, future: Any) -> bytes | None:
+        """The bytes of a read started with :meth:`read_async`, or None when there is no such object."""
+        return self.result_and_etag(key, future)[0]
+
+    def result_and_etag(self, key: str, future: Any) -> tuple[bytes | None, str]:
+        """Like :meth:`result`, with the ETag the GET answered ('' when tensorstore reports none)."""
+        try:
+            result = future.result(timeout=self.timeout)
+        except Exception as exc:
+            raise self._error(self.url(key), exc) from exc
+        if result.state == "missing":
+            return None, ""
+        # tensorstore's storage generation for S3 holds the response's ETag, quotes included.
+        etag = re.search(rb'"([^"]*)"', bytes(result.stamp.generation))
+        return bytes(result.value), etag.group(1).decode("ascii", "replace") if etag else ""
+
     def get_many(self, keys: list[str]) -> dict[str, bytes | None]:
         """Several objects at once (concurrently); None for each one the service does not have."""
-        self._count(len(keys))
-        futures = {}
-        for key in keys:
-            try:
-                futures[key] = self.kv.read(key)
-            except FetchError:
-                raise
-            except Exception as exc:
-                raise self._error(self.url(key), exc) from exc
-        out: dict[str, bytes | None] = {}
-        for key, future in futures.items():
-            try:
-                result = future.result(timeout=self.timeout)
-            except Exception as exc:
-                raise self._error(self.url(key), exc) from exc
-            out[key] = None if result.state == "missing" else bytes(result.value)
-        return out
+        futures = {key: self.read_async(key) for key in keys}
+        return {key: self.result(key, future) for key, future in futures.items()}
 
     def listing(self, prefix: str) -> dict[str, tuple[int, str]]:
         """Key -> (size, ETag) of every object whose key starts with ``prefix`` (ListObjectsV2, paged)."""

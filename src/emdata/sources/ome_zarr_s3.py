@@ -15,9 +15,10 @@ specifies, and are not fetched. Requests are unsigned (no credentials are looked
 needed; no instance-metadata probe). Objects are read through tensorstore's ``s3`` key-value
 store (bounded retries with backoff for SlowDown/5xx and dropped connections, concurrent, C++
 fast); listings, which tensorstore gives without sizes, through s3fs/botocore. Each object is
-checked against the listing (size, and the MD5 an S3 ETag is for a single-part upload) and
+checked against the listing (size, and the GET's ETag equals the listed one: the same version) and
 written under a temporary name, so an interrupted fetch resumes without fetching finished chunks
-again. ``plan`` reads only metadata and listings and reports chunk counts and compressed bytes.
+again (a chunk kept from an interrupted run is checked by size and, for a single-part ETag, by
+its MD5). ``plan`` reads only metadata and listings and reports chunk counts and compressed bytes.
 
 Cite (OpenOrganelle): Heinrich et al., Nature 2021, doi:10.1038/s41586-021-03977-3; Xu et al.,
 Nature 2021, doi:10.1038/s41586-021-03992-4. Licence CC-BY-4.0.
@@ -365,7 +366,7 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from ..io.s3 import etag_matches
+    from ..io.s3 import etag_matches, same_etag
 
     bucket = _folder(params, ctx)
     sel = _remote_selection(params, bucket, ctx.dataset)
@@ -378,32 +379,39 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     lock = threading.Lock()
     with ctx.progress(sum(c.size for c in chunks), f"{len(chunks)} chunk objects") as progress:
 
-        def one(chunk: _Chunk) -> tuple[str, FetchedFile]:
-            rel = f"{params.local_root}/{chunk.key}"
-            target = ctx.path(rel)
-            data = None
-            if target.is_file() and target.stat().st_size == chunk.size:
-                data = target.read_bytes()  # finished by an interrupted fetch: keep it if it is intact
-                if not etag_matches(data, chunk.etag):
-                    data = None
-            if data is None:
-                data = bucket.get(chunk.key)
-                url = bucket.url(chunk.key)
-                if data is None:
-                    raise FetchError(ctx.dataset, url, f"no such object (404 NoSuchKey) in bucket {params.bucket}, "
-                                     "although its listing named it", "the data changed on the server during the "
-                                     "fetch; run the fetch again")
-                if len(data) != chunk.size or not etag_matches(data, chunk.etag):
-                    raise IntegrityError(ctx.dataset, url, f"got {len(data)} bytes (MD5 "
-                                         f"{hashlib.md5(data, usedforsecurity=False).hexdigest()}); the listing "
-                                         f"says {chunk.size} bytes, ETag {chunk.etag}",
-                                         "the object changed on the server or was damaged on the way; fetch again")
-                _write(target, data)
+        def done(chunk: _Chunk, data: bytes) -> tuple[str, FetchedFile]:
             with lock:
                 progress.update(chunk.size)
-            return rel, FetchedFile(bucket.url(chunk.key), len(data), hashlib.sha256(data).hexdigest())
+            return f"{params.local_root}/{chunk.key}", FetchedFile(bucket.url(chunk.key), len(data),
+                                                                   hashlib.sha256(data).hexdigest())
 
-        files.update(ctx.map(one, chunks))
+        def keep(chunk: _Chunk) -> tuple[str, FetchedFile] | None:
+            """A chunk an interrupted fetch finished, if it is intact (size, and MD5 against the ETag)."""
+            target = ctx.path(f"{params.local_root}/{chunk.key}")
+            if target.is_file() and target.stat().st_size == chunk.size:
+                data = target.read_bytes()
+                if etag_matches(data, chunk.etag):
+                    return done(chunk, data)
+            return None
+
+        def store(chunk: _Chunk, data: bytes | None, etag: str) -> tuple[str, FetchedFile]:
+            url = bucket.url(chunk.key)
+            if data is None:
+                raise FetchError(ctx.dataset, url, f"no such object (404 NoSuchKey) in bucket {params.bucket}, "
+                                 "although its listing named it", "the data changed on the server during the "
+                                 "fetch; run the fetch again")
+            # The GET's ETag is the listed one (the same object version; HTTPS protects the bytes on the
+            # way, and the service's ETag is its MD5), and the length is the listed size.
+            if len(data) != chunk.size or not same_etag(etag, chunk.etag):
+                raise IntegrityError(ctx.dataset, url, f"got {len(data)} bytes, ETag {etag or '-'}; the listing "
+                                     f"says {chunk.size} bytes, ETag {chunk.etag.strip(chr(34))}",
+                                     "the object changed on the server or was damaged on the way; fetch again")
+            _write(ctx.path(f"{params.local_root}/{chunk.key}"), data)
+            return done(chunk, data)
+
+        kept = ctx.map(keep, chunks)
+        files.update(k for k in kept if k is not None)
+        files.update(_download(ctx, bucket, [c for c, k in zip(chunks, kept) if k is None], store))
     arrays = {name: {"array": params.url(a.key), "chunks": len([c for c in chunks if c.array == name]),
                      "absent_chunks": absent[name], "bytes": sum(c.size for c in chunks if c.array == name)}
               for name, a in sel.arrays.items()}
@@ -416,6 +424,48 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
              "roi_voxels": {"start": list(sel.box[0]), "stop": list(sel.box[1])}, "arrays": arrays,
              "sources": sources}
     return ctx.record(files, extra)
+
+
+def _download(ctx: FetchContext, bucket: "S3Folder", chunks: list[_Chunk],
+              store: Callable[[_Chunk, bytes | None, str], tuple[str, FetchedFile]]) -> list[tuple[str, FetchedFile]]:
+    """GET ``chunks`` with a window of reads in flight, and ``store`` each on the worker threads.
+
+    The window keeps the transport busy while earlier objects are checked, written and hashed.
+    After the first error no new read starts; reads already under way finish and are stored (so a
+    resumed fetch need not repeat them), then the error is raised.
+    """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    window = 4 * max(1, ctx.workers)
+    todo = iter(chunks)
+    reads: deque[tuple[_Chunk, Any]] = deque()
+    stored: list[Future] = []
+    checked = 0
+    error: BaseException | None = None
+    with ThreadPoolExecutor(max(1, ctx.workers), thread_name_prefix="emdata-store") as pool:
+        while True:
+            while error is None and len(reads) < window and (chunk := next(todo, None)) is not None:
+                reads.append((chunk, bucket.read_async(chunk.key)))
+            if not reads:
+                break
+            chunk, future = reads.popleft()
+            try:
+                stored.append(pool.submit(store, chunk, *bucket.result_and_etag(chunk.key, future)))
+            except FetchError as exc:
+                error = error or exc
+            while checked < len(stored) and stored[checked].done():  # a failed store stops new reads too
+                error = error or stored[checked].exception()
+                checked += 1
+        results = []
+        for f in stored:
+            try:
+                results.append(f.result())
+            except Exception as exc:  # noqa: BLE001 - the first error is raised below
+                error = error or exc
+    if error is not None:
+        raise error
+    return results
 
 
 def _write(target: Path, data: bytes) -> None:
