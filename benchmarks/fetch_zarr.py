@@ -13,7 +13,8 @@ transfer:
 - tensorstore: ``ts.open`` of the same array through tensorstore's ``s3`` kvstore (anonymous,
   tensorstore's default concurrency), ``array[roi].read()`` (GETs and Zstd decoding into memory).
 
-Throughput is the ROI's voxel bytes (int16) per second for both. The command-line fixed cost
+Throughput is the ROI's voxel bytes (int16) per second for both; each run also reports the CPU
+time its threads used in the timed part (the server's is not counted). The command-line fixed cost
 (``python -m emdata fetch`` start-up with its imports, measured on an up-to-date dataset) is
 printed too.
 
@@ -90,38 +91,45 @@ def make_project(project: Path, endpoint: str, roi: dict) -> None:
 
 
 CHILD_EMDATA = """
-import sys, time, shutil
+import sys, time, shutil, resource
 sys.path.insert(0, {src!r})
 from emdata.config import load_config
 from emdata.pipeline import fetch_dataset
-import emdata.sources.ome_zarr_s3, tensorstore, s3fs  # imports are not the transfer
+import emdata.sources.ome_zarr_s3, emdata.io.s3, emdata.io.http, tensorstore, s3fs  # imports are not the transfer
 cfg = load_config({project!r})
 shutil.rmtree(cfg.raw_dir("bench"), ignore_errors=True)
 shutil.rmtree(cfg.partial_dir("bench"), ignore_errors=True)
+r = resource.getrusage(resource.RUSAGE_SELF)
 t = time.perf_counter()
 result = fetch_dataset(cfg, "bench")
-print(time.perf_counter() - t, result.requests)
+elapsed = time.perf_counter() - t
+q = resource.getrusage(resource.RUSAGE_SELF)
+print(elapsed, q.ru_utime + q.ru_stime - r.ru_utime - r.ru_stime, result.requests)
 """
 
 CHILD_TENSORSTORE = """
-import time
+import time, resource
 import tensorstore as ts
 spec = {{"driver": "zarr", "kvstore": {{"driver": "s3", "bucket": {bucket!r}, "path": {path!r},
          "endpoint": {endpoint!r}, "aws_region": "us-east-1"}}}}
 ctx = ts.Context({{"aws_credentials": {{"type": "anonymous"}}}})
+r = resource.getrusage(resource.RUSAGE_SELF)
 t = time.perf_counter()
 array = ts.open(spec, read=True, context=ctx).result()
 data = array[{z0}:{z1}, {y0}:{y1}, {x0}:{x1}].read().result()
-print(time.perf_counter() - t, int(data.astype("int64").sum()))
+elapsed = time.perf_counter() - t
+q = resource.getrusage(resource.RUSAGE_SELF)
+print(elapsed, q.ru_utime + q.ru_stime - r.ru_utime - r.ru_stime, data.shape)
 """
 
 
-def child(code: str, env: dict[str, str]) -> tuple[float, str]:
+def child(code: str, env: dict[str, str]) -> tuple[float, float, str]:
+    """(seconds, CPU seconds of the child's threads in that time, what else it printed)."""
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
-    seconds, _, rest = out.stdout.strip().splitlines()[-1].partition(" ")
-    return float(seconds), rest
+    seconds, cpu, rest = out.stdout.strip().splitlines()[-1].split(" ", 2)
+    return float(seconds), float(cpu), rest
 
 
 def others_busy(seconds: float = 0.5) -> float:
@@ -165,15 +173,17 @@ def main() -> None:
                                            z0=z0, z1=z0 + depth, y0=y0, y1=y0 + height, x0=x0, x1=x0 + width)
         em_code = CHILD_EMDATA.format(src=str(REPO / "src"), project=str(WORK / "project"))
         best = {"emdata": float("inf"), "tensorstore": float("inf")}
-        notes = {}
+        notes: dict[str, str] = {}
+        cpus: dict[str, float] = {}
         for i in range(args.repeat):
             order = ["emdata", "tensorstore"] if i % 2 == 0 else ["tensorstore", "emdata"]
             for name in order:
                 busy = others_busy()
-                seconds, rest = child(em_code if name == "emdata" else ts_code, env)
+                seconds, cpu, rest = child(em_code if name == "emdata" else ts_code, env)
                 print(f"  run {i + 1} {name:<11} {seconds:6.2f} s  {roi_bytes / seconds / 1e6:7.1f} MB/s  "
-                      f"(others busy before: {busy:.2f} cores)", flush=True)
+                      f"CPU {cpu:5.2f} s  (others busy before: {busy:.2f} cores)", flush=True)
                 best[name] = min(best[name], seconds)
+                cpus[name] = min(cpus.get(name, float("inf")), cpu)
                 notes[name] = rest
         record = json.loads((WORK / "project" / "data" / "raw" / "bench" / "source.json").read_text())
         wire = record["extra"]["arrays"]["raw"]["bytes"]
@@ -187,7 +197,7 @@ def main() -> None:
           f"{wire / 2**20:.1f} MiB on the wire; emdata requests {notes['emdata']}; workers {workers}")
     for name, seconds in best.items():
         print(f"{name:<11} best {seconds:6.2f} s  {roi_bytes / seconds / 1e6:7.1f} MB/s of voxels "
-              f"({wire / seconds / 1e6:6.1f} MB/s on the wire)")
+              f"({wire / seconds / 1e6:6.1f} MB/s on the wire); least CPU {cpus[name]:.2f} s")
     print(f"emdata / tensorstore throughput: {best['tensorstore'] / best['emdata']:.2f}x (target >= 0.8x)")
     print(f"CLI fixed cost (`emdata fetch` of the up-to-date dataset): {cli:.2f} s")
 

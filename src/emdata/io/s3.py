@@ -11,7 +11,6 @@ naming the dataset and the ``s3://bucket/key``. Requests are counted in ``ctx.ot
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 from typing import TYPE_CHECKING, Any
@@ -20,19 +19,6 @@ from ..errors import FetchError
 
 if TYPE_CHECKING:
     from ..fetch_context import FetchContext
-
-
-def same_etag(a: str, b: str) -> bool:
-    """Two ETags name the same object version (quotes aside); an empty one (not reported) says nothing."""
-    return not a.strip('"') or not b.strip('"') or a.strip('"') == b.strip('"')
-
-
-def etag_matches(data: bytes, etag: str) -> bool:
-    """A single-part S3 ETag is the MD5 of the object; others (multipart: ``...-N``) are not checked."""
-    tag = etag.strip('"')
-    if not re.fullmatch(r"[0-9a-f]{32}", tag):
-        return True
-    return hashlib.md5(data, usedforsecurity=False).hexdigest() == tag
 
 
 class S3Folder:
@@ -49,7 +35,8 @@ class S3Folder:
         self.timeout = policy.attempts * (policy.connect_timeout + policy.read_timeout + policy.max_delay)
         self._kv: Any = None
         self._fs: Any = None
-        self._lock = threading.Lock()  # builds the transports once
+        self._lock = threading.Lock()  # builds the tensorstore key-value store once
+        self._fs_lock = threading.Lock()  # builds the s3fs filesystem once
         self._count_lock = threading.Lock()
 
     def url(self, key: str = "") -> str:
@@ -125,11 +112,42 @@ class S3Folder:
         futures = {key: self.read_async(key) for key in keys}
         return {key: self.result(key, future) for key, future in futures.items()}
 
+    def prepare_listing(self) -> None:
+        """Build the s3fs client now, in the background (it costs a few tenths of a second; no request)."""
+        def build() -> None:
+            try:
+                self._filesystem()
+            except Exception:  # noqa: BLE001 - listing() builds it again and reports the error
+                pass
+
+        threading.Thread(target=build, name="emdata-s3-client", daemon=True).start()
+
+    def _filesystem(self) -> Any:
+        with self._fs_lock:
+            if self._fs is None:
+                fs = self.ctx.s3(endpoint_url=self.endpoint, region=self.region)
+                fs.connect()  # the botocore client, without a request
+                self._fs = fs
+            return self._fs
+
+    def keys(self, prefix: str) -> dict[str, tuple[int, str]]:
+        """Every key that starts with ``prefix``, listed by tensorstore (no sizes: ``(-1, "")`` each)."""
+        import tensorstore as ts
+
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the first key after every key with the prefix
+        self._count()
+        try:
+            found = self.kv.list(ts.KvStore.KeyRange(inclusive_min=prefix, exclusive_max=end)).result(
+                timeout=self.timeout)
+        except FetchError:
+            raise
+        except Exception as exc:
+            raise self._error(self.url(prefix), exc) from exc
+        return {k.decode("utf-8", "surrogateescape"): (-1, "") for k in found}
+
     def listing(self, prefix: str) -> dict[str, tuple[int, str]]:
         """Key -> (size, ETag) of every object whose key starts with ``prefix`` (ListObjectsV2, paged)."""
-        with self._lock:
-            if self._fs is None:
-                self._fs = self.ctx.s3(endpoint_url=self.endpoint, region=self.region)
+        fs = self._filesystem()
         full = f"{self.prefix}/{prefix}"
         found: dict[str, tuple[int, str]] = {}
         token = None
@@ -137,7 +155,7 @@ class S3Folder:
             args = {"Bucket": self.bucket, "Prefix": full, **({"ContinuationToken": token} if token else {})}
             self._count()
             try:
-                page = self._fs.call_s3("list_objects_v2", **args)
+                page = fs.call_s3("list_objects_v2", **args)
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
                 raise FetchError(self.ctx.dataset, f"s3://{self.bucket}/{full}", f"listing failed ({first})",

@@ -12,13 +12,12 @@ at the chosen level (same scale and translation, compared with a float tolerance
 array metadata, into ``data/raw/<ds>/<container name>/`` (a valid local zarr subset) and records
 each object's size and sha256; chunks the service does not have are the fill value, as zarr
 specifies, and are not fetched. Requests are unsigned (no credentials are looked up, sent or
-needed; no instance-metadata probe). Objects are read through tensorstore's ``s3`` key-value
-store (bounded retries with backoff for SlowDown/5xx and dropped connections, concurrent, C++
-fast); listings, which tensorstore gives without sizes, through s3fs/botocore. Each object is
-checked against the listing (size, and the GET's ETag equals the listed one: the same version) and
-written under a temporary name, so an interrupted fetch resumes without fetching finished chunks
-again (a chunk kept from an interrupted run is checked by size and, for a single-part ETag, by
-its MD5). ``plan`` reads only metadata and listings and reports chunk counts and compressed bytes.
+needed; no instance-metadata probe). Objects and the chunk listing of ``fetch`` go through
+tensorstore's ``s3`` key-value store (bounded retries with backoff for SlowDown/5xx and dropped
+connections, concurrent, C++ fast); ``plan`` lists through s3fs/botocore, which gives sizes.
+Each chunk is written under a temporary name, renamed, and journalled with its sha256, so an
+interrupted fetch resumes without requesting finished chunks again (a kept chunk must still hash
+as journalled). ``plan`` reads only metadata and listings and reports chunk counts and bytes.
 
 Cite (OpenOrganelle): Heinrich et al., Nature 2021, doi:10.1038/s41586-021-03977-3; Xu et al.,
 Nature 2021, doi:10.1038/s41586-021-03992-4. Licence CC-BY-4.0.
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import KEY_PATTERN, Section, as_str, as_triple, as_url
-from ..errors import ConfigError, FetchError, FormatError, IntegrityError
+from ..errors import ConfigError, FetchError, FormatError
 from ..fetch_context import FetchContext
 from ..fetch_record import FetchedFile, FetchRecord, safe_relpath
 from ..io.ngff import ArrayInfo, Level, Multiscale, parse_json, parse_multiscales, parse_zarray, same_grid
@@ -320,19 +319,24 @@ def _remote_selection(params: Params, folder: "S3Folder", dataset: str) -> Selec
     return select(params, folder.get_many(metadata_keys(params)), dataset, folder.url, missing)
 
 
-def _chunks(sel: Selection, bucket: "S3Folder") -> tuple[list[_Chunk], dict[str, list[str]], int]:
-    """The chunk objects the ROI touches that the service has; per array the absent ones; list requests."""
-    present, absent, requests = [], {}, 0
+def _chunks(sel: Selection, bucket: "S3Folder", *, sizes: bool) -> tuple[list[_Chunk], dict[str, list[str]], int]:
+    """The chunk objects the ROI touches that the service has; per array the absent ones; list requests.
+
+    One listing per chunk row in Z of each array (``<array>/<z><separator>``), all on the worker
+    pool: with sizes and ETags through s3fs (``plan``), or keys only through tensorstore (``fetch``,
+    which learns sizes from the objects themselves; botocore's client and XML parsing cost more CPU
+    than a whole ROI's transfer checks).
+    """
+    prefixes = [a.row_prefix(r) for a in sel.arrays.values() for r in a.chunk_rows(sel.box)]
+    listed: dict[str, tuple[int, str]] = {}
+    for part in bucket.ctx.map(bucket.listing if sizes else bucket.keys, prefixes):
+        listed.update(part)
+    present, absent = [], {}
     for name, array in sel.arrays.items():
         wanted = array.chunk_keys(sel.box)
-        rows = array.chunk_rows(sel.box)
-        listed: dict[str, tuple[int, str]] = {}
-        for part in bucket.ctx.map(bucket.listing, [array.row_prefix(r) for r in rows]):
-            listed.update(part)
-        requests += len(rows)
         present += [_Chunk(name, k, *listed[k]) for k in wanted if k in listed]
         absent[name] = [k for k in wanted if k not in listed]
-    return present, absent, requests
+    return present, absent, len(prefixes)
 
 
 def _local_file(ctx: FetchContext, relpath: str) -> Path | None:
@@ -345,8 +349,9 @@ def _local_file(ctx: FetchContext, relpath: str) -> Path | None:
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
     bucket = _folder(params, ctx)
+    bucket.prepare_listing()  # while the metadata arrives
     sel = _remote_selection(params, bucket, ctx.dataset)
-    chunks, absent, list_requests = _chunks(sel, bucket)
+    chunks, absent, list_requests = _chunks(sel, bucket, sizes=True)
     rows = []
     meta_size = sum(len(v) for v in sel.objects.values())
     rows.append(FilePlan(f"metadata: {len(sel.objects)} objects", params.url(), meta_size, meta_size,
@@ -365,55 +370,56 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
     return rows
 
 
-def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from ..io.s3 import etag_matches, same_etag
+JOURNAL = ".emdata-chunks.jsonl"  # in the partial folder: chunks finished and how they hashed
 
+
+def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     bucket = _folder(params, ctx)
     sel = _remote_selection(params, bucket, ctx.dataset)
-    chunks, absent, _ = _chunks(sel, bucket)
+    chunks, absent, _ = _chunks(sel, bucket, sizes=False)
     files: dict[str, FetchedFile] = {}
     for key, data in sorted(sel.objects.items()):
         target = ctx.path(f"{params.local_root}/{key}")
         _write(target, data)
         files[f"{params.local_root}/{key}"] = FetchedFile(bucket.url(key), len(data), hashlib.sha256(data).hexdigest())
-    lock = threading.Lock()
-    with ctx.progress(sum(c.size for c in chunks), f"{len(chunks)} chunk objects") as progress:
-
-        def done(chunk: _Chunk, data: bytes) -> tuple[str, FetchedFile]:
-            with lock:
-                progress.update(chunk.size)
-            return f"{params.local_root}/{chunk.key}", FetchedFile(bucket.url(chunk.key), len(data),
-                                                                   hashlib.sha256(data).hexdigest())
+    journal = _Journal(ctx.dest / JOURNAL)
+    with ctx.progress(len(chunks), "chunk objects", unit="chunk") as progress:
 
         def keep(chunk: _Chunk) -> tuple[str, FetchedFile] | None:
-            """A chunk an interrupted fetch finished, if it is intact (size, and MD5 against the ETag)."""
-            target = ctx.path(f"{params.local_root}/{chunk.key}")
-            if target.is_file() and target.stat().st_size == chunk.size:
-                data = target.read_bytes()
-                if etag_matches(data, chunk.etag):
-                    return done(chunk, data)
-            return None
+            """A chunk an interrupted fetch finished, if it is as that fetch wrote it (size and sha256)."""
+            rel = f"{params.local_root}/{chunk.key}"
+            entry = journal.finished.get(chunk.key)
+            if entry is None or not (ctx.dest / rel).is_file():
+                return None
+            data = ctx.path(rel).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if len(data) != entry["size"] or digest != entry["sha256"]:
+                return None
+            journal.progress(progress)
+            return rel, FetchedFile(bucket.url(chunk.key), len(data), digest)
 
         def store(chunk: _Chunk, data: bytes | None, etag: str) -> tuple[str, FetchedFile]:
-            url = bucket.url(chunk.key)
             if data is None:
-                raise FetchError(ctx.dataset, url, f"no such object (404 NoSuchKey) in bucket {params.bucket}, "
-                                 "although its listing named it", "the data changed on the server during the "
-                                 "fetch; run the fetch again")
-            # The GET's ETag is the listed one (the same object version; HTTPS protects the bytes on the
-            # way, and the service's ETag is its MD5), and the length is the listed size.
-            if len(data) != chunk.size or not same_etag(etag, chunk.etag):
-                raise IntegrityError(ctx.dataset, url, f"got {len(data)} bytes, ETag {etag or '-'}; the listing "
-                                     f"says {chunk.size} bytes, ETag {chunk.etag.strip(chr(34))}",
-                                     "the object changed on the server or was damaged on the way; fetch again")
-            _write(ctx.path(f"{params.local_root}/{chunk.key}"), data)
-            return done(chunk, data)
+                raise FetchError(ctx.dataset, bucket.url(chunk.key), f"no such object (404 NoSuchKey) in bucket "
+                                 f"{params.bucket}, although its listing named it", "the data changed on the "
+                                 "server during the fetch; run the fetch again")
+            rel = f"{params.local_root}/{chunk.key}"
+            _write(ctx.path(rel), data)
+            digest = hashlib.sha256(data).hexdigest()
+            journal.add(chunk.key, len(data), digest, etag)
+            journal.progress(progress)
+            return rel, FetchedFile(bucket.url(chunk.key), len(data), digest)
 
-        kept = ctx.map(keep, chunks)
+        kept = ctx.map(keep, chunks) if journal.finished else [None] * len(chunks)
         files.update(k for k in kept if k is not None)
-        files.update(_download(ctx, bucket, [c for c, k in zip(chunks, kept) if k is None], store))
+        try:
+            files.update(_download(ctx, bucket, [c for c, k in zip(chunks, kept) if k is None], store))
+        finally:
+            journal.close()
+    (ctx.dest / JOURNAL).unlink(missing_ok=True)  # the raw folder holds the record, not the journal
     arrays = {name: {"array": params.url(a.key), "chunks": len([c for c in chunks if c.array == name]),
-                     "absent_chunks": absent[name], "bytes": sum(c.size for c in chunks if c.array == name)}
+                     "absent_chunks": absent[name],
+                     "bytes": sum(f.size for k, f in files.items() if k.startswith(f"{params.local_root}/{a.key}/"))}
               for name, a in sel.arrays.items()}
     sources = {}
     for name, a in sel.arrays.items():  # one digest per array over its fetched objects, for the HDF5's attributes
@@ -424,6 +430,41 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
              "roi_voxels": {"start": list(sel.box[0]), "stop": list(sel.box[1])}, "arrays": arrays,
              "sources": sources}
     return ctx.record(files, extra)
+
+
+class _Journal:
+    """One JSON line per chunk written (key, size, sha256, ETag): what a resumed fetch may keep.
+
+    A chunk file is written under a temporary name and renamed, then journalled; a resumed fetch
+    keeps a file only if it still hashes as journalled, so a damaged or unjournalled file is fetched
+    again and no request is spent on checking the others.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.finished: dict[str, dict[str, Any]] = {}
+        if path.is_file() and not path.is_symlink():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.finished[str(entry["key"])] = {"size": int(entry["size"]), "sha256": str(entry["sha256"])}
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by the interruption
+        self._lock = threading.Lock()
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def add(self, key: str, size: int, sha256: str, etag: str) -> None:
+        line = json.dumps({"key": key, "size": size, "sha256": sha256, "etag": etag})
+        with self._lock:
+            self._fh.write(line + "\n")
+            self._fh.flush()
+
+    def progress(self, progress: Any) -> None:
+        with self._lock:
+            progress.update(1)
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 def _download(ctx: FetchContext, bucket: "S3Folder", chunks: list[_Chunk],
