@@ -25,11 +25,14 @@ class S3Folder:
     """The objects under ``s3://<bucket>/<prefix>/``, addressed by keys relative to it."""
 
     def __init__(self, ctx: "FetchContext", *, bucket: str, prefix: str, region: str,
-                 endpoint: str | None = None) -> None:
+                 endpoint: str | None = None, requests_in_flight: int | None = None) -> None:
         from .http import RetryPolicy
 
         self.ctx, self.bucket, self.prefix = ctx, bucket, prefix.strip("/")
         self.region, self.endpoint = region, endpoint
+        # Small objects are latency-bound: a few requests per worker keep the link busy while the
+        # workers write and hash (default: the context's bound, one per worker).
+        self.requests_in_flight = requests_in_flight
         policy = ctx.policy or RetryPolicy.from_env()
         # tensorstore has no request timeout of its own: bound each operation (tries x (connect + read + backoff)).
         self.timeout = policy.attempts * (policy.connect_timeout + policy.read_timeout + policy.max_delay)
@@ -57,7 +60,10 @@ class S3Folder:
                 if self.endpoint:
                     spec["endpoint"] = self.endpoint
                 try:
-                    self._kv = ts.KvStore.open(spec, context=ts.Context(self.ctx.tensorstore_context())).result(
+                    context = self.ctx.tensorstore_context()
+                    if self.requests_in_flight:
+                        context["s3_request_concurrency"] = {"limit": self.requests_in_flight}
+                    self._kv = ts.KvStore.open(spec, context=ts.Context(context)).result(
                         timeout=self.timeout)
                 except Exception as exc:
                     raise self._error(self.url(), exc) from exc

@@ -65,6 +65,7 @@ KIND = "ome_zarr_s3"
 # the fetch fingerprint includes the readers too (pipeline/code/ome_zarr_s3-fetch.json).
 READERS = ("emdata.io.ngff", "emdata.io.zarr")
 DECODES_ON_FETCH = True
+READS_PER_WORKER = 4  # chunk GETs in flight per worker (EMDATA_FETCH_WORKERS) while workers write and hash
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REGION = re.compile(r"^[a-z0-9-]+$")
@@ -307,7 +308,8 @@ class _Chunk:
 def _folder(params: Params, ctx: FetchContext) -> "S3Folder":
     from ..io.s3 import S3Folder
 
-    return S3Folder(ctx, bucket=params.bucket, prefix=params.container, region=params.region, endpoint=params.endpoint)
+    return S3Folder(ctx, bucket=params.bucket, prefix=params.container, region=params.region, endpoint=params.endpoint,
+                    requests_in_flight=READS_PER_WORKER * max(1, ctx.workers))
 
 
 def _remote_selection(params: Params, folder: "S3Folder", dataset: str) -> Selection:
@@ -478,7 +480,7 @@ def _download(ctx: FetchContext, bucket: "S3Folder", chunks: list[_Chunk],
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    window = 4 * max(1, ctx.workers)
+    window = READS_PER_WORKER * max(1, ctx.workers)
     todo = iter(chunks)
     reads: deque[tuple[_Chunk, Any]] = deque()
     stored: list[Future] = []
