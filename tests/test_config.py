@@ -65,7 +65,8 @@ def test_the_repository_params_parse() -> None:
 
     cfg = load_config(REPO)
     assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "empiar_11759", "idr0086_u2os",
-            "hemibrain_em_crop", "lightmycells_study_1", "organoid_tracking"} <= set(cfg.datasets)
+            "hemibrain_em_crop", "openorganelle_jrc_mus_nacc_2", "lightmycells_study_1",
+            "organoid_tracking"} <= set(cfg.datasets)
     assert {key: error for key, error in cfg.check().items() if error is not None} == {}
 
 

@@ -14,20 +14,17 @@ import yaml
 from emdata.config import load_config
 from emdata.testing.contract import (ArrayHttpContract, CoreContract, HttpContract, LocalContract, S3Contract,
                                       SourceCase)
-from emdata.testing.registry import registered_kinds, replica_for
+from emdata.testing.registry import case_count, registered_kinds, replica_for
 
 
 def _cases(transport: str) -> list[tuple[str, int]]:
-    """(kind, case index) for every registered kind of this transport, built once to count its cases."""
-    import tempfile
-
+    """(kind, case index) for every registered kind of this transport (no server starts when the
+    replica declares its ``case_keys``)."""
     out = []
     for kind in registered_kinds():
         replica = replica_for(kind)
-        if replica.transport != transport:
-            continue
-        with tempfile.TemporaryDirectory() as tmp, replica.start(Path(tmp)) as running:
-            out += [(kind, i) for i in range(len(running.cases()))]
+        if replica.transport == transport:
+            out += [(kind, i) for i in range(case_count(replica))]
     return out
 
 

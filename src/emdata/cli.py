@@ -120,7 +120,7 @@ def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the sta
 
 @app.command()
 def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
-    """What `fetch` would transfer: files, bytes and requests (asks sizes with HEAD, downloads nothing)."""
+    """What `fetch` would transfer: files (or chunk objects), bytes and requests; downloads no data."""
     from .pipeline import plan_dataset
 
     plans = plan_dataset(_config(), dataset)
@@ -130,8 +130,8 @@ def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."))
                    f"requests {p.requests:>2}  {p.url}")
         total += p.to_transfer or 0
     unknown = any(p.to_transfer is None for p in plans)
-    typer.echo(f"{dataset}: {len(plans)} file(s), {_size(total)}{' + unknown sizes' if unknown else ''} to transfer, "
-               f"about {sum(p.requests for p in plans)} request(s) without retries")
+    typer.echo(f"{dataset}: {sum(p.files for p in plans)} file(s), {_size(total)}{' + unknown sizes' if unknown else ''} "
+               f"to transfer, about {sum(p.requests for p in plans)} request(s) without retries")
 
 
 @app.command()

@@ -38,6 +38,8 @@ class FetchContext:
     workers: int = DEFAULT_WORKERS
     http_factory: Callable[[], "HttpClient"] | None = None  # tests inject fast-retry clients here
     _http: "HttpClient | None" = field(default=None, repr=False)
+    other_requests: int = 0  # requests a source sent through its own transport (S3, tensorstore)
+    _folders: set[Path] = field(default_factory=set, repr=False)  # folders path() made and checked
 
     # -- transports ---------------------------------------------------------------------------
 
@@ -55,8 +57,8 @@ class FetchContext:
 
     @property
     def requests(self) -> int:
-        """Requests sent so far through the HTTP client (0 if none was built)."""
-        return self._http.requests if self._http is not None else 0
+        """Requests sent so far: through the HTTP client, plus those a source counted in ``other_requests``."""
+        return (self._http.requests if self._http is not None else 0) + self.other_requests
 
     def s3(self, *, endpoint_url: str | None = None, region: str | None = None) -> Any:
         """An anonymous (unsigned) s3fs filesystem with bounded retries and timeouts."""
@@ -116,11 +118,13 @@ class FetchContext:
         name = safe_relpath(relpath, f"{self.dataset}: file name")
         target = self.dest / name
         parent = target.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        for folder in (parent, *parent.relative_to(self.dest).parents):
-            if (self.dest / folder).is_symlink():
-                raise FetchError(self.dataset, str(self.dest / folder), "is a symbolic link",
-                                 f"remove it; emdata writes only real folders under data/raw/.partial/{self.dataset}")
+        if parent not in self._folders:  # thousands of zarr chunks share a few folders: check each once
+            parent.mkdir(parents=True, exist_ok=True)
+            for folder in (parent, *parent.relative_to(self.dest).parents):
+                if (self.dest / folder).is_symlink():
+                    raise FetchError(self.dataset, str(self.dest / folder), "is a symbolic link",
+                                     f"remove it; emdata writes only real folders under data/raw/.partial/{self.dataset}")
+            self._folders.add(parent)
         if target.is_symlink():
             raise FetchError(self.dataset, str(target), "is a symbolic link",
                              "remove it; emdata never writes through links it did not create")

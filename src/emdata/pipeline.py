@@ -31,13 +31,16 @@ class FetchResult:
     requests: int
 
 
-def fetch_context(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None) -> FetchContext:
+def fetch_context(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None,
+                  policy: Any = None) -> FetchContext:
+    """The context of one dataset's plan or fetch (``policy``: a RetryPolicy for S3/tensorstore; tests)."""
     ds = cfg.dataset(key)
     return FetchContext(dataset=key, kind=ds.source_kind, spec=ds.source.to_dict(), dest=cfg.partial_dir(key),
-                        workers=workers_from_env(), http_factory=http_factory)
+                        policy=policy, workers=workers_from_env(), http_factory=http_factory)
 
 
-def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None) -> FetchResult:
+def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None,
+                  policy: Any = None) -> FetchResult:
     """Make ``data/raw/<key>`` hold exactly what the source serves, or leave it untouched.
 
     Up to date (same spec in params.yaml, files of the recorded size): no request at all.
@@ -57,14 +60,14 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
             return FetchResult(raw, True, 0)
         log.debug("%s: %s; importing again", key, reason)  # debug: a failing import stays one line
     with dataset_lock(cfg.lock_dir(), key, "fetch"):
-        return _fetch_locked(cfg, key, source, spec, http_factory)
+        return _fetch_locked(cfg, key, source, spec, http_factory, policy)
 
 
 def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
-                  http_factory: Callable[[], Any] | None) -> FetchResult:
+                  http_factory: Callable[[], Any] | None, policy: Any = None) -> FetchResult:
     ds = cfg.dataset(key)
     raw = cfg.raw_dir(key)
-    ctx = fetch_context(cfg, key, http_factory)
+    ctx = fetch_context(cfg, key, http_factory, policy)
     partial = ctx.dest
     refuse_links(key, cfg.root, [raw, partial])
     marker = partial / _SPEC_MARKER
@@ -116,12 +119,13 @@ def _replace_dir(new: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def plan_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None) -> list[FilePlan]:
+def plan_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None = None,
+                 policy: Any = None) -> list[FilePlan]:
     ds = cfg.dataset(key)
     record = fetched(cfg.raw_dir(key), ds.source.to_dict())
     if record is not None:
         return [FilePlan(n, f.url, f.size, 0, 0, "done") for n, f in record.files.items()]
-    return get_source(ds.source_kind).plan(ds.source, fetch_context(cfg, key, http_factory))
+    return get_source(ds.source_kind).plan(ds.source, fetch_context(cfg, key, http_factory, policy))
 
 
 def dataset_state(cfg: Config, key: str) -> dict[str, Any]:

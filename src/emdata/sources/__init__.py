@@ -24,18 +24,21 @@ KINDS: dict[str, str] = {
     "empiar": "emdata.sources.empiar",
     "idr": "emdata.sources.idr",
     "precomputed": "emdata.sources.precomputed",
+    "ome_zarr_s3": "emdata.sources.ome_zarr_s3",
     "lightmycells": "emdata.sources.lightmycells",
     "labelme_tracking": "emdata.sources.labelme_tracking",
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import empiar, epfl, idr, labelme_tracking, lightmycells, precomputed
+    from . import empiar, epfl, idr, labelme_tracking, lightmycells, ome_zarr_s3, precomputed
     from .protocol import CollectionSource, DescribedSource, LabelledSource, LocalSource
 
     _epfl: LabelledSource = epfl
     _empiar: DescribedSource = empiar
     _idr: DescribedSource = idr
     _precomputed: DescribedSource = precomputed
+    _ome_zarr_s3: LabelledSource = ome_zarr_s3
+    _ome_zarr_s3_described: DescribedSource = ome_zarr_s3
     _lightmycells: CollectionSource = lightmycells
     _labelme_tracking: LocalSource = labelme_tracking
 

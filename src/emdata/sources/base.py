@@ -42,6 +42,7 @@ class FilePlan:
     to_transfer: int | None
     requests: int
     state: str  # "done", "resume", "new"
+    files: int = 1  # how many files or objects the row stands for (a group of zarr chunks: its count)
 
 
 def parse_file_spec(sec: Section, base_url: str) -> RemoteFile:

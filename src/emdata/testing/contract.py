@@ -20,6 +20,7 @@ must be recorded whole in the fetch record (``extra["sources"]``: url, size, sha
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -73,10 +74,10 @@ class CoreContract:
     def case(self) -> SourceCase:  # pragma: no cover - provided by subclasses
         raise NotImplementedError
 
-    def _fetch(self, case: SourceCase, sleeps: list[float] | None = None):
+    def _fetch(self, case: SourceCase, sleeps: list[float] | None = None, policy: RetryPolicy = FAST_RETRIES):
         from ..pipeline import fetch_dataset
 
-        return fetch_dataset(case.cfg, case.key, http_factory=lambda: client_for(case, sleeps))
+        return fetch_dataset(case.cfg, case.key, http_factory=lambda: client_for(case, sleeps), policy=policy)
 
     def _normalize(self, case: SourceCase) -> Path:
         from ..normalize import normalize_dataset
@@ -198,13 +199,90 @@ def _assert_landed(case: SourceCase, url_path: str) -> None:
 
 
 class S3Contract:
-    """Failure behaviour of S3 sources: filled in by the first S3 source (OpenOrganelle).
+    """Failure behaviour of sources that read objects from S3 (anonymously, as public data is served).
 
-    What it must check against the S3 replica: a dropped connection mid-object resumes or
-    retries that object only; ``SlowDown``/503 is retried with backoff; a missing object is one
-    line naming dataset, bucket and key; a second fetch lists nothing. No test runs here until an
-    S3 replica (with a fault-injecting front) is registered.
+    ``case.server`` is an :class:`~emdata.testing.s3.S3Front` (request log, faults per object path
+    ``/<bucket>/<key>``); ``case.big_file`` is the path of the largest data object and
+    ``case.files`` maps raw-folder paths to the data objects' paths (metadata a source reads
+    again on every run is not in it). A second fetch lists and requests nothing (CoreContract).
     """
+
+    case: Callable[..., SourceCase]
+    _fetch: Callable[..., Any]
+
+    @staticmethod
+    def _object_gets(case: SourceCase, path: str | None = None) -> list[Any]:
+        """GET requests for objects (not listings, which are GETs of the bucket with a query)."""
+        return [r for r in case.server.requests if r.method == "GET" and "list-type" not in r.query
+                and r.path.count("/") >= 2 and (path is None or r.path == path)]
+
+    def _local(self, case: SourceCase, path: str) -> Path:
+        return case.cfg.raw_dir(case.key) / case.relpath(path)
+
+    def test_dropped_connection_retries_that_object_only(self, case: SourceCase) -> None:
+        case.server.drop_after(case.big_file, nbytes=1000, times=1)
+        self._fetch(case)
+        gets = self._object_gets(case, case.big_file)
+        assert len(gets) == 2 and gets[0].sent == 1000
+        assert gets[1].status == 200 or gets[1].headers.get("Range") == "bytes=1000-"
+        others = [r.path for r in self._object_gets(case) if r.path != case.big_file]
+        assert len(others) == len(set(others)), "only the dropped object may be requested twice"
+        assert self._local(case, case.big_file).read_bytes() == case.server.object_bytes(case.big_file)
+
+    def test_slowdown_is_retried_with_backoff(self, case: SourceCase) -> None:
+        policy = RetryPolicy(attempts=4, base_delay=0.2, max_delay=1.0, connect_timeout=2, read_timeout=5)
+        case.server.fail(case.big_file, status=503, times=2, code="SlowDown")
+        self._fetch(case, policy=policy)
+        gets = self._object_gets(case, case.big_file)
+        assert [g.status for g in gets] == [503, 503, 200]
+        waits = [b.time - a.time for a, b in zip(gets, gets[1:])]
+        assert waits[0] >= policy.base_delay / 2 and waits[1] >= policy.base_delay, waits  # grows: backoff
+        assert self._local(case, case.big_file).read_bytes() == case.server.object_bytes(case.big_file)
+
+    def test_interrupted_fetch_resumes_without_fetching_finished_objects(self, case: SourceCase) -> None:
+        from ..errors import FetchError
+
+        case.server.fail(case.big_file, status=500, times=1000)
+        with pytest.raises(FetchError):
+            self._fetch(case)
+        assert not case.cfg.raw_dir(case.key).exists()  # nothing that looks complete
+        data = set(case.files.values())
+        first = {r.path for r in self._object_gets(case) if r.status == 200} & data
+        case.server.clear_faults()
+        case.server.clear_log()
+        self._fetch(case)
+        second = [r.path for r in self._object_gets(case) if r.path in data]
+        assert not first & set(second), "objects finished by the interrupted run were fetched again"
+        assert sorted(second) == sorted(data - first)
+        for path in data:
+            assert self._local(case, path).read_bytes() == case.server.object_bytes(path)
+
+    def test_missing_object_is_one_line_naming_dataset_bucket_and_key(self, case: SourceCase) -> None:
+        case.server.hide(case.big_file)  # listed, but gone when asked for: 404 NoSuchKey
+        bucket, _, key = case.big_file.lstrip("/").partition("/")
+        proc = subprocess.run([sys.executable, "-m", "emdata", "fetch", case.key], cwd=case.cfg.root,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        # Progress lines of what was fetched before may precede it; the error itself is one line.
+        lines = [line for line in proc.stderr.strip().splitlines() if not re.fullmatch(r"emdata: .*: \d+%", line)]
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith("emdata: error: ")
+        assert case.key in lines[0] and bucket in lines[0] and key in lines[0], lines[0]
+        assert not case.cfg.raw_dir(case.key).exists()
+
+    def test_credentials_in_the_environment_are_neither_needed_nor_used(
+            self, case: SourceCase, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Wrong keys, and an instance-metadata endpoint that would show up in the log if probed.
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEMDATAWRONGKEY00")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+        monkeypatch.setenv("AWS_SESSION_TOKEN", "wrong-token")
+        monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", case.server.url + "/")
+        self._fetch(case)  # the front refuses signed requests (403 InvalidAccessKeyId), as AWS does
+        for r in case.server.requests:
+            assert "Authorization" not in r.headers and "X-Amz-Security-Token" not in r.headers, r
+            assert not r.path.startswith("/latest/"), r
+        assert case.cfg.raw_dir(case.key).is_dir()
 
 
 class ArrayHttpContract:

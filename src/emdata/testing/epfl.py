@@ -126,6 +126,7 @@ def _unpinned(spec: dict[str, Any]) -> dict[str, Any]:
 class _EpflReplicaKind:
     kind = "epfl"
     transport = "http"
+    case_keys = tuple(_CASES)
 
     @contextmanager
     def start(self, root: Path, *, coordinate: bool = True) -> Iterator[RunningEpfl]:

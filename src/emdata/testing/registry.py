@@ -26,6 +26,7 @@ REPLICAS: dict[str, str] = {
     "precomputed": "emdata.testing.precomputed:REPLICA",
     "lightmycells": "emdata.testing.lightmycells:REPLICA",
     "labelme_tracking": "emdata.testing.labelme_tracking:REPLICA",
+    "ome_zarr_s3": "emdata.testing.ome_zarr_s3:REPLICA",
 }
 
 
@@ -66,6 +67,8 @@ class RunningReplica(Protocol):
 class Replica(Protocol):
     kind: str
     transport: str  # "http", "http-array", "s3" or "local": which transport mixin of the contract applies
+    # Optional: ``case_keys`` (a tuple of the dataset keys ``cases()`` returns, in order), so test
+    # collection can count the cases without starting servers (see :func:`case_count`).
 
     def start(self, root: Path, *, coordinate: bool = True) -> AbstractContextManager[RunningReplica]:
         """Write the data under ``root`` and serve it until the context exits."""
@@ -79,6 +82,17 @@ def replica_targets() -> dict[str, str]:
 
 def registered_kinds() -> list[str]:
     return sorted(replica_targets())
+
+
+def case_count(replica: Replica) -> int:
+    """How many cases a replica serves: its ``case_keys`` if it declares them, else start it and count."""
+    keys = getattr(replica, "case_keys", None)
+    if keys is not None:
+        return len(keys)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, replica.start(Path(tmp)) as running:
+        return len(running.cases())
 
 
 def replica_for(kind: str) -> Replica:
