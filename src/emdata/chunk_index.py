@@ -229,3 +229,50 @@ def to_kerchunk(index: ChunkIndex, url: str) -> dict[str, Any]:
             row = table[int(flat)]
             refs[f"{name}/{'.'.join(str(int(i)) for i in k)}"] = [url, int(row["offset"]), int(row["size"])]
     return {"version": 1, "refs": refs}
+
+
+def local_table(h5_path: Path, array: str, dset: Any, explicit: Path | None = None) -> np.ndarray | None:
+    """The index table of ``array`` for the local file ``h5_path``, if an index that matches it is found.
+
+    Looked for at ``explicit``, beside the file (``<name>.chunks``) and in the repository layout
+    (``data/metadata/<name>.chunks`` for ``data/processed/<name>.h5``). It must describe a file of
+    this size with this array's layout and ``array_sha256``, and the first and last stored chunks
+    it lists must hold the bytes HDF5 reports for them; otherwise it is ignored.
+    """
+    h5_path = Path(h5_path)
+    candidates = [explicit] if explicit is not None else []
+    candidates += [h5_path.with_suffix(".chunks"), h5_path.parent.parent / "metadata" / f"{h5_path.stem}.chunks"]
+    for path in candidates:
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            index = ChunkIndex.open(Path(path))
+            a = index.arrays.get(array)
+            if a is None or index.file.get("size") != h5_path.stat().st_size:
+                continue
+            if (a.shape, a.dtype, a.chunks) != (tuple(dset.shape), dset.dtype, tuple(dset.chunks)):
+                continue
+            attr = dset.attrs.get("array_sha256")
+            if attr is None or str(a.attrs.get("array_sha256")) != (attr.decode() if isinstance(attr, bytes) else str(attr)):
+                continue
+            table = index.table(array)
+            if _spot_check(h5_path, dset, a, table):
+                return table
+        except (OSError, ValueError, KeyError, RuntimeError, IndexFormatError):
+            continue
+    return None
+
+
+def _spot_check(h5_path: Path, dset: Any, a: ArrayIndex, table: np.ndarray) -> bool:
+    flats = [0, table.size - 1] if table.size > 1 else [0]
+    with open(h5_path, "rb") as fh:
+        for flat in flats:
+            row = table[flat]
+            if not row["size"]:
+                continue
+            k = np.unravel_index(flat, a.grid)
+            _, expected = dset.id.read_direct_chunk(tuple(int(i) * c for i, c in zip(k, a.chunks)))
+            fh.seek(int(row["offset"]))
+            if fh.read(int(row["size"])) != bytes(expected):
+                return False
+    return True
