@@ -342,7 +342,8 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
         _publish(cfg, key, tmp, out)
         from .normalize_distributed import discard_ledger
 
-        discard_ledger(cfg, key)  # tiles staged by a distributed run are kept until the output is published
+        # Tiles staged by a distributed run are kept until the output is published.
+        discard_ledger(cfg, key, keep_log=bool(scheduler))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

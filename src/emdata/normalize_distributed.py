@@ -20,7 +20,8 @@ a single-process normalize:
 - A worker that dies costs only its tiles: Dask runs them again elsewhere. If this process
   dies, a rerun with the same inputs, settings and code (the ledger's fingerprint) submits only
   the tiles the ledger lacks, then places all of them again from the staged copies. A published
-  output removes the ledger.
+  output removes the staged tiles and keeps the ledger's lines as
+  ``data/.state/<ds>.normalize-ledger.jsonl`` (which worker encoded which tile, in which run).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from .tiles import Box, plan_tiles
 log = logging.getLogger(__name__)
 SCHEDULER_ENV = "EMDATA_SCHEDULER"
 BLOCK_MAGIC = b"EMDBLK01"
-CONNECT_TIMEOUT = "20s"
+TIMEOUT_ENV = "EMDATA_SCHEDULER_TIMEOUT"  # seconds to wait for the scheduler (default 20)
 
 
 # -- the ledger ---------------------------------------------------------------------------------
@@ -62,10 +63,18 @@ def ledger_dir(cfg: Any, key: str) -> Path:
     return cfg.hash_state_path(key).with_name(f"{key}.normalize")
 
 
-def discard_ledger(cfg: Any, key: str) -> None:
-    """A published output makes any ledger of an earlier, interrupted distributed run obsolete."""
+def last_ledger_path(cfg: Any, key: str) -> Path:
+    """``data/.state/<key>.normalize-ledger.jsonl``: the ledger of the last distributed run that published."""
+    return cfg.hash_state_path(key).with_name(f"{key}.normalize-ledger.jsonl")
+
+
+def discard_ledger(cfg: Any, key: str, *, keep_log: bool = False) -> None:
+    """A published output makes the staged tiles obsolete; the ledger's lines (which worker encoded
+    which tile in which run, and how long it took) are kept as the last run's log."""
     folder = ledger_dir(cfg, key)
     if folder.exists():
+        if keep_log and (folder / "ledger.jsonl").is_file():
+            os.replace(folder / "ledger.jsonl", last_ledger_path(cfg, key))
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -295,7 +304,8 @@ class DistributedWriter:
             raise ClusterError(f"{self.key}: normalize --scheduler needs Dask distributed: "
                                "pip install 'emdata[distributed]'") from exc
         try:
-            self.client = Client(self.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+            timeout = float(os.environ.get(TIMEOUT_ENV) or 20)
+            self.client = Client(self.address, timeout=timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(f"{self.key}: cannot reach the Dask scheduler at {self.address!r} "
                                f"({type(exc).__name__}: {exc}); start it or fix --scheduler / ${SCHEDULER_ENV}") from exc
