@@ -105,10 +105,23 @@ class RemoteIndex:
         length, start = ChunkIndex.parse_prefix(head[:PREFIX])
         if start > len(head):
             head += reader.read([(len(head), start)])[0]
-        self.index = ChunkIndex(json.loads(head[PREFIX:start]), start)
+        self.index = ChunkIndex(json.loads(head[PREFIX:start]), start, self.table)
         self._whole = head if len(head) == reader.size else None
         self._pages: dict[tuple[str, int], np.ndarray] = {}
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def table(self, a: ArrayIndex) -> np.ndarray:
+        """The whole table of one array (every page; for exports such as kerchunk references)."""
+        return self.rows(a, np.arange(a.entries_count))
 
     def rows(self, a: ArrayIndex, flats: np.ndarray) -> np.ndarray:
         """Table entries of the given flat chunk numbers."""
@@ -273,6 +286,11 @@ def open_remote(name: str, *, rev: str | None = None, repo: str | os.PathLike | 
     except Exception as exc:  # noqa: BLE001 - dvc raises many kinds; one line
         raise NotBuiltError(f"{name}: cannot open {repo_str} at rev {rev!r} ({type(exc).__name__}: {exc})") from exc
     try:
+        try:
+            odb = r.cloud.get_remote_odb(remote, "open_dataset")
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"{name}: no usable DVC remote {remote!r} in {repo_str} ({type(exc).__name__}: "
+                              f"{exc}); name a remote from `dvc remote list`") from exc
         objects = {}
         for path in (rel, rel_index):
             try:
@@ -288,11 +306,6 @@ def open_remote(name: str, *, rev: str | None = None, repo: str | os.PathLike | 
             raise NotBuiltError(f"{name}: {where} has no chunk-offset index ({rel_index}, written by normalize "
                                 f"since chunk indexes exist), so it cannot be read in place; `dvc pull {rel}` "
                                 f"(or open_dataset({name!r}, rev=...) without remote=) and read the local copy")
-        try:
-            odb = r.cloud.get_remote_odb(remote, "open_dataset")
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"{name}: no usable DVC remote {remote!r} in {repo_str} ({type(exc).__name__}: "
-                              f"{exc}); name a remote from `dvc remote list`") from exc
     finally:
         r.close()
     fs = _remote_fs(odb)
