@@ -130,17 +130,13 @@ class Ledger:
         path = self.staged(array, tile)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as fh:  # renamed when complete: a killed process leaves no half tile
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
         entry = {"array": array, "tile": tile, "bytes": len(data), "run": self.run,
                  "worker": result.get("worker"), "seconds": round(float(result.get("seconds", 0.0)), 4)}
         with self._lock, open(self.path, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         self.done[(array, tile)] = entry
 
     def load(self, array: str, tile: int) -> dict[str, Any]:
@@ -184,8 +180,9 @@ def _unpack_block(blob: bytes) -> dict[str, Any]:
         fg = np.frombuffer(blob, "<i8", count, pos).reshape(header["foreground"]).astype(np.int64)
         pos += 8 * count
     chunks = []
+    view = memoryview(blob)  # chunk payloads are views into the one staged blob, not copies
     for off, mask, length in header["chunks"]:
-        chunks.append(EncodedChunk(tuple(off), mask, blob[pos:pos + length]))  # type: ignore[arg-type]
+        chunks.append(EncodedChunk(tuple(off), mask, view[pos:pos + length]))  # type: ignore[arg-type]
         pos += length
     if pos != len(blob):
         raise ValueError("staged tile has the wrong length")
@@ -292,6 +289,7 @@ class DistributedWriter:
         self._error: BaseException | None = None
         self._stop = False
         self._futures: dict[str, Any] = {}
+        self._fresh: dict[tuple[str, int], dict[str, Any]] = {}  # staged tiles not placed yet, kept in memory
         self._collector: threading.Thread | None = None
         self.submitted = 0
 
@@ -363,6 +361,11 @@ class DistributedWriter:
                 result = future.result()
                 assert self.ledger is not None
                 self.ledger.stage(name, tile, result)
+                with self._cond:
+                    if len(self._fresh) < window:  # more waiting tiles are read back from the ledger
+                        self._fresh[(name, tile)] = {
+                            "stats": result["stats"], "foreground": result["foreground"],
+                            "chunks": [EncodedChunk(off, mask, data) for off, mask, data in result["chunks"]]}
                 self._futures.pop(future.key, None)
                 future.release()
                 with self._cond:
@@ -390,7 +393,8 @@ class DistributedWriter:
                     raise ClusterError(f"{self.key}: the tile collector stopped before {name} tile {tile} arrived; "
                                        "run normalize again (finished tiles are kept)")
                 self._cond.wait(timeout=1.0)
-        return self.ledger.load(name, tile)
+            fresh = self._fresh.pop((name, tile), None)
+        return fresh if fresh is not None else self.ledger.load(name, tile)
 
     def _cluster_error(self, exc: BaseException) -> BaseException:
         from .errors import EmdataError
