@@ -239,7 +239,7 @@ def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, ch
     stats = StreamingStats(dtype).partial(data)
     foreground = _chunk_counts(data != 0, chunks) if label else None
     encoded = encode_tile(data, box[0], chunks, compression, level)
-    return {"chunks": [(c.offset, c.filter_mask, c.data) for c in encoded], "stats": stats,
+    return {"chunks": [(c.offset, c.filter_mask, bytes(c.data)) for c in encoded], "stats": stats,
             "foreground": foreground, "worker": _worker_name(), "seconds": time.perf_counter() - started}
 
 

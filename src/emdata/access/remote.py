@@ -34,7 +34,7 @@ from ..io import hdf5
 from ..io.chunks import ChunkDecoder
 from .volume import Volume
 
-HEAD_BYTES = 1 << 20  # first read of an index: its header, and the whole index when it is small
+HEAD_BYTES = 1 << 20  # an index up to this size is read whole at open
 PAGE_ENTRIES = 4096  # index table entries per page read on demand (64 KiB)
 MAX_REQUEST = 64 << 20  # adjacent chunks are merged into one range request up to this size
 
@@ -100,7 +100,8 @@ class RemoteIndex:
 
     def __init__(self, reader: RangeReader) -> None:
         self.reader = reader
-        first = min(reader.size, HEAD_BYTES)
+        # A small index is read whole in one request; a large one, its header first (tables on demand).
+        first = reader.size if reader.size <= HEAD_BYTES else min(reader.size, 64 << 10)
         head = reader.read([(0, first)])[0]
         length, start = ChunkIndex.parse_prefix(head[:PREFIX])
         if start > len(head):

@@ -35,7 +35,7 @@ Triple = tuple[int, int, int]
 class EncodedChunk:
     offset: Triple  # the chunk's first voxel in the dataset (a multiple of the chunk shape)
     filter_mask: int  # HDF5's per-chunk mask of skipped filters (0: every filter applied)
-    data: bytes
+    data: bytes | memoryview  # what write_direct_chunk stores (a view into the tile's chunk-major copy)
 
 
 def chunk_slices(start: tuple[int, ...], stop: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
@@ -70,7 +70,9 @@ def encode_tile(data: np.ndarray, start: tuple[int, ...], chunks: tuple[int, ...
                 full[tuple(slice(0, n) for n in piece.shape)] = piece
                 piece = full
             offset = tuple(o + s.start for o, s in zip(origin, sl))
-            out.append(EncodedChunk(offset, 0, np.ascontiguousarray(piece).tobytes()))  # type: ignore[arg-type]
+            # One copy per chunk (measured faster than one 6-D transpose of the tile), no bytes copy.
+            payload = memoryview(np.ascontiguousarray(piece)).cast("B")
+            out.append(EncodedChunk(offset, 0, payload))  # type: ignore[arg-type]
         return out
     with _memory_file(data.nbytes) as f:
         # Rounded up to whole chunks: the part outside the tile is never written, so an edge chunk
