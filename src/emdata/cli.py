@@ -144,12 +144,18 @@ def fetch(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")
 
 
 @app.command()
-def normalize(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
+def normalize(
+    dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", envvar="EMDATA_SCHEDULER",
+        help="Dask distributed scheduler address (e.g. tcp://host:8786): workers read and encode tiles, this "
+             "process writes; the file is byte-identical. Env: EMDATA_SCHEDULER."),
+) -> None:
     """Convert data/raw/<dataset> into data/processed/<dataset>.h5 and its metadata record."""
     from .normalize import normalize_dataset
 
     cfg = _config()
-    out = normalize_dataset(cfg, dataset)
+    out = normalize_dataset(cfg, dataset, scheduler=scheduler or None)
     typer.echo(f"{dataset}: wrote {out} and {cfg.record_path(dataset)}")
 
 

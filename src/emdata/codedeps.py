@@ -8,7 +8,8 @@ a change to that code changes the file and re-runs exactly the stages it affects
 elsewhere (CLI, access layer, HTTP transport, another kind's reader) re-runs nothing.
 
 - normalize: the source module, the readers it declares (``READERS``), and the shared writer
-  (normalize, tiles, stats, kernels, raw, geometry, io/hdf5, metadata).
+  (normalize, tiles, stats, kernels, raw, geometry, io/hdf5, io/chunks, metadata, chunk_index,
+  normalize_distributed).
 - fetch: the source module and the fetch record; plus its readers when the source decodes
   while fetching (``DECODES_ON_FETCH = True``, e.g. a precomputed crop), and the modules it
   declares in ``FETCHERS`` (code that decides the fetched bytes, e.g. archive extraction).
@@ -31,7 +32,8 @@ from .io.digest import sha256_file
 FOLDER = Path("pipeline") / "code"
 STAGES = ("fetch", "normalize")
 NORMALIZE_CODE = ("emdata.normalize", "emdata.tiles", "emdata.stats", "emdata.kernels", "emdata.raw",
-                  "emdata.geometry", "emdata.io.hdf5", "emdata.metadata")
+                  "emdata.geometry", "emdata.io.hdf5", "emdata.io.chunks", "emdata.metadata", "emdata.chunk_index",
+                  "emdata.normalize_distributed")
 FETCH_CODE = ("emdata.fetch_record",)
 COLLECTION_CODE = ("emdata.collection", "emdata.normalize_collection")
 

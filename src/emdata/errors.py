@@ -67,3 +67,10 @@ class AccessError(EmdataError, IndexError):
     """A region or patch lies outside the volume."""
 
     exit_code = 8
+
+
+class ClusterError(EmdataError):
+    """A Dask cluster could not be reached or lost work beyond its retries (normalize --scheduler,
+    run_tiled(client=...)); what finished is kept in the ledger and a rerun resumes from it."""
+
+    exit_code = 11

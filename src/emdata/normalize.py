@@ -105,50 +105,80 @@ def _pipeline(boxes: list[Box], read: Callable[[Box], np.ndarray], consume: Call
         pending.result()
 
 
+def create_array(group: Any, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
+                 compression: str, level: int) -> Any:
+    """The empty chunked dataset ``name`` (both normalize paths create arrays here)."""
+    return group.create_dataset(name, shape=shape, dtype=dtype, chunks=hdf5.chunk_shape(chunks, shape), fillvalue=0,
+                                **hdf5.compression_options(compression, level))
+
+
+def finish_array(dset: Any, attrs: dict[str, Any], array_sha256: str, statistics: dict[str, Any]) -> None:
+    """Flush the placed chunks, then set the attributes (in this order, in both normalize paths)."""
+    dset.flush()  # write failures surface here, not in a __dealloc__ that cannot raise
+    dset.attrs.update(attrs)
+    dset.attrs["array_sha256"] = array_sha256
+    dset.attrs["statistics"] = json.dumps(statistics, sort_keys=True)
+
+
+def read_tile(volume: RawVolume, box: Box, dtype: np.dtype, desc: str) -> np.ndarray:
+    """A box of the source in the output dtype; a reader returning the wrong shape is a FormatError."""
+    start, stop = box
+    data = volume.read(start, stop)
+    want = tuple(b - a for a, b in zip(start, stop))
+    if data.shape != want:
+        raise FormatError(getattr(volume, "dataset", "?"), desc, f"read {data.shape} for the box {start}..{stop}, "
+                          f"expected {want}", "the source reader returned the wrong shape; please report it")
+    return data.astype(dtype, copy=False)
+
+
+def hash_boxes(plan: Any) -> list[Box]:
+    """The boxes whose voxels, in this order, are the volume in C order (the sha256's input)."""
+    return plan.tiles if plan.one_pass else (plan.hash_boxes or [])
+
+
 def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int, int, int], compression: str,
                  level: int, attrs: dict[str, Any], label: bool, desc: str,
                  budget: int = DEFAULT_BUDGET, plane: bool = False,
                  progress: Progress | None = None) -> dict[str, Any]:
     """Stream ``volume`` into dataset ``name``; return its sha256, statistics and chunk counts.
 
-    ``plane``: the volume is one Z plane, stored as a 2D (Y, X) dataset (collections of 2D
-    images). ``progress``: count into a caller's progress (one for many small arrays).
+    Each tile is encoded chunk by chunk and placed with direct chunk writes in C order of the
+    chunk grid (:mod:`emdata.io.chunks`), exactly as the distributed path places the chunks its
+    workers encode, so both give the same bytes. ``plane``: the volume is one Z plane, stored as
+    a 2D (Y, X) dataset (collections of 2D images). ``progress``: count into a caller's progress
+    (one for many small arrays).
     """
+    from .io.chunks import encode_tile, place
+
     shape = tuple(int(n) for n in volume.shape)
     dtype = output_dtype(volume.dtype)
-    chunk = hdf5.chunk_shape(chunks, shape)
     if plane and shape[0] != 1:
         raise FormatError(getattr(volume, "dataset", "?"), desc, f"a 2D image was expected, got shape {shape}",
                           "please report it (a source bug)")
-    stored, stored_chunk = (shape[1:], chunk[1:]) if plane else (shape, chunk)
-    dset = group.create_dataset(name, shape=stored, dtype=dtype, chunks=stored_chunk, fillvalue=0,
-                                **hdf5.compression_options(compression, level))
+    if plane:
+        dset = create_array(group, name, shape[1:], dtype, chunks[1:], compression, level)
+        chunk = (1, *dset.chunks)
+    else:
+        dset = create_array(group, name, shape, dtype, chunks, compression, level)
+        chunk = tuple(dset.chunks)
     digest = _Digest(dtype, chunk, shape, label)
     plan = plan_tiles(shape, chunk, dtype.itemsize, budget)
-    dataset_name = getattr(volume, "dataset", "?")
 
     def read(box: Box) -> np.ndarray:
-        start, stop = box
-        data = volume.read(start, stop)
-        want = tuple(b - a for a, b in zip(start, stop))
-        if data.shape != want:
-            raise FormatError(dataset_name, desc, f"read {data.shape} for the box {start}..{stop}, expected {want}",
-                              "the source reader returned the wrong shape; please report it")
-        return data.astype(dtype, copy=False)
+        return read_tile(volume, box, dtype, desc)
 
     def read_and_tally(box: Box) -> np.ndarray:
         # The histogram runs here so that the three threads carry similar loads: read + histogram |
-        # HDF5 write | sha256 (+ label counts).
+        # encode + HDF5 write | sha256 (+ label counts).
         data = read(box)
         digest.tally(data)
         return data
 
     def write(box: Box, data: np.ndarray) -> None:
-        (z0, y0, x0), (z1, y1, x1) = box
         if plane:
-            dset[y0:y1, x0:x1] = data[0]
+            place(dset, encode_tile(data[0], box[0][1:], chunk[1:], compression, level))
         else:
-            dset[z0:z1, y0:y1, x0:x1] = data
+            place(dset, encode_tile(data, box[0], chunk, compression, level))
 
     def hash_and_count(box: Box, data: np.ndarray) -> None:
         if plan.one_pass:
@@ -161,14 +191,11 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
             progress = stack.enter_context(Progress(voxels * (1 if plan.one_pass else 2), desc, unit="vox"))
         _pipeline(plan.tiles, read_and_tally, write, hash_and_count, progress)
         if not plan.one_pass:  # the sha256 needs C order: a second, read-only pass in hash boxes
-            _pipeline(plan.hash_boxes or [], read, lambda box, data: None, lambda box, data: digest.hash(data),
+            _pipeline(hash_boxes(plan), read, lambda box, data: None, lambda box, data: digest.hash(data),
                       progress)
-    dset.flush()  # write failures surface here, not in a __dealloc__ that cannot raise
     array_sha256 = digest.sha.hexdigest()
     statistics = digest.stats.result()
-    dset.attrs.update(attrs)
-    dset.attrs["array_sha256"] = array_sha256
-    dset.attrs["statistics"] = json.dumps(statistics, sort_keys=True)
+    finish_array(dset, attrs, array_sha256, statistics)
     return {"array_sha256": array_sha256, "statistics": statistics, "foreground": digest.foreground,
             "tiles": len(plan.tiles), "one_pass": plan.one_pass}
 
@@ -279,8 +306,13 @@ def _map_label_values(key: str, labels: dict[str, RawVolume],
     return {name: MappedVolume(lab, values[name]) if name in values else lab for name, lab in labels.items()}
 
 
-def normalize_dataset(cfg: Config, key: str) -> Path:
-    """Write ``data/processed/<key>.h5`` from ``data/raw/<key>``; return its path."""
+def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) -> Path:
+    """Write ``data/processed/<key>.h5`` from ``data/raw/<key>``; return its path.
+
+    With ``scheduler`` (a Dask distributed scheduler address) the tiles are read and encoded by
+    the cluster's workers and this process places them (:mod:`emdata.normalize_distributed`);
+    the file is byte-identical either way.
+    """
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
@@ -292,10 +324,12 @@ def normalize_dataset(cfg: Config, key: str) -> Path:
     with dataset_lock(cfg.lock_dir(), key, "normalize"):
         _remove_stale_temporaries(out)
         if layout_of(source) == "collection":  # many images with a table: its own writer
+            if scheduler:
+                raise ConfigError(f"{key}: --scheduler is for single volumes; collections normalize in one process")
             from .normalize_collection import normalize_collection
 
             return normalize_collection(cfg, key, source, raw, record, out)
-        return _normalize_locked(cfg, key, source, raw, record, out)
+        return _normalize_locked(cfg, key, source, raw, record, out, scheduler=scheduler)
 
 
 def _check_free_space(key: str, out: Path, arrays: list[RawVolume], compression: str) -> None:
@@ -317,20 +351,33 @@ def _remove_stale_temporaries(out: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path) -> Path:
+def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path) -> tuple[RawVolume, dict[str, RawVolume]]:
+    """The source's image and labels (label value maps applied), checked to lie on one grid."""
+    ds = cfg.dataset(key)
+    volume = stack.enter_context(source.open_volume(ds.source, raw, key))
+    open_labels = getattr(source, "open_labels", None)
+    labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
+    _check_labels(key, volume, labels)
+    return volume, _map_label_values(key, labels, ds.label_values)
+
+
+def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path, *,
+                      scheduler: str | None = None) -> Path:
     ds = cfg.dataset(key)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
     try:
         with ExitStack() as stack:
-            volume = stack.enter_context(source.open_volume(ds.source, raw, key))
-            if int(np.prod(volume.shape)) > 1 << 16:  # small volumes count with np.bincount instead
+            volume, labels = open_arrays(stack, cfg, key, source, raw)
+            write: Callable[..., dict[str, Any]] = write_volume
+            if scheduler:  # the cluster reads and encodes; this process places the chunks
+                from .normalize_distributed import DistributedWriter
+
+                arrays = {hdf5.RAW: volume, **{f"{hdf5.LABELS}/{n}": lab for n, lab in labels.items()}}
+                write = stack.enter_context(DistributedWriter(scheduler, cfg, key, record, arrays))
+            elif int(np.prod(volume.shape)) > 1 << 16:  # small volumes count with np.bincount instead
                 warm.start()
-            open_labels = getattr(source, "open_labels", None)
-            labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
-            _check_labels(key, volume, labels)
-            labels = _map_label_values(key, labels, ds.label_values)
             _check_free_space(key, out, [volume, *labels.values()], params.compression)
             geometry = dataset_geometry(cfg, key, volume)
             native = json_safe(source.read_metadata(ds.source, raw, key))
@@ -344,16 +391,20 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
                 common = dict(chunks=params.chunks, compression=params.compression, level=params.compression_level,
                               attrs=hdf5.spatial_attrs(geometry.voxel_size_nm, geometry.offset_nm),
                               budget=params.memory_budget)
-                write_volume(f, hdf5.RAW, volume, label=False, desc=f"{key}: raw", **common)
+                write(f, hdf5.RAW, volume, label=False, desc=f"{key}: raw", **common)
                 for name, lab in labels.items():
                     mapping = ds.label_values.get(name)
                     attrs = {**common["attrs"], **({"value_map": json.dumps({str(k): v for k, v in mapping.items()})}
                                                    if mapping else {})}
-                    result = write_volume(f, f"{hdf5.LABELS}/{name}", lab, label=True,
+                    result = write(f, f"{hdf5.LABELS}/{name}", lab, label=True,
                                           desc=f"{key}: labels/{name}", **{**common, "attrs": attrs})
                     f.create_dataset(f"{hdf5.LABEL_STATS}/{name}/chunk_foreground", data=result["foreground"])
         _check_written(tmp, key, tuple(volume.shape), list(labels))
         _publish(cfg, key, tmp, out)
+        from .normalize_distributed import discard_ledger
+
+        # Tiles staged by a distributed run are kept until the output is published.
+        discard_ledger(cfg, key, keep_log=bool(scheduler))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -365,25 +416,33 @@ def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: Fet
 
 
 def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
-    """Give the HDF5 and its record their names together, or leave the dataset "not normalized".
+    """Give the HDF5, its chunk index and its record their names together, or leave the dataset
+    "not normalized".
 
-    The record is built from the checked temporary file first; the old record goes before the
-    new HDF5 takes its name, so an interruption leaves an HDF5 without a record (which ``list``
-    and ``verify`` report as not normalized), never a new HDF5 beside an old record.
+    The record and the chunk index (:mod:`emdata.chunk_index`) are built from the checked
+    temporary file first; the old record goes before the new HDF5 takes its name and the record
+    comes last, so an interruption leaves an HDF5 without a record (which ``list`` and ``verify``
+    report as not normalized), never a new HDF5 beside an old record or an old index.
     """
+    from . import chunk_index
     from .io.atomic import write_json_atomic
     from .metadata import build_record
 
     record = build_record(cfg, key, tmp)
     record_path = cfg.record_path(key)
+    index_path = chunk_index.index_path_for(record_path)
     staged = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+    staged_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
     write_json_atomic(staged, record)
     try:
+        chunk_index.write(tmp, staged_index, file_name=out.name, file_sha256=record["file_sha256"])
         record_path.unlink(missing_ok=True)
         os.replace(tmp, out)
+        os.replace(staged_index, index_path)
         os.replace(staged, record_path)
     finally:
         staged.unlink(missing_ok=True)
+        staged_index.unlink(missing_ok=True)
 
 
 def _check_written(path: Path, key: str, shape: tuple[int, ...], labels: Iterable[str]) -> None:

@@ -61,37 +61,50 @@ class StreamingStats:
             self._zeros = 0
 
     def update(self, data: np.ndarray) -> None:
+        self.merge(self.partial(data))
+
+    def partial(self, data: np.ndarray) -> dict[str, Any] | None:
+        """The statistics of one block, to be merged (possibly in another process) with ``merge``.
+
+        ``update(a); update(b)`` and ``merge(partial(a)); merge(partial(b))`` give identical
+        results: histograms add, and moments merge with the same arithmetic in the same order.
+        """
         flat = np.ascontiguousarray(data).reshape(-1)
         if flat.size == 0:
-            return
-        self.count += flat.size
+            return None
         if self.exact:
-            self._update_hist(flat)
-        else:
-            self._update_moments(flat)
-
-    def _update_hist(self, flat: np.ndarray) -> None:
-        from .kernels import add_histogram
-
-        codes = flat.view(np.uint8 if self.dtype.itemsize == 1 else np.uint16)
-        if codes.size < _SMALL:  # not worth compiling or loading the kernel
-            self.hist += np.bincount(codes, minlength=self.hist.size)
-        else:
-            add_histogram(codes, self.hist)
-
-    def _update_moments(self, flat: np.ndarray) -> None:
+            return {"n": int(flat.size), "hist": self._histogram(flat)}
         block = flat.astype(np.float64, copy=False)
-        n_b = block.size
-        mean_b = float(block.mean())
-        m2_b = float(((block - mean_b) ** 2).sum())
+        mean = float(block.mean())
+        return {"n": int(block.size), "mean": mean, "m2": float(((block - mean) ** 2).sum()),
+                "min": float(block.min()), "max": float(block.max()), "zeros": int(np.count_nonzero(flat == 0))}
+
+    def merge(self, part: dict[str, Any] | None) -> None:
+        if part is None:
+            return
+        self.count += part["n"]
+        if self.exact:
+            self.hist += part["hist"]
+            return
+        n_b, mean_b, m2_b = part["n"], part["mean"], part["m2"]
         n_a = self.count - n_b
         delta = mean_b - self._mean
         total = n_a + n_b
         self._mean += delta * n_b / total
         self._m2 += m2_b + delta * delta * n_a * n_b / total
-        self._min = min(self._min, float(block.min()))
-        self._max = max(self._max, float(block.max()))
-        self._zeros += int(np.count_nonzero(flat == 0))
+        self._min = min(self._min, part["min"])
+        self._max = max(self._max, part["max"])
+        self._zeros += part["zeros"]
+
+    def _histogram(self, flat: np.ndarray) -> np.ndarray:
+        from .kernels import add_histogram
+
+        codes = flat.view(np.uint8 if self.dtype.itemsize == 1 else np.uint16)
+        if codes.size < _SMALL:  # not worth compiling or loading the kernel
+            return np.bincount(codes, minlength=self.hist.size).astype(np.int64, copy=False)
+        hist = np.zeros(self.hist.size, np.int64)
+        add_histogram(codes, hist)
+        return hist
 
     def _bins(self) -> tuple[np.ndarray, np.ndarray]:
         """Bin values in increasing order and their counts."""

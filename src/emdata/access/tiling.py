@@ -67,7 +67,7 @@ def window_weights(shape: tuple[int, ...], blend: str) -> np.ndarray:
 def _fingerprint(volume: Volume, block: tuple[int, ...], halo: tuple[int, ...], blend: str, dtype: np.dtype,
                  pad: str, model: dict[str, str]) -> str:
     return json.dumps({
-        "input": str(volume.path.resolve()), "array": volume.array, "shape": list(volume.shape),
+        "input": volume.identity(), "array": volume.array, "shape": list(volume.shape),
         "array_sha256": str(volume.attrs.get("array_sha256", "")), "block": list(block), "halo": list(halo),
         "blend": blend, "dtype": np.dtype(dtype).str, "pad": pad, "model": model,
     }, sort_keys=True)
@@ -323,7 +323,7 @@ def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: str | os.PathLike, *,
               block_shape: tuple[int, int, int], halo: tuple[int, int, int] = (0, 0, 0), blend: str = "crop",
               dtype: np.dtype | type = np.float32, name: str = "prediction", pad: str = "reflect",
-              model_id: str | None = None) -> Path:
+              model_id: str | None = None, client: Any = None) -> Path:
     """Run ``fn`` block by block over ``volume`` into ``out_path:/<name>``; return ``out_path``.
 
     A rerun after an interruption computes only the blocks the ledger lacks, provided the input,
@@ -336,6 +336,9 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
             the same id means "same outputs", so change it whenever the model changes. Needed to
             resume with a callable that cannot be hashed (an object without ``state_dict()``
             holding other state); without it such a run computes every block (with a warning).
+        client: a ``distributed.Client``: the blocks are predicted on its workers
+            (:mod:`emdata.access.cluster`) and this process writes them, with the same ledger,
+            blending and output; a lost worker costs only the blocks it held.
     """
     import h5py
 
@@ -379,9 +382,9 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
         with h5py.File(partial, "r+") as out:
             target = out[name]
             if blend == "crop":
-                _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch)
+                _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch, client)
             else:
-                _run_blend(volume, fn, blocks, done, scratch, target, dtype, pad, blend, block, halo)
+                _run_blend(volume, fn, blocks, done, scratch, target, dtype, pad, blend, block, halo, client)
     os.replace(partial, out_path)
     scratch_path.unlink()
     return out_path
@@ -406,30 +409,54 @@ def _predict(volume: Volume, fn: Callable, b: Block, pad: str) -> np.ndarray:
     return result
 
 
-def _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch) -> None:
+def _crop_cast(b: Block, prediction: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return _cast(b.crop(prediction), dtype)
+
+
+def _as_is(b: Block, prediction: np.ndarray) -> np.ndarray:
+    return prediction
+
+
+def predictions(volume: Volume, fn: Callable, blocks: list[Block], todo: list[int], pad: str,
+                post: Callable[[Block, np.ndarray], np.ndarray], client: Any = None):
+    """``(i, post(block i, fn(read region)))`` for each block in ``todo``: here in order, or on the
+    workers of ``client`` in the order they finish."""
+    if client is not None:
+        from .cluster import predict_on_cluster
+
+        yield from predict_on_cluster(client, volume, fn, blocks, todo, pad, post)
+        return
+    for i in todo:
+        yield i, post(blocks[i], _predict(volume, fn, blocks[i], pad))
+
+
+def _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch, client=None) -> None:
+    todo = [i for i in range(len(blocks)) if not done[i]]
     with Progress(len(blocks), "tiled inference", unit="block") as progress:
-        for i, b in enumerate(blocks):
-            if not done[i]:
-                target[b.write] = _cast(b.crop(_predict(volume, fn, b, pad)), dtype)
-                target.file.flush()
-                done[i] = 1
-                scratch.flush()  # the ledger entry follows the data it vouches for
+        progress.update(len(blocks) - len(todo))
+        for i, values in predictions(volume, fn, blocks, todo, pad, functools.partial(_crop_cast, dtype=dtype),
+                                     client):
+            target[blocks[i].write] = values
+            target.file.flush()
+            done[i] = 1
+            scratch.flush()  # the ledger entry follows the data it vouches for
             progress.update(1)
 
 
-def _run_blend(volume, fn, blocks, done, scratch, target, dtype, pad, blend, block, halo) -> None:
+def _run_blend(volume, fn, blocks, done, scratch, target, dtype, pad, blend, block, halo, client=None) -> None:
     window = blocks[0].read_shape
     if "windows" not in scratch:
         scratch.create_dataset("windows", shape=(len(blocks), *window), dtype=np.float32 if dtype.itemsize <= 4
                                else np.float64, chunks=(1, *window))
     windows = scratch["windows"]
+    todo = [i for i in range(len(blocks)) if not done[i]]
     with Progress(len(blocks), "tiled inference", unit="block") as progress:
-        for i, b in enumerate(blocks):
-            if not done[i]:
-                windows[i] = _predict(volume, fn, b, pad)
-                scratch.flush()
-                done[i] = 1
-                scratch.flush()
+        progress.update(len(blocks) - len(todo))
+        for i, prediction in predictions(volume, fn, blocks, todo, pad, _as_is, client):
+            windows[i] = prediction
+            scratch.flush()
+            done[i] = 1
+            scratch.flush()
             progress.update(1)
     weights = window_weights(window, blend)
     reach = [math.ceil(h / s) if h else 0 for h, s in zip(halo, block)]

@@ -35,9 +35,14 @@ class Volume:
     """One 3D array (``/raw`` or ``/labels/<name>``) of a canonical emdata HDF5 file."""
 
     def __init__(self, path: str | os.PathLike, array: str = hdf5.RAW, *, name: str | None = None,
-                 resolution: Any = None, offset: Any = None) -> None:
-        """``resolution``/``offset`` (nm, z/y/x) are needed only for files that do not record them."""
+                 resolution: Any = None, offset: Any = None, index: str | os.PathLike | None = None) -> None:
+        """``resolution``/``offset`` (nm, z/y/x) are needed only for files that do not record them.
+
+        ``index``: the file's chunk-offset index (``data/metadata/<ds>.chunks``); found on its own
+        beside the file or in the repository layout, and used only if it matches the file.
+        """
         self.path = Path(path)
+        self.index = Path(index) if index is not None else None
         self.array = array
         self.name = name or self.path.stem
         self._handle: _Handle | None = None
@@ -85,7 +90,12 @@ class Volume:
                 file.close()
                 raise AccessError(f"{self.path} was replaced by a different file since this Volume was "
                                   f"created; open it again (emdata.open_dataset or Volume)")
-            handle = _Handle(os.getpid(), file, dset, hdf5.ChunkMap.build(dset))
+            table = None
+            if hdf5.ChunkMap.usable(dset):
+                from ..chunk_index import local_table
+
+                table = local_table(self.path, self.array, dset, self.index)
+            handle = _Handle(os.getpid(), file, dset, hdf5.ChunkMap.build(dset, table))
             self._handle = handle
         return handle
 
@@ -97,6 +107,10 @@ class Volume:
         if len(self.stored_shape) == 2:
             return handle.dset[int(start[1]):int(stop[1]), int(start[2]):int(stop[2])][None]
         return handle.dset[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))]
+
+    def identity(self) -> str:
+        """What names this array's file in ledgers (the resolved path; a remote volume's URL)."""
+        return str(self.path.resolve())
 
     def close(self) -> None:
         handle, self._handle = self._handle, None
@@ -130,7 +144,8 @@ class Volume:
 
     @property
     def labels(self) -> dict[str, "Volume"]:
-        return {n: Volume(self.path, f"{hdf5.LABELS}/{n}", name=f"{self.name}:{n}") for n in self.label_names}
+        return {n: Volume(self.path, f"{hdf5.LABELS}/{n}", name=f"{self.name}:{n}", index=self.index)
+                for n in self.label_names}
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -254,7 +269,8 @@ def _three(values: np.ndarray, first: float) -> np.ndarray:
 
 
 def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str | os.PathLike | None = None,
-                 label: str | None = None, cache_dir: str | os.PathLike | None = None) -> Volume:
+                 label: str | None = None, cache_dir: str | os.PathLike | None = None, remote: str | None = None,
+                 remote_config: dict[str, Any] | None = None) -> Volume:
     """Open ``data/processed/<name>.h5`` read-only (``label`` picks ``/labels/<label>``).
 
     ``name`` may also be the path of an emdata HDF5 file (a ``Path``, or a string ending in
@@ -265,7 +281,22 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
     DVC's Python API from ``repo`` (a path or Git URL) at ``rev`` (tag, branch or commit) into a
     cache keyed by the file's DVC content hash (``cache_dir``, ``$EMDATA_CACHE`` or
     ``~/.cache/emdata``) first, so a moved branch never serves stale data.
+
+    With ``remote`` (a DVC remote's name, e.g. ``"s3"``): nothing is downloaded; the file stays in
+    the remote and each read fetches only the chunks it touches (:mod:`emdata.access.remote`),
+    through the chunk-offset index normalize writes. ``remote_config`` overrides that remote's
+    DVC settings (e.g. ``{"endpointurl": ...}``).
     """
+    if remote is not None:
+        from ..config import KEY_PATTERN
+
+        if _looks_like_path(name):
+            raise ConfigError(f"{name}: rev=, repo= and remote= take a dataset name, not a file path")
+        if not KEY_PATTERN.fullmatch(str(name)):
+            raise ConfigError(f"{name!r}: remote= takes a dataset name")
+        from .remote import open_remote
+
+        return open_remote(str(name), rev=rev, repo=repo, remote=remote, label=label, remote_config=remote_config)
     path, display = dataset_path(name, rev=rev, repo=repo, cache_dir=cache_dir)
     volume = Volume(path) if _looks_like_path(name) else Volume(path, name=display)
     return volume if label is None else _label_of(volume, display, label)
@@ -278,7 +309,7 @@ def dataset_path(name: str | os.PathLike, *, rev: str | None = None, repo: str |
 
     if _looks_like_path(name):
         if rev is not None or repo is not None:
-            raise ConfigError(f"{name}: rev= and repo= take a dataset name, not a file path")
+            raise ConfigError(f"{name}: rev=, repo= and remote= take a dataset name, not a file path")
         file = Path(name).expanduser()
         if not file.is_file():
             raise NotBuiltError(f"{file}: no such file (opened as a path because it is a Path, ends in .h5/.hdf5 "

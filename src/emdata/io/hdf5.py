@@ -108,10 +108,20 @@ class ChunkMap:
     HDF5 stores each uncompressed chunk as one contiguous, full-size block (edge chunks too) at
     an offset its chunk index reports. Mapping the file and copying sub-boxes out of those blocks
     avoids h5py's per-call selection overhead (measured here: random 64^3 patches ~1.9x and XY
-    sections ~12x faster than h5py, random 64^3 patches ~0.72x a numpy memmap). Only for datasets with no filters; ``None`` from ``build`` otherwise.
+    sections ~12x faster than h5py, random 64^3 patches ~0.72x a numpy memmap). Only for datasets
+    with no filters; ``None`` from ``build`` otherwise.
+
+    The chunk offsets are arrays over the chunk grid, never one Python object per chunk. They come
+    from the file's chunk-offset index (:mod:`emdata.chunk_index`, written by normalize; memory-
+    mapped, so opening a 1 TB-class file reads nothing up front) when one is given and matches
+    the file, else from one pass over HDF5's chunk index for files of up to ``ITERATE_MAX``
+    chunks (HDF5's per-chunk queries are linear in the chunk count, so larger files without an
+    index are read through h5py).
     """
 
-    def __init__(self, dset: Any, offsets: dict[tuple[int, ...], int]) -> None:
+    ITERATE_MAX = 200_000
+
+    def __init__(self, dset: Any, offsets: np.ndarray, sizes: np.ndarray) -> None:
         import mmap
 
         lead = (1,) * (3 - dset.ndim)  # a 2D image is read as one Z plane
@@ -119,39 +129,55 @@ class ChunkMap:
         self.chunks = lead + tuple(dset.chunks)
         self.dtype = dset.dtype
         self.fill = dset.fillvalue
-        count = int(np.prod(self.chunks))
+        self.offsets = offsets  # chunk grid -> byte offset in the file
+        self.sizes = sizes  # chunk grid -> stored bytes (0: never written, reads give the fill value)
+        self._count = int(np.prod(self.chunks))
         # Map the very file h5py opened (its descriptor), never the path again: if the path is
         # replaced meanwhile (normalize renames a new file over it), offsets and bytes still
         # come from the same file, so a reader sees old voxels or new ones, never a mix.
         self._mmap = mmap.mmap(dset.file.id.get_vfd_handle(), 0, access=mmap.ACCESS_READ)
-        data = np.frombuffer(self._mmap, dtype=np.uint8)  # a plain ndarray view: no memmap overhead
-        grid = [-(-s // c) for s, c in zip(self.shape, self.chunks)]
-        # Nested lists, not a dict of tuples: the lookup sits in the innermost loop of every read.
-        self.blocks: list = [[[None] * grid[2] for _ in range(grid[1])] for _ in range(grid[0])]
-        nbytes = count * self.dtype.itemsize
-        for (kz, ky, kx), offset in offsets.items():
-            self.blocks[kz][ky][kx] = data[offset:offset + nbytes].view(self.dtype).reshape(self.chunks)
+        self._data = np.frombuffer(self._mmap, dtype=np.uint8)  # a plain ndarray view: no memmap overhead
+        self._nbytes = self._count * self.dtype.itemsize
+
+    @staticmethod
+    def usable(dset: Any) -> bool:
+        if dset.chunks is None or dset.id.get_create_plist().get_nfilters() > 0 or dset.dtype.hasobject:
+            return False
+        return dset.file.driver == "sec2" and not dset.file.userblock_size  # raw offsets at face value
 
     @classmethod
-    def build(cls, dset: Any) -> "ChunkMap | None":
-        if dset.chunks is None or dset.id.get_create_plist().get_nfilters() > 0 or dset.dtype.hasobject \
-                or dset.ndim not in (2, 3):
+    def build(cls, dset: Any, index: Any = None) -> "ChunkMap | None":
+        """``index``: a chunk-index table (:meth:`emdata.chunk_index.ChunkIndex.table`) for ``dset``."""
+        if not cls.usable(dset) or dset.ndim not in (2, 3):
             return None
-        if dset.file.driver != "sec2" or dset.file.userblock_size:
-            return None  # only a plain local file has the raw chunk offsets at face value
-        offsets: dict[tuple[int, ...], int] = {}
-        chunks = dset.chunks
-        lead = (0,) * (3 - dset.ndim)
+        chunks = tuple(dset.chunks)
+        lead = (0,) * (3 - dset.ndim)  # a 2D image is one Z plane
+        grid = (1,) * len(lead) + tuple(-(-s // c) for s, c in zip(dset.shape, chunks))
+        if index is not None:
+            return cls(dset, index["offset"].reshape(grid), index["size"].reshape(grid))
+        if int(np.prod(grid)) > cls.ITERATE_MAX:
+            return None
+        offsets = np.zeros(grid, np.int64)
+        sizes = np.zeros(grid, np.int64)
 
         def visit(info: Any) -> None:
-            offsets[lead + tuple(o // c for o, c in zip(info.chunk_offset, chunks))] = info.byte_offset
+            k = lead + tuple(o // c for o, c in zip(info.chunk_offset, chunks))
+            offsets[k] = info.byte_offset
+            sizes[k] = info.size
 
         if hasattr(dset.id, "chunk_iter"):  # one pass over the chunk index (HDF5 >= 1.14)
             dset.id.chunk_iter(visit)
         else:  # get_chunk_info(i) walks the index each call: fine for small files only
             for i in range(dset.id.get_num_chunks()):
                 visit(dset.id.get_chunk_info(i))
-        return cls(dset, offsets)
+        return cls(dset, offsets, sizes)
+
+    def block(self, kz: int, ky: int, kx: int) -> np.ndarray | None:
+        """Chunk ``(kz, ky, kx)`` as a read-only view into the map, or None if never written."""
+        if not self.sizes[kz, ky, kx]:
+            return None
+        offset = int(self.offsets[kz, ky, kx])
+        return self._data[offset:offset + self._nbytes].view(self.dtype).reshape(self.chunks)
 
     def read(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
         """The box ``[start, stop)``, which must lie inside the dataset."""
@@ -165,11 +191,9 @@ class ChunkMap:
                 axis.append((k, slice(lo - a, hi - a), slice(lo - k * c, hi - k * c)))
             pieces.append(axis)
         for kz, oz, sz in pieces[0]:
-            plane = self.blocks[kz]
             for ky, oy, sy in pieces[1]:
-                row = plane[ky]
                 for kx, ox, sx in pieces[2]:
-                    block = row[kx]
+                    block = self.block(kz, ky, kx)
                     # never written: HDF5 would return the fill value
                     out[oz, oy, ox] = self.fill if block is None else block[sz, sy, sx]
         return out

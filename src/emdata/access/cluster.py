@@ -1,0 +1,89 @@
+"""Tiled inference on a Dask distributed cluster: ``run_tiled(..., client=distributed.Client)``.
+
+The workers read each block's window from the volume (a :class:`~emdata.access.volume.Volume`
+pickles without its file handle and reopens the file on the worker, so the file must be at the
+same path there, e.g. on a shared file system; a remote volume reads from its DVC remote) and
+call the model; this process receives the predictions and writes them, with the same ledger,
+blending and output file as a single-process run (:mod:`emdata.access.tiling`), so the result
+is the same array.
+
+The model and the volume are sent to every worker once (``scatter(broadcast=True)``); at most
+a window of blocks (twice the cluster's threads, at least 4) is in flight, so a slow writer
+never piles predictions up in worker memory. A block is marked done in the ledger only after its
+prediction is written, so a worker that dies costs only the blocks it held (Dask runs them again
+on another worker), and a rerun after this process dies computes only the blocks the ledger lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..errors import ClusterError, EmdataError
+from .blocks import Block
+
+log = logging.getLogger(__name__)
+
+
+def _predict_block(volume: Any, fn: Callable, block: Block, pad: str, post: Callable) -> np.ndarray:
+    from .tiling import _predict
+
+    return post(block, _predict(volume, fn, block, pad))
+
+
+def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Block], todo: list[int], pad: str,
+                       post: Callable[[Block, np.ndarray], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, prediction)`` for each block in ``todo``, in the order the workers finish them."""
+    from distributed import as_completed
+
+    if not todo:
+        return
+    try:
+        threads = sum(client.nthreads().values())
+    except Exception as exc:  # noqa: BLE001 - a closed client, an unreachable scheduler
+        raise ClusterError(f"tiled inference: the Dask client cannot reach its scheduler ({type(exc).__name__}: "
+                           f"{exc})") from exc
+    if threads == 0:
+        log.warning("tiled inference: the cluster has no workers yet; blocks wait until one joins")
+    window = max(4, 2 * threads)
+    shared_volume, shared_fn = client.scatter([volume, fn], broadcast=True, hash=False)
+    tag = hashlib.sha1(f"{volume.identity()}:{id(fn)}:{id(todo)}".encode()).hexdigest()[:10]
+    queue = deque(todo)
+    owner: dict[str, int] = {}
+    pending = as_completed(loop=client.loop, with_results=False)
+
+    def submit() -> None:
+        i = queue.popleft()
+        future = client.submit(_predict_block, shared_volume, shared_fn, blocks[i], pad, post,
+                               key=f"emdata-tiled-{tag}-{i}", retries=2)
+        owner[future.key] = i
+        pending.add(future)
+
+    for _ in range(min(window, len(queue))):
+        submit()
+    try:
+        for future in pending:
+            i = owner.pop(future.key)
+            try:
+                result = future.result()
+            except EmdataError:
+                raise
+            except Exception as exc:
+                if type(exc).__name__ in ("KilledWorker", "CommClosedError", "CancelledError", "TimeoutError"):
+                    raise ClusterError(f"tiled inference: block {i} could not be computed on the cluster "
+                                       f"({type(exc).__name__}: {exc}); finished blocks are in the ledger, run "
+                                       "again to resume") from exc
+                raise  # the model's own error, as in a single-process run
+            future.release()
+            if queue:
+                submit()
+            yield i, result
+    finally:
+        leftover = [f for f in pending.futures] if hasattr(pending, "futures") else []
+        if leftover:
+            client.cancel(leftover)
+        client.cancel([shared_volume, shared_fn])
