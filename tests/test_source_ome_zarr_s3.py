@@ -208,6 +208,8 @@ def test_plan_reports_chunks_and_bytes_that_fetch_then_transfers(omz, project) -
         assert (local / key).read_bytes() == omz.server.object_bytes(omz.key_path(key)), key
     record = json.loads((project.raw_dir(KEY) / "source.json").read_text())
     assert record["extra"]["arrays"]["raw"]["absent_chunks"] == ["recon-2/em/fibsem-int16/s0/1/2/3"]
+    assert [record["extra"]["arrays"][n]["bytes"] for n in ("raw", "labels/nucleus")] == [
+        planned["raw"][1], planned["labels/nucleus"][1]]
     assert record["extra"]["roi_voxels"] == {"start": [3, 17, 21], "stop": [24, 47, 71]}
 
 

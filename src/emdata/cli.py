@@ -68,13 +68,13 @@ def list_datasets() -> None:
 
     cfg = _config()
     problems = cfg.check()
-    typer.echo(f"{'dataset':<28} {'kind':<8} {'fetched':<8} {'raw':>10} {'normalized':<11} {'hdf5':>10}")
+    typer.echo(f"{'dataset':<31} {'kind':<12} {'fetched':<8} {'raw':>10} {'normalized':<11} {'hdf5':>10}")
     for key in cfg.datasets:
         if problems[key] is not None:
-            typer.echo(f"{key!r:<28} {cfg.datasets.kind_of(key) or '?':<8} invalid: {_one_line(problems[key])}")
+            typer.echo(f"{key!r:<31} {cfg.datasets.kind_of(key) or '?':<12} invalid: {_one_line(problems[key])}")
             continue
         s = dataset_state(cfg, key)
-        typer.echo(f"{key:<28} {s['kind']:<8} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
+        typer.echo(f"{key:<31} {s['kind']:<12} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
     bad = [key for key, problem in problems.items() if problem is not None]
     if bad:

@@ -419,11 +419,12 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
         finally:
             journal.close()
     (ctx.dest / JOURNAL).unlink(missing_ok=True)  # the raw folder holds the record, not the journal
+    chunk_files = {f"{params.local_root}/{c.key}": c.array for c in chunks}
     arrays = {name: {"array": params.url(a.key), "chunks": len([c for c in chunks if c.array == name]),
                      "absent_chunks": absent[name],
-                     "bytes": sum(f.size for k, f in files.items() if k.startswith(f"{params.local_root}/{a.key}/"))}
+                     "bytes": sum(files[rel].size for rel, owner in chunk_files.items() if owner == name)}
               for name, a in sel.arrays.items()}
-    sources = {}  # one digest per array over its fetched objects (the HDF5's attributes fold per URL folder)
+    sources = {}  # one digest per array over its objects (.zarray too), kept in the record
     for name, a in sel.arrays.items():
         lines = "".join(f"{k} {f.size} {f.sha256}\n" for k, f in sorted(files.items())
                         if k.startswith(f"{params.local_root}/{a.key}/"))
