@@ -37,7 +37,7 @@ def slow_smooth(block: np.ndarray, log: str, delay: float) -> np.ndarray:
 
 def local_cluster(**options):
     return distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", scheduler_port=0,
-                                    dashboard_address=None, worker_dashboard_address=None, **options)
+                                    dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0", **options)
 
 
 @pytest.fixture
