@@ -6,6 +6,7 @@
 #   make repro     the real pipeline from the public services (needs internet)
 #   make publish   maintainer: repro, push to the S3 remote, commit dvc.lock, tag (TAG=v1.0)
 #   make install   only set up .venv
+#   make lock      maintainer: refresh constraints.txt (pinned versions pip installs) from .venv
 #
 # torch: TORCH (default torch==2.13.0, a CPU wheel where the machine's pip provides one); set
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu to force PyTorch's CPU builds elsewhere, or
@@ -23,12 +24,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.emdata-installed
 
-.PHONY: install demo test repro publish clean-venv
+.PHONY: install demo test repro publish clean-venv lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@echo "installing emdata and its test extras into $(VENV) (log: $(VENV)/pip.log)"
-	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -e ".[dask,dm3,precomputed,test]" \
+	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -c constraints.txt -e ".[dask,distributed,dm3,precomputed,test]" \
 		> $(VENV)/pip.log 2>&1 || { grep -v "^WARNING: Location" $(VENV)/pip.log | tail -40; exit 1; }
 	$(BIN)/python -c "import emdata, h5py, dvc" && touch $(STAMP)
 
@@ -54,6 +55,10 @@ publish: $(STAMP)
 	git commit -m "Publish $(TAG): dvc.lock and generated summary"
 	git tag -a $(TAG) -m "emdata data release $(TAG)"
 	@echo "published $(TAG): now git push --follow-tags"
+
+lock: $(STAMP)  # maintainer: record the versions in .venv as constraints.txt (after a passing make test)
+	@{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -e '^torch==' -e '^emdata' -e '^-e'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean-venv:
 	rm -rf $(VENV)
