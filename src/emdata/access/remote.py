@@ -202,15 +202,9 @@ class RemoteVolume(Volume):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        meta = dict(self._remote_index.index.root_attrs)
-        for key in ("source_urls", "source_checksums", "params"):
-            if isinstance(meta.get(key), str):
-                meta[key] = json.loads(meta[key])
-        array = dict(self.attrs)
-        if isinstance(array.get("statistics"), str):
-            array["statistics"] = json.loads(array["statistics"])
-        meta["array"] = array
-        return meta
+        from .volume import file_metadata
+
+        return file_metadata(self._remote_index.index.root_attrs, self.attrs)
 
     def chunk_ranges(self, start: tuple[int, ...], stop: tuple[int, ...]) -> tuple[list, np.ndarray]:
         """The chunk grid indices a box touches and their index rows (for planning and accounting)."""

@@ -151,15 +151,7 @@ class Volume:
     def metadata(self) -> dict[str, Any]:
         """Root and array attributes of the file (statistics and params decoded from JSON)."""
         with hdf5.open_read(self.path) as f:
-            meta = hdf5.read_attrs(f)
-        for key in ("source_urls", "source_checksums", "params"):
-            if isinstance(meta.get(key), str):
-                meta[key] = json.loads(meta[key])
-        array = dict(self.attrs)
-        if isinstance(array.get("statistics"), str):
-            array["statistics"] = json.loads(array["statistics"])
-        meta["array"] = array
-        return meta
+            return file_metadata(hdf5.read_attrs(f), self.attrs)
 
     def to_dask(self, chunks: tuple[int, ...] | None = None):
         """A lazy dask array over this volume, chunked like the file (needs the ``dask`` extra)."""
@@ -373,3 +365,15 @@ def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> 
                             f"({type(exc).__name__}: {exc}); check the rev and that its data were pushed") from exc
     return target
 
+
+def file_metadata(root_attrs: dict[str, Any], array_attrs: dict[str, Any]) -> dict[str, Any]:
+    """A file's root attributes with their JSON strings decoded, and the array's under ``array``."""
+    meta = dict(root_attrs)
+    for key in ("source_urls", "source_checksums", "params"):
+        if isinstance(meta.get(key), str):
+            meta[key] = json.loads(meta[key])
+    array = dict(array_attrs)
+    if isinstance(array.get("statistics"), str):
+        array["statistics"] = json.loads(array["statistics"])
+    meta["array"] = array
+    return meta
