@@ -30,6 +30,8 @@ from emdata.testing.epfl import build_epfl_replica, epfl_datasets
 from emdata.testing.http_server import ReplicaServer
 
 distributed = pytest.importorskip("distributed")
+# worker processes start an HTTP server each and say so when the default port is taken
+pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
 
 
 def local_cluster(**options):
