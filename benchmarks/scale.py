@@ -374,7 +374,7 @@ def part_index(args) -> None:
     out = subprocess.run([sys.executable, "-c", OPEN_AND_READ, str(h5), str(index)], capture_output=True, text=True,
                          check=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src"))).stdout
     local = json.loads(out)
-    with SeaweedS3(WORK / "tib-s3") as s3:
+    with SeaweedS3(Path(tempfile.mkdtemp(prefix="tib-s3-", dir=WORK))) as s3:
         s3.create_bucket("idx")
         s3.client().upload_file(str(index), "idx", "tib.chunks")
         import s3fs

@@ -30,6 +30,7 @@ from emdata.testing.epfl import build_epfl_replica, epfl_datasets
 from emdata.testing.http_server import ReplicaServer
 
 distributed = pytest.importorskip("distributed")
+# worker processes start an HTTP server each and say so when the default port is taken
 
 
 def local_cluster(**options):

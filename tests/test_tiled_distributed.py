@@ -18,6 +18,7 @@ from emdata.access.volume import Volume
 from emdata.testing.volumes import coordinate_volume, write_canonical
 
 distributed = pytest.importorskip("distributed")
+# worker processes start an HTTP server each and say so when the default port is taken
 SHAPE = (21, 37, 53)  # odd and non-cubic
 
 

@@ -182,7 +182,7 @@ def _unpack_block(blob: bytes) -> dict[str, Any]:
     chunks = []
     view = memoryview(blob)  # chunk payloads are views into the one staged blob, not copies
     for off, mask, length in header["chunks"]:
-        chunks.append(EncodedChunk(tuple(off), mask, view[pos:pos + length]))  # type: ignore[arg-type]
+        chunks.append(EncodedChunk(tuple(off), mask, view[pos:pos + length]))
         pos += length
     if pos != len(blob):
         raise ValueError("staged tile has the wrong length")

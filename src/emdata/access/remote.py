@@ -133,7 +133,7 @@ class RemoteIndex:
         with self._lock:
             missing = [int(p) for p in pages if (a.name, int(p)) not in self._pages]
         if missing:
-            ranges = []
+            ranges: list[tuple[int, int]] = []
             for p in missing:  # one request per run of consecutive pages
                 lo = a.table_start + p * PAGE_ENTRIES * ENTRY.itemsize
                 hi = a.table_start + min(a.entries_count, (p + 1) * PAGE_ENTRIES) * ENTRY.itemsize
@@ -225,18 +225,18 @@ class RemoteVolume(Volume):
         requests: list[tuple[int, int]] = []
         members: list[list[int]] = []
         for i in order:  # exactly adjacent chunks share one request: no byte is fetched twice or in vain
-            lo, hi = int(rows[i]["offset"]), int(rows[i]["offset"]) + int(rows[i]["size"])
-            if requests and requests[-1][1] == lo and hi - requests[-1][0] <= MAX_REQUEST:
-                requests[-1] = (requests[-1][0], hi)
+            first, end = int(rows[i]["offset"]), int(rows[i]["offset"]) + int(rows[i]["size"])
+            if requests and requests[-1][1] == first and end - requests[-1][0] <= MAX_REQUEST:
+                requests[-1] = (requests[-1][0], end)
                 members[-1].append(i)
             else:
-                requests.append((lo, hi))
+                requests.append((first, end))
                 members.append([i])
         payloads: dict[int, memoryview] = {}
-        for (lo, _), group, blob in zip(requests, members, self._data.read(requests, chunk_payload=True)):
+        for (base, _), group, blob in zip(requests, members, self._data.read(requests, chunk_payload=True)):
             view = memoryview(blob)
             for i in group:
-                o = int(rows[i]["offset"]) - lo
+                o = int(rows[i]["offset"]) - base
                 payloads[i] = view[o:o + int(rows[i]["size"])]
         for i, k in enumerate(ks):
             chunk_start = [kk * c for kk, c in zip(k, a.chunks)]

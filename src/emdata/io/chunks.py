@@ -28,12 +28,9 @@ import numpy as np
 
 from . import hdf5
 
-Triple = tuple[int, int, int]
-
-
 @dataclass(frozen=True)
 class EncodedChunk:
-    offset: Triple  # the chunk's first voxel in the dataset (a multiple of the chunk shape)
+    offset: tuple[int, ...]  # the chunk's first voxel in the dataset (a multiple of the chunk shape)
     filter_mask: int  # HDF5's per-chunk mask of skipped filters (0: every filter applied)
     data: bytes | memoryview  # what write_direct_chunk stores (a view into the tile's chunk-major copy)
 
@@ -71,8 +68,8 @@ def encode_tile(data: np.ndarray, start: tuple[int, ...], chunks: tuple[int, ...
                 piece = full
             offset = tuple(o + s.start for o, s in zip(origin, sl))
             # One copy per chunk (measured faster than one 6-D transpose of the tile), no bytes copy.
-            payload = memoryview(np.ascontiguousarray(piece)).cast("B")
-            out.append(EncodedChunk(offset, 0, payload))  # type: ignore[arg-type]
+            payload = np.ascontiguousarray(piece).data.cast("B")
+            out.append(EncodedChunk(offset, 0, payload))
         return out
     with _memory_file(data.nbytes) as f:
         # Rounded up to whole chunks: the part outside the tile is never written, so an edge chunk
@@ -84,7 +81,7 @@ def encode_tile(data: np.ndarray, start: tuple[int, ...], chunks: tuple[int, ...
         for sl in chunk_slices((0,) * data.ndim, data.shape, chunks):
             mask, payload = dset.id.read_direct_chunk(tuple(s.start for s in sl))
             offset = tuple(o + s.start for o, s in zip(origin, sl))
-            out.append(EncodedChunk(offset, int(mask), bytes(payload)))  # type: ignore[arg-type]
+            out.append(EncodedChunk(offset, int(mask), bytes(payload)))
     return out
 
 
