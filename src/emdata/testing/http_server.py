@@ -167,8 +167,42 @@ class _Server(http.server.ThreadingHTTPServer):
     owner: "ReplicaServer"
 
 
-class ReplicaServer:
+class LoopbackServer:
+    """The life cycle of a threaded HTTP server on loopback: ``url``, ``start``/``stop``, ``with``.
+
+    Subclasses set ``self._httpd`` (a started-later ``ThreadingHTTPServer``) and ``THREAD_NAME``.
+    """
+
+    THREAD_NAME = "emdata-loopback-http"
+    _httpd: Any  # a ThreadingHTTPServer
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Any:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True, name=self.THREAD_NAME)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ReplicaServer(LoopbackServer):
     """Serve ``root`` at ``http://127.0.0.1:<port>/``. Use as a context manager."""
+
+    THREAD_NAME = "emdata-replica-http"
 
     def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
         self.root = Path(root).resolve()
@@ -178,28 +212,6 @@ class ReplicaServer:
         self.lock = threading.RLock()
         self._httpd = _Server((host, port), _Handler)
         self._httpd.owner = self
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> "ReplicaServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name="emdata-replica-http")
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> "ReplicaServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- dynamic endpoints ----------------------------------------------------------------------
 

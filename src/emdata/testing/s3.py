@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EmdataError
+from .http_server import LoopbackServer
 
 GRPC_OFFSET = 10000  # SeaweedFS puts each gRPC port at http port + 10000
 
@@ -290,7 +291,7 @@ class _FrontServer(http.server.ThreadingHTTPServer):
     front: "S3Front"
 
 
-class S3Front:
+class S3Front(LoopbackServer):
     """A fault-injecting HTTP front of an S3 server, logging every request (path-style addressing).
 
     Faults are set per object path ``/<bucket>/<key>``, like :class:`~emdata.testing.http_server.ReplicaServer`'s:
@@ -305,6 +306,8 @@ class S3Front:
     that sends the caller's credentials fails here as it would against the real service.
     """
 
+    THREAD_NAME = "emdata-s3-front"
+
     def __init__(self, backend: str, *, accept_signed: bool = False) -> None:
         parsed = urllib.parse.urlsplit(backend)
         self.backend = backend
@@ -316,28 +319,6 @@ class S3Front:
         self._local = threading.local()
         self._httpd = _FrontServer(("127.0.0.1", 0), _FrontHandler)
         self._httpd.front = self
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> "S3Front":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name="emdata-s3-front")
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> "S3Front":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- the backend ------------------------------------------------------------------------------
 
