@@ -10,7 +10,10 @@ One run measures, on generated data and loopback servers only::
   with zstd; the files must be byte-identical.
 * tiled: ``run_tiled`` with a CPU-bound model (a 3D Gaussian filter, sigma 2, scipy) over that
   volume in 64 x 128 x 128 blocks with an 8-voxel halo, one process vs ``client=`` the same
-  2-worker cluster; the outputs must be equal.
+  2-worker cluster, and vs 2 thread workers (``processes=False``); the outputs must be equal.
+  Beside them, the ceiling of this machine: the same reads and model calls (no Dask, no output)
+  in 1 vs 2 plain processes. Ratios are also given paired (runs back to back, median), because
+  this VM's speed drifts by tens of percent between minutes.
 * remote: a 1 GiB uint8 volume (1024^3, 64^3 chunks, no compression) and its chunk index are
   ``dvc add``-ed and pushed to SeaweedFS; a fresh clone then reads random 64^3 ROIs with
   ``open_dataset(..., remote="s3")`` (latency, bytes transferred) and one 256^3 ROI (throughput),
@@ -50,10 +53,19 @@ def log(part: str, **values) -> None:
     print(json.dumps({"part": part, **values}, sort_keys=False), flush=True)
 
 
+def _cpu_fields() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds all cores have spent busy since boot (/proc/stat), steal excluded."""
+    fields = _cpu_fields()
+    return (sum(fields[:7]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests while this VM wanted them (/proc/stat)."""
+    return _cpu_fields()[7] / os.sysconf("SC_CLK_TCK")
 
 
 def own_seconds() -> float:
@@ -75,31 +87,38 @@ def wait_quiet(limit: float = 0.3, patience: float = 30.0) -> float:
     """Wait until the rest of the machine uses below ``limit`` cores (over 2 s); return that load."""
     deadline = time.monotonic() + patience
     while True:
-        busy, own = busy_seconds(), own_seconds()
+        busy, own, steal = busy_seconds(), own_seconds(), steal_seconds()
         time.sleep(2.0)
-        load = max(0.0, (busy_seconds() - busy) - (own_seconds() - own)) / 2.0
+        load = max(0.0, (busy_seconds() - busy) - (own_seconds() - own) + (steal_seconds() - steal)) / 2.0
         if load < limit or time.monotonic() > deadline:
             return load
 
 
 class Timed:
-    """Wall seconds of a block and the cores the rest of the machine used meanwhile ("others")."""
+    """Wall seconds of a block, the cores other processes used meanwhile ("others"), and the
+    cores the hypervisor took from this VM ("steal": on a shared host, a second busy core is
+    often not fully ours)."""
 
     def __enter__(self) -> "Timed":
         self.before = wait_quiet()
-        self.busy, self.own, self.t = busy_seconds(), own_seconds(), time.perf_counter()
+        self.busy, self.own, self.steal0 = busy_seconds(), own_seconds(), steal_seconds()
+        self.t = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t
         used = (busy_seconds() - self.busy) - (own_seconds() - self.own)
         self.others = max(0.0, used / self.seconds)
+        self.steal = (steal_seconds() - self.steal0) / self.seconds
 
 
 def cluster(processes: bool = True):
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=2, threads_per_worker=1, processes=processes, host="127.0.0.1", scheduler_port=0,
+    if not processes:  # workers are threads of this process, linked in memory (inproc://): no sockets
+        return LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
+                            worker_dashboard_address=None)
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
                         dashboard_address=None, worker_dashboard_address=None)
 
 
@@ -147,7 +166,7 @@ def part_normalize(args) -> Path:
                     with Timed() as run:
                         path = normalize_dataset(cfg, "epfl_hippocampus",
                                                  scheduler=c.scheduler_address if mode == "cluster" else None)
-                    times[mode].append((run.seconds, run.others))
+                    times[mode].append((run.seconds, run.others, run.steal))
                     hashes[mode] = sha(path)
             best = {k: min(v) for k, v in times.items()}
             mb = np.prod(shape) / 2**20
@@ -155,6 +174,7 @@ def part_normalize(args) -> Path:
                 cluster_2_workers_s=round(best["cluster"][0], 2),
                 speedup=round(best["single"][0] / best["cluster"][0], 2), single_mib_s=round(mb / best["single"][0]),
                 others_cores=[round(best["single"][1], 2), round(best["cluster"][1], 2)],
+                steal_cores=[round(best["single"][2], 2), round(best["cluster"][2], 2)],
                 identical=hashes["single"] == hashes["cluster"])
             if compression == "none":
                 out = Path(path)
@@ -168,7 +188,29 @@ def gaussian(block: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(block.astype(np.float32), sigma)
 
 
+TILED = dict(block_shape=(64, 128, 128), halo=(8, 8, 8), blend="crop", dtype=np.float32, model_id="gauss2")
+
+
+def paired(times: dict[str, list], slow: str, fast: str) -> float:
+    """Median over repeats of ``slow / fast`` for the two runs of the same repeat."""
+    return round(float(np.median([a[0] / b[0] for a, b in zip(times[slow], times[fast])])), 2)
+
+
+def bare_blocks(ids: list[int]) -> None:
+    """The workers' share of tiled inference and nothing else: read, model, crop (no Dask, no output)."""
+    from emdata.access.tiling import _crop_cast, _predict
+    from emdata.access.volume import Volume
+
+    volume = Volume(WORK / "tiled-input.h5")
+    blocks = list(volume.blocks(TILED["block_shape"], halo=TILED["halo"]))
+    model = functools.partial(gaussian, sigma=2.0)
+    for i in ids:
+        _crop_cast(blocks[i], _predict(volume, model, blocks[i], "reflect"), np.dtype(np.float32))
+
+
 def part_tiled(args) -> None:
+    import multiprocessing
+
     import h5py
     from distributed import Client
 
@@ -180,25 +222,48 @@ def part_tiled(args) -> None:
         part_normalize(args)
     volume = Volume(source)
     model = functools.partial(gaussian, sigma=2.0)
-    kwargs = dict(block_shape=(64, 128, 128), halo=(8, 8, 8), blend="crop", dtype=np.float32, model_id="gauss2")
-    with cluster() as c, Client(c) as client:
-        client.run(lambda: __import__("scipy.ndimage"))  # imports are not the model's cost
+    n = len(list(volume.blocks(TILED["block_shape"], halo=TILED["halo"])))
+    with ExitStack() as stack:
+        clients = {"cluster": stack.enter_context(Client(stack.enter_context(cluster()))),
+                   "threads": stack.enter_context(Client(stack.enter_context(cluster(processes=False))))}
+        pool = stack.enter_context(multiprocessing.get_context("forkserver").Pool(2))
+        for client in clients.values():
+            client.run(lambda: __import__("scipy.ndimage"))  # imports are not the model's cost
         gaussian(np.zeros((8, 8, 8), np.float32), 2.0)
-        times: dict[str, list] = {"single": [], "cluster": []}
+        pool.map(bare_blocks, [[0], [1]])
+        times: dict[str, list] = {"single": [], "cluster": [], "threads": [], "bare_1": [], "bare_2": []}
         for _ in range(args.repeat):
-            for mode in ("single", "cluster"):
+            for mode in ("single", "cluster", "threads"):
                 out = WORK / f"tiled-{mode}.h5"
                 out.unlink(missing_ok=True)
                 with Timed() as run:
-                    run_tiled(volume, model, out, client=client if mode == "cluster" else None, **kwargs)
-                times[mode].append((run.seconds, run.others))
-    with h5py.File(WORK / "tiled-single.h5", "r") as a, h5py.File(WORK / "tiled-cluster.h5", "r") as b:
-        equal = bool(np.array_equal(a["prediction"][()], b["prediction"][()]))
+                    run_tiled(volume, model, out, client=clients.get(mode), **TILED)
+                times[mode].append((run.seconds, run.others, run.steal))
+            # The ceiling on this machine: the same model calls in 1 vs 2 plain processes.
+            with Timed() as run:
+                pool.apply(bare_blocks, (list(range(n)),))
+            times["bare_1"].append((run.seconds, run.others, run.steal))
+            with Timed() as run:
+                pool.map(bare_blocks, [list(range(0, n, 2)), list(range(1, n, 2))])
+            times["bare_2"].append((run.seconds, run.others, run.steal))
+    with h5py.File(WORK / "tiled-single.h5", "r") as a, h5py.File(WORK / "tiled-cluster.h5", "r") as b, \
+            h5py.File(WORK / "tiled-threads.h5", "r") as c:
+        equal = bool(np.array_equal(a["prediction"][()], b["prediction"][()])
+                     and np.array_equal(a["prediction"][()], c["prediction"][()]))
     best = {k: min(v) for k, v in times.items()}
-    log("tiled", shape=volume.shape, blocks=4 * 4 * 4, block=(64, 128, 128), halo=8, model="gaussian_filter sigma 2",
-        single_s=round(best["single"][0], 2), cluster_2_workers_s=round(best["cluster"][0], 2),
+    log("tiled", shape=volume.shape, blocks=n, block=TILED["block_shape"], halo=TILED["halo"][0],
+        model="gaussian_filter sigma 2", single_s=round(best["single"][0], 2),
+        cluster_2_workers_s=round(best["cluster"][0], 2),
         speedup=round(best["single"][0] / best["cluster"][0], 2),
-        others_cores=[round(best["single"][1], 2), round(best["cluster"][1], 2)], equal=equal)
+        others_cores=[round(best["single"][1], 2), round(best["cluster"][1], 2)],
+        steal_cores=[round(best["single"][2], 2), round(best["cluster"][2], 2)], equal=equal,
+        thread_workers_s=round(best["threads"][0], 2), thread_speedup=round(best["single"][0] / best["threads"][0], 2),
+        bare_1_s=round(best["bare_1"][0], 2), bare_2_s=round(best["bare_2"][0], 2),
+        bare_ceiling=round(best["bare_1"][0] / best["bare_2"][0], 2),
+        # The machine's speed drifts between minutes: ratios of runs taken back to back, median.
+        paired_speedup=paired(times, "single", "cluster"), paired_thread_speedup=paired(times, "single", "threads"),
+        paired_bare_ceiling=paired(times, "bare_1", "bare_2"),
+        runs={k: [round(t[0], 2) for t in v] for k, v in times.items()})
 
 
 class NoiseVolume:

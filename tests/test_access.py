@@ -9,7 +9,7 @@ import pytest
 
 from emdata.access.blocks import block_grid
 from emdata.access.volume import Volume, open_dataset
-from emdata.errors import AccessError, NotBuiltError
+from emdata.errors import AccessError, ConfigError, NotBuiltError
 from emdata.testing.volumes import blob_labels, coordinate_volume, write_canonical
 
 SHAPE = (23, 41, 57)
@@ -158,18 +158,24 @@ def test_block_grid_rejects_bad_arguments() -> None:
         list(block_grid(SHAPE, (4, 4, 4), fit="wrap"))
 
 
-@pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "constant"])
+@pytest.mark.parametrize("mode", ["reflect", "symmetric", "edge", "wrap", "constant"])
 def test_padded_reads_equal_padding_the_whole_volume(volume, vol_array, mode) -> None:
-    margin = 30
+    margin = 130  # boxes wider than the volume: padding that reflects or wraps more than once
     kwargs = {"constant_values": 5} if mode == "constant" else {}
     reference = np.pad(vol_array, margin, mode=mode, **kwargs)
     rng = np.random.default_rng(0)
-    for _ in range(60):
-        shape = rng.integers(1, 25, 3)
-        start = [int(rng.integers(-20, s - 1)) for s in SHAPE]
+    for k in range(80):
+        shape = rng.integers(1, 25 if k < 60 else 120, 3)
+        start = [int(rng.integers(-20 if k < 60 else -60, s - 1)) for s in SHAPE]
         box = volume.read(start, shape, pad=mode, constant=5)
         expected = reference[tuple(slice(a + margin, a + margin + n) for a, n in zip(start, shape))]
         np.testing.assert_array_equal(box, expected)
+
+
+@pytest.mark.parametrize("mode", ["mean", "linear_ramp", "bogus"])
+def test_padding_that_computes_values_is_refused(volume, mode) -> None:
+    with pytest.raises(ConfigError, match="pad="):
+        volume.read((-2, 0, 0), (5, 5, 5), pad=mode)
 
 
 def test_memory_mapped_reads_match_h5py(tmp_path) -> None:

@@ -95,3 +95,17 @@ def test_a_lost_worker_costs_only_its_blocks(volume, tmp_path) -> None:
     assert blocks <= len(calls) <= blocks + 3, len(calls)  # at most the blocks the dead worker held run again
     got, _ = read(out)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_client_that_cannot_reach_workers_relays_through_the_scheduler(volume, tmp_path) -> None:
+    """``direct_to_workers=False`` (a client behind a gateway) is kept: results come via the scheduler."""
+    kwargs = dict(block_shape=(8, 16, 16), halo=(2, 4, 4), blend="crop", dtype=np.float32)
+    expected, _ = read(run_tiled(volume, smooth, tmp_path / "single.h5", **kwargs))
+    with local_cluster(processes=False, protocol="tcp") as c, \
+            distributed.Client(c, direct_to_workers=False) as client:
+        asked: list[bool] = []
+        gather = client.gather
+        client.gather = lambda futures, direct=None, **kw: asked.append(direct) or gather(futures, direct=direct, **kw)
+        got, _ = read(run_tiled(volume, smooth, tmp_path / "cluster.h5", client=client, **kwargs))
+    np.testing.assert_array_equal(got, expected)
+    assert asked and set(asked) == {False}

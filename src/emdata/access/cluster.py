@@ -7,7 +7,8 @@ call the model; this process receives the predictions and writes them, with the 
 blending and output file as a single-process run (:mod:`emdata.access.tiling`), so the result
 is the same array.
 
-The model and the volume are sent to every worker once (``scatter(broadcast=True)``); at most
+Predictions come straight from the workers (``gather(direct=True)``) unless the client was
+created with ``direct_to_workers=False``. The model and the volume are sent to every worker once (``scatter(broadcast=True)``); at most
 a window of blocks (twice the cluster's threads, at least 4) is in flight, so a slow writer
 never piles predictions up in worker memory. A block is marked done in the ledger only after its
 prediction is written, so a worker that dies costs only the blocks it held (Dask runs them again
@@ -50,6 +51,11 @@ def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Bloc
     if threads == 0:
         log.warning("tiled inference: the cluster has no workers yet; blocks wait until one joins")
     window = max(4, 2 * threads)
+    # Predictions are megabytes each: fetch them from the workers rather than relayed by the
+    # scheduler (Dask's default), which carries every byte twice. A client that cannot reach the
+    # workers (behind a gateway) is created with direct_to_workers=False, and that choice is kept.
+    direct = getattr(client, "direct_to_workers", None)
+    direct = True if direct is None else bool(direct)
     shared_volume, shared_fn = client.scatter([volume, fn], broadcast=True, hash=False)
     tag = hashlib.sha1(f"{volume.identity()}:{id(fn)}:{id(todo)}".encode()).hexdigest()[:10]
     queue = deque(todo)
@@ -69,7 +75,7 @@ def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Bloc
         for future in pending:
             i = owner.pop(future.key)
             try:
-                result = future.result()
+                result = client.gather(future, direct=direct)
             except EmdataError:
                 raise
             except Exception as exc:

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..io import hdf5
 from ..progress import Progress
 from .blocks import Block, block_grid, parse_triple
-from .volume import Volume
+from .volume import PAD_MODES, Volume
 
 log = logging.getLogger(__name__)
 BLENDS = ("crop", "average", "gaussian")
@@ -317,7 +317,19 @@ def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         return np.clip(np.rint(values), info.min, info.max).astype(dtype)
-    return values.astype(dtype)
+    return np.ascontiguousarray(values, dtype)  # no second copy when the model already gives dtype
+
+
+def _write_block(target: Any, b: Block, values: np.ndarray) -> None:
+    """``target[b.write] = values``; a block that is exactly one chunk goes in as that chunk's bytes
+    (the output has no filters), which skips HDF5's selection and conversion machinery."""
+    chunks = target.chunks
+    if (values.shape == chunks and values.dtype == target.dtype and values.flags.c_contiguous
+            and all(start % c == 0 for start, c in zip(b.write_start, chunks))
+            and target.id.get_create_plist().get_nfilters() == 0):
+        target.id.write_direct_chunk(tuple(b.write_start), values)
+    else:
+        target[b.write] = values
 
 
 def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: str | os.PathLike, *,
@@ -344,6 +356,8 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
 
     if blend not in BLENDS:
         raise ConfigError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    if pad not in PAD_MODES:
+        raise ConfigError(f"pad must be one of {', '.join(PAD_MODES)}, got {pad!r}")
     out_path = Path(out_path)
     dtype = np.dtype(dtype)
     block = tuple(min(b, n) for b, n in zip(parse_triple(block_shape, "block_shape", 1), volume.shape))
@@ -436,7 +450,7 @@ def _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch, client=None
         progress.update(len(blocks) - len(todo))
         for i, values in predictions(volume, fn, blocks, todo, pad, functools.partial(_crop_cast, dtype=dtype),
                                      client):
-            target[blocks[i].write] = values
+            _write_block(target, blocks[i], values)
             target.file.flush()
             done[i] = 1
             scratch.flush()  # the ledger entry follows the data it vouches for

@@ -31,6 +31,10 @@ PhysicalPixelSizes = namedtuple("PhysicalPixelSizes", ["Z", "Y", "X"])  # microm
 _Handle = namedtuple("_Handle", ["pid", "file", "dset", "chunkmap"])
 
 
+# numpy.pad modes whose padded voxels are copies of voxels inside (or one constant).
+PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
+
+
 class Volume:
     """One 3D array (``/raw`` or ``/labels/<name>``) of a canonical emdata HDF5 file."""
 
@@ -190,8 +194,8 @@ class Volume:
              constant: float = 0) -> np.ndarray:
         """The box ``[start, start + shape)`` in voxels.
 
-        Inside the volume only, unless ``pad`` is a ``numpy.pad`` mode ("reflect", "edge",
-        "constant", ...): then parts outside are filled that way. Otherwise AccessError.
+        Inside the volume only, unless ``pad`` is one of the ``numpy.pad`` modes that copy voxels
+        or a constant (``PAD_MODES``): then parts outside are filled that way. Otherwise AccessError.
         """
         start_t = tuple(int(v) for v in start)
         stop_t = tuple(a + int(n) for a, n in zip(start_t, shape))
@@ -207,6 +211,8 @@ class Volume:
         if outside and pad is None:
             raise AccessError(f"{self.name}: box {start.tolist()}..{stop.tolist()} is outside the volume "
                               f"{list(self.shape)}; pass pad='reflect' (or another numpy.pad mode) to fill it")
+        if outside and pad not in PAD_MODES:  # "mean", "linear_ramp", ...: computed, not copied
+            raise ConfigError(f"{self.name}: pad={pad!r} is not supported; use one of {', '.join(PAD_MODES)}")
         # Boxes inside the volume returned above: from here on, part of the box lies outside.
         if pad == "constant":
             out = np.full(tuple(stop - start), constant, self.dtype)
@@ -223,7 +229,9 @@ class Volume:
             index.append(np.pad(np.arange(n), margin, mode=pad)[s + margin:e + margin])
         span = tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)
         data = self._read_box([sl.start for sl in span], [sl.stop for sl in span])
-        return data[np.ix_(*(i - sl.start for i, sl in zip(index, span)))]
+        for axis, (i, sl) in enumerate(zip(index, span)):
+            data = _gather(data, i - sl.start, axis)
+        return data
 
     def roi_to_voxels(self, offset_nm: tuple[float, ...], shape_nm: tuple[float, ...]) -> tuple[slice, ...]:
         """Voxel slices of a nm ROI: both bounds snap to the nearest voxel boundary.
@@ -253,6 +261,31 @@ class Volume:
     def read_block(self, block: "Block", *, pad: str = "reflect", constant: float = 0) -> np.ndarray:
         """A block's read region; with ``fit="pad"`` the parts outside are filled with ``pad``."""
         return self.read(block.read_start, block.read_shape, pad=pad, constant=constant)
+
+
+def _runs(index: np.ndarray) -> list[slice]:
+    """``index`` as consecutive slices of step +1 or -1 (what numpy.pad's modes produce)."""
+    runs, start, n = [], 0, len(index)
+    while start < n:
+        end = start + 1
+        step = int(index[end] - index[start]) if end < n else 1
+        step = step if step in (1, -1) else 1  # a repeated index ("edge") is a run of one
+        while end < n and index[end] - index[end - 1] == step:
+            end += 1
+        first, last = int(index[start]), int(index[end - 1])
+        runs.append(slice(first, last + 1) if step == 1 else slice(first, last - 1 if last > 0 else None, -1))
+        start = end
+    return runs
+
+
+def _gather(data: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """``numpy.take(data, index, axis)`` by concatenating slices: ~5x faster than fancy indexing
+    for padded blocks, and a view when ``index`` is the whole axis in order."""
+    runs = _runs(index)
+    if runs == [slice(0, data.shape[axis])]:
+        return data
+    lead = (slice(None),) * axis
+    return np.concatenate([data[lead + (run,)] for run in runs], axis=axis)
 
 
 def _three(values: np.ndarray, first: float) -> np.ndarray:
