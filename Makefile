@@ -42,7 +42,7 @@ test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
-repro: $(STAMP)  # --keep-going: a dataset whose source is unavailable (organoid_tracking) does not stop the others
+repro: $(STAMP)  # --keep-going: a source that is unreachable today does not stop the other datasets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro --keep-going
 
 publish: $(STAMP)
@@ -51,7 +51,7 @@ publish: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/dvc push -r s3
 	$(BIN)/dvc push
-	git add dvc.lock METADATA_SUMMARY.md data/metadata.csv thumbnails
+	git add dvc.lock METADATA_SUMMARY.md data/metadata.csv thumbnails data/inputs
 	git commit -m "Publish $(TAG): dvc.lock and generated summary"
 	git tag -a $(TAG) -m "emdata data release $(TAG)"
 	@echo "published $(TAG): now git push --follow-tags"

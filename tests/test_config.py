@@ -65,9 +65,18 @@ def test_the_repository_params_parse() -> None:
 
     cfg = load_config(REPO)
     assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "empiar_11759", "idr0086_u2os",
-            "hemibrain_em_crop", "openorganelle_jrc_mus_nacc_2", "lightmycells_study_1",
-            "organoid_tracking"} <= set(cfg.datasets)
+            "hemibrain_em_crop", "openorganelle_jrc_mus_nacc_2", "lightmycells_study_1"} <= set(cfg.datasets)
     assert {key: error for key, error in cfg.check().items() if error is not None} == {}
+    # not downloadable: documented in params.yaml, out of the pipeline until the user has the files
+    assert "organoid_tracking" not in cfg.datasets
+    assert cfg.optional["organoid_tracking"].source_kind == "labelme_tracking"
+
+
+def test_a_dataset_both_in_the_pipeline_and_optional_is_refused(tmp_path) -> None:
+    entry = {"source": {"kind": "epfl", "image": {"url": "https://example.org/a.tif"}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"datasets": {"a": entry}, "optional_datasets": {"a": entry}}))
+    with pytest.raises(ConfigError, match="'a' is under both datasets and optional_datasets"):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize("key", ["abc\n", "a-b", "1abc"])

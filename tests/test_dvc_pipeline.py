@@ -39,12 +39,12 @@ def test_repro_is_a_noop_the_second_time_and_reruns_only_what_changed(producer) 
     repo, env = producer
     first = dvc(["repro"], repo, env)
     datasets = yaml.safe_load((repo / "params.yaml").read_text())["datasets"]
-    assert len(ran_stages(first)) == 2 * len(datasets) + 1  # fetch and normalize each, then summarize
-    assert ran_stages(dvc(["repro"], repo, env)) == []
+    assert len(ran_stages(first)) == 2 * len(datasets) + 2  # inputs, fetch and normalize each, summarize
+    assert ran_stages(dvc(["repro"], repo, env)) == ["inputs"]  # always runs; changed nothing
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["datasets"]["epfl_mito_test"]["voxel_size_nm"] = [30.0, 5.0, 5.0]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(dvc(["repro"], repo, env)) == ["normalize@epfl_mito_test", "summarize"]
+    assert ran_stages(dvc(["repro"], repo, env)) == ["inputs", "normalize@epfl_mito_test", "summarize"]
     record = json.loads((repo / "data" / "metadata" / "epfl_mito_test.json").read_text())
     assert record["voxel_size_nm"] == [30.0, 5.0, 5.0]
     params["datasets"]["epfl_mito_test"]["source"]["image"]["size"] = 12345  # a fetch param
@@ -58,7 +58,8 @@ def test_demo_pushes_and_pulls_identical_files(tmp_path: Path) -> None:
     from emdata.demo import run_demo
 
     result = run_demo(REPO, workdir=tmp_path / "demo", keep=True)
-    assert set(result["hashes"]) == set(yaml.safe_load((REPO / "params.yaml").read_text())["datasets"])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(result["hashes"]) == set(params["datasets"]) | set(params["optional_datasets"])
     assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test"} <= set(result["hashes"])
     for remote in ("local", "s3"):
         assert result["checks"][remote] == result["hashes"]

@@ -446,7 +446,7 @@ def test_dvc_repro_builds_idr0086_by_both_routes_into_the_summary(tmp_path) -> N
                 params["datasets"][KEY]["source"].update(pixels="render", render={"tile_size": TILE})
                 (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             ran = re.findall(r"Running stage '([^']+)'", dvc(["repro", f"normalize@{KEY}"], repo, env))
-            assert sorted(ran) == [f"fetch@{KEY}", f"normalize@{KEY}"]
+            assert sorted(ran) == [f"fetch@{KEY}", "inputs", f"normalize@{KEY}"]
             with h5py.File(h5, "r") as f:
                 np.testing.assert_array_equal(f["raw"][()], coordinate_volume(TEST_SHAPE))
                 assert list(f["raw"].attrs["resolution"]) == [20.0, 20.0, 20.0]

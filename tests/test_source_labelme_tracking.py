@@ -40,7 +40,7 @@ def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_real_params_record_the_licence_and_a_local_path() -> None:
     cfg = load_config(REPO)
-    ds = cfg.dataset("organoid_tracking")
+    ds = cfg.optional["organoid_tracking"]
     assert ds.license == "free for non-commercial research use"
     assert Path(ds.source.path).is_absolute() and ds.source.subset == "Tracking"
 
@@ -230,3 +230,51 @@ def test_changed_files_make_fetch_import_again(organoids, tmp_path) -> None:
     result = fetch_dataset(cfg, "org")
     assert not result.up_to_date
     assert json.loads((result.raw_dir / "W_F10_3" / "Proj_2.json").read_text()) == json.loads(path.read_text())
+
+
+def test_inputs_stage_records_the_files_and_says_when_they_are_missing(organoids, tmp_path) -> None:
+    """`emdata inputs` never fails for one dataset: a missing folder is recorded; fetch then says so."""
+    root = _project(tmp_path / "p", {"org": organoid_dataset(organoids.replica.folder, "Tracking"),
+                                     "gone": organoid_dataset(tmp_path / "nowhere", "Tracking")})
+    proc = _cli(root, "inputs")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of 2 dataset(s) changed" in proc.stdout and "nowhere" in proc.stderr
+    org = json.loads((root / "data" / "inputs" / "org.json").read_text())
+    assert org["kind"] == "labelme_tracking" and "Tracking/W_E4_12/Proj_2.json" in json.dumps(org["stamp"])
+    assert "nowhere" in json.loads((root / "data" / "inputs" / "gone.json").read_text())["unavailable"]
+    assert "0 of 2 dataset(s) changed" in _cli(root, "inputs").stdout
+    fetch = _cli(root, "fetch", "gone")
+    assert fetch.returncode != 0 and len(fetch.stderr.strip().splitlines()) == 1 and "nowhere" in fetch.stderr
+
+
+@pytest.mark.dvc
+def test_dvc_repro_reruns_only_this_import_when_the_users_files_change(organoids, tmp_path) -> None:
+    """Acceptance: the stage re-runs when the local files change, through `dvc repro` itself."""
+    import re
+
+    from emdata.demo import copy_repository
+    from emdata.testing.dvc import dvc, git, offline_env
+
+    env = offline_env(tmp_path / "env")
+    repo = tmp_path / "repo"
+    copy_repository(REPO, repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params.pop("optional_datasets")
+    params["datasets"] = {"org": organoid_dataset(organoids.replica.folder, "Tracking")}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "params"]):
+        git(command, repo, env)
+
+    def repro() -> list[str]:
+        return sorted(re.findall(r"Running stage '([^']+)'", dvc(["repro"], repo, env)))
+
+    def boxes() -> int:
+        with h5py.File(repo / "data" / "processed" / "org.h5", "r") as f:
+            return len(f["images/W_F10_3/annotations/boxes"])
+
+    assert repro() == ["fetch@org", "inputs", "normalize@org", "summarize"]
+    before = boxes()
+    assert repro() == ["inputs"]  # nothing changed: only the look at the user's files
+    _edit_json(organoids.replica.folder / "Tracking" / "W_F10_3" / "Proj_2.json", lambda d: d["shapes"].pop())
+    assert repro() == ["fetch@org", "inputs", "normalize@org", "summarize"]
+    assert boxes() == before - 1

@@ -76,6 +76,9 @@ def list_datasets() -> None:
         s = dataset_state(cfg, key)
         typer.echo(f"{key:<31} {s['kind']:<12} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
+    for key in cfg.optional:
+        typer.echo(f"{key:<31} {cfg.optional.kind_of(key) or '?':<12} optional: move it under datasets: in "
+                   "params.yaml once you have its files")
     bad = [key for key, problem in problems.items() if problem is not None]
     if bad:
         raise ConfigError(f"{len(bad)} dataset(s) in params.yaml are invalid: {', '.join(map(repr, bad))}; see above")
@@ -90,8 +93,14 @@ def check() -> None:
     problems = cfg.check()
     for key, problem in problems.items():
         typer.echo(f"{'ok     ' if problem is None else 'invalid'} {key}" + ("" if problem is None else f": {_one_line(problem)}"))
-    kinds = {cfg.datasets.kind_of(k) for k, p in problems.items() if p is None}
-    stale = codedeps.stale(cfg.root, {k for k in kinds if k})
+    for key in cfg.optional:
+        try:
+            cfg.optional[key]
+            typer.echo(f"ok      {key} (optional: not in the pipeline)")
+        except ConfigError as exc:
+            problems[f"optional_datasets.{key}"] = exc
+            typer.echo(f"invalid {key} (optional): {_one_line(exc)}")
+    stale = codedeps.stale(cfg.root, cfg.kinds())
     for path in stale:
         typer.echo(f"stale   {path}: run `python -m emdata code-deps --write`")
     bad = [key for key, problem in problems.items() if problem is not None]
@@ -106,7 +115,7 @@ def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the sta
     from . import codedeps
 
     cfg = _config()
-    kinds = {k for k in (cfg.datasets.kind_of(key) for key in cfg.datasets) if k}
+    kinds = cfg.kinds()
     if write:
         for path in codedeps.write(cfg.root, kinds):
             typer.echo(f"wrote {path.relative_to(cfg.root)}")
@@ -116,6 +125,17 @@ def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the sta
         typer.echo(f"stale {path}")
     if stale:
         raise ConfigError(f"{len(stale)} stale code fingerprint(s); run `python -m emdata code-deps --write`")
+
+
+@app.command()
+def inputs() -> None:
+    """Write data/inputs/<dataset>.json: the state of sources DVC cannot see (local imports)."""
+    from .inputs import write_inputs
+
+    changed = write_inputs(_config())
+    for key in sorted(k for k, c in changed.items() if c):
+        typer.echo(f"{key}: source inputs changed")
+    typer.echo(f"inputs: {sum(changed.values())} of {len(changed)} dataset(s) changed")
 
 
 @app.command()

@@ -254,12 +254,29 @@ class Config:
     root: Path
     normalize: NormalizeParams
     datasets: Datasets
+    # Entries a user moves under ``datasets`` once they have the files (not downloadable); not
+    # in the pipeline. ``emdata check`` validates them; the offline demo builds them from replicas.
+    optional: Datasets = field(default_factory=lambda: Datasets({}))
 
     def dataset(self, key: str) -> DatasetConfig:
         if key not in self.datasets:
             known = ", ".join(sorted(self.datasets)) or "none"
             raise ConfigError(f"unknown dataset {key!r}; datasets in {PARAMS_FILE}: {known}")
         return self.datasets[key]
+
+    def kinds(self) -> set[str]:
+        """Registered source kinds of the pipeline's and the optional datasets (what pipeline/code/
+        covers); a misspelt kind is reported by the dataset's own check."""
+        from .sources import get_source
+
+        found = set()
+        for kind in {k for d in (self.datasets, self.optional) for k in (d.kind_of(key) for key in d) if k}:
+            try:
+                get_source(kind)  # built-in or plug-in
+            except ConfigError:
+                continue
+            found.add(kind)
+        return found
 
     def check(self) -> dict[str, ConfigError | None]:
         """Parse every dataset; map each key to its error, or None when it is valid."""
@@ -291,6 +308,10 @@ class Config:
 
     def record_path(self, key: str) -> Path:
         return self.root / "data" / "metadata" / f"{key}.json"
+
+    def inputs_dir(self) -> Path:
+        """What DVC cannot see of each source (``emdata.inputs``); fetch@<ds> depends on one file."""
+        return self.root / "data" / "inputs"
 
 
 def parse_dataset(key: str, data: Any) -> DatasetConfig:
@@ -384,5 +405,12 @@ def load_config(root: Path | None = None) -> Config:
     normalize = NormalizeParams.parse(top.section("normalize", required=False))
     datasets_sec = top.section("datasets")
     datasets_sec.keys()  # user-named: each entry is checked when it is first used
+    optional_sec = top.section("optional_datasets", required=False)
+    optional_sec.keys()
     top.finish()
-    return Config(root=root, normalize=normalize, datasets=Datasets(dict(datasets_sec.data)))
+    both = sorted(set(datasets_sec.data) & set(optional_sec.data))
+    if both:
+        raise ConfigError(f"{params_path}: {both[0]!r} is under both datasets and optional_datasets; keep it under "
+                          "datasets (to build it) or optional_datasets (not yet)")
+    return Config(root=root, normalize=normalize, datasets=Datasets(dict(datasets_sec.data)),
+                  optional=Datasets(dict(optional_sec.data)))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
-from .errors import FetchError, IntegrityError, NotBuiltError
+from .errors import EmdataError, FetchError, IntegrityError, NotBuiltError
 from .fetch_context import FetchContext, workers_from_env
 from .fetch_record import FetchRecord, HashState, fetched, plain_spec, require_fetched
 from .io.atomic import write_json_atomic
@@ -53,14 +53,25 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     raw = cfg.raw_dir(key)
     record = fetched(raw, spec, state=HashState(cfg.hash_state_path(key)))
     if record is not None:
-        changed = getattr(source, "source_changed", None)  # local imports: did the user's files change?
-        reason = changed(ds.source, record) if changed is not None else None
+        reason = _inputs_changed(source, ds.source, key, record)  # local imports: did the user's files change?
         if reason is None:
             log.info("%s: up to date in %s", key, raw)
             return FetchResult(raw, True, 0)
         log.debug("%s: %s; importing again", key, reason)  # debug: a failing import stays one line
     with dataset_lock(cfg.lock_dir(), key, "fetch"):
         return _fetch_locked(cfg, key, source, spec, http_factory, policy)
+
+
+def _inputs_changed(source: Any, params: Any, key: str, record: Any) -> str | None:
+    """Why a source's local files differ from what the last fetch imported (None: they do not)."""
+    stamp = getattr(source, "input_stamp", None)
+    if stamp is None:
+        return None
+    try:
+        now = stamp(params, key)
+    except EmdataError as exc:
+        return str(exc)
+    return None if now == record.extra.get("input_stamp") else "the source files changed since they were imported"
 
 
 def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],

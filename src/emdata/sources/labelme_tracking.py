@@ -6,7 +6,8 @@ its labelme ``Proj_<t>.json`` (and ``Detection/<well>/Proj_1.*``). ``plan`` list
 bytes, ``fetch`` copies the chosen subset into ``data/raw/<ds>/<well>/`` (files, bytes and sha256
 recorded; symbolic links, ``..`` and absolute zip members refused), checking every labelme file
 (:mod:`emdata.io.labelme`) and that each has its TIF. A later ``fetch`` sees changed, added or
-removed files (``source_changed``) and imports again; ``sha256`` in params can pin the zip's bytes
+removed files (``input_stamp``; the pipeline's ``inputs`` stage writes the same stamp to
+``data/inputs/<ds>.json``, so ``dvc repro`` re-runs ``fetch@<ds>`` too) and imports again; ``sha256`` in params can pin the zip's bytes
 or the folder's manifest digest (what ``emdata plan`` prints), so that the params change with the data.
 
 Each well is one image of the collection:
@@ -219,7 +220,7 @@ class _Tree:
         return zf.open(f.member) if zf is not None else open(self.root / f.member, "rb")
 
     def stamp(self) -> dict[str, list[int]]:
-        """What ``source_changed`` compares: (size, mtime) of the zip, or of each folder file."""
+        """(size, mtime) of the zip, or of each folder file (no hashing: cheap on every ``dvc repro``)."""
         if self.is_zip:
             info = self.root.stat()
             return {"": [info.st_size, info.st_mtime_ns]}
@@ -274,7 +275,8 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
         raise FormatError(ctx.dataset, names.get(exc.where, exc.where), exc.problem, exc.hint) from exc
     extra = {"sources": [{"url": tree.url, "size": size_total, "sha256": digest,
                           "what": "zip archive" if tree.is_zip else "folder manifest (member, size, sha256 per line)"}],
-             "skipped": tree.skipped, "stamp": tree.stamp()}
+             "skipped": tree.skipped,
+             "input_stamp": {"path": str(params.path), "files": tree.stamp()}}
     return ctx.record(fetched, extra)
 
 
@@ -335,15 +337,9 @@ def _copy(tree: _Tree, f: SourceFile, zf: zipfile.ZipFile | None, target: Path, 
     return size, sha.hexdigest()
 
 
-def source_changed(params: Params, record: FetchRecord) -> str | None:
-    """Why the user's files differ from what the last fetch imported (None: they do not)."""
-    try:
-        stamp = _Tree(params, record.dataset).stamp()
-    except (FetchError, FormatError) as exc:
-        return str(exc)
-    if stamp != record.extra.get("stamp"):
-        return f"the files at {params.path} changed since they were imported"
-    return None
+def input_stamp(params: Params, dataset: str) -> dict[str, Any]:
+    """(size, mtime) of the zip, or of each chosen folder file: what says the user's files changed."""
+    return {"path": str(params.path), "files": _Tree(params, dataset).stamp()}
 
 
 # -- reading the imported wells -------------------------------------------------------------------

@@ -86,10 +86,13 @@ class CollectionSource(Protocol):
 
 
 class LocalSource(CollectionSource, Protocol):
-    """A source that imports files the user has (``source_changed`` is optional).
+    """A source that imports files the user has (``input_stamp`` is optional for any source).
 
-    ``source_changed(params, record)`` says why the local files no longer match what the last
-    fetch recorded (or None): ``fetch`` then imports them again instead of saying "up to date".
+    ``input_stamp(params, dataset)`` is a small JSON-able summary of the user's files, cheap to
+    take (sizes and modification times, no hashing); it raises an EmdataError when the files are
+    not there. ``fetch`` stores it as ``extra["input_stamp"]``. When the stamp differs, a later
+    ``emdata fetch`` imports again instead of saying "up to date", and the ``inputs`` stage writes
+    it to ``data/inputs/<ds>.json``, the file ``fetch@<ds>`` depends on, so ``dvc repro`` re-runs.
     """
 
-    def source_changed(self, params: Any, record: FetchRecord) -> str | None: ...
+    def input_stamp(self, params: Any, dataset: str) -> dict[str, Any]: ...
