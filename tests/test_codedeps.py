@@ -78,7 +78,7 @@ def test_dvc_status_sees_exactly_the_stages_whose_code_changed(tmp_path) -> None
     env = offline_env(tmp_path / "env")
     repo = tmp_path / "repo"
     with ExitStack() as stack:
-        replica_repository(REPO, repo, tmp_path / "replicas", env, stack)
+        replica_repository(REPO, repo, tmp_path / "replicas", env, stack, kinds={"epfl"})
         dvc(["repro", "normalize@epfl_mito_train", "normalize@epfl_mito_test"], repo, env)
 
     def stale() -> list[str]:

@@ -37,7 +37,7 @@ def producer(tmp_path_factory):
     env = offline_env(base / "env")
     repo = base / "producer"
     with ExitStack() as stack:
-        replica_repository(REPO, repo, base / "replicas", env, stack)
+        replica_repository(REPO, repo, base / "replicas", env, stack, kinds={"epfl"})
         s3 = stack.enter_context(SeaweedS3(base / "s3", access_key=env["AWS_ACCESS_KEY_ID"],
                                            secret_key=env["AWS_SECRET_ACCESS_KEY"]))
         s3.create_bucket("emdata-dvc")

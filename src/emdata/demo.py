@@ -47,10 +47,13 @@ def copy_repository(src: Path, dest: Path) -> None:
             shutil.copy2(src / name, target)
 
 
-def enable_optional_datasets(params_path: Path) -> None:
-    """Move ``optional_datasets`` under ``datasets``: replicas provide the files users add by hand."""
+def enable_optional_datasets(params_path: Path, kinds: set[str] | None = None) -> None:
+    """Move ``optional_datasets`` under ``datasets``: replicas provide the files users add by hand.
+    With ``kinds``, keep only the datasets of those source kinds (tests that need one or two)."""
     params: dict[str, Any] = yaml.safe_load(params_path.read_text())
     params["datasets"].update(params.pop("optional_datasets", None) or {})
+    if kinds is not None:
+        params["datasets"] = {k: v for k, v in params["datasets"].items() if v["source"]["kind"] in kinds}
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -76,13 +79,13 @@ def kinds_in(params_path: Path) -> set[str]:
 
 
 def replica_repository(src: Path, repo: Path, replicas: Path, env: dict[str, str], stack: ExitStack, *,
-                       coordinate: bool = True) -> list[str]:
+                       coordinate: bool = True, kinds: set[str] | None = None) -> list[str]:
     """A git repository copied from ``src`` whose params point at running replicas; the dataset keys.
 
-    The replicas keep serving until ``stack`` closes.
+    The replicas keep serving until ``stack`` closes. ``kinds``: only the datasets of these kinds.
     """
     copy_repository(Path(src), repo)
-    enable_optional_datasets(repo / "params.yaml")
+    enable_optional_datasets(repo / "params.yaml", kinds)
     running = start_replicas(kinds_in(repo / "params.yaml"), replicas, stack, coordinate=coordinate)
     keys = point_params_at_replicas(repo / "params.yaml", running)
     git(["init", "-q", "-b", "main"], repo, env)
