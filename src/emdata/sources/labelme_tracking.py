@@ -131,7 +131,8 @@ class _Tree:
         self.skipped: list[dict[str, Any]] = []
         if not self.root.exists():
             raise FetchError(dataset, str(self.root), "no such folder or file",
-                             "set datasets.<name>.source.path in params.yaml to where the data are")
+                             f"set datasets.{dataset}.source.path in params.yaml to where the data are (the "
+                             "authors send the data on request)")
         if self.root.is_symlink():
             raise FetchError(dataset, str(self.root), "is a symbolic link", "give the real path in params.yaml")
 
