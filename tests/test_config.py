@@ -72,6 +72,13 @@ def test_the_repository_params_parse() -> None:
     assert cfg.optional["organoid_tracking"].source_kind == "labelme_tracking"
 
 
+def test_an_optional_entry_is_checked_and_named_by_its_own_path(tmp_path) -> None:
+    entry = {"source": {"kind": "epfll"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"datasets": {}, "optional_datasets": {"b": entry}}))
+    with pytest.raises(ConfigError, match=r"optional_datasets\.b\.source\.kind: unknown source kind 'epfll'"):
+        load_config(tmp_path).optional["b"]
+
+
 def test_a_dataset_both_in_the_pipeline_and_optional_is_refused(tmp_path) -> None:
     entry = {"source": {"kind": "epfl", "image": {"url": "https://example.org/a.tif"}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"datasets": {"a": entry}, "optional_datasets": {"a": entry}}))

@@ -226,13 +226,14 @@ class Datasets(Mapping[str, DatasetConfig]):
     ``Config.check()`` (``emdata check``/``emdata list``) parses them all.
     """
 
-    def __init__(self, entries: dict[str, Any]) -> None:
+    def __init__(self, entries: dict[str, Any], section: str = "datasets") -> None:
         self._entries = entries
+        self._section = section  # how errors name an entry's path in params.yaml
         self._parsed: dict[str, DatasetConfig] = {}
 
     def __getitem__(self, key: str) -> DatasetConfig:
         if key not in self._parsed:
-            self._parsed[key] = parse_dataset(key, self._entries[key])
+            self._parsed[key] = parse_dataset(key, self._entries[key], self._section)
         return self._parsed[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -256,7 +257,7 @@ class Config:
     datasets: Datasets
     # Entries a user moves under ``datasets`` once they have the files (not downloadable); not
     # in the pipeline. ``emdata check`` validates them; the offline demo builds them from replicas.
-    optional: Datasets = field(default_factory=lambda: Datasets({}))
+    optional: Datasets = field(default_factory=lambda: Datasets({}, "optional_datasets"))
 
     def dataset(self, key: str) -> DatasetConfig:
         if key not in self.datasets:
@@ -314,11 +315,11 @@ class Config:
         return self.root / "data" / "inputs"
 
 
-def parse_dataset(key: str, data: Any) -> DatasetConfig:
+def parse_dataset(key: str, data: Any, section: str = "datasets") -> DatasetConfig:
     from .sources import get_source  # sources import config helpers; avoid a cycle at import
 
     valid = isinstance(key, str) and KEY_PATTERN.fullmatch(key)
-    path = f"datasets.{key}" if valid else f"datasets.{key!r}"
+    path = f"{section}.{key}" if valid else f"{section}.{key!r}"
     if not valid:
         raise ConfigError(f"{PARAMS_FILE}: {path}: dataset keys must match {KEY_PATTERN.pattern}")
     sec = Section(data, path)
@@ -413,4 +414,4 @@ def load_config(root: Path | None = None) -> Config:
         raise ConfigError(f"{params_path}: {both[0]!r} is under both datasets and optional_datasets; keep it under "
                           "datasets (to build it) or optional_datasets (not yet)")
     return Config(root=root, normalize=normalize, datasets=Datasets(dict(datasets_sec.data)),
-                  optional=Datasets(dict(optional_sec.data)))
+                  optional=Datasets(dict(optional_sec.data), "optional_datasets"))
