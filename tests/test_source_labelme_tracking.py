@@ -245,6 +245,20 @@ def test_inputs_stage_records_the_files_and_says_when_they_are_missing(organoids
     assert "0 of 2 dataset(s) changed" in _cli(root, "inputs").stdout
     fetch = _cli(root, "fetch", "gone")
     assert fetch.returncode != 0 and len(fetch.stderr.strip().splitlines()) == 1 and "nowhere" in fetch.stderr
+    # an invalid entry elsewhere does not stop the stage (its fetch reports it)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["datasets"]["bad"] = organoid_dataset(organoids.replica.folder, "Detectio")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = _cli(root, "inputs")
+    assert proc.returncode == 0, proc.stderr
+    assert "Detectio" in json.loads((root / "data" / "inputs" / "bad.json").read_text())["invalid"]
+    # files imported once and then absent (a clone after `dvc pull`): the recorded stamp stays
+    assert _cli(root, "fetch", "org").returncode == 0
+    before = (root / "data" / "inputs" / "org.json").read_bytes()
+    params["datasets"]["org"]["source"]["path"] = str(tmp_path / "unmounted")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _cli(root, "inputs").returncode == 0
+    assert (root / "data" / "inputs" / "org.json").read_bytes() == before
 
 
 @pytest.mark.dvc
@@ -275,6 +289,10 @@ def test_dvc_repro_reruns_only_this_import_when_the_users_files_change(organoids
     assert repro() == ["fetch@org", "inputs", "normalize@org", "summarize"]
     before = boxes()
     assert repro() == ["inputs"]  # nothing changed: only the look at the user's files
+    h5 = (repo / "data" / "processed" / "org.h5").read_bytes()
+    os.utime(organoids.replica.folder / "Tracking" / "W_F10_3" / "Proj_1.tif")  # touched, same bytes
+    assert repro() == ["fetch@org", "inputs"]  # imported again: same raw bytes, so no new HDF5
+    assert (repo / "data" / "processed" / "org.h5").read_bytes() == h5
     _edit_json(organoids.replica.folder / "Tracking" / "W_F10_3" / "Proj_2.json", lambda d: d["shapes"].pop())
     assert repro() == ["fetch@org", "inputs", "normalize@org", "summarize"]
     assert boxes() == before - 1

@@ -77,8 +77,13 @@ def list_datasets() -> None:
         typer.echo(f"{key:<31} {s['kind']:<12} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
     for key in cfg.optional:
-        typer.echo(f"{key:<31} {cfg.optional.kind_of(key) or '?':<12} optional: move it under datasets: in "
-                   "params.yaml once you have its files")
+        try:
+            cfg.optional[key]
+            state = "optional: move it under datasets: in params.yaml once you have its files"
+        except ConfigError as exc:
+            problems[f"optional_datasets.{key}"] = exc
+            state = f"optional, invalid: {_one_line(exc)}"
+        typer.echo(f"{key:<31} {cfg.optional.kind_of(key) or '?':<12} {state}")
     bad = [key for key, problem in problems.items() if problem is not None]
     if bad:
         raise ConfigError(f"{len(bad)} dataset(s) in params.yaml are invalid: {', '.join(map(repr, bad))}; see above")

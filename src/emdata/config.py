@@ -236,6 +236,9 @@ class Datasets(Mapping[str, DatasetConfig]):
             self._parsed[key] = parse_dataset(key, self._entries[key], self._section)
         return self._parsed[key]
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default parses the entry (and may raise)
+        return key in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -309,6 +312,10 @@ class Config:
 
     def record_path(self, key: str) -> Path:
         return self.root / "data" / "metadata" / f"{key}.json"
+
+    def input_stamp_path(self, key: str) -> Path:
+        """The stamp of a local import's files at its last fetch (local state, never versioned)."""
+        return self.root / "data" / ".state" / f"{key}.input_stamp.json"
 
     def inputs_dir(self) -> Path:
         """What DVC cannot see of each source (``emdata.inputs``); fetch@<ds> depends on one file."""

@@ -7,17 +7,24 @@ and the ``inputs`` stage, which DVC runs on every ``dvc repro`` (``always_change
 those files:
 
 - a source with ``input_stamp`` (local imports): the stamp of the user's files (sizes and
-  modification times, no hashing, so it costs milliseconds), or why they cannot be read;
+  modification times, no hashing, so it costs milliseconds), or why they cannot be read; when
+  they cannot be read and a stamp is already recorded (a clone that got ``data/raw`` by ``dvc
+  pull``, an unmounted disk), the recorded stamp stays, so the pipeline keeps the last import;
 - any other source: its kind only, which never changes (remote data are pinned by params).
 
-A file is rewritten only when its content changes, so nothing downstream re-runs otherwise. The
-files are small, kept in git (``cache: false``), and show in a diff when the local data changed.
+A file is rewritten only when its content changes (``persist: true``: DVC does not delete the
+folder before the stage runs), so nothing downstream re-runs otherwise. The files are small, kept
+in git (``cache: false``), and show in a diff when the local data changed. The stamp that
+``emdata fetch`` compares lives in ``data/.state/<ds>.input_stamp.json`` (local, not versioned),
+not in the fetch record: touching or copying the files re-imports them, but the imported bytes,
+the record and so the HDF5 stay the same.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from .config import Config
@@ -26,6 +33,13 @@ from .io.atomic import write_bytes_atomic
 from .sources import get_source
 
 log = logging.getLogger(__name__)
+
+
+def _has_stamp(path: Path) -> bool:
+    try:
+        return "stamp" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def describe_inputs(cfg: Config, key: str) -> dict[str, Any]:
@@ -52,11 +66,17 @@ def write_inputs(cfg: Config) -> dict[str, bool]:
     changed = {}
     for key in cfg.datasets:
         path = folder / f"{key}.json"
-        text = (json.dumps(describe_inputs(cfg, key), indent=1, sort_keys=True) + "\n").encode()
+        content = describe_inputs(cfg, key)
+        if "unavailable" in content and _has_stamp(path):
+            # A clone that got data/raw by `dvc pull`, or an unmounted disk: the last import stands
+            # (fetch@<ds> stays up to date) rather than failing the pipeline for files it already has.
+            changed[key] = False
+            continue
+        text = (json.dumps(content, indent=1, sort_keys=True) + "\n").encode()
         changed[key] = not path.is_file() or path.read_bytes() != text
         if changed[key]:
             write_bytes_atomic(path, text)
-    for stale in folder.glob("*.json"):
+    for stale in folder.glob("*.json"):  # membership by key: an invalid entry is not parsed here
         if stale.stem not in cfg.datasets:  # a dataset removed from params.yaml
             stale.unlink()
     return changed

@@ -53,7 +53,7 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     raw = cfg.raw_dir(key)
     record = fetched(raw, spec, state=HashState(cfg.hash_state_path(key)))
     if record is not None:
-        reason = _inputs_changed(source, ds.source, key, record)  # local imports: did the user's files change?
+        reason = _inputs_changed(source, ds.source, key, _read_json(cfg.input_stamp_path(key)))  # local imports
         if reason is None:
             log.info("%s: up to date in %s", key, raw)
             return FetchResult(raw, True, 0)
@@ -62,8 +62,10 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
         return _fetch_locked(cfg, key, source, spec, http_factory, policy)
 
 
-def _inputs_changed(source: Any, params: Any, key: str, record: Any) -> str | None:
-    """Why a source's local files differ from what the last fetch imported (None: they do not)."""
+def _inputs_changed(source: Any, params: Any, key: str, last: Any) -> str | None:
+    """Why a source's local files differ from the stamp of the last import (None: they do not).
+
+    No stamp (a checkout that got data/raw by ``dvc pull``) counts as changed: import again."""
     stamp = getattr(source, "input_stamp", None)
     if stamp is None:
         return None
@@ -71,7 +73,7 @@ def _inputs_changed(source: Any, params: Any, key: str, record: Any) -> str | No
         now = stamp(params, key)
     except EmdataError as exc:
         return str(exc)
-    return None if now == record.extra.get("input_stamp") else "the source files changed since they were imported"
+    return None if now == last else "the source files changed since they were imported"
 
 
 def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
@@ -91,9 +93,14 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     if missing:
         raise IntegrityError(key, str(partial), f"the fetch reported files it did not write: {missing[0]}",
                              "this is a bug in the source module; please report it")
+    # The stamp (mtimes) is local state, not provenance: kept out of source.json, which the HDF5
+    # copies, so that touching or copying the user's files does not change the data's version.
+    stamp = record.extra.pop("input_stamp", None)
     record.write(partial)
     marker.unlink()
     _replace_dir(partial, raw)
+    if stamp is not None:
+        write_json_atomic(cfg.input_stamp_path(key), stamp)
     HashState(cfg.hash_state_path(key)).remember_record(raw, record)
     log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(record.files), raw, ctx.requests)
     return FetchResult(raw, False, ctx.requests)

@@ -141,6 +141,7 @@ class _Tree:
         return self.root.is_file()
 
     def files(self) -> list[SourceFile]:
+        self.skipped = []  # listed again (stamp): each skipped name once
         found = self._zip_files() if self.is_zip else self._folder_files()
         wells = sorted({f.rel.split("/")[0] for f in found})
         if not wells:
