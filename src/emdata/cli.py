@@ -76,14 +76,12 @@ def list_datasets() -> None:
         s = dataset_state(cfg, key)
         typer.echo(f"{key:<31} {s['kind']:<12} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
-    for key in cfg.optional:
-        try:
-            cfg.optional[key]
-            state = "optional: move it under datasets: in params.yaml once you have its files"
-        except ConfigError as exc:
-            problems[f"optional_datasets.{key}"] = exc
-            state = f"optional, invalid: {_one_line(exc)}"
+    optional = cfg.check_optional()
+    for key, problem in optional.items():
+        state = ("optional: move it under datasets: in params.yaml once you have its files" if problem is None
+                 else f"optional, invalid: {_one_line(problem)}")
         typer.echo(f"{key:<31} {cfg.optional.kind_of(key) or '?':<12} {state}")
+    problems.update({f"optional_datasets.{key}": problem for key, problem in optional.items()})
     bad = [key for key, problem in problems.items() if problem is not None]
     if bad:
         raise ConfigError(f"{len(bad)} dataset(s) in params.yaml are invalid: {', '.join(map(repr, bad))}; see above")
@@ -98,13 +96,11 @@ def check() -> None:
     problems = cfg.check()
     for key, problem in problems.items():
         typer.echo(f"{'ok     ' if problem is None else 'invalid'} {key}" + ("" if problem is None else f": {_one_line(problem)}"))
-    for key in cfg.optional:
-        try:
-            cfg.optional[key]
-            typer.echo(f"ok      {key} (optional: not in the pipeline)")
-        except ConfigError as exc:
-            problems[f"optional_datasets.{key}"] = exc
-            typer.echo(f"invalid {key} (optional): {_one_line(exc)}")
+    optional = cfg.check_optional()
+    for key, problem in optional.items():
+        typer.echo(f"ok      {key} (optional: not in the pipeline)" if problem is None
+                   else f"invalid {key} (optional): {_one_line(problem)}")
+    problems.update({f"optional_datasets.{key}": problem for key, problem in optional.items()})
     stale = codedeps.stale(cfg.root, cfg.kinds())
     for path in stale:
         typer.echo(f"stale   {path}: run `python -m emdata code-deps --write`")

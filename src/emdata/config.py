@@ -284,14 +284,11 @@ class Config:
 
     def check(self) -> dict[str, ConfigError | None]:
         """Parse every dataset; map each key to its error, or None when it is valid."""
-        problems: dict[str, ConfigError | None] = {}
-        for key in self.datasets:
-            try:
-                self.datasets[key]
-                problems[key] = None
-            except ConfigError as exc:
-                problems[key] = exc
-        return problems
+        return _check(self.datasets)
+
+    def check_optional(self) -> dict[str, ConfigError | None]:
+        """The same for ``optional_datasets`` (not in the pipeline, checked all the same)."""
+        return _check(self.optional)
 
     # Where each stage puts its outputs (dvc.yaml uses the same paths).
     def raw_dir(self, key: str) -> Path:
@@ -320,6 +317,17 @@ class Config:
     def inputs_dir(self) -> Path:
         """What DVC cannot see of each source (``emdata.inputs``); fetch@<ds> depends on one file."""
         return self.root / "data" / "inputs"
+
+
+def _check(datasets: Datasets) -> dict[str, ConfigError | None]:
+    problems: dict[str, ConfigError | None] = {}
+    for key in datasets:
+        try:
+            datasets[key]
+            problems[key] = None
+        except ConfigError as exc:
+            problems[key] = exc
+    return problems
 
 
 def parse_dataset(key: str, data: Any, section: str = "datasets") -> DatasetConfig:

@@ -221,12 +221,15 @@ class _Tree:
     def open(self, f: SourceFile, zf: zipfile.ZipFile | None) -> Any:
         return zf.open(f.member) if zf is not None else open(self.root / f.member, "rb")
 
-    def stamp(self) -> dict[str, list[int]]:
-        """(size, mtime) of the zip, or of each folder file (no hashing: cheap on every ``dvc repro``)."""
+    def stamp(self, files: list[SourceFile] | None = None) -> dict[str, Any]:
+        """The input stamp: (size, mtime) of the zip, or of each folder file (no hashing: cheap on
+        every ``dvc repro``); ``files``: the listing already made, else the folder is listed."""
         if self.is_zip:
             info = self.root.stat()
-            return {"": [info.st_size, info.st_mtime_ns]}
-        return {f.member: [f.size, f.mtime_ns] for f in self.files()}
+            listed = {"": [info.st_size, info.st_mtime_ns]}
+        else:
+            listed = {f.member: [f.size, f.mtime_ns] for f in (self.files() if files is None else files)}
+        return {"path": str(self.params.path), "files": listed}
 
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
@@ -278,7 +281,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     extra = {"sources": [{"url": tree.url, "size": size_total, "sha256": digest,
                           "what": "zip archive" if tree.is_zip else "folder manifest (member, size, sha256 per line)"}],
              "skipped": tree.skipped,
-             "input_stamp": {"path": str(params.path), "files": tree.stamp()}}
+             "input_stamp": tree.stamp(files)}  # as listed before the copy: a change meanwhile re-imports
     return ctx.record(fetched, extra)
 
 
@@ -341,7 +344,7 @@ def _copy(tree: _Tree, f: SourceFile, zf: zipfile.ZipFile | None, target: Path, 
 
 def input_stamp(params: Params, dataset: str) -> dict[str, Any]:
     """(size, mtime) of the zip, or of each chosen folder file: what says the user's files changed."""
-    return {"path": str(params.path), "files": _Tree(params, dataset).stamp()}
+    return _Tree(params, dataset).stamp()
 
 
 # -- reading the imported wells -------------------------------------------------------------------
