@@ -110,6 +110,7 @@ class Running:
 
 class ToyReplica:
     kind, transport = "toy", "http"
+    case_keys = ("toy_set",)
 
     @contextmanager
     def start(self, root, *, coordinate=True):

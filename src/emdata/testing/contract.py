@@ -70,9 +70,7 @@ def client_for(case: SourceCase, sleeps: list[float] | None = None) -> HttpClien
 class CoreContract:
     """What every source does, whatever its transport."""
 
-    @pytest.fixture
-    def case(self) -> SourceCase:  # pragma: no cover - provided by subclasses
-        raise NotImplementedError
+    # The tests take a ``case`` fixture (a :class:`SourceCase`) that the test module provides.
 
     def _fetch(self, case: SourceCase, sleeps: list[float] | None = None, policy: RetryPolicy = FAST_RETRIES):
         from ..pipeline import fetch_dataset

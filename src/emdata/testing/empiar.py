@@ -219,6 +219,7 @@ def pin_size(entry: dict[str, Any], relpath: str, size: int) -> None:
 class _EmpiarReplicaKind:
     kind = "empiar"
     transport = "http"
+    case_keys = ("empiar_11759",)
 
     @contextmanager
     def start(self, root: Path, *, coordinate: bool = True) -> Iterator[RunningEmpiar]:

@@ -264,6 +264,12 @@ class ReplicaServer(LoopbackServer):
     def hide(self, path: str) -> None:
         self.faults.hidden.add(urllib.parse.unquote(path))
 
+    def reset(self) -> None:
+        """No faults and an empty log (between tests sharing a server); routes and files stay."""
+        with self.lock:
+            self.faults = _Faults()
+            self.requests.clear()
+
     # -- files ----------------------------------------------------------------------------------
 
     def local_path(self, url_path: str) -> Path | None:

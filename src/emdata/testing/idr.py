@@ -346,6 +346,7 @@ class RunningIdr:
 class _IdrReplicaKind:
     kind = "idr"
     transport = "http"
+    case_keys = ("idr0086_u2os",)
 
     @contextmanager
     def start(self, root: Path, *, coordinate: bool = True, shape: tuple[int, int, int] | None = None,

@@ -169,6 +169,9 @@ class LocalFiles:
     def clear_log(self) -> None:
         self.requests.clear()
 
+    def reset(self) -> None:
+        self.clear_log()
+
     def local_path(self, path: str) -> Path | None:
         candidate = Path(path)
         return candidate if candidate.exists() else None
@@ -212,6 +215,7 @@ class RunningOrganoids:
 class _OrganoidKind:
     kind = "labelme_tracking"
     transport = "local"
+    case_keys = ("organoid_tracking", "organoid_detection_zip")
 
     @contextmanager
     def start(self, root: Path, *, coordinate: bool = True) -> Iterator[RunningOrganoids]:

@@ -255,6 +255,7 @@ class RunningLightMyCells:
 class _LightMyCellsKind:
     kind = "lightmycells"
     transport = "http"
+    case_keys = ("lightmycells_study_1", "lightmycells_study_2")
 
     @contextmanager
     def start(self, root: Path, *, coordinate: bool = True) -> Iterator[RunningLightMyCells]:

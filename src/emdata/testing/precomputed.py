@@ -212,6 +212,7 @@ class RunningPrecomputed:
 class _PrecomputedReplicaKind:
     kind = "precomputed"
     transport = "http-array"
+    case_keys = ("hemibrain_em_crop", "hemibrain_em_crop_raw")
 
     @contextmanager
     def start(self, root: Path, *, coordinate: bool = True) -> Iterator[RunningPrecomputed]:

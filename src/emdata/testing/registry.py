@@ -67,8 +67,9 @@ class RunningReplica(Protocol):
 class Replica(Protocol):
     kind: str
     transport: str  # "http", "http-array", "s3" or "local": which transport mixin of the contract applies
-    # Optional: ``case_keys`` (a tuple of the dataset keys ``cases()`` returns, in order), so test
-    # collection can count the cases without starting servers (see :func:`case_count`).
+    # The dataset keys ``cases()`` returns, in order: test collection reads them instead of starting
+    # servers (the contract checks that a running replica serves exactly these).
+    case_keys: tuple[str, ...]
 
     def start(self, root: Path, *, coordinate: bool = True) -> AbstractContextManager[RunningReplica]:
         """Write the data under ``root`` and serve it until the context exits."""
@@ -84,15 +85,13 @@ def registered_kinds() -> list[str]:
     return sorted(replica_targets())
 
 
-def case_count(replica: Replica) -> int:
-    """How many cases a replica serves: its ``case_keys`` if it declares them, else start it and count."""
+def case_keys(replica: Replica) -> tuple[str, ...]:
+    """The dataset keys a replica serves, as it declares them (nothing is started)."""
     keys = getattr(replica, "case_keys", None)
-    if keys is not None:
-        return len(keys)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp, replica.start(Path(tmp)) as running:
-        return len(running.cases())
+    if not isinstance(keys, tuple) or not keys or not all(isinstance(k, str) for k in keys):
+        raise EmdataError(f"replica {getattr(replica, 'kind', replica)!r} declares no case_keys: give its kind "
+                          "a tuple of the dataset keys its cases() returns, in order")
+    return keys
 
 
 def replica_for(kind: str) -> Replica:

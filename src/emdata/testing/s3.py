@@ -387,6 +387,11 @@ class S3Front(LoopbackServer):
         with self.lock:
             self.faults = _S3Faults()
 
+    def reset(self) -> None:
+        """Back to serving every object as stored, with an empty log (between tests sharing a front)."""
+        self.clear_faults()
+        self.clear_log()
+
 
 # -- one anonymous SeaweedFS per process, shared by the S3 replicas ---------------------------------
 
