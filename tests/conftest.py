@@ -14,6 +14,40 @@ from emdata.testing.http_server import ReplicaServer
 
 REPO = Path(__file__).resolve().parents[1]
 
+# -- tiers: `make test-fast` runs `-m "not slow"`, `make test` everything ------------------------
+# The one place that says which tests are slow. Slow: whatever runs `dvc`, S3 (SeaweedFS), Dask
+# clusters, the fault matrix, disk-full mounts, the README and demo walk-throughs, and tests that
+# spend their time in `python -m emdata` subprocesses. Every src module keeps fast tests of its own.
+SLOW_MODULES = {
+    "test_fault_matrix",  # ~40 end-to-end CLI cases, kill -9, tmpfs mounts
+    "test_disk_full",  # tmpfs mounts, CLI subprocesses
+    "test_dvc_pipeline", "test_readme", "test_plugin_source", "test_remote_access",  # dvc + S3
+    "test_normalize_distributed", "test_tiled_distributed",  # Dask LocalClusters
+}
+SLOW_MARKERS = {"dvc", "s3"}
+SLOW_TESTS = {  # (module, test name without parameters): subprocess- or worker-heavy tests of fast modules
+    ("test_contract", "test_404_is_one_line_error_naming_dataset_and_url"),  # the CLI, once per kind
+    ("test_contract", "test_a_missing_path_is_one_line_naming_dataset_and_path"),
+    ("test_source_lightmycells", "test_a_corrupt_ome_xml_is_one_line_and_leaves_the_last_outputs"),
+    ("test_source_labelme_tracking", "test_inputs_stage_records_the_files_and_says_when_they_are_missing"),
+    ("test_source_labelme_tracking", "test_a_bad_labelme_file_is_one_line_naming_it_and_the_last_import_stays"),
+    ("test_source_precomputed", "test_an_unreachable_base_url_fails_in_one_line_after_few_attempts"),
+    ("test_source_empiar", "test_failures_are_one_line_and_leave_outputs_untouched"),
+    ("test_torch_and_versions", "test_dataloader_with_spawned_workers_matches_one_process"),
+    ("test_collection_access", "test_paired_patches_with_two_dataloader_workers_equal_one_process"),
+    ("test_tiling_identity", "test_torch_modules_are_identified_by_their_weights"),
+    ("test_chunk_index", "test_a_large_sparse_file_opens_without_walking_its_chunks"),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        name = getattr(item, "originalname", item.name)
+        if (module in SLOW_MODULES or SLOW_MARKERS & {m.name for m in item.iter_markers()}
+                or (module, name) in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:

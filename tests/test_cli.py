@@ -30,11 +30,12 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture
 def built(epfl_project):
-    """A project with epfl_mito_train fetched and normalized through the CLI."""
-    root = epfl_project.root
-    for cmd in (["fetch", "epfl_mito_train"], ["normalize", "epfl_mito_train"]):
-        proc = emdata(root, *cmd)
-        assert proc.returncode == 0, proc.stderr
+    """A project with epfl_mito_train fetched and normalized (in this process: the tests run the CLI)."""
+    from emdata.normalize import normalize_dataset
+    from emdata.pipeline import fetch_dataset
+
+    fetch_dataset(epfl_project, "epfl_mito_train")
+    normalize_dataset(epfl_project, "epfl_mito_train")
     return epfl_project
 
 
@@ -161,14 +162,11 @@ def test_a_truncated_metadata_record_is_one_line(built, command) -> None:
 
 
 @pytest.mark.parametrize("command", ["plan", "fetch"])
-def test_an_unresolvable_host_fails_fast_in_one_short_line(make_project, command) -> None:
-    import time
-
+def test_an_unresolvable_host_is_one_short_line(make_project, command) -> None:
+    """(That it is not retried is counted in test_http_hardening's unresolvable-host test.)"""
     base = "https://no-such-host.invalid/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
     entry = {"title": "t", "license": "l", "citation": "c", "modality": "FIB-SEM", "voxel_size_nm": [5, 5, 5],
              "offset_nm": [0, 0, 0], "source": {"kind": "epfl", "base_url": base, "image": {"file": "volumedata.tif"}}}
     cfg = make_project({"offline_set": entry})
-    started = time.monotonic()
     line = one_line_error(emdata(cfg.root, command, "offline_set"))
-    assert time.monotonic() - started < 5
     assert len(line) <= 200 and "offline_set" in line and "cannot resolve host no-such-host.invalid" in line

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -47,6 +48,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
+from requests.models import DEFAULT_REDIRECT_LIMIT
 
 from emdata.testing.epfl import (
     EPFL_PATH,
@@ -55,6 +57,7 @@ from emdata.testing.epfl import (
     build_epfl_replica,
     epfl_datasets,
 )
+from emdata.io.http import RetryPolicy
 from emdata.testing.http_server import ReplicaServer
 from emdata.testing.volumes import coordinate_volume, write_tiff_stack
 
@@ -163,8 +166,19 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         self._headers(200, {"Content-Length": str(len(data)), "Accept-Ranges": "bytes"})
         self.wfile.write(data[:nbytes])
         self.wfile.flush()
-        self.server.owner.release.wait(seconds)  # bounded: the client's read timeout is shorter
+        self.server.owner.stalls.append(self._wait_for_hangup(seconds))
         self.close_connection = True
+
+    def _wait_for_hangup(self, seconds: float) -> str:
+        """Hold the connection up to ``seconds``: "client hung up" when the client closed it first."""
+        import select
+
+        deadline = time.monotonic() + seconds  # bounded: a client's read timeout is far shorter
+        while time.monotonic() < deadline and not self.server.owner.release.is_set():
+            readable, _, _ = select.select([self.connection], [], [], 0.05)
+            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                return "client hung up"
+        return "server gave up"
 
     def _b_endless(self, path: str, body: bool) -> None:
         self._headers(200, {"Connection": "close", "Content-Type": "application/octet-stream"})
@@ -203,6 +217,7 @@ class Scripted:
         self.once: dict[str, list[tuple]] = {}
         self.log: list[tuple[str, str, str | None, str]] = []
         self.spewed: list[int] = []
+        self.stalls: list[str] = []  # how each stall ended (_ScriptedHandler._wait_for_hangup)
         self.release = threading.Event()
         self.lock = threading.Lock()
         self._httpd = _ScriptedHTTPServer(("127.0.0.1", 0), _ScriptedHandler)
@@ -229,6 +244,7 @@ class Scripted:
             self.once.clear()
             self.log.clear()
             self.spewed.clear()
+            self.stalls.clear()
         self.release = threading.Event()
 
     def gets(self, path_suffix: str) -> list[tuple]:
@@ -690,7 +706,7 @@ def c2_stall_timeout(c: Case) -> tuple[str, str]:
     run = ok(c.cli(project, "fetch", DS, env={**c.env, "EMDATA_READ_TIMEOUT": "0.5"}))
     gets = c.world.scripted.gets(IMAGE)
     assert [g[2] for g in gets] == [None, "bytes=5000-"], gets
-    assert run.seconds < 8, f"a 0.5 s read timeout took {run.seconds:.1f} s"
+    assert c.world.scripted.stalls == ["client hung up"], c.world.scripted.stalls  # not the server's 20 s
     c.no_leftovers(project)
     return "data", (f"stalled after 5000 B for 20 s; EMDATA_READ_TIMEOUT=0.5 gave up, retry resumed with Range "
                     f"bytes=5000- ({run.seconds:.1f} s in all); {c.raw_exact(project)}")
@@ -798,7 +814,7 @@ def _pinned_fault(c: Case, behaviour: tuple) -> tuple[str, str]:
     biggest = max((p.stat().st_size for p in partial.rglob("*") if p.is_file()), default=0)
     assert biggest <= size, f"{biggest} bytes on disk for a file pinned at {size}"
     gets, sent = len(c.world.scripted.gets(IMAGE)), sum(c.world.scripted.spewed)
-    assert run.seconds < 10, run.seconds
+    assert gets <= RetryPolicy().attempts, f"{gets} GETs"
     del c.world.scripted.always[SCRIPTED_IMAGE]
     ok(c.cli(project, "fetch", DS))
     c.no_leftovers(project)
@@ -1036,9 +1052,10 @@ def _redirect(c: Case, location: Callable[[str], str]) -> tuple[str, str]:
     for cmd in ("plan", "fetch"):
         run = c.cli(project, cmd, DS, timeout=30)
         lines.append(one_line_error(run))
-        assert run.seconds < 10, f"{cmd} took {run.seconds:.1f} s"
     assert not (project / "data" / "raw" / DS).exists()
     requests = len(c.world.scripted.log)
+    # each command follows at most requests' redirect limit once: no retry of a loop, no endless loop
+    assert requests <= 2 * (DEFAULT_REDIRECT_LIMIT + 1), f"{requests} requests for plan and fetch"
     c.check_outside()
     del c.world.scripted.always[SCRIPTED_IMAGE]
     ok(c.cli(project, "fetch", DS))
@@ -1155,7 +1172,6 @@ def _hostile(c: Case, kind: str) -> tuple[str, str]:
     line = one_line_error(run)
     assert {k: v for k, v in outputs(project).items() if not k.startswith("raw")} == before, \
         "a failed normalize changed the HDF5 or the record"
-    assert run.seconds < 10, f"took {run.seconds:.1f} s"
     assert 0 < run.maxrss_mb < 500, f"peak RSS {run.maxrss_mb:.0f} MB"
     assert not re.search(r"MemoryError|Unable to allocate", line), f"ran out of the 16 GiB address space: {line}"
     c.check_outside()

@@ -14,7 +14,6 @@ import http.server
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -150,13 +149,11 @@ def test_huge_content_length_fails_before_the_body(rogue, tmp_path, write_sizes)
         h.endless(chunked=False)
 
     routes["/big"] = huge
-    t0 = time.monotonic()
     with pytest.raises(IntegrityError) as err:
         client().download(url + "/big", tmp_path / "f", size=PIN)
     text = one_line(err.value)
     assert text.startswith("ds: ") and url + "/big" in text and str(10**12) in text and str(PIN) in text
-    assert write_sizes == [] and list(tmp_path.iterdir()) == []
-    assert time.monotonic() - t0 < 5
+    assert write_sizes == [] and list(tmp_path.iterdir()) == []  # refused before one body byte was written
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
@@ -342,10 +339,9 @@ def test_unresolvable_host_fails_fast_without_retries(tmp_path, verb) -> None:
     sleeps: list = []
     c = client(sleeps)
     url = "http://no-such-host.invalid/x.bin"
-    t0 = time.monotonic()
     with pytest.raises(FetchError) as err:
         call(c, verb, url, tmp_path)
-    assert time.monotonic() - t0 < 5
+    assert sleeps == [] and c.requests <= 1  # no retry, no back-off: a name that does not resolve stays so
     text = one_line(err.value, limit=200)
     assert "cannot resolve host no-such-host.invalid" in text and "check the URL in params.yaml or the network" in text
     assert sleeps == [] and c.requests == 1 and "resume" not in text
@@ -403,13 +399,11 @@ def test_read_timeout_applies_to_a_stalled_body(rogue, tmp_path, monkeypatch) ->
     routes["/s"] = stall
     monkeypatch.setenv("EMDATA_READ_TIMEOUT", "0.3")
     c = HttpClient("ds", policy=RetryPolicy.from_env(attempts=1), sleep=lambda s: None)
-    t0 = time.monotonic()
     try:
         with pytest.raises(FetchError, match=r"no data for 0\.3 s") as err:
-            c.download(url + "/s", tmp_path / "f")
+            c.download(url + "/s", tmp_path / "f")  # the server's own 3 s wait would end in a short body instead
     finally:
         release.set()
-    assert time.monotonic() - t0 < 2.5
     one_line(err.value, limit=250)
     assert (tmp_path / "f.part").read_bytes() == DATA[:5000]  # what arrived is kept for the resume
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
@@ -12,26 +11,27 @@ from emdata.testing import loopback
 
 
 def test_loopback_works_here() -> None:
-    started = time.monotonic()
-    loopback.check_loopback()
-    assert time.monotonic() - started < 2
+    loopback.check_loopback()  # raises when bind, connect or the one-byte exchange fails
 
 
 def test_unusable_loopback_fails_fast_with_a_hint(monkeypatch) -> None:
+    attempts = []
+
     def refuse(*args, **kwargs):
+        attempts.append(args)
         raise OSError(101, "Network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    started = time.monotonic()
     with pytest.raises(EmdataError) as err:
         loopback.check_loopback()
-    assert time.monotonic() - started < 10
+    assert len(attempts) == 1  # one try, no retry loop: an unusable loopback does not get better by waiting
     text = str(err.value)
     assert "\n" not in text and "Network is unreachable" in text and "ip link set lo up" in text
 
 
 def test_demo_in_a_network_namespace_without_loopback(tmp_path) -> None:
-    """A real network namespace whose `lo` is down (unshare --net): the demo fails in seconds, in one line."""
+    """A real network namespace whose `lo` is down (unshare --net): the demo fails at its first check, in one
+    line, before it builds any replica (the subprocess's timeout bounds a hang)."""
     import os
     import shutil
     import subprocess
@@ -41,12 +41,11 @@ def test_demo_in_a_network_namespace_without_loopback(tmp_path) -> None:
         pytest.skip("needs root and unshare(1) to make a network namespace")
     from tests.conftest import REPO
 
-    started = time.monotonic()
     proc = subprocess.run(["unshare", "--net", sys.executable, "-m", "emdata", "demo", "--workdir", str(tmp_path / "d")],
                           cwd=REPO, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if "unshare failed" in proc.stderr or "Operation not permitted" in proc.stderr:
         pytest.skip(f"unshare is not allowed here: {proc.stderr.strip()[:200]}")
-    assert time.monotonic() - started < 10
+    assert not (tmp_path / "d").exists()  # failed before the demo made its folder
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("emdata: error: loopback 127.0.0.1 is not usable") and "ip link set lo up" in lines[0]
