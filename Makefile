@@ -2,7 +2,8 @@
 # python3, install the package with the extras they need, and run. Nothing else is required.
 #
 #   make demo      offline demo: the whole pipeline (dvc repro, push, clone, pull) against loopback replicas
-#   make test      mypy on the source protocol, then the test suite (offline; also what CI runs)
+#   make test      mypy on the source protocol, then every test (offline; also what CI runs)
+#   make test-fast the fast tier: every test not marked slow, on 2 processes (the loop after each edit)
 #   make repro     the real pipeline from the public services (needs internet)
 #   make publish   maintainer: repro, push to the S3 remote, commit dvc.lock, tag (TAG=v1.0)
 #   make install   only set up .venv
@@ -24,7 +25,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.emdata-installed
 
-.PHONY: install demo test repro publish clean-venv lock
+.PHONY: install demo test test-fast repro publish clean-venv lock
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  # tiers are assigned in tests/conftest.py
+	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 repro: $(STAMP)  # --keep-going: a source that is unreachable today does not stop the other datasets
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro --keep-going

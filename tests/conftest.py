@@ -33,9 +33,9 @@ SLOW_TESTS = {  # (module, test name without parameters): subprocess- or worker-
     ("test_source_labelme_tracking", "test_a_bad_labelme_file_is_one_line_naming_it_and_the_last_import_stays"),
     ("test_source_precomputed", "test_an_unreachable_base_url_fails_in_one_line_after_few_attempts"),
     ("test_source_empiar", "test_failures_are_one_line_and_leave_outputs_untouched"),
-    ("test_torch_and_versions", "test_dataloader_with_spawned_workers_matches_one_process"),
+    ("test_torch", "test_dataloader_with_spawned_workers_matches_one_process"),
     ("test_collection_access", "test_paired_patches_with_two_dataloader_workers_equal_one_process"),
-    ("test_tiling_identity", "test_torch_modules_are_identified_by_their_weights"),
+    ("test_tiling", "test_torch_modules_are_identified_by_their_weights"),
     ("test_chunk_index", "test_a_large_sparse_file_opens_without_walking_its_chunks"),
 }
 

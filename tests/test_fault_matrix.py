@@ -1501,19 +1501,6 @@ def r16b_served_half_tiff(c: Case) -> tuple[str, str]:
 
 
 # -- the matrix -------------------------------------------------------------------------------------
-# Cases whose bug is not fixed yet are xfail(strict=False) with the diagnosis; remove the mark when
-# the fix lands (the table then shows "XPASS").
-
-def _bug(reason: str) -> Any:
-    return pytest.mark.xfail(strict=False, reason=reason)
-
-
-BUG_04 = _bug("issue 7 row 4 (open): normalize checks raw files by size only (require_fetched without "
-              "hashes=True) and fetch's up-to-date check is size-only too, so normalize builds the HDF5 from "
-              "a raw file with a flipped byte and replaces the good output")
-BUG_05C = _bug("issue 7 row 5 (open): ENOSPC while HDF5 writes (after the free-space pre-check passed) gives "
-               "'Exception ignored in h5py ObjectID.__dealloc__' tracebacks, a two-line error (HDF5's message "
-               "holds a newline) and a segfault (rc -11) at exit")
 CASES: list[Any] = [
     pytest.param(c1_drop_resume, id="c1-drop-mid-body-resume"),
     pytest.param(c2_stall_timeout, id="c2-stall-read-timeout"),
@@ -1563,7 +1550,6 @@ def test_fault_matrix(case: Callable[[Case], tuple[str, str]], world: World, tmp
     """One row of issue 7's table (or a classic fault), end to end; see the module docstring for the rule."""
     name = request.node.callspec.id
     ctx = Case(world, tmp_path, name)
-    xfail = request.node.get_closest_marker("xfail") is not None
     try:
         outcome, detail = case(ctx)
         ctx.check_outside()
@@ -1571,6 +1557,6 @@ def test_fault_matrix(case: Callable[[Case], tuple[str, str]], world: World, tmp
         RESULTS.append((name, "SKIP", short(str(exc.msg), 140)))
         raise
     except BaseException as exc:
-        RESULTS.append((name, "XFAIL" if xfail else "FAIL", short(f"{type(exc).__name__}: {exc}", 260)))
+        RESULTS.append((name, "FAIL", short(f"{type(exc).__name__}: {exc}", 260)))
         raise
-    RESULTS.append((name, f"{outcome} XPASS" if xfail else outcome, detail))
+    RESULTS.append((name, outcome, detail))

@@ -1,4 +1,4 @@
-"""Samplers: reproducible random patches, label feasibility up front, grids; tiled inference."""
+"""Samplers: reproducible random patches, label feasibility up front, grids (tiled inference: test_tiling)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from emdata.access.sampling import GridPatches, RandomPatches
-from emdata.access.tiling import run_tiled
 from emdata.access.volume import Volume
 from emdata.errors import AccessError, ConfigError
 from emdata.testing.volumes import coordinate_volume, write_canonical
@@ -112,77 +111,6 @@ def test_grid_patches_cover_with_overlap(volume, arrays) -> None:
     assert grid.starts[0] == [0, 8, 16, 19]
 
 
-@pytest.mark.parametrize("blend", ["crop", "average", "gaussian"])
-def test_tiled_identity_reproduces_the_volume(volume, arrays, tmp_path, blend) -> None:
-    import h5py
-
-    raw, _ = arrays
-    out = run_tiled(volume, lambda x: x.astype(np.float32), tmp_path / f"pred_{blend}.h5",
-                    block_shape=(8, 16, 16), halo=(2, 4, 4), blend=blend)
-    with h5py.File(out, "r") as f:
-        pred = f["prediction"]
-        assert pred.chunks == (8, 16, 16) and pred.dtype == np.float32
-        np.testing.assert_array_equal(pred.attrs["resolution"], volume.resolution)
-        np.testing.assert_array_equal(pred[()], raw.astype(np.float32))
-    assert not (tmp_path / f"pred_{blend}.h5.tiling.h5").exists()
-
-
-def test_gaussian_blend_weights_the_centre(volume, tmp_path) -> None:
-    import h5py
-
-    # Each window answers with its own origin's z: blended values mix neighbours near seams.
-    def window_id(x):
-        return np.full(x.shape, float(x[0, 0, 0]), np.float32)
-
-    out = run_tiled(volume, window_id, tmp_path / "mix.h5", block_shape=(8, 16, 16), halo=(4, 8, 8), blend="gaussian")
-    with h5py.File(out, "r") as f:
-        assert len(np.unique(f["prediction"][()])) > 10
-
-
-def _twice(x):
-    return x.astype(np.float32) * 2
-
-
-@pytest.mark.parametrize("blend", ["crop", "gaussian"])
-def test_interrupted_tiled_run_resumes_without_recomputing(volume, arrays, tmp_path, blend, monkeypatch) -> None:
-    """The same model, restarted, resumes. The interruption comes from outside the model: the ledger
-    identifies a model by its code and state, so an instrumented copy would be another model."""
-    import h5py
-
-    from emdata.access import tiling
-
-    raw, _ = arrays
-    calls = []
-    predict = tiling._predict
-
-    class Interrupted(Exception):
-        pass
-
-    def interrupt_after_five(volume, fn, b, pad):
-        if len(calls) == 5:
-            raise Interrupted
-        calls.append(1)
-        return predict(volume, fn, b, pad)
-
-    monkeypatch.setattr(tiling, "_predict", interrupt_after_five)
-    out_path = tmp_path / "p.h5"
-    with pytest.raises(Interrupted):
-        run_tiled(volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
-    assert not out_path.exists()
-    second = []
-    monkeypatch.setattr(tiling, "_predict", lambda *args: second.append(1) or predict(*args))
-    run_tiled(volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
-    total = 4 * 3 * 4
-    assert len(second) == total - 5
-    with h5py.File(out_path, "r") as f:
-        np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32) * 2)
-
-
-def test_tiled_rejects_wrong_output_shapes(volume, tmp_path) -> None:
-    with pytest.raises(ConfigError, match="same-size 3D output"):
-        run_tiled(volume, lambda x: x[1:], tmp_path / "bad.h5", block_shape=(8, 16, 16))
-
-
 def test_label_with_its_own_chunking(tmp_path, arrays) -> None:
     """Span proposals use the label's chunk grid, which need not be the image's."""
     import h5py
@@ -206,17 +134,6 @@ def test_label_with_its_own_chunking(tmp_path, arrays) -> None:
     assert all(sampler._bound.of_origin(o) >= sampler.need for o in proposals)  # only promising spans
     for i in range(40):
         assert np.count_nonzero(sampler[i].label) >= 360
-
-
-def test_damaged_ledger_restarts_cleanly(volume, arrays, tmp_path) -> None:
-    import h5py
-
-    raw, _ = arrays
-    out_path = tmp_path / "p.h5"
-    (tmp_path / "p.h5.tiling.h5").write_bytes(b"not an HDF5 file")
-    run_tiled(volume, lambda x: x.astype(np.float32), out_path, block_shape=(8, 16, 16))
-    with h5py.File(out_path, "r") as f:
-        np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32))
 
 
 # --- chunk-aligned, label-aware sampling: odd shapes and chunkings ------------------------------

@@ -1,4 +1,5 @@
-"""run_tiled's ledger must tell models apart: a changed model recomputes every block, the same one resumes."""
+"""Tiled inference (run_tiled): blending, resume, refusals, and a ledger that tells models apart
+(a changed model recomputes every block, the same one resumes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from emdata.access import tiling
 from emdata.access.tiling import run_tiled
 from emdata.access.volume import Volume
+from emdata.errors import ConfigError
 from emdata.testing.volumes import coordinate_volume, write_canonical
 
 SHAPE = (13, 21, 27)  # odd and non-cubic: 2 x 2 x 2 = 8 blocks of (8, 16, 16)
@@ -156,7 +158,7 @@ def test_the_same_model_resumes(volume, raw, counted, tmp_path, blend) -> None:
 def test_the_identity_is_the_same_in_a_new_process() -> None:
     """A restart runs in a new process: the key must not depend on ids, hash seeds or addresses."""
     here = Path(__file__).parent
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import json, numpy as np, test_tiling_identity as t; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import json, numpy as np, test_tiling as t; "
             "from emdata.access.tiling import model_identity as m; "
             "print(json.dumps([m(t._double), m(t._pairs()['closure array'][1]), m(t._pairs()['called name'][0])]))")
     other = json.loads(subprocess.run([sys.executable, "-c", code, str(here)], check=True, capture_output=True,
@@ -235,3 +237,95 @@ def test_torch_modules_are_identified_by_their_weights(volume, raw, counted, tmp
     run(Wrapped(2.0).eval(), stop_after=5, direct=True)
     assert run(Wrapped(5.0).eval(), direct=True) == TOTAL
     np.testing.assert_allclose(_result(tmp_path / "t.h5"), raw * 5, rtol=1e-6)
+
+
+# -- blending, resume and refusals, on a 29 x 45 x 61 volume of (8, 16, 16) chunks -----------------
+
+@pytest.fixture
+def odd_raw() -> np.ndarray:
+    return coordinate_volume((29, 45, 61), np.uint8)
+
+
+@pytest.fixture
+def odd_volume(tmp_path, odd_raw) -> Volume:
+    return Volume(write_canonical(tmp_path / "odd.h5", odd_raw, chunks=(8, 16, 16)))
+
+
+@pytest.mark.parametrize("blend", ["crop", "average", "gaussian"])
+def test_tiled_identity_reproduces_the_volume(odd_volume, odd_raw, tmp_path, blend) -> None:
+    import h5py
+
+    raw = odd_raw
+    out = run_tiled(odd_volume, lambda x: x.astype(np.float32), tmp_path / f"pred_{blend}.h5",
+                    block_shape=(8, 16, 16), halo=(2, 4, 4), blend=blend)
+    with h5py.File(out, "r") as f:
+        pred = f["prediction"]
+        assert pred.chunks == (8, 16, 16) and pred.dtype == np.float32
+        np.testing.assert_array_equal(pred.attrs["resolution"], odd_volume.resolution)
+        np.testing.assert_array_equal(pred[()], raw.astype(np.float32))
+    assert not (tmp_path / f"pred_{blend}.h5.tiling.h5").exists()
+
+
+def test_gaussian_blend_weights_the_centre(odd_volume, tmp_path) -> None:
+    import h5py
+
+    # Each window answers with its own origin's z: blended values mix neighbours near seams.
+    def window_id(x):
+        return np.full(x.shape, float(x[0, 0, 0]), np.float32)
+
+    out = run_tiled(odd_volume, window_id, tmp_path / "mix.h5", block_shape=(8, 16, 16), halo=(4, 8, 8), blend="gaussian")
+    with h5py.File(out, "r") as f:
+        assert len(np.unique(f["prediction"][()])) > 10
+
+
+def _twice(x):
+    return x.astype(np.float32) * 2
+
+
+@pytest.mark.parametrize("blend", ["crop", "gaussian"])
+def test_interrupted_tiled_run_resumes_without_recomputing(odd_volume, odd_raw, tmp_path, blend, monkeypatch) -> None:
+    """The same model, restarted, resumes. The interruption comes from outside the model: the ledger
+    identifies a model by its code and state, so an instrumented copy would be another model."""
+    import h5py
+
+    raw = odd_raw
+    calls = []
+    predict = tiling._predict
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_after_five(odd_volume, fn, b, pad):
+        if len(calls) == 5:
+            raise Interrupted
+        calls.append(1)
+        return predict(odd_volume, fn, b, pad)
+
+    monkeypatch.setattr(tiling, "_predict", interrupt_after_five)
+    out_path = tmp_path / "p.h5"
+    with pytest.raises(Interrupted):
+        run_tiled(odd_volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
+    assert not out_path.exists()
+    second = []
+    monkeypatch.setattr(tiling, "_predict", lambda *args: second.append(1) or predict(*args))
+    run_tiled(odd_volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
+    total = 4 * 3 * 4
+    assert len(second) == total - 5
+    with h5py.File(out_path, "r") as f:
+        np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32) * 2)
+
+
+def test_tiled_rejects_wrong_output_shapes(odd_volume, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="same-size 3D output"):
+        run_tiled(odd_volume, lambda x: x[1:], tmp_path / "bad.h5", block_shape=(8, 16, 16))
+
+
+def test_damaged_ledger_restarts_cleanly(odd_volume, odd_raw, tmp_path) -> None:
+    import h5py
+
+    raw = odd_raw
+    out_path = tmp_path / "p.h5"
+    (tmp_path / "p.h5.tiling.h5").write_bytes(b"not an HDF5 file")
+    run_tiled(odd_volume, lambda x: x.astype(np.float32), out_path, block_shape=(8, 16, 16))
+    with h5py.File(out_path, "r") as f:
+        np.testing.assert_array_equal(f["prediction"][()], raw.astype(np.float32))
