@@ -22,9 +22,10 @@ SLOW_MODULES = {
     "test_fault_matrix",  # ~40 end-to-end CLI cases, kill -9, tmpfs mounts
     "test_disk_full",  # tmpfs mounts, CLI subprocesses
     "test_dvc_pipeline", "test_readme", "test_plugin_source", "test_remote_access",  # dvc + S3
-    "test_normalize_distributed", "test_tiled_distributed",  # Dask LocalClusters
+    "test_tiled_distributed",  # Dask LocalClusters in every test
 }
 SLOW_MARKERS = {"dvc", "s3"}
+SLOW_FIXTURES = {"cluster"}  # a Dask LocalCluster
 SLOW_TESTS = {  # (module, test name without parameters): subprocess- or worker-heavy tests of fast modules
     ("test_contract", "test_404_is_one_line_error_naming_dataset_and_url"),  # the CLI, once per kind
     ("test_contract", "test_a_missing_path_is_one_line_naming_dataset_and_path"),
@@ -37,6 +38,7 @@ SLOW_TESTS = {  # (module, test name without parameters): subprocess- or worker-
     ("test_collection_access", "test_paired_patches_with_two_dataloader_workers_equal_one_process"),
     ("test_tiling", "test_torch_modules_are_identified_by_their_weights"),
     ("test_chunk_index", "test_a_large_sparse_file_opens_without_walking_its_chunks"),
+    ("test_normalize_distributed", "test_killed_worker_and_killed_client"),  # worker processes, kill -9
 }
 
 
@@ -45,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.path.stem
         name = getattr(item, "originalname", item.name)
         if (module in SLOW_MODULES or SLOW_MARKERS & {m.name for m in item.iter_markers()}
-                or (module, name) in SLOW_TESTS):
+                or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or (module, name) in SLOW_TESTS):
             item.add_marker(pytest.mark.slow)
 
 

@@ -53,6 +53,21 @@ def _filters(dset: Any) -> list[list[Any]]:
     return out
 
 
+# HDF5 filter ids of the codecs a ChunkDecoder knows (hdf5plugin's registered ids).
+FILTER_CODECS = {32015: "zstd", 32001: "blosc-lz4"}
+
+
+def _compression(name: str, filters: list[list[Any]]) -> str:
+    """The codec of an array, from its own filter pipeline (not from what params say was asked for)."""
+    if not filters:
+        return "none"
+    codecs = [FILTER_CODECS.get(f[0]) for f in filters]
+    if len(codecs) != 1 or codecs[0] is None:
+        raise IndexFormatError(f"/{name} has HDF5 filters {[f[3] or f[0] for f in filters]} that a chunk index "
+                               f"cannot describe (known: {', '.join(sorted(FILTER_CODECS.values()))})")
+    return codecs[0]
+
+
 def _chunk_table(dset: Any) -> np.ndarray:
     """One entry per chunk of ``dset`` in C order of its chunk grid (one pass over HDF5's index)."""
     chunks = tuple(dset.chunks)
@@ -99,7 +114,7 @@ def build(h5_path: Path, *, file_name: str, file_sha256: str) -> bytes:
                 "grid": [-(-s // c) for s, c in zip(dset.shape, dset.chunks)],
                 "fill_value": dset.fillvalue.item() if hasattr(dset.fillvalue, "item") else dset.fillvalue,
                 "filters": _filters(dset),
-                "compression": params.get("compression", "none") if _filters(dset) else "none",
+                "compression": _compression(name, _filters(dset)),
                 "compression_level": int(params.get("compression_level", 0)),
                 "attrs": hdf5.read_attrs(dset), "table": position, "entries": int(table.size),
             }
