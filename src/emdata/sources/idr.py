@@ -66,6 +66,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,6 +380,8 @@ def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str,
     _refuse_lossy(params, ctx.dataset, pixels)
     todo = tiles(pixels.shape, params.tile_size)
     progress = ctx.progress(len(todo), "render tiles", unit="tile")
+    # Once one tile has failed for good, the others stop retrying and no new one starts (ctx.map).
+    cancel = threading.Event()
 
     def one(tile: Tile) -> tuple[str, FetchedFile]:
         url = tile.url(params)
@@ -386,7 +389,8 @@ def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str,
         if target.is_file():  # written by an earlier, interrupted fetch after its check
             progress.update(1)
             return tile.relpath, FetchedFile(url, target.stat().st_size, sha256_file(target))
-        data = ctx.http.get_bytes(url, max_bytes=tile.w * tile.h * 3 + (1 << 16), accept="image/png")
+        data = ctx.http.get_bytes(url, max_bytes=tile.w * tile.h * 3 + (1 << 16), accept="image/png",
+                                  cancel=cancel)
         problem = header_problem(data, tile.w, tile.h)
         if problem:  # plain OMERO.web answers JPEG whatever format says; other encodings are lossy
             raise FormatError(ctx.dataset, url, f"{problem} (a lossless PNG tile was asked for)",
@@ -396,7 +400,7 @@ def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str,
         return tile.relpath, FetchedFile(url, len(data), hashlib.sha256(data).hexdigest())
 
     try:
-        return dict(ctx.map(one, todo))
+        return dict(ctx.map(one, todo, cancel=cancel))
     finally:
         progress.close()
 
