@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from emdata.config import Config, load_config
-from emdata.errors import FormatError
+from emdata.errors import FetchError, FormatError
 from emdata.testing.contract import FAST_RETRIES
 from emdata.testing.empiar import PIXEL_NM, RunningEmpiar, build_empiar_replica, empiar_dataset
 from emdata.testing.http_server import ReplicaServer
@@ -75,7 +75,7 @@ def test_empiar_sparse_series_sends_no_more_heads_than_the_count(empiar: Running
     shutil.copy(first, first.with_name(first.name.replace("_0000", "_2000")))
     empiar.api_changes = {"num_images_or_tilt_series": 13}
     cfg = _project(tmp_path, {EMPIAR_KEY: empiar_dataset(empiar.server.url)})
-    with pytest.raises(Exception, match=rf"^{EMPIAR_KEY}: .*the API lists 13 images .* the mirror has 12"):
+    with pytest.raises(FetchError, match=rf"^{EMPIAR_KEY}: .*the API lists 13 images .* the mirror has 12"):
         _fetch(cfg, EMPIAR_KEY)
     assert 1 <= _heads(empiar) <= 13
 
