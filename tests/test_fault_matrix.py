@@ -1500,6 +1500,32 @@ def r16b_served_half_tiff(c: Case) -> tuple[str, str]:
     return "error", f"normalize: {_err(line, 85)}; the real file again: {voxels(project, DS, c.expected())}"
 
 
+# -- issue 20 item 9 (idr-cancel): an EMPIAR answer with an absurd image count ----------------------
+
+def t20_09a_empiar_absurd_image_count(c: Case) -> tuple[str, str]:
+    """The EMPIAR API claims 3000 images, the mirror lists 11: one line before any HEAD, not 2989 HEADs."""
+    from emdata.testing.empiar import RunningEmpiar, build_empiar_replica, empiar_dataset
+
+    key = "empiar_11759"
+    replica = build_empiar_replica(c.tmp / "empiar-www")
+    with ReplicaServer(replica.root) as server:
+        empiar = RunningEmpiar(replica, server)
+        empiar.api_changes = {"num_images_or_tilt_series": 3000}
+        project = c.fresh({key: empiar_dataset(server.url)})
+        c.guard()
+        line = one_line_error(c.cli(project, "fetch", key))
+        heads = sum(1 for r in server.requests if r.method == "HEAD")
+        assert heads == 0, f"{heads} HEAD requests for an image count the listing does not support"
+        assert "num_images_or_tilt_series is 3000" in line and "lists 11 files" in line, line
+        assert not (project / "data" / "raw" / key).exists()
+        empiar.api_changes = {}  # the real count: the same project builds
+        ok(c.cli(project, "fetch", key))
+        ok(c.cli(project, "normalize", key))
+    c.no_leftovers(project)
+    assert replica.volume is not None
+    return "error", f"fetch: {_err(line, 80)}; 0 HEADs; real count: {voxels(project, key, {'raw': replica.volume})}"
+
+
 # -- the matrix -------------------------------------------------------------------------------------
 CASES: list[Any] = [
     pytest.param(c1_drop_resume, id="c1-drop-mid-body-resume"),
@@ -1540,6 +1566,7 @@ CASES: list[Any] = [
     pytest.param(r15_no_resolution, id="15-hdf5-without-resolution"),
     pytest.param(r16a_raw_tiff_cut_locally, id="16a-raw-tiff-cut-in-half-locally"),
     pytest.param(r16b_served_half_tiff, id="16b-served-tiff-cut-in-half"),
+    pytest.param(t20_09a_empiar_absurd_image_count, id="t20-09a-empiar-image-count-3000-listing-11"),
 ]
 
 

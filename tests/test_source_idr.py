@@ -304,20 +304,59 @@ def test_render_route_refuses_jpeg_tiles(idr, tmp_path) -> None:
     assert not cfg.raw_dir(KEY).exists()
 
 
-def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tmp_path) -> None:
+def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tmp_path, monkeypatch) -> None:
+    import threading
+    from collections import Counter
+
     import h5py
+    from emdata.io.http import HttpClient
+
+    workers, attempts = 4, FAST_RETRIES.attempts
+    monkeypatch.setenv("EMDATA_FETCH_WORKERS", str(workers))
+    cancels: list[threading.Event] = []  # the fetch's cancel signal, as the render route hands it to get_bytes
+
+    class Client(HttpClient):
+        def get_bytes(self, url: str, **kwargs: Any) -> bytes:
+            if kwargs.get("cancel") is not None:
+                cancels.append(kwargs["cancel"])
+            return super().get_bytes(url, **kwargs)
+
+    # Plane 5 never renders. Its first tile is answered only once every other worker is inside a
+    # plane-5 tile, and those only once the fetch has given up on the first: every worker is busy
+    # with plane 5 when a tile fails for good, whatever the thread timing (the waits end at once
+    # in a correct run; their timeout only keeps a broken one from hanging).
+    broken = f"/webgateway/render_image_region/{IMAGE_ID}/5/0/"
+    lock, others, all_in = threading.Lock(), [0], threading.Event()
+
+    def plane5(match: Any, query: dict[str, list[str]]) -> tuple[int, bytes, str]:
+        if query["region"][0].startswith("0,0,"):
+            all_in.wait(60)
+        else:
+            with lock:
+                others[0] += 1
+                if others[0] == workers - 1:
+                    all_in.set()
+            if cancels:
+                cancels[0].wait(60)
+        return 500, b"cannot render this plane\n", "text/plain"
 
     cfg = project(tmp_path, {KEY: idr_entry(idr.server.url, pixels="render", tile_size=TILE)})
-    broken = f"/webgateway/render_image_region/{IMAGE_ID}/5/0/"
-    idr.server.fail(broken, status=500, times=10_000)
-    with pytest.raises(FetchError, match=rf"{KEY}: .*{broken}\?region=.*failed after {FAST_RETRIES.attempts} attempts"):
-        fetch(cfg)
+    idr.server.route(broken, plane5)
+    from emdata.pipeline import fetch_dataset
+
+    with pytest.raises(FetchError, match=rf"{KEY}: .*{broken}\?region=.*failed after {attempts} attempts") as failed:
+        fetch_dataset(cfg, KEY, http_factory=lambda: Client(KEY, policy=FAST_RETRIES, sleep=lambda s: None, seed=0))
     tiles = [r for r in idr.server.requests if "render_image_region" in r.path]
-    assert len(tiles) < 42 + 3 * FAST_RETRIES.attempts  # queued tiles were cancelled after the failure
+    plane = Counter(r.query.split("&")[0] for r in tiles if r.path == broken)
+    # Planes 0-4 once per tile; the failed tile's attempts; one request from each other worker (the
+    # one in flight when the tile failed) and none from a tile that had not started.
+    assert sorted(plane.values()) == [1] * (workers - 1) + [attempts]
+    assert len(tiles) == 30 + attempts + (workers - 1)
+    assert f"{broken}?region=0,0," in str(failed.value)  # the tile that failed is the one reported
     assert not cfg.raw_dir(KEY).exists()
     kept = set(p.relative_to(cfg.partial_dir(KEY)).as_posix() for p in cfg.partial_dir(KEY).rglob("*.png"))
-    assert kept and not any(p.startswith("render/z00005/") for p in kept)
-    idr.server.faults.fail.clear()
+    assert len(kept) == 30 and not any(p.startswith("render/z00005/") for p in kept)
+    idr.server.routes.pop(0)  # plane 5 renders again
     idr.server.clear_log()
     fetch(cfg)
     again = [r for r in idr.server.requests if "render_image_region" in r.path]

@@ -74,3 +74,8 @@ class ClusterError(EmdataError):
     run_tiled(client=...)); what finished is kept in the ledger and a rerun resumes from it."""
 
     exit_code = 11
+
+
+class Cancelled(FetchError):
+    """A transfer stopped before its next attempt because another transfer of the same fetch failed
+    for good (``FetchContext.map`` with ``cancel``); that other failure is the one reported."""

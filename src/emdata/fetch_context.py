@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from .errors import FetchError
+from .errors import Cancelled, FetchError
 from .fetch_record import FetchedFile, FetchRecord, plain_spec, safe_relpath
 from .progress import Progress
 
@@ -139,29 +140,52 @@ class FetchContext:
 
     # -- work ----------------------------------------------------------------------------------
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Iterable[T], *, cancel: threading.Event | None = None) -> list[R]:
         """``fn`` over ``items`` on at most ``workers`` threads, results in order; the first error wins.
 
         After an error the items not yet started are cancelled (those running finish), so a dead
-        server costs one item's retries, not every item's.
+        server costs one item's retries, not every item's. With ``cancel``, the failing item sets
+        it before its worker is free, no item starts once it is set, and work that checks it (the
+        HTTP client's ``get_bytes(cancel=)`` does, before each attempt) stops at its next attempt:
+        after a failure each other worker sends at most the request it has in flight.
         """
         items = list(items)
         if self.workers <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
+        run = fn if cancel is None else _cancelling(fn, cancel, self.dataset)
         with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="emdata-fetch") as pool:
-            futures = [pool.submit(fn, item) for item in items]
+            futures = [pool.submit(run, item) for item in items]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
-            finally:  # an item failed (or we were interrupted): start no more
+            finally:  # an item failed (or we were interrupted): start no more, stop what checks cancel
+                if cancel is not None and not all(future.done() for future in futures):
+                    cancel.set()
                 for future in futures:
                     future.cancel()  # a no-op for finished and running ones
-            for future in futures:
-                if future.done() and not future.cancelled() and future.exception() is not None:
-                    future.result()  # re-raise the first failed item's error, in item order
+            wait(futures)  # the running ones finish (as leaving the pool would wait for them anyway)
+            # The first failed item's error, in item order; never that of an item another's failure stopped.
+            failed = [error for f in futures if not f.cancelled() and (error := f.exception()) is not None]
+            if failed:
+                raise next((e for e in failed if not isinstance(e, Cancelled)), failed[0])
             return [future.result() for future in futures]
 
     def progress(self, total: int | None, desc: str, unit: str = "B") -> Progress:
         return Progress(total, f"{self.dataset}: {desc}", unit=unit)
+
+
+def _cancelling(fn: Callable[[T], R], cancel: threading.Event, dataset: str) -> Callable[[T], R]:
+    """``fn`` that does not start once ``cancel`` is set, and sets it when it fails."""
+
+    def run(item: T) -> R:
+        if cancel.is_set():
+            raise Cancelled(dataset, "fetch", "not started: another transfer of this fetch failed")
+        try:
+            return fn(item)
+        except BaseException:
+            cancel.set()  # before this worker takes the next item
+            raise
+
+    return run
 
 
 def workers_from_env(default: int = DEFAULT_WORKERS) -> int:

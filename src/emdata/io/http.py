@@ -49,6 +49,7 @@ import random
 import re
 import socket
 import stat
+import threading
 import time
 import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,7 +65,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no O_DIRECT either
     fcntl = None  # type: ignore[assignment]
 
-from ..errors import ConfigError, FetchError, IntegrityError
+from ..errors import Cancelled, ConfigError, FetchError, IntegrityError
 from ..progress import Progress
 from .digest import sha256_file  # noqa: F401  (re-exported: emdata.io.http.sha256_file)
 
@@ -520,11 +521,14 @@ class HttpClient:
 
     # -- the retry loop shared by every verb --------------------------------------------------
 
-    def _with_retries(self, url: str, attempt_once: Callable[[], Any], *, resumable: bool = False) -> Any:
+    def _with_retries(self, url: str, attempt_once: Callable[[], Any], *, resumable: bool = False,
+                      cancel: threading.Event | None = None) -> Any:
         last = ""
         spent = 0.0  # seconds in tries and waits (waits as planned: tests replace ``sleep``)
         host = _netloc(url)
         for attempt in range(self.policy.attempts):
+            if cancel is not None and cancel.is_set():  # another transfer of this fetch failed for good
+                raise Cancelled(self.dataset, url, "stopped: another transfer of this fetch failed")
             began = time.monotonic()
             try:
                 return attempt_once()
@@ -627,8 +631,12 @@ class HttpClient:
 
         return self._with_retries(url, once)
 
-    def get_bytes(self, url: str, *, max_bytes: int = API_MAX_BYTES, accept: str | None = None) -> bytes:
-        """A small whole response (API answer, listing, image tile), at most ``max_bytes``, with retries."""
+    def get_bytes(self, url: str, *, max_bytes: int = API_MAX_BYTES, accept: str | None = None,
+                  cancel: threading.Event | None = None) -> bytes:
+        """A small whole response (API answer, listing, image tile), at most ``max_bytes``, with retries.
+
+        ``cancel``: checked before each attempt; once set, the next attempt raises Cancelled instead.
+        """
         def once() -> bytes:
             headers = {"Accept": accept} if accept else {}
             with self._send("GET", url, headers=headers, stream=True) as r:
@@ -646,7 +654,7 @@ class HttpClient:
                     raise _Retry(f"received {len(body)} of {announced} bytes")
                 return bytes(body)
 
-        return self._with_retries(url, once)
+        return self._with_retries(url, once, cancel=cancel)
 
     def get_text(self, url: str, *, max_bytes: int = API_MAX_BYTES, accept: str | None = None) -> str:
         data = self.get_bytes(url, max_bytes=max_bytes, accept=accept)

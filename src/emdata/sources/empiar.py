@@ -10,7 +10,8 @@ retina, SBF-SEM) is 16 DM3 files of one 5500 x 5496 uint8 section each, plus one
 - The mirror folder is an Apache autoindex: links are parsed, folders end in ``/``. The API's
   image count is the authority, because one backend's listing was seen to leave out a file
   that still answered: a numbered slice missing from the listing is asked for with HEAD and
-  fetched when it answers; slices really missing are named together in one error.
+  fetched when it answers; slices really missing are named together in one error. A count
+  above twice the listed slices is refused before any HEAD; no more HEADs than the count are sent.
 - No checksums are published: ``source.json`` records each file's size and sha256, and
   ``pins`` in params can fix them after a first download.
 - Slices are stacked in natural filename order (``_2`` before ``_10``) and read through
@@ -33,7 +34,8 @@ params.yaml::
       pattern: "*.dm3"                # the slices (fnmatch, names in base_url)
       extra_files: ["*.xml"]          # also fetched, not stacked
       include_folders: []             # e.g. [trakem2]: fetched whole, recursively
-      pixel_size_trust: null          # dm3 | api, when the two disagree by more than 1 %
+      pixel_size_trust: null          # dm3 | api, when the two disagree by more than 1 % (normalize only:
+                                      # not part of the fetch spec, so changing it fetches nothing)
       pins: {NAME: {size: N, sha256: HEX}}
 """
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import html
+import itertools
 import json
 import logging
 import re
@@ -93,9 +96,10 @@ class Params:
         return f"{self.accession}.api.json"
 
     def to_dict(self) -> dict[str, Any]:
+        """The fetch spec: what decides the fetched bytes (not ``pixel_size_trust``, which only normalize reads)."""
         return {"kind": KIND, "accession": self.accession, "api_url": self.api_url, "base_url": self.base_url,
                 "imageset": self.imageset, "pattern": self.pattern, "extra_files": list(self.extra_files),
-                "include_folders": list(self.include_folders), "pixel_size_trust": self.pixel_size_trust,
+                "include_folders": list(self.include_folders),
                 "pins": {k: dict(v) for k, v in sorted(self.pins.items())}}
 
 
@@ -226,15 +230,18 @@ def _numbered(names: list[str]) -> tuple[str, int, str, list[int]] | None:
 
 
 def _candidates(names: list[str], count: int) -> list[str]:
-    """Names a numbered series of ``count`` lacks, from its first number on; then those before it."""
+    """Names a numbered series of ``count`` lacks, from its first number on; then those before it.
+
+    At most ``count`` of them: a sparse series (``_0`` and ``_999999999``) would name far more.
+    """
     series = _numbered(names)
     if series is None or len(names) >= count:
         return []
     prefix, width, suffix, numbers = series
     have, lo = set(numbers), numbers[0]
-    expected = [n for n in range(lo, max(lo + count, numbers[-1] + 1)) if n not in have]
-    before = [n for n in range(lo - 1, lo - 1 - (count - len(names)), -1) if n >= 0]
-    return [f"{prefix}{n:0{width}d}{suffix}" for n in expected + before]
+    expected = (n for n in range(lo, max(lo + count, numbers[-1] + 1)) if n not in have)
+    before = (n for n in range(lo - 1, lo - 1 - (count - len(names)), -1) if n >= 0)
+    return [f"{prefix}{n:0{width}d}{suffix}" for n in itertools.islice(itertools.chain(expected, before), count)]
 
 
 def discover(params: Params, ctx: FetchContext) -> Discovery:
@@ -249,6 +256,14 @@ def discover(params: Params, ctx: FetchContext) -> Discovery:
         raise FormatError(ctx.dataset, params.base_url, f"{len(slices)} files match {params.pattern!r} but the API "
                           f"lists {count} images in imageset {params.imageset!r}",
                           "narrow source.pattern to the imageset's slices")
+    if count - len(slices) > len(slices):
+        # A listing was seen to leave out a file, not most of them: a count the listing does not
+        # support is not looked for file by file (an absurd count would cost one HEAD per image).
+        raise FormatError(ctx.dataset, params.api_url, f"num_images_or_tilt_series is {count} for imageset "
+                          f"{params.imageset!r} but the mirror lists {len(slices)} files matching "
+                          f"{params.pattern!r} in {params.base_url}; more missing than listed is not a listing "
+                          "that left a file out", "check source.pattern and source.imageset; if they are right, "
+                          "the entry's image count is wrong: please report it to EMPIAR")
     unlisted: list[str] = []
     missing: list[str] = []
     for name in _candidates(slices, count):

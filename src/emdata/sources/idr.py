@@ -4,7 +4,8 @@ An IDR image is named by its OMERO image id (optionally checked against a datase
 reads ``/api/v0/m/images/<id>/`` (sizes, pixel type, physical sizes with units; ``data`` may be
 an object or a one-element list) and ``/webclient/imgData/<id>/`` (image, dataset and project
 names, pixel sizes in µm), lists the dataset's images (``/api/v0/m/datasets/<id>/images/``,
-paged by ``limit``/``offset`` as its ``meta`` says) when a dataset id is given, and keeps the
+paged by ``limit``/``offset`` as its ``meta`` says; a page that adds no image before
+``totalCount`` is reached is an error) when a dataset id is given, and keeps the
 answers under ``omero/`` in the raw folder. Then the pixels, by one of two routes (``pixels``):
 
 ``original`` (default)
@@ -66,6 +67,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,22 +242,34 @@ def _store_json(ctx: FetchContext, relpath: str, url: str, data: Any) -> Fetched
 
 
 def _dataset_images(params: Params, ctx: FetchContext) -> tuple[str, list[dict[str, Any]]]:
-    """Every image of the dataset, page by page as the answers' ``meta`` says."""
+    """Every image of the dataset, page by page as the answers' ``meta`` says.
+
+    Each page must add images not listed before until ``totalCount`` is reached: a server that
+    ignores ``offset`` (the same page again) or ends early is one FormatError, not an endless loop
+    or a short listing.
+    """
     base = params.api(f"api/v0/m/datasets/{params.dataset_id}/images/")
-    images: list[dict[str, Any]] = []
+    images: dict[Any, dict[str, Any]] = {}  # by @id
     offset = 0
     while True:
         url = f"{base}?{urllib.parse.urlencode({'limit': PAGE_LIMIT, 'offset': offset})}"
         answer = _get_json(params, ctx, url, f"dataset {params.dataset_id}")
         page = answer.get("data") if isinstance(answer, dict) else None
         meta = answer.get("meta") if isinstance(answer, dict) else None
-        if not isinstance(page, list) or not isinstance(meta, dict) or not isinstance(meta.get("totalCount"), int):
+        total = meta.get("totalCount") if isinstance(meta, dict) else None
+        if not isinstance(page, list) or not isinstance(total, int) or isinstance(total, bool):
             raise FormatError(ctx.dataset, url, "the answer is not an OMERO list ({\"data\": [...], \"meta\": {...}})",
                               "check source.omero_url in params.yaml")
-        images += [img for img in page if isinstance(img, dict)]
+        new = {img.get("@id"): img for img in page if isinstance(img, dict) and img.get("@id") not in images}
+        if not new and offset < total:
+            what = "is empty" if not page else "repeats images listed before (the server ignores offset?)"
+            raise FormatError(ctx.dataset, url, f"dataset {params.dataset_id}'s image list {what}: {len(images)} "
+                              f"images listed of the {total} its totalCount says", "try again later; if it "
+                              "persists, the OMERO server's listing is broken: check source.omero_url in params.yaml")
+        images.update(new)
         offset += len(page)
-        if not page or offset >= meta["totalCount"]:
-            return base, images
+        if offset >= total:
+            return base, list(images.values())
 
 
 def _fetch_omero(params: Params, ctx: FetchContext) -> tuple[dict[str, FetchedFile], Pixels]:
@@ -379,6 +393,8 @@ def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str,
     _refuse_lossy(params, ctx.dataset, pixels)
     todo = tiles(pixels.shape, params.tile_size)
     progress = ctx.progress(len(todo), "render tiles", unit="tile")
+    # Once one tile has failed for good, the others stop retrying and no new one starts (ctx.map).
+    cancel = threading.Event()
 
     def one(tile: Tile) -> tuple[str, FetchedFile]:
         url = tile.url(params)
@@ -386,7 +402,8 @@ def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str,
         if target.is_file():  # written by an earlier, interrupted fetch after its check
             progress.update(1)
             return tile.relpath, FetchedFile(url, target.stat().st_size, sha256_file(target))
-        data = ctx.http.get_bytes(url, max_bytes=tile.w * tile.h * 3 + (1 << 16), accept="image/png")
+        data = ctx.http.get_bytes(url, max_bytes=tile.w * tile.h * 3 + (1 << 16), accept="image/png",
+                                  cancel=cancel)
         problem = header_problem(data, tile.w, tile.h)
         if problem:  # plain OMERO.web answers JPEG whatever format says; other encodings are lossy
             raise FormatError(ctx.dataset, url, f"{problem} (a lossless PNG tile was asked for)",
@@ -396,7 +413,7 @@ def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str,
         return tile.relpath, FetchedFile(url, len(data), hashlib.sha256(data).hexdigest())
 
     try:
-        return dict(ctx.map(one, todo))
+        return dict(ctx.map(one, todo, cancel=cancel))
     finally:
         progress.close()
 
