@@ -156,3 +156,26 @@ def test_two_values_are_a_pixel_size_for_images_and_time_series(tmp_path) -> Non
     assert open_dataset(path).resolution.tolist() == [1.0, 6.0, 7.0]
     plane = _h5(tmp_path / "p.h5", _raw((6.0, 7.0), shape=(4, 5)))
     assert open_dataset(plane).resolution.tolist() == [1.0, 6.0, 7.0]
+
+
+# -- item 10: a scheduler address Dask cannot use --------------------------------------------------
+
+def test_a_bad_scheduler_address_is_one_line_without_a_hang(make_project, server, epfl_replica) -> None:
+    """The half-built Dask client is closed: no "Exception ignored" traceback from its __del__,
+    which also waited 40 s (twice the connect timeout) before the process could exit."""
+    pytest.importorskip("distributed")
+    from emdata.pipeline import fetch_dataset
+    from emdata.testing.epfl import epfl_datasets
+
+    cfg = make_project(epfl_datasets(epfl_replica.base_url(server.url)))
+    fetch_dataset(cfg, "epfl_hippocampus")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMDATA_")}
+    # The bound is for a hang (the old __del__ waited 40 s), not a speed requirement.
+    proc = subprocess.run([sys.executable, "-m", "emdata", "-C", str(cfg.root), "normalize", "epfl_hippocampus",
+                           "--scheduler", "not a url"], env=env, capture_output=True, text=True, timeout=20)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 11, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("emdata: error: epfl_hippocampus: cannot reach the Dask "
+                                                   "scheduler at 'not a url'"), lines
+    assert not cfg.processed_path("epfl_hippocampus").exists()
