@@ -179,3 +179,27 @@ def test_a_bad_scheduler_address_is_one_line_without_a_hang(make_project, server
     assert len(lines) == 1 and lines[0].startswith("emdata: error: epfl_hippocampus: cannot reach the Dask "
                                                    "scheduler at 'not a url'"), lines
     assert not cfg.processed_path("epfl_hippocampus").exists()
+
+
+# -- item 5: set_epoch reaches persistent DataLoader workers ---------------------------------------
+
+@pytest.mark.parametrize("context,workers", [("fork", 2), ("spawn", 1)])
+def test_set_epoch_reaches_persistent_workers(tmp_path, context, workers) -> None:
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from emdata.access.torch import PatchDataset
+
+    path = write_canonical(tmp_path / "e.h5", coordinate_volume((11, 23, 29)), chunks=(4, 8, 8))
+    sampler = RandomPatches(open_dataset(path), (3, 5, 7), seed=7, length=6)
+    dataset = PatchDataset(sampler)
+    loader = DataLoader(dataset, batch_size=2, num_workers=workers, persistent_workers=True,
+                        multiprocessing_context=context)
+    seen = {}
+    for epoch in (0, 1, 2):
+        dataset.set_epoch(epoch)
+        origins = torch.cat([batch["origin"] for batch in loader]).tolist()
+        seen[epoch] = origins
+        assert origins == [list(sampler.origin(i, epoch)) for i in range(6)], f"epoch {epoch}"
+    assert seen[0] != seen[1] != seen[2]
+    del loader
