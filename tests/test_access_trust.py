@@ -203,3 +203,56 @@ def test_set_epoch_reaches_persistent_workers(tmp_path, context, workers) -> Non
         assert origins == [list(sampler.origin(i, epoch)) for i in range(6)], f"epoch {epoch}"
     assert seen[0] != seen[1] != seen[2]
     del loader
+
+
+# -- item 4: run_tiled resumes only with the same model -------------------------------------------
+
+TILE_SHAPE, TILE_BLOCK, TILE_HALO, TILE_BLOCKS = (13, 21, 27), (8, 16, 16), (1, 2, 2), 8
+
+
+class _Stop(Exception):
+    pass
+
+
+def _torch_model(scale: float, shift: float):
+    """A torch module whose output depends on a plain attribute and on a non-persistent buffer,
+    neither of which is in its ``state_dict()`` (the class is the same for every value)."""
+    pytest.importorskip("torch")
+    from _access_trust_models import Affine
+
+    return Affine(scale, shift).eval()
+
+
+@pytest.mark.parametrize("a,b", [((2.0, 0.0), (3.0, 0.0)), ((2.0, 0.0), (2.0, 5.0))], ids=["attribute", "buffer"])
+def test_run_tiled_does_not_resume_with_a_model_differing_outside_its_state_dict(tmp_path, monkeypatch, a, b) -> None:
+    from emdata.access import tiling
+
+    vol = Volume(write_canonical(tmp_path / "v.h5", coordinate_volume(TILE_SHAPE, np.uint8), chunks=(8, 16, 16)))
+    model_a, model_b = _torch_model(*a), _torch_model(*b)
+    assert model_a.state_dict().keys() == model_b.state_dict().keys()
+    assert all((model_a.state_dict()[k] == model_b.state_dict()[k]).all() for k in model_a.state_dict())
+    calls = {"n": 0, "stop": None}
+    predict = tiling._predict
+
+    def counted(volume, fn, block, pad):
+        if calls["stop"] is not None and calls["n"] >= calls["stop"]:
+            raise _Stop
+        calls["n"] += 1
+        return predict(volume, fn, block, pad)
+
+    monkeypatch.setattr(tiling, "_predict", counted)
+    out = tmp_path / "pred.h5"
+
+    def run(model, stop=None) -> int:
+        calls["n"], calls["stop"] = 0, stop
+        tiling.run_tiled(vol, model, out, block_shape=TILE_BLOCK, halo=TILE_HALO)
+        return calls["n"]
+
+    with pytest.raises(_Stop):
+        run(model_a, stop=5)
+    assert run(model_b) == TILE_BLOCKS  # nothing of model A reused
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["prediction"][()], vol[()].astype(np.float32) * b[0] + b[1])
+    with pytest.raises(_Stop):
+        run(model_a, stop=5)
+    assert run(_torch_model(*a)) == TILE_BLOCKS - 5  # an equal model (a new object) resumes
