@@ -164,8 +164,8 @@ class Volume:
         Published in one assignment once complete: threads (dask's scheduler) that race here
         at worst build a second handle on the same open file, and never see a half-built one.
         """
-        handle = self._handle
-        if handle is None or handle.pid != os.getpid() or handle.file is not self._shared.current():
+        handle, opened = self._handle, self._shared.opened
+        if handle is None or opened is None or handle.file is not opened[1] or handle.pid != os.getpid():
             import h5py
 
             _, file = self._shared.get()
