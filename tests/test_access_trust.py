@@ -256,3 +256,23 @@ def test_run_tiled_does_not_resume_with_a_model_differing_outside_its_state_dict
     with pytest.raises(_Stop):
         run(model_a, stop=5)
     assert run(_torch_model(*a)) == TILE_BLOCKS - 5  # an equal model (a new object) resumes
+
+
+def test_a_label_sampler_on_a_remote_volume_says_it_needs_the_file(tmp_path) -> None:
+    """Per-chunk label statistics are read from the HDF5 file, which a remote volume does not open."""
+    import fsspec
+
+    from emdata import chunk_index
+    from emdata.access.remote import RangeReader, RemoteIndex, RemoteVolume, Transfer
+
+    raw, label = _version(1)
+    h5 = write_canonical(tmp_path / "r.h5", raw, labels={"mito": label}, chunks=(4, 8, 8))
+    chunk_index.write(h5, tmp_path / "r.chunks", file_name="r.h5", file_sha256="0" * 64)
+    fs, transfer = fsspec.filesystem("file"), Transfer()
+    readers = [RangeReader(fs, str(p), p.stat().st_size, f"file://{p}", "r", transfer)
+               for p in (h5, tmp_path / "r.chunks")]
+    vol = RemoteVolume(RemoteIndex(readers[1]), readers[0], name="r")
+    assert vol.labels["mito"][0, 0, 0] == 1 and vol.resolution.tolist() == [5.0, 5.0, 5.0]
+    with pytest.raises(ConfigError, match="needs the HDF5 file itself") as info:
+        RandomPatches(vol, (3, 5, 7), label="mito", min_foreground=0.5)
+    assert "\n" not in str(info.value)

@@ -194,6 +194,11 @@ class RemoteVolume(Volume):
     def close(self) -> None:
         pass
 
+    def _open(self) -> Any:
+        """There is no local file: what needs one (a sampler's per-chunk label statistics) says so."""
+        raise ConfigError(f"{self.name}: this needs the HDF5 file itself (e.g. min_foreground reads per-chunk label "
+                          f"statistics), which a remote volume does not open; `dvc pull` it and open it without remote=")
+
     def __repr__(self) -> str:
         return (f"RemoteVolume({self.name!r}, /{self.array}, shape={self.shape}, dtype={self.dtype}, "
                 f"url={self.url!r})")
