@@ -1524,6 +1524,171 @@ def t20_09a_empiar_absurd_image_count(c: Case) -> tuple[str, str]:
     c.no_leftovers(project)
     assert replica.volume is not None
     return "error", f"fetch: {_err(line, 80)}; 0 HEADs; real count: {voxels(project, key, {'raw': replica.volume})}"
+# -- issue 20, access layer (t20-*) -------------------------------------------------------------------
+
+T20_PAIRS = r"""
+import json, os
+import numpy as np
+from emdata import GridPatches, RandomPatches, open_dataset
+from emdata.testing.volumes import write_canonical
+shape, path = (11, 19, 23), "data/processed/fm_pairs.h5"
+def publish(v):  # version v: raw = 1000 * v + (index % 1000), label = v; renamed over the file as normalize does
+    raw = (np.arange(np.prod(shape)).reshape(shape) % 1000 + 1000 * v).astype(np.uint16)
+    tmp = write_canonical(__import__("pathlib").Path(f"data/processed/fm_pairs_v{v}.h5"), raw,
+                          labels={"mito": np.full(shape, v, np.uint8)}, chunks=(4, 8, 8))
+    os.replace(tmp, path)
+def versions(p):
+    return sorted(set(np.unique(p.raw // 1000).tolist()) | set(np.unique(p.label).tolist()))
+mixed, pairs = [], 0
+publish(1)
+sampler = RandomPatches(open_dataset("fm_pairs"), (3, 5, 7), seed=2, length=8, label="mito", min_foreground=0.5)
+sampler.origin(0)  # the label is read first (the foreground check)
+publish(2)
+for i in range(8):
+    pairs += 1
+    if len(versions(sampler[i])) != 1:
+        mixed.append(["label-first", i, versions(sampler[i])])
+vol = open_dataset("fm_pairs")
+vol[0, 0, 0]  # the image is read first
+publish(3)
+for p in GridPatches(vol, (5, 9, 11), label="mito"):
+    pairs += 1
+    if len(versions(p)) != 1:
+        mixed.append(["image-first", list(p.origin), versions(p)])
+print(json.dumps({"pairs": pairs, "mixed": len(mixed), "first": mixed[:2]}))
+"""
+
+
+def t20_03_image_and_label_one_file(c: Case) -> tuple[str, str]:
+    """A sample's image and label while the HDF5 is replaced between its two reads."""
+    project = c.project()
+    _, result = c.python(project, T20_PAIRS)
+    assert result["mixed"] == 0, f"{result['mixed']} of {result['pairs']} samples pair two versions: {result['first']}"
+    c.no_leftovers(project)
+    return "data", (f"file replaced between a sample's label and image reads: {result['pairs']} image/label "
+                    "pairs, each from one version")
+
+
+T20_TILED = r"""
+import json, sys
+import torch
+from emdata import open_dataset, run_tiled
+CALLS = []
+class Model(torch.nn.Module):  # the same class in both runs: only a plain attribute differs
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+    def forward(self, x):
+        if int(sys.argv[2]) and len(CALLS) >= int(sys.argv[2]):
+            raise KeyboardInterrupt  # interrupted (argv: not part of the model)
+        CALLS.append(1)
+        return x.astype("float32") * self.scale
+model = Model(float(sys.argv[1]))
+try:
+    run_tiled(open_dataset("epfl_hippocampus"), model, "data/pred.h5", block_shape=(8, 16, 16), halo=(1, 2, 2))
+    state = "completed"
+except KeyboardInterrupt:
+    state = "interrupted"
+print(json.dumps({"state": state, "calls": len(CALLS), "state_dict": sorted(model.state_dict())}))
+"""
+
+
+def t20_04_run_tiled_attribute_only_model(c: Case) -> tuple[str, str]:
+    """run_tiled: torch module A interrupted, then B: same class, same (empty) state_dict, another scale."""
+    pytest.importorskip("torch")
+    project = c.project()
+    _, first = c.python(project, T20_TILED, "2.0", "5")
+    assert first == {"state": "interrupted", "calls": 5, "state_dict": []}, first
+    _, second = c.python(project, T20_TILED, "3.0", "0")
+    with h5py.File(project / "data" / "pred.h5", "r") as f:
+        got = f["prediction"][()]
+    want = c.world.arrays[IMAGE].astype(np.float32) * 3
+    wrong = int(np.count_nonzero(got != want))
+    assert wrong == 0, (f"{wrong} of {want.size} voxels are not model B's (model A's blocks reused); "
+                        f"B computed {second['calls']} blocks")
+    c.no_leftovers(project)
+    return "data", (f"module A (scale 2) interrupted after 5 blocks; module B (scale 3, the same empty "
+                    f"state_dict) computed {second['calls']}: output = B(input) exactly")
+
+
+T20_NOT_EMDATA = r"""
+import json, sys
+from emdata import open_dataset
+from emdata.errors import EmdataError
+out = {}
+for path in sys.argv[1:]:
+    try:
+        vol = open_dataset(path)
+        out[path] = {"opened": True, "resolution": vol.resolution.tolist(), "offset": vol.offset.tolist()}
+    except EmdataError as exc:
+        out[path] = {"opened": False, "error": f"{type(exc).__name__}: {exc}"}
+print(json.dumps(out))
+"""
+
+
+def t20_13_hdf5_not_emdatas(c: Case) -> tuple[str, str]:
+    """open_dataset on files that are not emdata's: text named .h5, no /raw, zero/NaN/negative voxel sizes."""
+    project = c.project()
+    good = project / "data" / "processed" / f"{DS}.h5"
+    other = project / "data" / "other"  # files from elsewhere (the case writes nothing outside data/)
+    other.mkdir()
+    (other / "text.h5").write_text("not an HDF5 file\n")
+    with h5py.File(other / "noraw.h5", "w") as f:
+        f["volume"] = np.zeros((3, 4, 5), np.uint8)
+    for name, key, value in (("zero", "resolution", [0.0, 8.0, 8.0]), ("nan", "resolution", [8.0, np.nan, 8.0]),
+                             ("negative", "resolution", [8.0, 8.0, -8.0]), ("offset", "offset", [0.0, np.inf, 0.0])):
+        shutil.copyfile(good, other / f"{name}.h5")
+        with h5py.File(other / f"{name}.h5", "r+") as f:
+            f["raw"].attrs[key] = np.asarray(value)
+    paths = [str(other / f"{n}.h5") for n in ("text", "noraw", "zero", "nan", "negative", "offset")]
+    _, result = c.python(project, T20_NOT_EMDATA, *paths)
+    opened = {Path(p).name: r for p, r in result.items() if r["opened"]}
+    assert not opened, f"opened with a wrong voxel size or offset: {opened}"
+    for path, r in result.items():
+        assert "\n" not in r["error"] and path in r["error"], r
+    c.no_leftovers(project)
+    return "error", f"6 files, each one line naming it, e.g. {_err(result[paths[2]]['error'], 80)}"
+
+
+def t20_10_bad_scheduler_address(c: Case) -> tuple[str, str]:
+    """normalize --scheduler "not a url": one line, no 'Exception ignored' traceback, no 40 s wait."""
+    pytest.importorskip("distributed")
+    project = c.project()
+    before = outputs(project)
+    run = c.cli(project, "normalize", DS, "--scheduler", "not a url", timeout=30)
+    line = one_line_error(run)
+    assert "Exception ignored" not in run.stderr and outputs(project) == before
+    c.no_leftovers(project)
+    return "error", f"{_err(line, 90)} in {run.seconds:.1f} s"
+
+
+T20_EPOCHS = r"""
+import json
+import torch
+from torch.utils.data import DataLoader
+from emdata import RandomPatches, open_dataset
+from emdata.access.torch import PatchDataset
+sampler = RandomPatches(open_dataset("epfl_hippocampus"), (3, 5, 7), seed=4, length=6)
+dataset = PatchDataset(sampler)
+loader = DataLoader(dataset, batch_size=3, num_workers=1, persistent_workers=True)
+got, want = {}, {}
+for epoch in (0, 1):
+    dataset.set_epoch(epoch)
+    got[epoch] = torch.cat([b["origin"] for b in loader]).tolist()
+    want[epoch] = [list(sampler.origin(i, epoch)) for i in range(6)]
+print(json.dumps({"got": got, "want": want}))
+"""
+
+
+def t20_05_set_epoch_persistent_workers(c: Case) -> tuple[str, str]:
+    """PatchDataset.set_epoch with DataLoader(persistent_workers=True): each epoch's own patches."""
+    pytest.importorskip("torch")
+    project = c.project()
+    _, result = c.python(project, T20_EPOCHS)
+    assert result["got"] == result["want"], f"origins per epoch {result['got']}, expected {result['want']}"
+    assert result["want"]["0"] != result["want"]["1"]
+    c.no_leftovers(project)
+    return "data", "persistent worker: epochs 0 and 1 give their own 6 origins each, equal to the sampler's"
 
 
 # -- the matrix -------------------------------------------------------------------------------------
@@ -1567,6 +1732,11 @@ CASES: list[Any] = [
     pytest.param(r16a_raw_tiff_cut_locally, id="16a-raw-tiff-cut-in-half-locally"),
     pytest.param(r16b_served_half_tiff, id="16b-served-tiff-cut-in-half"),
     pytest.param(t20_09a_empiar_absurd_image_count, id="t20-09a-empiar-image-count-3000-listing-11"),
+    pytest.param(t20_03_image_and_label_one_file, id="t20-03-image-and-label-from-one-file-version"),
+    pytest.param(t20_04_run_tiled_attribute_only_model, id="t20-04-run-tiled-model-differs-in-an-attribute"),
+    pytest.param(t20_05_set_epoch_persistent_workers, id="t20-05-set-epoch-persistent-workers"),
+    pytest.param(t20_10_bad_scheduler_address, id="t20-10-scheduler-not-a-url"),
+    pytest.param(t20_13_hdf5_not_emdatas, id="t20-13-hdf5-not-emdatas"),
 ]
 
 

@@ -260,6 +260,26 @@ def fingerprint(cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -
     }, sort_keys=True)
 
 
+def _connect(client_class: Any, address: str, timeout: float) -> Any:
+    """A connected ``distributed.Client``; one that fails half-way is closed here.
+
+    A Client whose constructor raises (an address it cannot parse, a scheduler it cannot reach)
+    has already started its event loop; left to the garbage collector, its ``__del__`` waits up to
+    twice the timeout and prints an "Exception ignored" traceback at exit. So the object is made
+    first and its ``__init__`` called apart, to keep hold of it and close it on failure.
+    """
+    client = client_class.__new__(client_class)
+    try:
+        client.__init__(address, timeout=timeout, set_as_default=False)
+    except BaseException:
+        try:
+            client.close(timeout=min(timeout, 5))
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            log.debug("closing the half-built Dask client failed", exc_info=True)
+        raise
+    return client
+
+
 class DistributedWriter:
     """The ``write_volume`` of normalize when a scheduler is given (see the module docstring).
 
@@ -303,7 +323,7 @@ class DistributedWriter:
                                "pip install 'emdata[distributed]'") from exc
         try:
             timeout = float(os.environ.get(TIMEOUT_ENV) or 20)
-            self.client = Client(self.address, timeout=timeout, set_as_default=False)
+            self.client = _connect(Client, self.address, timeout)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(f"{self.key}: cannot reach the Dask scheduler at {self.address!r} "
                                f"({type(exc).__name__}: {exc}); start it or fix --scheduler / ${SCHEDULER_ENV}") from exc

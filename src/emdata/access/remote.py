@@ -32,7 +32,7 @@ from ..chunk_index import ENTRY, PREFIX, ArrayIndex, ChunkIndex, IndexFormatErro
 from ..errors import ConfigError, FetchError, NotBuiltError
 from ..io import hdf5
 from ..io.chunks import ChunkDecoder
-from .volume import Volume
+from .volume import Volume, _geometry
 
 HEAD_BYTES = 1 << 20  # an index up to this size is read whole at open
 PAGE_ENTRIES = 4096  # index table entries per page read on demand (64 KiB)
@@ -175,8 +175,11 @@ class RemoteVolume(Volume):
         self.attrs = dict(a.attrs)
         if "resolution" not in self.attrs:
             raise ConfigError(f"{name}: /{array} records no resolution")
-        self.resolution = np.asarray(self.attrs["resolution"], np.float64)
-        self.offset = np.asarray(self.attrs.get("offset", (0.0, 0.0, 0.0)), np.float64)
+        planar = len(self.shape) == 2 or "z" not in str(self.attrs.get("axes", "zyx")).lower()
+        where = f"{self.url}:/{array}"
+        self.resolution = _geometry(None, self.attrs["resolution"], "resolution", planar, self, where, positive=True)
+        self.offset = _geometry(None, self.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", planar, self, where,
+                                positive=False)
         self.label_names = sorted(n.split("/", 1)[1] for n in index.index.arrays
                                   if n.startswith(hdf5.LABELS + "/")) if array == hdf5.RAW else []
         self._decoder = ChunkDecoder(a.dtype, a.chunks, a.compression, a.compression_level)
@@ -190,6 +193,11 @@ class RemoteVolume(Volume):
 
     def close(self) -> None:
         pass
+
+    def _open(self) -> Any:
+        """There is no local file: what needs one (a sampler's per-chunk label statistics) says so."""
+        raise ConfigError(f"{self.name}: this needs the HDF5 file itself (e.g. min_foreground reads per-chunk label "
+                          f"statistics), which a remote volume does not open; `dvc pull` it and open it without remote=")
 
     def __repr__(self) -> str:
         return (f"RemoteVolume({self.name!r}, /{self.array}, shape={self.shape}, dtype={self.dtype}, "

@@ -142,7 +142,7 @@ class RandomPatches:
             raise ConfigError("min_foreground needs a label name")
         self.label_name = label
         self.label = None
-        if label is not None:
+        if label is not None:  # shares the volume's open file: a patch's image and label are one version
             if label not in volume.label_names:
                 raise ConfigError(f"{volume.name}: no label {label!r} (labels: {', '.join(volume.label_names) or 'none'})")
             self.label = volume.labels[label]
@@ -160,12 +160,12 @@ class RandomPatches:
 
     def _prepare_label_bounds(self) -> None:
         """Bound every drawable origin's foreground; keep the distribution over those that can pass."""
-        with hdf5.open_read(self.volume.path) as f:
-            stats = f.get(f"{hdf5.LABEL_STATS}/{self.label_name}/chunk_foreground")
-            if stats is None:
-                raise ConfigError(f"{self.volume.name}: no per-chunk statistics for label {self.label_name!r}; "
-                                  "re-run `emdata normalize` to write them")
-            counts = stats[()]
+        # Through the label's open file: the statistics of the very version its voxels come from.
+        stats = self.label._open().file.get(f"{hdf5.LABEL_STATS}/{self.label_name}/chunk_foreground")
+        if stats is None:
+            raise ConfigError(f"{self.volume.name}: no per-chunk statistics for label {self.label_name!r}; "
+                              "re-run `emdata normalize` to write them")
+        counts = stats[()]
         bound = _ForegroundBound(counts, self.label.chunks, self.patch)
         size, shape = np.prod(self.patch), "x".join(map(str, self.patch))
         anywhere = int(bound.over(self._axes(False)).max())

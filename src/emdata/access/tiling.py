@@ -15,11 +15,20 @@ blend modes), so a rerun after an interruption computes only the missing blocks.
 written as ``.<name>.partial`` and renamed when complete; the scratch file is then removed.
 
 The ledger is keyed by the input, the settings and the *model*, so a rerun with a different model
-starts over instead of keeping the old model's blocks. The model is identified by content, not by
-name (see ``model_identity``): a plain function by its code, defaults, closure values and the
-globals it uses; an object with ``state_dict()`` (a torch module) by its class and its tensors.
-Anything else cannot be identified: pass ``model_id=`` (e.g. a checkpoint's hash) to make such a
-run resumable, otherwise every run computes every block.
+starts over instead of keeping the old model's blocks. How the model is recognised:
+
+- with ``model_id=`` (e.g. a checkpoint's hash), by that string alone: the caller vouches that the
+  same id means the same outputs;
+- otherwise by content, never by name (see ``model_identity``): a plain function by its code,
+  defaults, closure values and the globals it uses; an object with ``state_dict()`` (a torch
+  module) by its class and *every* attribute, recursively: parameters, all buffers (also those
+  registered with ``persistent=False``), submodules, the training flag, hooks and plain values
+  such as a scale or a threshold. A model holding anything that cannot be hashed (an object
+  without ``state_dict()``, a compiled TorchScript module, an open file) is not identified: it
+  never resumes (every run computes every block, with a warning) unless ``model_id`` is given.
+
+Outside the model object nothing is seen: when outputs also depend on files the model reads,
+global settings or library versions, pass ``model_id``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import sys
 import sysconfig
 import types
 import uuid
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,7 +131,7 @@ class _ModelHasher:
     Plain values, numpy arrays and tensors are hashed by value; user functions by their code
     (``co_code``, constants recursively, names, argument layout), defaults, closure cells and the
     module globals their code names; classes from user code by their attributes and methods;
-    objects with ``state_dict()`` by class, ``training`` flag, structure (``repr``) and tensors.
+    objects with ``state_dict()`` by class and every attribute, recursively (see ``_stateful``).
     Installed code (standard library, site-packages, built-ins) is identified by its qualified name.
     """
 
@@ -208,6 +218,8 @@ class _ModelHasher:
             return self._hash("property", v(obj.fget), v(obj.fset), v(obj.fdel))
         if isinstance(obj, type):
             return self._class(obj)
+        if isinstance(obj, weakref.ref):  # e.g. torch's LSTM keeps weak references to its weights
+            return self._hash("weakref", v(obj()))
         if isinstance(obj, logging.Logger):  # writes logs, does not change outputs
             return self._hash("logger", obj.name.encode())
         if isinstance(obj, enum.Enum):
@@ -263,12 +275,18 @@ class _ModelHasher:
         return self._hash("class", name, *bases, *members)
 
     def _stateful(self, obj: Any) -> bytes:
-        text = repr(obj)
-        structure = b"" if " at 0x" in text else text.encode()  # a default repr holds an address
-        training = self._value(getattr(obj, "training", None))
-        state = obj.state_dict()
-        return self._hash("stateful", self._value(type(obj)), training, structure,
-                          self._named(dict(state), obj, "state_dict()"))
+        """An object with ``state_dict()`` (a torch module) by its class and its whole instance state.
+
+        ``state_dict()`` alone misses what also changes outputs: plain attributes (a scale, a
+        threshold), buffers registered with ``persistent=False``, the training flag, hooks. So
+        every attribute is hashed, recursively (submodules, parameters and buffers are attributes
+        of torch modules); one that cannot be hashed makes the model unidentified.
+        """
+        state = getattr(obj, "__dict__", None)
+        if not isinstance(state, dict) or getattr(type(obj), "__slots__", None):
+            raise _Opaque(f"a {_qualified_name(type(obj))} object (state outside its __dict__)")
+        attributes = [self._value(k) + self._named(x, obj, f"attribute {k!r}") for k, x in sorted(state.items())]
+        return self._hash("stateful", self._value(type(obj)), *attributes)
 
 
 def _library_name(obj: Any) -> str | None:
@@ -297,7 +315,8 @@ def model_identity(fn: Callable, model_id: str | None = None) -> dict[str, str]:
     With ``model_id`` that string alone identifies the model (the caller vouches for it). Otherwise
     ``fn`` is hashed by content (``_ModelHasher``): plain functions and lambdas by code, defaults,
     closure cells and used globals; ``functools.partial``, bound methods, classes and objects with
-    ``state_dict()`` (torch modules: their class, mode, structure and tensors) likewise. A callable
+    ``state_dict()`` (torch modules: their class and all their attributes, recursively: parameters,
+    buffers persistent or not, submodules, mode, hooks, plain values) likewise. A callable
     holding other objects cannot be identified: it gets a random identity that matches no other
     run (so nothing is reused) and a warning says to pass ``model_id``.
     """
@@ -341,7 +360,9 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
     A rerun after an interruption computes only the blocks the ledger lacks, provided the input,
     the settings and the model are the same; otherwise it starts over. The model is recognised by
     content (``model_identity``): a function's code, defaults, closure values and used globals, or
-    a torch module's (any ``state_dict()`` object's) class and tensors, never by name alone.
+    a torch module's (any ``state_dict()`` object's) class and all of its attributes, recursively
+    (tensors, non-persistent buffers, plain values), never by name alone; a model with state that
+    cannot be hashed never resumes without ``model_id``.
 
     Args:
         model_id: names this exact model (e.g. a checkpoint's hash) instead of hashing ``fn``;

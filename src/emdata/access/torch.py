@@ -3,6 +3,7 @@
 Works with ``DataLoader(num_workers=N)``: the sampler's Volume is pickled into each worker
 without an open file handle and reopens the file lazily there (read-only, no HDF5 locking), and
 patch ``i`` depends only on (seed, epoch, i), so any number of workers yields the same patches.
+``PatchDataset.set_epoch`` reaches persistent workers as well (the epoch is in shared memory).
 
 Patches keep the file's dtype (8-bit EM stays uint8, a quarter of the bytes of float32), and small
 batches cross from the workers inline in the pipe message rather than as one shared-memory segment
@@ -152,16 +153,28 @@ class PatchDataset(Dataset):
         if transform is not None and (dtype is not None or label_dtype is not None):
             raise ConfigError("PatchDataset: dtype/label_dtype apply to the default items; with a transform, "
                               "convert inside the transform")
+        # One int64 in shared memory, shared with DataLoader workers (forked or spawned): see set_epoch.
+        self._epoch = torch.tensor([int(getattr(sampler, "epoch", 0))], dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        """New random patches for a new epoch (same seed, same epoch: same patches)."""
+        """New random patches for a new epoch (same seed, same epoch: same patches).
+
+        Call it before iterating the DataLoader for that epoch. It reaches the workers of a
+        ``DataLoader(persistent_workers=True)`` too: the epoch is kept in shared memory, which the
+        workers' copies of this dataset read before each item (a worker keeps the copy it got when
+        it started, so a plain attribute would stay at the epoch of that moment).
+        """
+        self._epoch[0] = int(epoch)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> Any:
+        epoch = int(self._epoch[0])
+        if hasattr(self.sampler, "set_epoch") and getattr(self.sampler, "epoch", None) != epoch:
+            self.sampler.set_epoch(epoch)  # a worker's copy catching up with the main process
         patch = self.sampler[int(index)]
         if self.transform is not None:
             return self.transform(patch)

@@ -2,6 +2,9 @@
 
 The HDF5 file opens lazily, once per process: a Volume created before ``fork`` (or pickled into
 a DataLoader worker) reopens the file in the child on first read instead of sharing a handle.
+A Volume and the label Volumes made from it (``volume.labels``, samplers' labels) share that one
+handle, so a sample's image and labels always come from the same version of the file, even when
+``normalize`` renames a new file over it between two reads.
 Files open read-only without HDF5 file locking, with a chunk cache sized to a row of chunks.
 
 Coordinates: voxel ``i`` along an axis starts at ``offset + i * resolution`` nm (the gunpowder /
@@ -14,13 +17,14 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections import namedtuple
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..errors import AccessError, ConfigError, NotBuiltError
+from ..errors import AccessError, ConfigError, FormatError, NotBuiltError
 from ..indexing import basic_box
 from ..io import hdf5
 
@@ -35,65 +39,147 @@ _Handle = namedtuple("_Handle", ["pid", "file", "dset", "chunkmap"])
 PAD_MODES = ("reflect", "symmetric", "edge", "wrap", "constant")
 
 
+class _SharedFile:
+    """One HDF5 file opened once per process, shared by a Volume and the label Volumes made from it.
+
+    Every array of one sample is read through this one open file, so when the path is replaced
+    (a new version renamed over it) they all keep reading the version that was open. Opening is
+    serialized by a lock: two threads never open two versions of the file in one process.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.opened: tuple[int, Any] | None = None  # (pid, h5py.File) of the process that opened it
+
+    def current(self) -> Any | None:
+        """This process's open file, or None if it has not been opened here."""
+        opened = self.opened
+        return opened[1] if opened is not None and opened[0] == os.getpid() else None
+
+    def get(self) -> tuple[int, Any]:
+        opened = self.opened
+        if opened is not None and opened[0] == os.getpid():
+            return opened
+        with _OPEN_LOCK:
+            opened = self.opened
+            if opened is None or opened[0] != os.getpid():
+                opened = (os.getpid(), hdf5.open_read(self.path))
+                self.opened = opened
+        return opened
+
+    def close(self) -> None:
+        opened, self.opened = self.opened, None
+        if opened is not None and opened[0] == os.getpid():
+            opened[1].close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "opened": None}  # never an open file: the receiver opens its own
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()  # a lock held by another thread at fork would stay held in the child
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 class Volume:
     """One 3D array (``/raw`` or ``/labels/<name>``) of a canonical emdata HDF5 file."""
 
     def __init__(self, path: str | os.PathLike, array: str = hdf5.RAW, *, name: str | None = None,
-                 resolution: Any = None, offset: Any = None, index: str | os.PathLike | None = None) -> None:
+                 resolution: Any = None, offset: Any = None, index: str | os.PathLike | None = None,
+                 shared: _SharedFile | None = None) -> None:
         """``resolution``/``offset`` (nm, z/y/x) are needed only for files that do not record them.
 
         ``index``: the file's chunk-offset index (``data/metadata/<ds>.chunks``); found on its own
         beside the file or in the repository layout, and used only if it matches the file.
+        ``shared``: the open file of another Volume of the same file (how ``labels`` are made).
         """
         self.path = Path(path)
         self.index = Path(index) if index is not None else None
         self.array = array
         self.name = name or self.path.stem
         self._handle: _Handle | None = None
-        with hdf5.open_read(self.path) as f:
-            if array not in f:
-                raise AccessError(f"{self.path} has no array /{array}")
-            dset = f[array]
-            if dset.ndim not in (2, 3):
-                raise AccessError(f"{self.path}:/{array} is {dset.ndim}D; a Volume reads 2D and 3D arrays")
-            lead = (1,) * (3 - dset.ndim)  # a 2D image (collections) is a volume of one Z plane
-            self.stored_shape: tuple[int, ...] = tuple(dset.shape)
-            self.shape: tuple[int, int, int] = lead + tuple(dset.shape)  # type: ignore[assignment]
-            self.dtype = dset.dtype
-            self.chunks: tuple[int, ...] = lead + tuple(dset.chunks or dset.shape)
-            attrs = hdf5.read_attrs(dset)
-            axes = str(attrs.get("axes", "zyx"))
-            self.dims = "YX" if dset.ndim == 2 else axes.upper()  # "ZYX", or "TYX" for a time series
-            if resolution is None and "resolution" not in attrs:
-                raise ConfigError(f"{self.path}:/{array} records no resolution; pass resolution=(z, y, x) in nm "
-                                  "(a voxel size is never guessed)")
-            given = resolution if resolution is not None else attrs["resolution"]
-            # 2D images and time series record a (y, x) pixel size: the first axis (one plane, or
-            # time) gets 1.0 so that voxel and nm coordinates still map one to one along it.
-            self.resolution = _three(np.asarray(given, np.float64), 1.0)
-            self.offset = _three(np.asarray(offset if offset is not None else attrs.get("offset", (0.0, 0.0, 0.0)),
-                                            np.float64), 0.0)
-            self.attrs = attrs
-            self.label_names = sorted(f.get(hdf5.LABELS, {}).keys()) if array == hdf5.RAW else []
+        self._shared = shared if shared is not None else _SharedFile(self.path)
+        where = f"{self.path}:/{array}"
+        open_here = self._shared.current()
+        if open_here is not None:  # the arrays' metadata from the version its reads will see
+            self._describe(open_here, where, resolution, offset)
+            return
+        try:
+            with hdf5.open_read(self.path) as f:
+                self._describe(f, where, resolution, offset)
+        except OSError as exc:  # not HDF5, truncated, unreadable: h5py's message names the cause
+            raise FormatError(self.name, str(self.path), f"not a readable HDF5 file ({_reason(exc)})",
+                              "open an HDF5 file written by emdata normalize, or normalize again") from exc
+
+    def _describe(self, f: Any, where: str, resolution: Any, offset: Any) -> None:
+        """Shape, dtype, chunks, axes and geometry of the array, checked as emdata writes them."""
+        import h5py
+
+        array = self.array
+        dset = f.get(array)
+        if dset is None:
+            raise FormatError(self.name, where, "no such array (not an emdata volume file)",
+                              f"arrays at the top: {', '.join(sorted(f.keys())) or 'none'}")
+        if not isinstance(dset, h5py.Dataset):
+            raise FormatError(self.name, where, "is a group, not an array (not an emdata volume file)")
+        if dset.ndim not in (2, 3):
+            raise AccessError(f"{self.path}:/{array} is {dset.ndim}D; a Volume reads 2D and 3D arrays")
+        if dset.dtype.kind not in "biuf":
+            raise FormatError(self.name, where, f"holds {dset.dtype} values; a Volume reads numbers")
+        lead = (1,) * (3 - dset.ndim)  # a 2D image (collections) is a volume of one Z plane
+        self.stored_shape: tuple[int, ...] = tuple(dset.shape)
+        self.shape: tuple[int, int, int] = lead + tuple(dset.shape)  # type: ignore[assignment]
+        self.dtype = dset.dtype
+        self.chunks: tuple[int, ...] = lead + tuple(dset.chunks or dset.shape)
+        attrs = hdf5.read_attrs(dset)
+        axes = str(attrs.get("axes", "zyx"))
+        self.dims = "YX" if dset.ndim == 2 else axes.upper()  # "ZYX", or "TYX" for a time series
+        if resolution is None and "resolution" not in attrs:
+            raise ConfigError(f"{self.path}:/{array} records no resolution; pass resolution=(z, y, x) in nm "
+                              "(a voxel size is never guessed)")
+        # 2D images and time series record a (y, x) pixel size: the first axis (one plane, or
+        # time) gets 1.0 so that voxel and nm coordinates still map one to one along it.
+        planar = dset.ndim == 2 or "z" not in axes.lower()
+        self.resolution = _geometry(resolution, attrs.get("resolution"), "resolution", planar, self, where,
+                                    positive=True)
+        self.offset = _geometry(offset, attrs.get("offset", (0.0, 0.0, 0.0)), "offset", planar, self, where,
+                                positive=False)
+        self.attrs = attrs
+        labels = f.get(hdf5.LABELS)
+        if array == hdf5.RAW and labels is not None and not isinstance(labels, h5py.Group):
+            raise FormatError(self.name, f"{self.path}:/{hdf5.LABELS}", "is an array, not a group of label arrays")
+        self.label_names = sorted(labels.keys()) if array == hdf5.RAW and labels is not None else []
 
     # -- lazy, per-process file handle --------------------------------------------------------
 
     def _open(self) -> "_Handle":
-        """This process's handle, opened on first use.
+        """This process's handle on the shared file, opened on first use.
 
         Published in one assignment once complete: threads (dask's scheduler) that race here
-        at worst open a second handle, and never see a half-built one.
+        at worst build a second handle on the same open file, and never see a half-built one.
         """
-        handle = self._handle
-        if handle is None or handle.pid != os.getpid():
-            row = self.chunks[0] * self.chunks[1] * self.shape[2] * self.dtype.itemsize
-            file = hdf5.open_read(self.path, cache_bytes=max(row, 4 << 20))
+        handle, opened = self._handle, self._shared.opened
+        if handle is None or opened is None or handle.file is not opened[1] or handle.pid != os.getpid():
+            import h5py
+
+            _, file = self._shared.get()
             dset = file.get(self.array)
-            if dset is None or (tuple(dset.shape), dset.dtype, tuple(dset.chunks or dset.shape)) != (
-                    self.stored_shape, self.dtype, self.chunks[3 - len(self.stored_shape):]):
-                file.close()
+            # The same layout and voxels (array_sha256) as when this Volume was created, else its
+            # shape, geometry and statistics would describe another file than the one read.
+            if not isinstance(dset, h5py.Dataset) or (tuple(dset.shape), dset.dtype, tuple(dset.chunks or dset.shape),
+                                                      _attr_text(dset, "array_sha256")) != (
+                    self.stored_shape, self.dtype, self.chunks[3 - len(self.stored_shape):],
+                    str(self.attrs.get("array_sha256", ""))):
                 raise AccessError(f"{self.path} was replaced by a different file since this Volume was "
                                   f"created; open it again (emdata.open_dataset or Volume)")
+            row = self.chunks[0] * self.chunks[1] * self.shape[2] * self.dtype.itemsize
+            dset = _with_cache(file, self.array, max(row, 4 << 20))  # a row of chunks, for this array alone
             table = None
             if hdf5.ChunkMap.usable(dset):
                 from ..chunk_index import local_table
@@ -117,9 +203,9 @@ class Volume:
         return str(self.path.resolve())
 
     def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None and handle.pid == os.getpid():
-            handle.file.close()
+        """Close the file (shared with this Volume's labels: they reopen it on their next read)."""
+        self._handle = None
+        self._shared.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -148,14 +234,13 @@ class Volume:
 
     @property
     def labels(self) -> dict[str, "Volume"]:
-        return {n: Volume(self.path, f"{hdf5.LABELS}/{n}", name=f"{self.name}:{n}", index=self.index)
-                for n in self.label_names}
+        return {n: Volume(self.path, f"{hdf5.LABELS}/{n}", name=f"{self.name}:{n}", index=self.index,
+                          shared=self._shared) for n in self.label_names}
 
     @property
     def metadata(self) -> dict[str, Any]:
         """Root and array attributes of the file (statistics and params decoded from JSON)."""
-        with hdf5.open_read(self.path) as f:
-            return file_metadata(hdf5.read_attrs(f), self.attrs)
+        return file_metadata(hdf5.read_attrs(self._open().file), self.attrs)
 
     def to_dask(self, chunks: tuple[int, ...] | None = None):
         """A lazy dask array over this volume, chunked like the file (needs the ``dask`` extra)."""
@@ -286,6 +371,54 @@ def _gather(data: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
         return data
     lead = (slice(None),) * axis
     return np.concatenate([data[lead + (run,)] for run in runs], axis=axis)
+
+
+def _reason(exc: BaseException) -> str:
+    """h5py's reason without the C library's call chain: "file signature not found"."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    found = text.rfind("(")
+    return text[found + 1:].rstrip(")") if found >= 0 and text.endswith(")") else text
+
+
+def _attr_text(dset: Any, key: str) -> str:
+    value = dset.attrs.get(key)
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _with_cache(file: Any, array: str, nbytes: int) -> Any:
+    """``file[array]`` opened with its own chunk cache of ``nbytes`` (the file's default is small)."""
+    import h5py
+
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_chunk_cache(1_000_003, int(nbytes), 0.75)
+    return h5py.Dataset(h5py.h5d.open(file.id, array.encode(), dapl))
+
+
+def _geometry(given: Any, stored: Any, what: str, planar: bool, volume: "Volume", where: str, *,
+              positive: bool) -> np.ndarray:
+    """A resolution or offset as three finite floats (nm, z/y/x); one line naming the file if not.
+
+    Three values, or two (y, x) for a 2D image or time series (its first axis: 1.0 nm, offset 0).
+    """
+    source = "given" if given is not None else "recorded"
+    raw = given if given is not None else stored
+    try:
+        values = np.asarray(raw, np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        values = None
+    sizes = (2, 3) if planar else (3,)
+    problem = None
+    if values is None or values.size not in sizes:
+        problem = f"{source} {what} {raw!r} is not {' or '.join(map(str, sizes))} numbers"
+    elif not np.all(np.isfinite(values)) or (positive and not np.all(values > 0)):
+        problem = f"{source} {what} {values.tolist()} nm is not {'positive and ' if positive else ''}finite"
+    if problem is None:
+        return _three(values, 1.0 if positive else 0.0)
+    if given is not None:
+        raise ConfigError(f"{volume.name}: {where}: {problem}; pass {what}=(z, y, x) in nm")
+    raise FormatError(volume.name, where, problem, f"pass {what}=(z, y, x) in nm to Volume, or normalize again")
 
 
 def _three(values: np.ndarray, first: float) -> np.ndarray:
