@@ -39,6 +39,7 @@ SLOW_TESTS = {  # (module, test name without parameters): subprocess- or worker-
     ("test_tiling", "test_torch_modules_are_identified_by_their_weights"),
     ("test_chunk_index", "test_a_large_sparse_file_opens_without_walking_its_chunks"),
     ("test_normalize_distributed", "test_killed_worker_and_killed_client"),  # worker processes, kill -9
+    ("test_access_trust", "test_set_epoch_reaches_persistent_workers"),  # DataLoader worker processes
 }
 
 
