@@ -316,12 +316,15 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
-    # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
-    # HDF5 is built from bytes that are not the fetched ones.
-    record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The lock first: fetch takes the same lock, so the record read below describes the very
+    # files normalize reads (checked before the lock, a fetch finishing in between would give an
+    # HDF5 whose provenance names other raw files than its voxels came from).
     with dataset_lock(cfg.lock_dir(), key, "normalize"):
+        # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
+        # HDF5 is built from bytes that are not the fetched ones.
+        record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
         _remove_stale_temporaries(out)
         if layout_of(source) == "collection":  # many images with a table: its own writer
             if scheduler:
