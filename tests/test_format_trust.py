@@ -76,3 +76,64 @@ def test_normalize_reads_the_fetch_record_under_the_lock(epfl_project, epfl_repl
     recorded = record["files"][IMAGE]["sha256"]
     assert recorded == hashlib.sha256((raw / IMAGE).read_bytes()).hexdigest(), \
         "the HDF5's provenance names the raw file of another fetch than its voxels came from"
+
+
+# -- item 6: offsets compared in voxels, voxel sizes relatively ------------------------------------
+
+
+def _resolve(pv=None, po=None, sv=None, so=None, trust=None):
+    from emdata.geometry import resolve
+
+    return resolve("ds", params_voxel=pv, params_offset=po, source_voxel=sv, source_offset=so, trust=trust)
+
+
+def test_a_large_offset_does_not_widen_the_tolerance() -> None:
+    """100000 nm against 100800 nm is 0.8 % of the offset but 100 voxels of 8 nm: a disagreement."""
+    with pytest.raises(FormatError, match=r"offset_nm.*params.yaml says \[0, 100000, 0\] nm but the source says "
+                                          r"\[0, 100800, 0\] nm"):
+        _resolve(pv=(8, 8, 8), po=(0, 100000, 0), so=(0, 100800, 0))
+    # float noise on a large offset still agrees: 0.004 nm is 0.0005 voxels
+    g = _resolve(pv=(8, 8, 8), po=(0, 100000, 0), so=(0, 100000.004, 0))
+    assert g.offset_nm == (0, 100000, 0) and g.origin["offset_nm"] == "params (source agrees)"
+    # 1 % of a voxel is the limit, wherever the offset lies
+    assert _resolve(pv=(8, 8, 8), po=(0, 0, 8e6), so=(0, 0, 8e6 + 0.07)).origin["offset_nm"] == "params (source agrees)"
+    with pytest.raises(FormatError, match="offset_nm"):
+        _resolve(pv=(8, 8, 8), po=(0, 0, 8e6), so=(0, 0, 8e6 + 0.09))
+
+
+def test_voxel_sizes_compare_relatively() -> None:
+    assert _resolve(pv=(50, 8, 8), sv=(50.4, 8.07, 8), po=(0, 0, 0)).origin["voxel_size_nm"] == "params (source agrees)"
+    with pytest.raises(FormatError, match="voxel_size_nm"):
+        _resolve(pv=(50, 8, 8), sv=(50, 8.1, 8), po=(0, 0, 0))
+
+
+def test_one_grid_rule_for_geometry_and_ome_zarr() -> None:
+    """geometry.same_grid is the rule; io.ngff.same_grid is it with a tolerance for float noise only."""
+    from emdata import geometry
+    from emdata.io import ngff
+
+    voxel = (8.0, 8.0, 8.0)
+    for a, b in [((0, 0, 100000.0), (0, 0, 100800.0)), ((0, 0, 100000.0), (0, 0, 100000.0 + 4e-6)),
+                 ((11.84, 0, 0), (11.840000000000002, 0, 0)), ((0, 0, 0), (0, 0, 0.05))]:
+        assert ngff.same_grid(a, b, voxel) == geometry.same_grid(a, b, voxel, ngff.GRID_TOLERANCE)
+    assert not ngff.same_grid((0, 0, 100000.0), (0, 0, 100800.0), voxel)
+    assert geometry.same_grid((0, 0, 100000.0), (0, 0, 100000.05), voxel)  # 0.006 voxels
+    assert not ngff.same_grid((0, 0, 100000.0), (0, 0, 100000.05), voxel)
+
+
+def test_labels_on_a_far_offset_grid_are_refused(tmp_path) -> None:
+    """normalize's label/image check: an offset 100 voxels away is another grid, however large the offsets."""
+    from emdata.normalize import _check_labels
+    from emdata.raw import ArrayVolume
+
+    array = np.zeros((3, 5, 7), np.uint8)
+    image = ArrayVolume(array, "ds", voxel_size_nm=(8.0, 8.0, 8.0), offset_nm=(0.0, 100000.0, 0.0))
+    near = ArrayVolume(array, "ds", voxel_size_nm=(8.0, 8.0, 8.0), offset_nm=(0.0, 100000.04, 0.0))
+    far = ArrayVolume(array, "ds", voxel_size_nm=(8.0, 8.0, 8.0), offset_nm=(0.0, 100800.0, 0.0))
+    _check_labels("ds", image, {"mito": near})
+    with pytest.raises(FormatError, match="labels/mito.*offset_nm"):
+        _check_labels("ds", image, {"mito": far})
+    # the label alone reports geometry: its offset is measured in params' voxels
+    bare = ArrayVolume(array, "ds", offset_nm=(0.0, 100000.0, 0.0))
+    with pytest.raises(FormatError, match="offset_nm"):
+        _check_labels("ds", bare, {"mito": ArrayVolume(array, "ds", offset_nm=(0.0, 100800.0, 0.0))}, (8.0, 8.0, 8.0))
