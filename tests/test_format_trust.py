@@ -137,3 +137,104 @@ def test_labels_on_a_far_offset_grid_are_refused(tmp_path) -> None:
     bare = ArrayVolume(array, "ds", offset_nm=(0.0, 100000.0, 0.0))
     with pytest.raises(FormatError, match="offset_nm"):
         _check_labels("ds", bare, {"mito": ArrayVolume(array, "ds", offset_nm=(0.0, 100800.0, 0.0))}, (8.0, 8.0, 8.0))
+
+
+# -- item 2: a classic TIFF cut short ---------------------------------------------------------------
+
+
+def write_libtiff_stack(path: Path, volume: np.ndarray) -> Path:
+    """A multipage TIFF as libtiff writes it: each page's strip data first, then its directory.
+
+    Pillow saves through libtiff when asked (``WRITE_LIBTIFF``); tifffile writes each directory
+    before its data, so it cannot make this layout."""
+    from PIL import Image, TiffImagePlugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(np.ascontiguousarray(plane)) for plane in volume]
+    saved = TiffImagePlugin.WRITE_LIBTIFF
+    TiffImagePlugin.WRITE_LIBTIFF = True
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], compression="raw")
+    finally:
+        TiffImagePlugin.WRITE_LIBTIFF = saved
+    return path
+
+
+def _directories_follow_data(path: Path) -> bool:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return all(page.offset >= max(page.dataoffsets) + max(page.databytecounts) for page in tif.pages)
+
+
+def test_a_libtiff_stack_reads_whole(tmp_path) -> None:
+    from emdata.io.tiff import TiffStack
+
+    volume = coordinate_volume((9, 13, 11))
+    path = write_libtiff_stack(tmp_path / "whole.tif", volume)
+    assert _directories_follow_data(path)
+    with TiffStack(path, "ds") as stack:
+        assert stack.shape == volume.shape
+        np.testing.assert_array_equal(stack.read_box((0, 0, 0), volume.shape), volume)
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.3, 0.77])
+def test_a_cut_libtiff_stack_is_refused(tmp_path, cut) -> None:
+    """Cut anywhere (in a page's data, in a directory, after one): never fewer planes, always a FormatError."""
+    from emdata.io.tiff import TiffStack
+
+    volume = coordinate_volume((9, 13, 11))
+    whole = write_libtiff_stack(tmp_path / "whole.tif", volume).read_bytes()
+    path = tmp_path / "cut.tif"
+    path.write_bytes(whole[: int(len(whole) * cut)])
+    with pytest.raises(FormatError) as err:
+        TiffStack(path, "ds").close()
+    text = str(err.value)
+    assert str(path) in text and "\n" not in text
+
+
+def test_a_cut_tifffile_page_chain_is_refused(tmp_path) -> None:
+    """tifffile's own layout (directory, then data), one page per series, cut inside the last page's data."""
+    import tifffile
+
+    from emdata.io.tiff import TiffStack
+
+    volume = coordinate_volume((6, 13, 11))
+    path = tmp_path / "pages.tif"
+    with tifffile.TiffWriter(path) as writer:
+        for plane in volume:
+            writer.write(plane, contiguous=False, photometric="minisblack", metadata=None)
+    data = path.read_bytes()
+    with tifffile.TiffFile(path) as tif:
+        last = tif.pages[-1]
+        cut = last.dataoffsets[0] + 50  # the last page's directory is whole, its strip is not
+    path.write_bytes(data[:cut])
+    with pytest.raises(FormatError, match=r"page 5's image data end at byte \d+ but the file has"):
+        TiffStack(path, "ds").close()
+
+
+def test_normalize_refuses_a_served_cut_libtiff_stack(epfl_project, epfl_replica) -> None:
+    """End to end: the server serves a cut classic TIFF (size not pinned): fetch stores it, normalize refuses it."""
+    from emdata.normalize import normalize_dataset
+    from emdata.pipeline import fetch_dataset
+
+    served = epfl_replica.root / FOLDER / IMAGE
+    whole = write_libtiff_stack(served, epfl_replica.arrays[IMAGE]).read_bytes()
+    served.write_bytes(whole[: len(whole) // 2])
+    fetch_dataset(epfl_project, DS)
+    with pytest.raises(FormatError, match="truncated"):
+        normalize_dataset(epfl_project, DS)
+    assert not epfl_project.processed_path(DS).exists()
+
+
+def test_an_rgb_tiff_does_not_advise_fetching_again(tmp_path) -> None:
+    import tifffile
+
+    from emdata.io.tiff import TiffStack
+
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, np.zeros((3, 13, 11, 3), np.uint8), photometric="rgb")
+    with pytest.raises(FormatError) as err:
+        TiffStack(path, "ds")
+    assert "samples per pixel" in err.value.problem
+    assert "emdata fetch" not in err.value.hint and "convert" in err.value.hint
