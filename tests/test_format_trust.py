@@ -27,7 +27,7 @@ import pytest
 
 from emdata.errors import FormatError
 from emdata.testing.epfl import FOLDER
-from emdata.testing.volumes import coordinate_volume
+from emdata.testing.volumes import coordinate_volume, write_libtiff_stack, write_tiff_stack
 
 DS = "epfl_hippocampus"
 IMAGE = "volumedata.tif"
@@ -50,8 +50,6 @@ def test_normalize_reads_the_fetch_record_under_the_lock(epfl_project, epfl_repl
     # The server's file changes (same size: EPFL pins only the size); the next fetch gets version B.
     served = epfl_replica.root / FOLDER / IMAGE
     new_volume = epfl_replica.arrays[IMAGE][::-1].copy()
-    from emdata.testing.volumes import write_tiff_stack
-
     write_tiff_stack(served, new_volume)
     fetch_dataset(cfg, DS)
     new = raw.with_name("new-fetch")
@@ -140,24 +138,6 @@ def test_labels_on_a_far_offset_grid_are_refused(tmp_path) -> None:
 
 
 # -- item 2: a classic TIFF cut short ---------------------------------------------------------------
-
-
-def write_libtiff_stack(path: Path, volume: np.ndarray) -> Path:
-    """A multipage TIFF as libtiff writes it: each page's strip data first, then its directory.
-
-    Pillow saves through libtiff when asked (``WRITE_LIBTIFF``); tifffile writes each directory
-    before its data, so it cannot make this layout."""
-    from PIL import Image, TiffImagePlugin
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images = [Image.fromarray(np.ascontiguousarray(plane)) for plane in volume]
-    saved = TiffImagePlugin.WRITE_LIBTIFF
-    TiffImagePlugin.WRITE_LIBTIFF = True
-    try:
-        images[0].save(path, save_all=True, append_images=images[1:], compression="raw")
-    finally:
-        TiffImagePlugin.WRITE_LIBTIFF = saved
-    return path
 
 
 def _directories_follow_data(path: Path) -> bool:
