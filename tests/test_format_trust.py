@@ -218,3 +218,39 @@ def test_an_rgb_tiff_does_not_advise_fetching_again(tmp_path) -> None:
         TiffStack(path, "ds")
     assert "samples per pixel" in err.value.problem
     assert "emdata fetch" not in err.value.hint and "convert" in err.value.hint
+
+
+# -- item 16: DM3 spectral axes are not spatial ------------------------------------------------------
+
+
+@pytest.mark.parametrize("meta", [{"Signal": "CL", "Format": "Spectrum image"}, {"Signal": "CL", "Format": "Image"},
+                                  {"Signal": "", "Format": "Spectrum image"}])
+def test_a_dm3_spectrum_in_nm_is_not_an_image(tmp_path, meta) -> None:
+    """A CL line scan (wavelength in nm beside x in nm) has length units on both axes: still no image."""
+    pytest.importorskip("rsciio")
+    from emdata.io.dm3 import open_dm3
+    from emdata.testing.dm3 import calibration, dm3_bytes
+    from emdata.testing.empiar import slice_tags
+
+    tags = slice_tags(coordinate_volume((1, 13, 11))[0], 0)
+    entry = tags["ImageList"][1]
+    entry["ImageTags"]["Meta Data"].update(meta)
+    entry["ImageData"]["Calibrations"]["Dimension"] = [calibration(0.5, "nm", origin=-800.0), calibration(8.0, "nm")]
+    path = tmp_path / "spectrum.dm3"
+    path.write_bytes(dm3_bytes(tags))
+    with pytest.raises(FormatError, match="spectra, not a 2D image") as err:
+        open_dm3(path, "ds")
+    assert "emdata fetch" not in err.value.hint
+
+
+def test_a_dm3_image_in_nm_is_still_read(tmp_path) -> None:
+    pytest.importorskip("rsciio")
+    from emdata.io.dm3 import open_dm3
+    from emdata.testing.dm3 import calibration, dm3_bytes
+    from emdata.testing.empiar import slice_tags
+
+    tags = slice_tags(coordinate_volume((1, 13, 11))[0], 0)
+    tags["ImageList"][1]["ImageData"]["Calibrations"]["Dimension"] = [calibration(8.0, "nm"), calibration(8.0, "nm")]
+    path = tmp_path / "image.dm3"
+    path.write_bytes(dm3_bytes(tags))
+    assert open_dm3(path, "ds").pixel_nm == (8.0, 8.0)
