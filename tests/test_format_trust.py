@@ -254,3 +254,34 @@ def test_a_dm3_image_in_nm_is_still_read(tmp_path) -> None:
     path = tmp_path / "image.dm3"
     path.write_bytes(dm3_bytes(tags))
     assert open_dm3(path, "ds").pixel_nm == (8.0, 8.0)
+
+
+# -- item 16: after a garbage chunk, advice that helps ------------------------------------------------
+
+
+@pytest.mark.s3
+def test_a_garbage_s3_chunk_gets_advice_that_helps(tmp_path, make_project) -> None:
+    """The service serves a chunk that does not decode: a bare `emdata fetch` then says "up to date",
+    so normalize's advice must be to delete the copy first, and following it must work."""
+    from emdata.normalize import normalize_dataset
+    from emdata.pipeline import fetch_dataset
+    from emdata.testing.contract import FAST_RETRIES
+    from emdata.testing.registry import replica_for
+
+    key = "openorganelle_jrc_mus_nacc_2"
+    with replica_for("ome_zarr_s3").start(tmp_path / "replica") as omz:
+        case = {c.key: c for c in omz.cases()}[key]
+        cfg = make_project({key: case.dataset})
+        good = omz.server.object_bytes(case.fault_path)
+        omz.server.replace(case.fault_path, b"not a zstd/blosc frame " * (len(good) // 23 + 1))
+        fetch_dataset(cfg, key, policy=FAST_RETRIES)
+        with pytest.raises(FormatError) as err:
+            normalize_dataset(cfg, key)
+        hint = err.value.hint
+        assert f"delete data/raw/{key}" in hint and f"emdata fetch {key}" in hint, hint
+        assert fetch_dataset(cfg, key, policy=FAST_RETRIES).up_to_date  # why a bare fetch cannot help
+        omz.server.clear_faults()  # the service is repaired; the advice, followed, gives the data
+        shutil.rmtree(cfg.raw_dir(key))
+        fetch_dataset(cfg, key, policy=FAST_RETRIES)
+        with h5py.File(normalize_dataset(cfg, key), "r") as f:
+            np.testing.assert_array_equal(f["raw"][()], case.expected["raw"])

@@ -74,3 +74,10 @@ class ClusterError(EmdataError):
     run_tiled(client=...)); what finished is kept in the ledger and a rerun resumes from it."""
 
     exit_code = 11
+
+
+def refetch_hint(dataset: str) -> str:
+    """What to do about damaged fetched bytes: a bare ``emdata fetch`` finds the copy complete
+    (its sizes and recorded hashes match) and answers "up to date", so the copy must go first."""
+    return (f"delete data/raw/{dataset} and run `emdata fetch {dataset}`; if the new copy fails the same way, "
+            "the source's copy is damaged")

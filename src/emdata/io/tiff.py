@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, refetch_hint
 from ..raw import IntTriple, RawVolume
 
 ORIENTATION_TAG = 274
@@ -162,9 +162,7 @@ class TiffStack(RawVolume):
         return int(struct.unpack(fmt.offsetformat, tail)[0]) if len(tail) == fmt.offsetsize else None
 
     def _error(self, problem: str, hint: str | None = None) -> FormatError:
-        return FormatError(self.dataset, str(self.path), problem, hint or (
-            f"delete data/raw/{self.dataset} and run `emdata fetch {self.dataset}` again; if the new copy fails "
-            "the same way, the source's file is damaged"))
+        return FormatError(self.dataset, str(self.path), problem, hint or refetch_hint(self.dataset))
 
     def _oriented(self, plane: np.ndarray) -> np.ndarray:
         """A stored plane (or stack of planes) as displayed: views only, no copy."""
