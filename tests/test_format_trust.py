@@ -285,3 +285,65 @@ def test_a_garbage_s3_chunk_gets_advice_that_helps(tmp_path, make_project) -> No
         fetch_dataset(cfg, key, policy=FAST_RETRIES)
         with h5py.File(normalize_dataset(cfg, key), "r") as f:
             np.testing.assert_array_equal(f["raw"][()], case.expected["raw"])
+
+
+# -- item 16: the HDF5 writer's unraisable hook is scoped and thread-safe ------------------------------
+
+
+class _DiesWithOSError:
+    """An object whose deallocation raises, as h5py's ObjectID.__dealloc__ does when HDF5's flush fails."""
+
+    def __del__(self) -> None:
+        raise OSError(28, "No space left on device (a dealloc elsewhere)")
+
+
+def _die_with_oserror() -> None:
+    _DiesWithOSError()  # dropped at once: Python hands the OSError to sys.unraisablehook
+
+
+def test_interleaved_creates_restore_the_original_hook(tmp_path, monkeypatch) -> None:
+    """A enters, B enters, A leaves, B leaves (two threads' normalizes): the hook is the original again."""
+    from emdata.io import hdf5
+
+    seen: list[BaseException] = []
+    original = lambda unraisable: seen.append(unraisable.exc_value)  # noqa: E731
+    monkeypatch.setattr(sys, "unraisablehook", original)
+    a = hdf5.create(tmp_path / "a.h5", "a")
+    b = hdf5.create(tmp_path / "b.h5", "b")
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    assert sys.unraisablehook is original
+    _die_with_oserror()
+    assert len(seen) == 1
+
+
+def test_a_dealloc_error_in_another_thread_is_not_this_files_failure(tmp_path, monkeypatch) -> None:
+    """While one thread writes an HDF5, an unrelated dealloc error in another thread goes to the
+    previous hook; it neither fails this file nor is swallowed."""
+    from emdata.io import hdf5
+
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    with hdf5.create(tmp_path / "ok.h5", "ds") as f:
+        f.create_dataset("raw", data=np.arange(12, dtype=np.uint8).reshape(2, 2, 3))
+        other = threading.Thread(target=_die_with_oserror)
+        other.start()
+        other.join()
+    assert [str(e) for e in seen] == ["[Errno 28] No space left on device (a dealloc elsewhere)"]
+    with h5py.File(tmp_path / "ok.h5", "r") as f:
+        assert f["raw"].shape == (2, 2, 3)
+
+
+def test_a_dealloc_error_in_the_writing_thread_still_fails_the_file(tmp_path, monkeypatch) -> None:
+    from emdata.errors import OutputError
+    from emdata.io import hdf5
+
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    with pytest.raises(OutputError, match="disk became full"):
+        with hdf5.create(tmp_path / "full.h5", "ds") as f:
+            f.create_dataset("raw", data=np.zeros((2, 2, 3), np.uint8))
+            _die_with_oserror()
+    assert seen == []
