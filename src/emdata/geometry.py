@@ -42,12 +42,11 @@ def same_grid(a: tuple[float, ...], b: tuple[float, ...], voxel: tuple[float, ..
     return all(abs(x - y) <= tolerance * abs(v) for x, y, v in zip(a, b, voxel))
 
 
-def same_geometry(a: tuple[float, ...], b: tuple[float, ...], voxel: tuple[float, ...] | None = None) -> bool:
+def same_geometry(a: Triple, b: Triple, voxel: Triple | None = None) -> bool:
     """Offsets (``voxel`` given): within 1 % of that voxel size. Voxel sizes (no ``voxel``): within
     1 % of the larger of the two, i.e. each size measured in its own voxels."""
-    if voxel is None:
-        voxel = tuple(max(abs(x), abs(y)) for x, y in zip(a, b))
-    return same_grid(a, b, voxel)
+    scale = voxel if voxel is not None else tuple(max(abs(x), abs(y)) for x, y in zip(a, b))
+    return same_grid(a, b, scale)
 
 
 def _fmt(values: Triple) -> str:
