@@ -1689,6 +1689,74 @@ def t20_05_set_epoch_persistent_workers(c: Case) -> tuple[str, str]:
     assert result["want"]["0"] != result["want"]["1"]
     c.no_leftovers(project)
     return "data", "persistent worker: epochs 0 and 1 give their own 6 origins each, equal to the sampler's"
+# -- issue 20 (format, geometry) -------------------------------------------------------------------
+
+def t20_02_served_cut_classic_tiff(c: Case) -> tuple[str, str]:
+    """A libtiff-style TIFF (each page's strips, then its directory) served cut in half: no half volume."""
+    from emdata.testing.volumes import write_libtiff_stack
+
+    libtiff = c.tmp / "libtiff.tif"
+    whole = write_libtiff_stack(libtiff, c.world.arrays[IMAGE]).read_bytes()
+    c.world.add_file("half_classic.tif", whole[: len(whole) // 2])
+    project = c.project()
+    _set_file(c, project, "half_classic.tif")
+    c.guard()
+    ok(c.cli(project, "fetch", DS))
+    before = {k: v for k, v in outputs(project).items() if not k.startswith("raw")}
+    run = c.cli(project, "normalize", DS)
+    if run.rc == 0:
+        with h5py.File(project / "data" / "processed" / f"{DS}.h5", "r") as f:
+            shape = f["raw"].shape
+        raise AssertionError(f"normalize exited 0 with a {shape} volume from half of a "
+                             f"{c.world.arrays[IMAGE].shape} classic TIFF (silently short data)")
+    line = one_line_error(run)
+    assert "truncated" in line, line
+    assert {k: v for k, v in outputs(project).items() if not k.startswith("raw")} == before
+    c.check_outside()
+    c.world.add_file("whole_classic.tif", whole)
+    _set_file(c, project, "whole_classic.tif")
+    ok(c.cli(project, "fetch", DS))
+    ok(c.cli(project, "normalize", DS))
+    c.no_leftovers(project)
+    return "error", f"normalize: {_err(line, 85)}; the whole file: {voxels(project, DS, c.expected())}"
+
+
+def t20_06_offset_100_voxels_away(c: Case) -> tuple[str, str]:
+    """params' offset 100000 nm, the DM3 calibration's 100802 nm at 8 nm pixels: 0.8 % but 100 voxels apart."""
+    from emdata.testing.dm3 import calibration, dm3_bytes
+    from emdata.testing.empiar import PIXEL_UM, RunningEmpiar, build_empiar_replica, empiar_dataset, slice_tags
+
+    replica = build_empiar_replica(c.tmp / "empiar", shape=(5, 13, 11))
+    assert replica.volume is not None
+    first = slice_tags(replica.volume[0], 0)
+    origin = -12603.0  # pixels: the image starts 12603 x 7.998 nm = 100802 nm along y
+    first["ImageList"][1]["ImageData"]["Calibrations"]["Dimension"] = [
+        calibration(PIXEL_UM, "µm"), calibration(PIXEL_UM, "µm", origin=origin)]  # Dimension.0 is x
+    (replica.folder / replica.names[0]).write_bytes(dm3_bytes(first))
+    source_y = -origin * PIXEL_UM * 1000.0
+    with ReplicaServer(replica.root) as server:
+        RunningEmpiar(replica, server)
+        dataset = {**empiar_dataset(server.url), "offset_nm": [0.0, 100000.0, 0.0]}
+        project = c.fresh({"fm_empiar": dataset})
+        c.guard()
+        ok(c.cli(project, "fetch", "fm_empiar"))
+        run = c.cli(project, "normalize", "fm_empiar")
+        if run.rc == 0:
+            with h5py.File(project / "data" / "processed" / "fm_empiar.h5", "r") as f:
+                recorded = [float(v) for v in f["raw"].attrs["offset"]]
+            raise AssertionError(f"normalize exited 0 recording offset {recorded} nm; the source says y = "
+                                 f"{source_y:.0f} nm, {(source_y - 100000) / (PIXEL_UM * 1000):.0f} voxels away")
+        line = one_line_error(run)
+        assert "offset_nm" in line and "100000" in line, line
+        assert not (project / "data" / "processed" / "fm_empiar.h5").exists()
+        c.edit(project, lambda p: p["datasets"]["fm_empiar"].update(geometry_trust="source"))
+        ok(c.cli(project, "normalize", "fm_empiar"))
+        with h5py.File(project / "data" / "processed" / "fm_empiar.h5", "r") as f:
+            recorded = [float(v) for v in f["raw"].attrs["offset"]]
+        assert abs(recorded[1] - source_y) < 1e-3, recorded
+        detail = voxels(project, "fm_empiar", {"raw": replica.volume})
+        c.no_leftovers(project)
+    return "error", f"normalize: {_err(line, 85)}; geometry_trust: source: offset y {recorded[1]:.0f} nm, {detail}"
 
 
 # -- the matrix -------------------------------------------------------------------------------------
@@ -1737,6 +1805,8 @@ CASES: list[Any] = [
     pytest.param(t20_05_set_epoch_persistent_workers, id="t20-05-set-epoch-persistent-workers"),
     pytest.param(t20_10_bad_scheduler_address, id="t20-10-scheduler-not-a-url"),
     pytest.param(t20_13_hdf5_not_emdatas, id="t20-13-hdf5-not-emdatas"),
+    pytest.param(t20_02_served_cut_classic_tiff, id="t20-02-served-classic-tiff-cut-in-half"),
+    pytest.param(t20_06_offset_100_voxels_away, id="t20-06-offset-100-voxels-away-0.8-percent"),
 ]
 
 

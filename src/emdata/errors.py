@@ -79,3 +79,10 @@ class ClusterError(EmdataError):
 class Cancelled(FetchError):
     """A transfer stopped before its next attempt because another transfer of the same fetch failed
     for good (``FetchContext.map`` with ``cancel``); that other failure is the one reported."""
+
+
+def refetch_hint(dataset: str) -> str:
+    """What to do about damaged fetched bytes: a bare ``emdata fetch`` finds the copy complete
+    (its sizes and recorded hashes match) and answers "up to date", so the copy must go first."""
+    return (f"delete data/raw/{dataset} and run `emdata fetch {dataset}`; if the new copy fails the same way, "
+            "the source's copy is damaged")

@@ -4,8 +4,14 @@ Rules (docs/architecture.md, "Geometry"):
 
 - params.yaml's ``voxel_size_nm``/``offset_nm`` are optional overrides of what the source reports;
 - a value that neither side gives is a ConfigError (a voxel size is never guessed);
-- both present and more than 1 % apart is a FormatError naming both values, unless the
-  dataset's ``geometry_trust`` says which side wins (``params`` or ``source``).
+- both present and apart is a FormatError naming both values, unless the dataset's
+  ``geometry_trust`` says which side wins (``params`` or ``source``).
+
+"Apart" is one rule, :func:`same_grid`, in units of the voxel size: two voxel sizes more than 1 %
+of the larger one, two offsets more than 1 % of a voxel. An offset's own magnitude never widens
+the tolerance (100000 nm and 100800 nm are 100 voxels of 8 nm apart, not 0.8 %). OME-Zarr's
+label/image grids (:func:`emdata.io.ngff.same_grid`) use the same rule with a tolerance for float
+noise only.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 from .errors import ConfigError, FormatError
 
-TOLERANCE = 0.01
+TOLERANCE = 0.01  # of a voxel
 Triple = tuple[float, float, float]
 
 
@@ -30,18 +36,17 @@ class Geometry:
                 "origin": dict(self.origin)}
 
 
-def _differs(a: Triple, b: Triple, scale: Triple) -> bool:
-    """More than 1 % apart on some axis, relative to the larger magnitude (or the voxel size near 0)."""
-    for x, y, s in zip(a, b, scale):
-        size = max(abs(x), abs(y), abs(s))
-        if abs(x - y) > TOLERANCE * size:
-            return True
-    return False
+def same_grid(a: tuple[float, ...], b: tuple[float, ...], voxel: tuple[float, ...],
+              tolerance: float = TOLERANCE) -> bool:
+    """On every axis at most ``tolerance`` voxels apart (a voxel size of 0 allows no difference)."""
+    return all(abs(x - y) <= tolerance * abs(v) for x, y, v in zip(a, b, voxel))
 
 
-def same_geometry(a: Triple, b: Triple, scale: Triple | None = None) -> bool:
-    """Within 1 % (relative to the larger value, or to ``scale``, the voxel size, near zero)."""
-    return not _differs(a, b, scale or a)
+def same_geometry(a: Triple, b: Triple, voxel: Triple | None = None) -> bool:
+    """Offsets (``voxel`` given): within 1 % of that voxel size. Voxel sizes (no ``voxel``): within
+    1 % of the larger of the two, i.e. each size measured in its own voxels."""
+    scale = voxel if voxel is not None else tuple(max(abs(x), abs(y)) for x, y in zip(a, b))
+    return same_grid(a, b, scale)
 
 
 def _fmt(values: Triple) -> str:
@@ -57,7 +62,7 @@ def _pick(name: str, key: str, params: Triple | None, source: Triple | None, tru
         return params, "params"  # type: ignore[return-value]
     if params is None:
         return source, "source"
-    if not _differs(params, source, scale or params):
+    if same_geometry(params, source, scale):
         return params, "params (source agrees)"
     if trust == "params":
         return params, "params (source differs, geometry_trust: params)"

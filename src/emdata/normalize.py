@@ -271,16 +271,19 @@ def dataset_geometry(cfg: Config, key: str, volume: RawVolume) -> Geometry:
                    source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust)
 
 
-def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume]) -> None:
+def _check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume], params_voxel: Any = None) -> None:
     for name, lab in labels.items():
         if tuple(lab.shape) != tuple(volume.shape):
             where = getattr(lab, "path", f"labels/{name}")
             raise FormatError(key, str(where), f"label {name!r} has shape {tuple(lab.shape)} but the image has "
                               f"{tuple(volume.shape)}", "check that both files are complete and belong together")
-        scale = volume.voxel_size_nm or lab.voxel_size_nm
-        for attr in ("voxel_size_nm", "offset_nm"):
+        # Offsets are compared in voxels; with no voxel size anywhere, geometry.resolve refuses anyway.
+        voxel = volume.voxel_size_nm or lab.voxel_size_nm or params_voxel
+        for attr, scale in (("voxel_size_nm", None), ("offset_nm", voxel)):
             mine, theirs = getattr(lab, attr), getattr(volume, attr)
-            if mine is not None and theirs is not None and same_geometry(mine, theirs, scale) is False:
+            if attr == "offset_nm" and scale is None:
+                continue
+            if mine is not None and theirs is not None and not same_geometry(mine, theirs, scale):
                 raise FormatError(key, f"labels/{name}", f"{attr} {mine} differs from the image's {theirs}",
                                   "labels must lie on the image's grid")
 
@@ -316,12 +319,15 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
-    # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
-    # HDF5 is built from bytes that are not the fetched ones.
-    record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The lock first: fetch takes the same lock, so the record read below describes the very
+    # files normalize reads (checked before the lock, a fetch finishing in between would give an
+    # HDF5 whose provenance names other raw files than its voxels came from).
     with dataset_lock(cfg.lock_dir(), key, "normalize"):
+        # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
+        # HDF5 is built from bytes that are not the fetched ones.
+        record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
         _remove_stale_temporaries(out)
         if layout_of(source) == "collection":  # many images with a table: its own writer
             if scheduler:
@@ -357,7 +363,7 @@ def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path)
     volume = stack.enter_context(source.open_volume(ds.source, raw, key))
     open_labels = getattr(source, "open_labels", None)
     labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
-    _check_labels(key, volume, labels)
+    _check_labels(key, volume, labels, ds.voxel_size_nm)
     return volume, _map_label_values(key, labels, ds.label_values)
 
 

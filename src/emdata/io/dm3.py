@@ -170,6 +170,13 @@ def open_dm3(path: Path, dataset: str) -> Dm3Image:
     order = "<" if where.get("endian", "little") == "little" else ">"
     axes = sorted(signal["axes"], key=lambda a: a.get("index_in_array", 0))
     units = tuple(str(a.get("units") or "") for a in axes)
+    # A length unit does not make an axis spatial: a CL spectrum's wavelength is in nm too. The
+    # reader names an image's axes y and x and navigates none; spectra get a signal axis.
+    if any(a.get("name") not in ("x", "y") or a.get("navigate") for a in axes):
+        described = ", ".join(f"{a.get('name')} ({a.get('units') or 'no unit'}"
+                              f"{', navigation' if a.get('navigate') else ''})" for a in axes)
+        raise FormatError(dataset, str(path), f"the image's axes are {described}: spectra, not a 2D image",
+                          "fetching again gives the same file: only 2D images (axes y, x) can be stacked")
     pixel_nm = None
     if all(u in UNIT_NM for u in units):
         pixel_nm = tuple(float(a["scale"]) * UNIT_NM[u] for a, u in zip(axes, units))

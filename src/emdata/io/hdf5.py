@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -211,6 +212,52 @@ class ChunkMap:
         return out
 
 
+# HDF5 reports some write failures only from h5py's ObjectID.__dealloc__, where Python hands
+# them to sys.unraisablehook: the one place to catch them, and it is process-wide (Python has no
+# per-thread or per-object variant). So one collector is installed while any create() is open
+# (reference-counted, so nested or concurrent creates never restore a stale hook), and it routes
+# an error only to a create() open in the thread where the object died (h5py objects die in the
+# thread that writes them); anything else goes on to the hook that was installed before.
+_HOOK_LOCK = threading.RLock()  # re-entrant: a dealloc may run while this thread holds the lock
+_COLLECTORS: dict[int, list[list[BaseException]]] = {}  # thread id -> the open creates' error lists
+_previous_hook: Any = None
+
+
+def _collect_unraisable(unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, (OSError, RuntimeError)):  # HDF5's errors in h5py's __dealloc__
+        with _HOOK_LOCK:
+            open_here = _COLLECTORS.get(threading.get_ident())
+            if open_here:
+                open_here[-1].append(unraisable.exc_value)
+                return
+    (_previous_hook or sys.__unraisablehook__)(unraisable)
+
+
+@contextlib.contextmanager
+def _dealloc_errors() -> Iterator[list[BaseException]]:
+    """Errors HDF5 raises in deallocations in this thread while the block runs (see above)."""
+    global _previous_hook
+    swallowed: list[BaseException] = []
+    thread = threading.get_ident()
+    with _HOOK_LOCK:
+        if not _COLLECTORS:
+            _previous_hook = sys.unraisablehook
+            sys.unraisablehook = _collect_unraisable
+        _COLLECTORS.setdefault(thread, []).append(swallowed)
+    try:
+        yield swallowed
+    finally:
+        with _HOOK_LOCK:
+            mine = _COLLECTORS[thread]
+            del mine[next(i for i, x in enumerate(mine) if x is swallowed)]
+            if not mine:
+                del _COLLECTORS[thread]
+            if not _COLLECTORS:
+                if sys.unraisablehook is _collect_unraisable:  # unless someone replaced it meanwhile
+                    sys.unraisablehook = _previous_hook
+                _previous_hook = None
+
+
 @contextlib.contextmanager
 def create(path: Path, dataset: str) -> Iterator[Any]:
     """A new HDF5 file that counts as written only once everything in it reached the disk.
@@ -218,39 +265,29 @@ def create(path: Path, dataset: str) -> Iterator[Any]:
     HDF5 reports some write failures only where h5py cannot raise them (a dataset's chunk cache
     is flushed when the object is deallocated: "Exception ignored in ObjectID.__dealloc__"), and
     a file whose flush failed cannot be closed: the library then crashes at interpreter exit. So
-    the body's writes are flushed explicitly, swallowed dealloc errors are collected and count as
-    a failure, and a failed file's descriptor is pointed at /dev/null before it is closed (the
-    close then succeeds; the caller removes the temporary file). A failure is an ``OutputError``
-    naming the dataset and the file, one line, with ENOSPC called what it is.
+    the body's writes are flushed explicitly, dealloc errors in this thread are collected
+    (:func:`_dealloc_errors`) and count as a failure, and a failed file's descriptor is pointed
+    at /dev/null before it is closed (the close then succeeds; the caller removes the temporary
+    file). A failure is an ``OutputError`` naming the dataset and the file, one line, with ENOSPC
+    called what it is.
     """
     import h5py
 
-    swallowed: list[BaseException] = []
-    previous_hook = sys.unraisablehook
-
-    def collect(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, (OSError, RuntimeError)):  # HDF5's errors in h5py's __dealloc__
-            swallowed.append(unraisable.exc_value)
-        else:
-            previous_hook(unraisable)
-
-    sys.unraisablehook = collect
-    f = h5py.File(path, "w")
-    try:
-        yield f
-        f.flush()
-        if swallowed:
-            raise swallowed[0]
-        f.close()
-        if swallowed:
-            raise swallowed[0]
-    except BaseException as exc:
-        _abandon(f)
-        if isinstance(exc, (OSError, RuntimeError)):
-            raise _write_error(dataset, path, exc) from exc
-        raise
-    finally:
-        sys.unraisablehook = previous_hook
+    with _dealloc_errors() as swallowed:
+        f = h5py.File(path, "w")
+        try:
+            yield f
+            f.flush()
+            if swallowed:
+                raise swallowed[0]
+            f.close()
+            if swallowed:
+                raise swallowed[0]
+        except BaseException as exc:
+            _abandon(f)
+            if isinstance(exc, (OSError, RuntimeError)):
+                raise _write_error(dataset, path, exc) from exc
+            raise
 
 
 def _abandon(f: Any) -> None:

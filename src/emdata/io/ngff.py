@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .. import geometry
 from ..errors import FormatError
 
 UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "centimeter": 1e7,
@@ -201,5 +202,6 @@ def parse_zarray(meta: dict[str, Any], key: str, lead: int, where: str, dataset:
 
 
 def same_grid(a: Triple, b: Triple, scale: Triple) -> bool:
-    """Equal within GRID_TOLERANCE of the voxel size (the service's float noise is no difference)."""
-    return all(abs(x - y) <= GRID_TOLERANCE * max(abs(s), 1e-300) for x, y, s in zip(a, b, scale))
+    """Equal within GRID_TOLERANCE of the voxel size (the service's float noise is no difference):
+    geometry's one rule (values compared in voxels), with a tolerance for float noise only."""
+    return geometry.same_grid(a, b, scale, GRID_TOLERANCE)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FetchError, FormatError, IntegrityError, SourceError
+from ..errors import FetchError, FormatError, IntegrityError, SourceError, refetch_hint
 from ..raw import IntTriple, RawVolume, Triple
 
 STORE = "crop.zarr"  # the local store, relative to the raw folder
@@ -323,7 +323,7 @@ class CropVolume(RawVolume):
             self.array = ts.open(local_spec(folder), read=True).result()
         except (OSError, ValueError) as exc:
             raise FormatError(dataset, str(folder), f"the fetched crop cannot be opened ({_first_line(exc)})",
-                              f"run `emdata fetch {dataset}` again") from exc
+                              refetch_hint(dataset)) from exc
         self.shape = tuple(int(n) for n in self.array.shape)  # type: ignore[assignment]
         self.dtype = np.dtype(meta["dtype"])
         self.voxel_size_nm = voxel_size_nm
@@ -334,7 +334,7 @@ class CropVolume(RawVolume):
             data = self.array[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].read().result()
         except ValueError as exc:
             raise FormatError(self.dataset, str(self.path), f"a block cannot be read ({_first_line(exc)})",
-                              f"run `emdata fetch {self.dataset}` again") from exc
+                              refetch_hint(self.dataset)) from exc
         return np.ascontiguousarray(data)
 
 

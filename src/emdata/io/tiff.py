@@ -6,6 +6,11 @@ time points or samples (C, T, S with more than one entry) are refused with a cle
 than flattened into Z. The page orientation (TIFF tag 274) is applied, never assumed; big-endian
 files are read correctly and returned in native byte order.
 
+A file cut short is refused, never read as fewer planes: every page's strips must lie inside the
+file, and the page chain must end where tifffile stopped reading it (tifffile stops at a
+next-page pointer beyond the end or into a cut directory and only logs it; a classic libtiff
+file, each page's strips followed by its directory, cut in half then reads as half the planes).
+
 Boxes are read without holding more than the box: an uncompressed contiguous stack is read with
 ``os.preadv`` straight into the output (row bands of each plane; no memory map, whose touched
 pages would stay in the process's RSS and fault in page by page); otherwise pages are decoded one
@@ -16,16 +21,19 @@ becomes a FormatError naming the dataset and the file.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, refetch_hint
 from ..raw import IntTriple, RawVolume
 
 ORIENTATION_TAG = 274
 STACK_AXES = "ZIQ"  # tifffile's names for "a stack of planes": Z, generic images, unknown
+# Fetching again cannot change a file's layout: say what can.
+CONVERT = "fetching again gives the same file: convert it to a greyscale Z stack, or use another file"
 # TIFF orientation -> (transpose rows/cols first, flip rows, flip cols) to reach top-left.
 _ORIENT = {
     1: (False, False, False), 2: (False, False, True), 3: (False, True, True), 4: (False, True, False),
@@ -59,7 +67,8 @@ class TiffStack(RawVolume):
         series = tif.series
         first = tif.pages.first
         if first.samplesperpixel != 1:
-            raise self._error(f"pages have {first.samplesperpixel} samples per pixel; a greyscale stack is expected")
+            raise self._error(f"pages have {first.samplesperpixel} samples per pixel (RGB or multichannel); "
+                              "a greyscale stack is expected", CONVERT)
         if len(series) == 1:
             s = series[0]
             self.file_axes = s.get_axes(False)
@@ -70,7 +79,9 @@ class TiffStack(RawVolume):
             extra = [(a, n) for a, n in pairs[:-2] if n > 1]
             if axes[-2:] != "YX" or any(a not in STACK_AXES for a, _ in extra) or len(extra) > 1:
                 raise self._error(f"the file's axes are {self.file_axes} {tuple(shape)}; only a Z stack of "
-                                  "greyscale planes (axes Z/I/Q, Y, X) can be read: split channels or time points first")
+                                  "greyscale planes (axes Z/I/Q, Y, X) can be read",
+                                  "fetching again gives the same file: split its channels or time points into "
+                                  "greyscale Z stacks, or use another file")
             depth = extra[0][1] if extra else 1
             page_shape = tuple(shape[-2:])
             pages = list(s.pages) if len(s.pages) == depth else None
@@ -82,13 +93,14 @@ class TiffStack(RawVolume):
             for i, page in enumerate(pages):
                 if page.shape != page_shape or page.dtype != first.dtype or page.samplesperpixel != 1:
                     raise self._error(f"page {i} is {page.shape} {page.dtype}, page 0 is {page_shape} "
-                                      f"{first.dtype}; all pages must match")
+                                      f"{first.dtype}; all pages must match", CONVERT)
         # A truncated ImageJ stack loses its page chain: tifffile then offers the pages it still
         # finds (often one), so the planes ImageJ's description declares are the authority.
         declared = (tif.imagej_metadata or {}).get("images") if tif.is_imagej else None
         if isinstance(declared, int) and declared > depth:
             raise self._error(f"the ImageJ description declares {declared} planes but only {depth} can be "
                               "found; it is truncated")
+        self._check_extent(pages)
         file_dtype = np.dtype(first.dtype).newbyteorder(tif.byteorder)
         orientation = int(first.tags.valueof(ORIENTATION_TAG, 1))
         if orientation not in _ORIENT:
@@ -112,9 +124,45 @@ class TiffStack(RawVolume):
         self.dtype = file_dtype.newbyteorder("=")
         self.file_dtype = file_dtype
 
-    def _error(self, problem: str) -> FormatError:
-        return FormatError(self.dataset, str(self.path), problem,
-                           f"delete data/raw/{self.dataset} and run `emdata fetch {self.dataset}` again")
+    def _check_extent(self, pages: list[Any] | None) -> None:
+        """Strips and the page chain inside the file: a file cut short is refused, not read as fewer planes."""
+        tif = self._tif
+        size = tif.filehandle.size
+        for i, page in enumerate(pages or []):
+            if page is None:
+                continue
+            end = max((int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)), default=0)
+            if end > size:
+                raise self._error(f"page {i}'s image data end at byte {end} but the file has {size} bytes; "
+                                  "it is truncated")
+        if tif.is_imagej:
+            # ImageJ's own checks cover it (declared planes, contiguous size); its files over 4 GiB
+            # have 32-bit page pointers that wrap, and tifffile reads them without the chain.
+            return
+        count = len(tif.pages)  # tifffile follows the whole chain here, stopping where it cannot go on
+        after = self._next_page_pointer(tif.pages[count - 1].offset)
+        if after is None:
+            raise self._error(f"the directory of page {count - 1} ends beyond the file's {size} bytes; "
+                              "it is truncated")
+        if after != 0:
+            where = f"beyond the file's {size} bytes" if after >= size else "where no page can be read"
+            raise self._error(f"page {count - 1} points to a next page at byte {after}, {where}; the file is "
+                              f"truncated or damaged ({count} pages readable)")
+
+    def _next_page_pointer(self, offset: int) -> int | None:
+        """The next-IFD offset stored after the directory at ``offset``; None when the file ends first."""
+        fmt, fh = self._tif.tiff, self._tif.filehandle
+        with fh.lock:
+            fh.seek(offset)
+            head = fh.read(fmt.tagnosize)
+            if len(head) < fmt.tagnosize:
+                return None
+            fh.seek(offset + fmt.tagnosize + struct.unpack(fmt.tagnoformat, head)[0] * fmt.tagsize)
+            tail = fh.read(fmt.offsetsize)
+        return int(struct.unpack(fmt.offsetformat, tail)[0]) if len(tail) == fmt.offsetsize else None
+
+    def _error(self, problem: str, hint: str | None = None) -> FormatError:
+        return FormatError(self.dataset, str(self.path), problem, hint or refetch_hint(self.dataset))
 
     def _oriented(self, plane: np.ndarray) -> np.ndarray:
         """A stored plane (or stack of planes) as displayed: views only, no copy."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, refetch_hint
 from ..raw import IntTriple, RawVolume, Triple
 
 READ_TIMEOUT = 600.0  # seconds for one box from local disk: only a broken file system gets near it
@@ -59,8 +59,7 @@ class ZarrVolume(RawVolume):
         self.offset_nm = offset_nm
 
     def _error(self, problem: str) -> FormatError:
-        return FormatError(self.dataset, str(self.path), problem,
-                           f"fetch the dataset again (`emdata fetch {self.dataset}`)")
+        return FormatError(self.dataset, str(self.path), problem, refetch_hint(self.dataset))
 
     def read_box(self, start: IntTriple, stop: IntTriple) -> np.ndarray:
         index = (0,) * self._lead + tuple(slice(o + a, o + b) for o, a, b in zip(self.start, start, stop))

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from ..config import Section, as_int_range, as_int_triple, as_str
-from ..errors import ConfigError, FormatError
+from ..errors import ConfigError, FormatError, refetch_hint
 from ..fetch_context import FetchContext
 from ..fetch_record import FetchedFile, FetchRecord, plain_spec
 from ..io.atomic import write_json_atomic
@@ -475,7 +475,7 @@ def _record_extra(raw: Path, dataset: str) -> dict[str, Any]:
     extra = record.extra if record is not None else {}
     if not extra.get("roi") or not extra.get("scale"):
         raise FormatError(dataset, str(raw / "source.json"), "the fetch record has no crop geometry",
-                          f"run `emdata fetch {dataset}` again")
+                          refetch_hint(dataset))
     return extra
 
 

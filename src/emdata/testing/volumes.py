@@ -49,6 +49,24 @@ def write_tiff_stack(path: Path, volume: np.ndarray, *, byteorder: str = "<", **
     return path
 
 
+def write_libtiff_stack(path: Path, volume: np.ndarray) -> Path:
+    """A multipage TIFF as libtiff writes it: each page's strip data first, then its directory.
+
+    Pillow saves through libtiff when asked (``WRITE_LIBTIFF``); tifffile writes each directory
+    before its data, so it cannot make this layout."""
+    from PIL import Image, TiffImagePlugin
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(np.ascontiguousarray(plane)) for plane in volume]
+    saved = TiffImagePlugin.WRITE_LIBTIFF
+    TiffImagePlugin.WRITE_LIBTIFF = True
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], compression="raw")
+    finally:
+        TiffImagePlugin.WRITE_LIBTIFF = saved
+    return path
+
+
 def write_canonical(path: Path, raw: np.ndarray, *, labels: dict[str, np.ndarray] | None = None,
                     chunks: tuple[int, int, int] = (8, 16, 16), resolution: tuple[float, ...] = (5.0, 5.0, 5.0),
                     offset: tuple[float, ...] = (0.0, 0.0, 0.0), compression: str = "none") -> Path:
