@@ -1475,12 +1475,12 @@ def r16a_raw_tiff_cut_locally(c: Case) -> tuple[str, str]:
     return "error", f"normalize: {_err(line, 80)}; fetch + normalize: {voxels(project, DS, c.expected())}"
 
 
-def r16b_served_half_tiff(c: Case) -> tuple[str, str]:
-    """The server consistently serves the first half of the image (unpinned): normalize must refuse it."""
-    whole = c.world.file_bytes(IMAGE)
-    c.world.add_file("half.tif", whole[: len(whole) // 2])
+def _normalize_refuses_served_half(c: Case, whole: bytes, name: str, what: str) -> tuple[Path, str]:
+    """Serve the first half of ``whole`` as ``name``: fetch takes it, normalize must refuse it in one
+    line with the earlier outputs intact. Returns the project and the error line."""
+    c.world.add_file(name, whole[: len(whole) // 2])
     project = c.project()
-    _set_file(c, project, "half.tif")
+    _set_file(c, project, name)
     c.guard()
     ok(c.cli(project, "fetch", DS))
     before = {k: v for k, v in outputs(project).items() if not k.startswith("raw")}
@@ -1489,10 +1489,16 @@ def r16b_served_half_tiff(c: Case) -> tuple[str, str]:
         with h5py.File(project / "data" / "processed" / f"{DS}.h5", "r") as f:
             shape = f["raw"].shape
         raise AssertionError(f"normalize exited 0 with a {shape} volume from half of a "
-                             f"{c.world.arrays[IMAGE].shape} TIFF (silently short data)")
+                             f"{c.world.arrays[IMAGE].shape} {what} (silently short data)")
     line = one_line_error(run)
     assert {k: v for k, v in outputs(project).items() if not k.startswith("raw")} == before
     c.check_outside()
+    return project, line
+
+
+def r16b_served_half_tiff(c: Case) -> tuple[str, str]:
+    """The server consistently serves the first half of the image (unpinned): normalize must refuse it."""
+    project, line = _normalize_refuses_served_half(c, c.world.file_bytes(IMAGE), "half.tif", "TIFF")
     _set_file(c, project, IMAGE)
     ok(c.cli(project, "fetch", DS))
     ok(c.cli(project, "normalize", DS))
@@ -1695,24 +1701,9 @@ def t20_02_served_cut_classic_tiff(c: Case) -> tuple[str, str]:
     """A libtiff-style TIFF (each page's strips, then its directory) served cut in half: no half volume."""
     from emdata.testing.volumes import write_libtiff_stack
 
-    libtiff = c.tmp / "libtiff.tif"
-    whole = write_libtiff_stack(libtiff, c.world.arrays[IMAGE]).read_bytes()
-    c.world.add_file("half_classic.tif", whole[: len(whole) // 2])
-    project = c.project()
-    _set_file(c, project, "half_classic.tif")
-    c.guard()
-    ok(c.cli(project, "fetch", DS))
-    before = {k: v for k, v in outputs(project).items() if not k.startswith("raw")}
-    run = c.cli(project, "normalize", DS)
-    if run.rc == 0:
-        with h5py.File(project / "data" / "processed" / f"{DS}.h5", "r") as f:
-            shape = f["raw"].shape
-        raise AssertionError(f"normalize exited 0 with a {shape} volume from half of a "
-                             f"{c.world.arrays[IMAGE].shape} classic TIFF (silently short data)")
-    line = one_line_error(run)
+    whole = write_libtiff_stack(c.tmp / "libtiff.tif", c.world.arrays[IMAGE]).read_bytes()
+    project, line = _normalize_refuses_served_half(c, whole, "half_classic.tif", "classic TIFF")
     assert "truncated" in line, line
-    assert {k: v for k, v in outputs(project).items() if not k.startswith("raw")} == before
-    c.check_outside()
     c.world.add_file("whole_classic.tif", whole)
     _set_file(c, project, "whole_classic.tif")
     ok(c.cli(project, "fetch", DS))
