@@ -1569,6 +1569,26 @@ def t20_08b_trickle_always(c: Case) -> tuple[str, str]:
     return "error", f"{_err(line, 90)} ({len(ranges)} GETs, each resumed); next run: {c.raw_exact(project)}"
 
 
+def t20_11_invalid_ipv6_urls(c: Case) -> tuple[str, str]:
+    """An invalid IPv6 URL in base_url (list, check, fetch) or in a redirect (fetch): one line each."""
+    project = c.fresh()
+    c.image(project, base_url="http://[::1/data/")
+    for command in ("list", "check"):  # the dataset's problem on stdout, a summary line on stderr
+        run = c.cli(project, command)
+        one_line_error(run)
+        assert f"{DS}.source.base_url: invalid URL" in run.stdout, run.stdout[-500:]
+    line = one_line_error(c.cli(project, "fetch", DS))
+    assert "base_url: invalid URL" in line, line
+    c.image(project, base_url=c.world.base_url(scripted=True))
+    c.world.scripted.always[SCRIPTED_IMAGE] = ("redirect", "http://[::1/elsewhere")
+    redirect = one_line_error(c.cli(project, "fetch", DS))
+    assert "redirected to an invalid URL" in redirect and f"datasets.{DS}.source" in redirect, redirect
+    del c.world.scripted.always[SCRIPTED_IMAGE]
+    ok(c.cli(project, "fetch", DS))
+    c.no_leftovers(project)
+    return "error", f"list/check/fetch: {_err(line, 60)}; redirect: {_err(redirect, 60)}; then {c.raw_exact(project)}"
+
+
 # -- the matrix -------------------------------------------------------------------------------------
 # Cases whose bug is not fixed yet are xfail(strict=False) with the diagnosis; remove the mark when
 # the fix lands (the table then shows "XPASS").
@@ -1625,6 +1645,7 @@ CASES: list[Any] = [
     pytest.param(t20_01_resume_after_remote_change, id="t20-01-resume-after-remote-file-changed"),
     pytest.param(t20_08a_trickle_then_resume, id="t20-08a-trickle-stalls-then-resumes"),
     pytest.param(t20_08b_trickle_always, id="t20-08b-trickle-fails-after-attempts"),
+    pytest.param(t20_11_invalid_ipv6_urls, id="t20-11-invalid-ipv6-url"),
 ]
 
 

@@ -13,10 +13,10 @@ Connection errors, 429 and 5xx are retried a bounded number of times with expone
 and jitter, honouring ``Retry-After``; a host name that does not resolve fails at once. A body
 that arrives slower than a minimum rate (below) counts as a failed attempt, and the next one
 resumes it: a server trickling a byte a second fails a download within the retry budget
-(6 attempts of 10 s plus the waits between them: under 90 s with the defaults). The finished file is checked against the size
-the server announced and the size and sha256 pinned in params.yaml, then flushed to disk and
-renamed into place. Every failure is a one-line FetchError or IntegrityError naming the dataset
-and the URL.
+(6 attempts of 10 s plus the waits between them: under 90 s with the defaults). The finished
+file is checked against the size the server announced and the size and sha256 pinned in
+params.yaml, then flushed to disk and renamed into place. Every failure is a one-line FetchError
+or IntegrityError naming the dataset and the URL (and, for an HTTP answer, its ``status``).
 
 Safety: nothing is written past the pinned size (or, unpinned, the announced one): a
 ``Content-Length`` or ``Content-Range`` that disagrees with it fails before the body is read, and
