@@ -57,6 +57,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             f.log.append((self.command, self.path, dict(self.headers.items())))
             data, etag, modified = f.data, f.etag, f.modified
             cut = f.cuts.pop(0) if body and f.cuts else None
+            misplaced = f.misplaced > 0 and "Range" in self.headers
+            f.misplaced -= misplaced
             trickle = f.trickles.pop(0) if body and f.trickles else None
         if self.path != "/file":
             status = f.statuses.get(self.path)
@@ -76,6 +78,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         honour = if_range is None or not f.honour_if_range or if_range in (etag, modified)
         if wanted and honour:
             start = int(wanted.group(1))
+        if misplaced:  # a 206 of the whole file, whatever was asked
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+            self.send_header("ETag", etag or "")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+            return
         if start >= len(data):
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -133,6 +144,7 @@ class Versioned:
         self.statuses: dict[str, tuple[int, str]] = {}
         self.locations: dict[str, str] = {}
         self.honour_if_range = True
+        self.misplaced = 0  # answer this many Range requests with a 206 from byte 0
         self.on_cut: Any = None
         self.release = threading.Event()
         self.set(OLD, '"v1"', "Mon, 07 Dec 2026 10:00:00 GMT")
@@ -212,6 +224,14 @@ def test_server_ignoring_if_range_is_caught_by_the_validator_of_its_206(server, 
     server.set(NEW, '"v2"', None)
     client().download(server.url + "/file", tmp_path / "f", size=SIZE)
     assert (tmp_path / "f").read_bytes() == NEW
+    assert [g.get("Range") for g in server.gets()] == [None, "bytes=30000-", None]
+
+
+def test_206_starting_elsewhere_than_asked_is_refused_and_restarted(server, tmp_path) -> None:
+    server.cuts = [30_000]
+    server.misplaced = 1
+    client().download(server.url + "/file", tmp_path / "f", size=SIZE, sha256=sha(OLD))
+    assert (tmp_path / "f").read_bytes() == OLD
     assert [g.get("Range") for g in server.gets()] == [None, "bytes=30000-", None]
 
 
