@@ -514,3 +514,14 @@ def test_download_counts_its_own_requests_while_others_run(server, tmp_path) -> 
     ctx = FetchContext("ds", "epfl", {}, tmp_path, http_factory=lambda: c, workers=4)
     results = ctx.map(lambda i: c.download(server.url + "/file", tmp_path / f"f{i}"), range(4))
     assert [r.requests for r in results] == [1, 1, 1, 1] and c.requests == 4
+
+
+def test_plan_says_new_for_a_part_that_fetch_will_restart(tmp_path) -> None:
+    from emdata.sources.base import RemoteFile, plan_files
+
+    ctx = FetchContext("ds", "epfl", {}, tmp_path)
+    spec = RemoteFile("f.bin", "http://127.0.0.1:9/f.bin", SIZE, None)
+    (tmp_path / "f.bin.part").write_bytes(OLD[:1000])
+    assert (plan_files(ctx, [spec])[0].state, plan_files(ctx, [spec])[0].to_transfer) == ("new", SIZE)
+    emhttp.write_validator(tmp_path / "f.bin.part", spec.url, '"v1"')
+    assert (plan_files(ctx, [spec])[0].state, plan_files(ctx, [spec])[0].to_transfer) == ("resume", SIZE - 1000)

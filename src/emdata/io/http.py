@@ -100,7 +100,9 @@ USER_AGENT = "emdata (+https://github.com/emdata; research data pipeline)"
 READ_TIMEOUT_ENV = "EMDATA_READ_TIMEOUT"
 MIN_RATE_ENV = "EMDATA_MIN_RATE"
 RATE_WINDOW_ENV = "EMDATA_RATE_WINDOW"
-VALIDATOR_SUFFIX = ".validator"  # <dest>.part.validator: the version of the file <dest>.part holds
+# <dest>.part.validator: which version of the remote file <dest>.part holds (plan_files in
+# sources/base.py checks for it by name, without importing this module)
+VALIDATOR_SUFFIX = ".validator"
 API_MAX_BYTES = 64 << 20  # cap on a whole-response read (API answers, listings, tiles)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
