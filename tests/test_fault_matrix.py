@@ -91,8 +91,13 @@ def _matrix_table(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 # -- a server that misbehaves on purpose ---------------------------------------------------------
 
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+
+
 class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
-    """Serves the replica's files (GET/HEAD, ``Range: bytes=N-``) unless a behaviour is scripted."""
+    """Serves the replica's files (GET/HEAD, ``Range: bytes=N-`` with ``If-Range``, an ``ETag`` from
+    the content) unless a behaviour is scripted."""
 
     protocol_version = "HTTP/1.1"
     server: _ScriptedHTTPServer
@@ -134,14 +139,15 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self._headers(404, {"Content-Length": "0"})
             return
-        start, status, extra = 0, 200, {}
+        start, status, extra = 0, 200, {"ETag": _etag(data)}
         match = re.fullmatch(r"bytes=(\d+)-", (self.headers.get("Range") or "").strip())
-        if match:
+        if_range = self.headers.get("If-Range")
+        if match and (if_range is None or if_range.strip() == _etag(data)):  # else: the whole (new) file
             start = int(match.group(1))
             if start >= len(data):
                 self._headers(416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
                 return
-            status, extra = 206, {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+            status, extra = 206, {**extra, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
         rest = data[start:]
         self._headers(status, {"Content-Length": str(len(rest)), "Accept-Ranges": "bytes",
                                "Content-Type": "application/octet-stream", **extra})
@@ -163,7 +169,7 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
 
     def _b_stall(self, path: str, body: bool, nbytes: int, seconds: float) -> None:
         data = self._data(path) or b""
-        self._headers(200, {"Content-Length": str(len(data)), "Accept-Ranges": "bytes"})
+        self._headers(200, {"Content-Length": str(len(data)), "Accept-Ranges": "bytes", "ETag": _etag(data)})
         self.wfile.write(data[:nbytes])
         self.wfile.flush()
         self.server.owner.stalls.append(self._wait_for_hangup(seconds))
@@ -1748,6 +1754,103 @@ def t20_06_offset_100_voxels_away(c: Case) -> tuple[str, str]:
         detail = voxels(project, "fm_empiar", {"raw": replica.volume})
         c.no_leftovers(project)
     return "error", f"normalize: {_err(line, 85)}; geometry_trust: source: offset y {recorded[1]:.0f} nm, {detail}"
+# -- issue 20, HTTP transport (t20-*) ----------------------------------------------------------------
+
+def _tiff_bytes(c: Case, array: np.ndarray) -> bytes:
+    path = write_tiff_stack(c.tmp / "t20-build" / "v.tif", array)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
+def t20_01_resume_after_remote_change(c: Case) -> tuple[str, str]:
+    """kill -9 mid-download, then the served file changes (same size, only the size pinned, as EPFL
+    pins): the next fetch must store the new version whole, never old head + new tail."""
+    name = "t20_changing.tif"
+    old = coordinate_volume((13, 23, 31))
+    new = old[::-1].copy()
+    v1, v2 = _tiff_bytes(c, old), _tiff_bytes(c, new)
+    assert len(v1) == len(v2) and v1 != v2
+    c.world.add_file(name, v1)
+    project = c.fresh()
+    c.image(project, base_url=c.world.base_url(scripted=True), file=name, size=len(v1))
+    scripted = EPFL_PATH.replace("%20", " ") + name
+    c.world.scripted.always[scripted] = ("slow", 40, 0.1)  # about 4 s for the whole file
+    part = project / "data" / "raw" / ".partial" / DS / (name + ".part")
+    proc = c.spawn(project, "fetch", DS)
+    got = poll(lambda: part.exists() and part.stat().st_size > 0, 8, 0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed = _finish(proc, ["", "", "fetch"], 10)
+    assert got and killed.rc == -9, f"no .part appeared before the kill (rc {killed.rc})"
+    have = part.stat().st_size
+    del c.world.scripted.always[scripted]
+    c.world.add_file(name, v2)  # the server's file changed in between; its size did not
+    c.world.scripted.log.clear()
+    ok(c.cli(project, "fetch", DS))
+    stored = (project / "data" / "raw" / DS / name).read_bytes()
+    assert stored == v2, (f"the stored file mixes versions: {sum(a != b for a, b in zip(stored, v2))} bytes differ "
+                          f"from the new one, {sum(a != b for a, b in zip(stored, v1))} from the old one")
+    gets = c.world.scripted.gets(name)
+    assert [g[2] for g in gets] == [f"bytes={have}-"], gets  # asked to resume; the server sent all (If-Range)
+    ok(c.cli(project, "normalize", DS))
+    c.no_leftovers(project)
+    return "data", (f"killed with {have} B in .part, file changed (same size); the resume's If-Range got the whole "
+                    f"new file: raw = new version, {voxels(project, DS, {'raw': new})}")
+
+
+T20_TRICKLE = {"EMDATA_MIN_RATE": "20000", "EMDATA_RATE_WINDOW": "0.5"}  # the trickle below brings ~2 kB/s
+
+
+def t20_08a_trickle_then_resume(c: Case) -> tuple[str, str]:
+    """The first answer trickles (~100 B every 0.05 s, 20 s for the file): under the minimum rate the
+    attempt stalls and the retry resumes from what had arrived."""
+    project = c.fresh()
+    c.image(project, base_url=c.world.base_url(scripted=True))
+    c.world.scripted.once[SCRIPTED_IMAGE] = [("slow", 400, 0.05)]
+    ok(c.cli(project, "fetch", DS, env={**c.env, **T20_TRICKLE}))
+    ranges = [g[2] for g in c.world.scripted.gets(IMAGE)]
+    assert len(ranges) == 2 and ranges[0] is None and ranges[1] and ranges[1] != "bytes=0-", \
+        f"expected a stall and one resume, the server saw {ranges}"
+    c.no_leftovers(project)
+    return "data", f"trickle cut by the minimum rate, resumed with Range {ranges[1][6:]}; {c.raw_exact(project)}"
+
+
+def t20_08b_trickle_always(c: Case) -> tuple[str, str]:
+    """Every answer trickles: fetch fails after its attempts (each one window long) with one line."""
+    project = c.fresh()
+    c.image(project, base_url=c.world.base_url(scripted=True))
+    c.world.scripted.always[SCRIPTED_IMAGE] = ("slow", 400, 0.05)
+    run = c.cli(project, "fetch", DS, env={**c.env, **T20_TRICKLE})
+    if run.rc == 0:
+        raise AssertionError("fetch waited for the whole trickle and exited 0 (no minimum rate)")
+    line = one_line_error(run)
+    ranges = [g[2] for g in c.world.scripted.gets(IMAGE)]
+    assert "stalled" in line and len(ranges) == 6 and ranges[0] is None and all(ranges[1:]), (line, ranges)
+    assert not (project / "data" / "raw" / DS).exists()
+    del c.world.scripted.always[SCRIPTED_IMAGE]
+    ok(c.cli(project, "fetch", DS))
+    c.no_leftovers(project)
+    return "error", f"{_err(line, 90)} ({len(ranges)} GETs, each resumed); next run: {c.raw_exact(project)}"
+
+
+def t20_11_invalid_ipv6_urls(c: Case) -> tuple[str, str]:
+    """An invalid IPv6 URL in base_url (list, check, fetch) or in a redirect (fetch): one line each."""
+    project = c.fresh()
+    c.image(project, base_url="http://[::1/data/")
+    for command in ("list", "check"):  # the dataset's problem on stdout, a summary line on stderr
+        run = c.cli(project, command)
+        one_line_error(run)
+        assert f"{DS}.source.base_url: invalid URL" in run.stdout, run.stdout[-500:]
+    line = one_line_error(c.cli(project, "fetch", DS))
+    assert "base_url: invalid URL" in line, line
+    c.image(project, base_url=c.world.base_url(scripted=True))
+    c.world.scripted.always[SCRIPTED_IMAGE] = ("redirect", "http://[::1/elsewhere")
+    redirect = one_line_error(c.cli(project, "fetch", DS))
+    assert "redirected to an invalid URL" in redirect and f"datasets.{DS}.source" in redirect, redirect
+    del c.world.scripted.always[SCRIPTED_IMAGE]
+    ok(c.cli(project, "fetch", DS))
+    c.no_leftovers(project)
+    return "error", f"list/check/fetch: {_err(line, 60)}; redirect: {_err(redirect, 60)}; then {c.raw_exact(project)}"
 
 
 # -- the matrix -------------------------------------------------------------------------------------
@@ -1798,6 +1901,10 @@ CASES: list[Any] = [
     pytest.param(t20_13_hdf5_not_emdatas, id="t20-13-hdf5-not-emdatas"),
     pytest.param(t20_02_served_cut_classic_tiff, id="t20-02-served-classic-tiff-cut-in-half"),
     pytest.param(t20_06_offset_100_voxels_away, id="t20-06-offset-100-voxels-away-0.8-percent"),
+    pytest.param(t20_01_resume_after_remote_change, id="t20-01-resume-after-remote-file-changed"),
+    pytest.param(t20_08a_trickle_then_resume, id="t20-08a-trickle-stalls-then-resumes"),
+    pytest.param(t20_08b_trickle_always, id="t20-08b-trickle-fails-after-attempts"),
+    pytest.param(t20_11_invalid_ipv6_urls, id="t20-11-invalid-ipv6-url"),
 ]
 
 

@@ -182,6 +182,7 @@ def test_content_range_total_must_match_the_pin(rogue, tmp_path, write_sizes) ->
 
     routes["/r"] = lying_range
     (tmp_path / "f.part").write_bytes(b"p" * 1000)  # an earlier run's bytes: the request is a resume
+    emhttp.write_validator(tmp_path / "f.part", url + "/r", '"v1"')
     with pytest.raises(IntegrityError, match="pins 24000") as err:
         client().download(url + "/r", tmp_path / "f", size=PIN)
     assert "ds: " in one_line(err.value)
@@ -481,8 +482,16 @@ def test_small_buffers_drops_and_resumes_hash_correctly(srv, tmp_path, monkeypat
     assert [r.headers.get("Range") for r in srv.requests] == [None, "bytes=7777-", "bytes=15554-"]
 
 
+def served_validator(url: str) -> str:
+    import requests
+
+    return requests.head(url, timeout=5).headers["ETag"]
+
+
 def test_resume_across_runs_hashes_the_earlier_prefix(srv, tmp_path) -> None:
     (tmp_path / "f.part").write_bytes(DATA[:50_001])
+    emhttp.write_validator(tmp_path / "f.part", srv.url + "/d/file.bin", served_validator(srv.url + "/d/file.bin"))
+    srv.clear_log()
     result = client().download(srv.url + "/d/file.bin", tmp_path / "f", sha256=SHA)
     assert result.sha256 == SHA and result.path.read_bytes() == DATA
     assert srv.requests[0].headers["Range"] == "bytes=50001-"
@@ -490,6 +499,8 @@ def test_resume_across_runs_hashes_the_earlier_prefix(srv, tmp_path) -> None:
 
 def test_complete_part_from_an_earlier_run_is_hashed_from_disk(srv, tmp_path) -> None:
     (tmp_path / "f.part").write_bytes(DATA)
+    emhttp.write_validator(tmp_path / "f.part", srv.url + "/d/file.bin", served_validator(srv.url + "/d/file.bin"))
+    srv.clear_log()
     result = client().download(srv.url + "/d/file.bin", tmp_path / "f", size=len(DATA), sha256=SHA)
     assert result.sha256 == SHA and srv.requests[0].status == 416
 

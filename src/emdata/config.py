@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -105,6 +106,10 @@ def as_url(value: Any, path: str) -> str:
     text = as_str(value, path)
     if not re.match(r"^https?://", text):
         raise ConfigError(f"{PARAMS_FILE}: {path}: expected an http(s) URL, got {value!r}")
+    try:
+        urllib.parse.urlsplit(text)  # "Invalid IPv6 URL" here, not later in urljoin
+    except ValueError as exc:
+        raise ConfigError(f"{PARAMS_FILE}: {path}: invalid URL {value!r} ({exc})") from None
     return text
 
 

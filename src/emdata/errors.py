@@ -34,9 +34,14 @@ class SourceError(EmdataError):
 
 
 class FetchError(SourceError):
-    """Network or HTTP failure after bounded retries."""
+    """Network or HTTP failure after bounded retries; ``status`` is the HTTP status when a server
+    answered one (404, 503...), None otherwise: callers test it, never the message text."""
 
     exit_code = 4
+
+    def __init__(self, dataset: str, where: str, problem: str, hint: str = "", *, status: int | None = None) -> None:
+        super().__init__(dataset, where, problem, hint)
+        self.status = status
 
 
 class IntegrityError(FetchError):

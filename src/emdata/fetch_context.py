@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from .errors import Cancelled, FetchError
 from .fetch_record import FetchedFile, FetchRecord, plain_spec, safe_relpath
+from .numbers import ascii_int
 from .progress import Progress
 
 if TYPE_CHECKING:  # imported lazily: plan/fetch of an S3 source never loads requests, and vice versa
@@ -41,20 +42,25 @@ class FetchContext:
     _http: "HttpClient | None" = field(default=None, repr=False)
     other_requests: int = 0  # requests a source sent through its own transport (S3, tensorstore)
     _folders: set[Path] = field(default_factory=set, repr=False)  # folders path() made and checked
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # -- transports ---------------------------------------------------------------------------
 
     @property
     def http(self) -> "HttpClient":
-        """The dataset's HTTP client (one session, one retry policy), built on first use."""
-        if self._http is None:
-            if self.http_factory is not None:
-                self._http = self.http_factory()
-            else:
-                from .io.http import HttpClient
+        """The dataset's HTTP client (one session, one retry policy), built on first use.
 
-                self._http = HttpClient(self.dataset, policy=self.policy)  # None: RetryPolicy.from_env()
-        return self._http
+        Under a lock: the workers of :meth:`map` may ask at once, and two clients would each count
+        only their own requests."""
+        with self._lock:
+            if self._http is None:
+                if self.http_factory is not None:
+                    self._http = self.http_factory()
+                else:
+                    from .io.http import HttpClient
+
+                    self._http = HttpClient(self.dataset, policy=self.policy)  # None: RetryPolicy.from_env()
+            return self._http
 
     @property
     def requests(self) -> int:
@@ -193,8 +199,9 @@ def workers_from_env(default: int = DEFAULT_WORKERS) -> int:
     value = os.environ.get("EMDATA_FETCH_WORKERS")
     if not value:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= 64:
+    number = ascii_int(value)
+    if number is None or not 1 <= number <= 64:
         from .errors import ConfigError
 
         raise ConfigError(f"EMDATA_FETCH_WORKERS={value!r}: expected an integer from 1 to 64")
-    return int(value)
+    return number

@@ -39,7 +39,12 @@ def _predict_block(volume: Any, fn: Callable, block: Block, pad: str, post: Call
 def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Block], todo: list[int], pad: str,
                        post: Callable[[Block, np.ndarray], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
     """``(i, prediction)`` for each block in ``todo``, in the order the workers finish them."""
-    from distributed import as_completed
+    from asyncio import TimeoutError as AsyncioTimeout  # before Python 3.11, not the builtin one
+    from concurrent.futures import CancelledError
+    from concurrent.futures import TimeoutError as FuturesTimeout
+
+    from distributed import KilledWorker, as_completed
+    from distributed.comm.core import CommClosedError
 
     if not todo:
         return
@@ -79,7 +84,8 @@ def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Bloc
             except EmdataError:
                 raise
             except Exception as exc:
-                if type(exc).__name__ in ("KilledWorker", "CommClosedError", "CancelledError", "TimeoutError"):
+                if isinstance(exc, (KilledWorker, CommClosedError, CancelledError, TimeoutError, AsyncioTimeout,
+                                    FuturesTimeout)):
                     raise ClusterError(f"tiled inference: block {i} could not be computed on the cluster "
                                        f"({type(exc).__name__}: {exc}); finished blocks are in the ledger, run "
                                        "again to resume") from exc

@@ -36,7 +36,8 @@ INSTALL_HINT = 'install the DM3 reader with `pip install "emdata[dm3]"` (Rosetta
 
 
 def _natural_key(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    # ASCII digits only: "²".isdigit() is true, yet int("²") raises
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"([0-9]+)", name))]
 
 
 def natural_sorted(names: list[str]) -> list[str]:

@@ -2,12 +2,21 @@
 
 A download streams to ``<dest>.part``. When the connection drops, the next attempt asks for the
 rest with a ``Range`` request, so bytes already on disk are never fetched twice (also across
-runs: a later ``emdata fetch`` resumes the same ``.part``). Connection errors, 429 and 5xx are
-retried a bounded number of times with exponential backoff and jitter, honouring ``Retry-After``;
-a host name that does not resolve fails at once. The finished file is checked against the size
-the server announced and the size and sha256 pinned in params.yaml, then flushed to disk and
-renamed into place. Every failure is a one-line FetchError or IntegrityError naming the dataset
-and the URL.
+runs: a later ``emdata fetch`` resumes the same ``.part``). A resume never splices two versions
+of a file: the validator of the response that began ``.part`` (its strong ``ETag``, else its
+``Last-Modified``) is kept beside it in ``<dest>.part.validator`` (written atomically before the
+first byte) and sent as ``If-Range``, so a server whose file changed answers ``200`` with the
+whole new file, which replaces the part; a ``206`` that starts elsewhere than asked or carries
+another validator is refused and the download starts over. A ``.part`` without a validator (the
+server sent none, or an older emdata wrote it) is never resumed: it starts over from byte 0.
+Connection errors, 429 and 5xx are retried a bounded number of times with exponential backoff
+and jitter, honouring ``Retry-After``; a host name that does not resolve fails at once. A body
+that arrives slower than a minimum rate (below) counts as a failed attempt, and the next one
+resumes it: a server trickling a byte a second fails a download within the retry budget
+(6 attempts of 10 s plus the waits between them: under 90 s with the defaults). The finished
+file is checked against the size the server announced and the size and sha256 pinned in
+params.yaml, then flushed to disk and renamed into place. Every failure is a one-line FetchError
+or IntegrityError naming the dataset and the URL (and, for an HTTP answer, its ``status``).
 
 Safety: nothing is written past the pinned size (or, unpinned, the announced one): a
 ``Content-Length`` or ``Content-Range`` that disagrees with it fails before the body is read, and
@@ -28,8 +37,14 @@ Environment:
 
 ``EMDATA_READ_TIMEOUT``
     Seconds to wait for the next bytes of a response before the attempt counts as failed
-    (default 60). Used when no explicit ``RetryPolicy`` is given; a value that is not a positive
-    number is refused when the client is created.
+    (default 60).
+``EMDATA_MIN_RATE`` and ``EMDATA_RATE_WINDOW``
+    A response body must bring at least ``EMDATA_MIN_RATE`` bytes per second on average over
+    each ``EMDATA_RATE_WINDOW`` seconds (defaults 1024 and 10), else the attempt counts as
+    stalled and the next one resumes; ``EMDATA_MIN_RATE=0`` turns the check off.
+
+They are used when no explicit ``RetryPolicy`` is given; a value that is not a number in ASCII
+digits in range (a positive one; the minimum rate may be 0) is refused when the client is created.
 """
 
 from __future__ import annotations
@@ -66,7 +81,9 @@ except ImportError:  # pragma: no cover - Windows: no O_DIRECT either
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import Cancelled, ConfigError, FetchError, IntegrityError
+from ..numbers import ascii_decimal, ascii_int
 from ..progress import Progress
+from .atomic import write_bytes_atomic
 from .digest import sha256_file  # noqa: F401  (re-exported: emdata.io.http.sha256_file)
 
 log = logging.getLogger(__name__)
@@ -81,6 +98,11 @@ FLUSH_EVERY = 64 << 20  # without O_DIRECT: start the write-back after this many
 FILL_SECONDS = 1.0  # a slow link still reaches the disk (and the progress bar) every second
 USER_AGENT = "emdata (+https://github.com/emdata; research data pipeline)"
 READ_TIMEOUT_ENV = "EMDATA_READ_TIMEOUT"
+MIN_RATE_ENV = "EMDATA_MIN_RATE"
+RATE_WINDOW_ENV = "EMDATA_RATE_WINDOW"
+# <dest>.part.validator: which version of the remote file <dest>.part holds (plan_files in
+# sources/base.py checks for it by name, without importing this module)
+VALIDATOR_SUFFIX = ".validator"
 API_MAX_BYTES = 64 << 20  # cap on a whole-response read (API answers, listings, tiles)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -98,6 +120,10 @@ class RetryPolicy:
     max_retry_after: float = 120.0
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # A body must average min_rate bytes/s over every rate_window seconds (0: no minimum). A
+    # trickle then costs an attempt of rate_window seconds, not hours: 6 x 10 s + waits < 90 s.
+    min_rate: float = 1024.0
+    rate_window: float = 10.0
     # A host that has not answered once in this client (refused, no route, no connection) is given
     # up when the next try could end later than this after the first began: unreachable hosts
     # fail in seconds, not after every try with its connect timeout (6 x 10 s + waits).
@@ -110,18 +136,22 @@ class RetryPolicy:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **fields: Any) -> RetryPolicy:
-        """The default policy, with ``read_timeout`` from ``EMDATA_READ_TIMEOUT`` when it is set."""
+        """The default policy, with ``read_timeout``, ``min_rate`` and ``rate_window`` from the
+        environment (``EMDATA_READ_TIMEOUT``, ``EMDATA_MIN_RATE``, ``EMDATA_RATE_WINDOW``) when set."""
         environ = os.environ if environ is None else environ
-        value = environ.get(READ_TIMEOUT_ENV, "").strip()
-        if value and "read_timeout" not in fields:
-            try:
-                seconds = float(value)
-            except ValueError:
-                seconds = math.nan
-            if not (math.isfinite(seconds) and seconds > 0):
-                raise ConfigError(f"{READ_TIMEOUT_ENV}={value!r}: expected a positive number of seconds "
-                                  f"(such as 60 or 2.5); unset it for the default {cls.read_timeout:g}")
-            fields["read_timeout"] = seconds
+        for name, key, what, zero in ((READ_TIMEOUT_ENV, "read_timeout", "a positive number of seconds "
+                                       "(such as 60 or 2.5)", False),
+                                      (MIN_RATE_ENV, "min_rate", "a number of bytes per second "
+                                       "(such as 1024; 0 turns the check off)", True),
+                                      (RATE_WINDOW_ENV, "rate_window", "a positive number of seconds "
+                                       "(such as 10)", False)):
+            value = environ.get(name, "")
+            if value.strip() and key not in fields:
+                number = ascii_decimal(value)
+                if number is None or not math.isfinite(number) or (number <= 0 and not (zero and number == 0)):
+                    raise ConfigError(f"{name}={value!r}: expected {what}; unset it for the default "
+                                      f"{getattr(cls, key):g}")
+                fields[key] = number
         return cls(**fields)
 
 
@@ -154,8 +184,9 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    seconds = ascii_int(value)
+    if seconds is not None:
+        return float(seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -165,7 +196,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
     """(start, total) from ``bytes start-end/total`` or a 416's ``bytes */total`` (start None)."""
-    match = re.fullmatch(r"bytes (?:(\d+)-\d+|\*)/(\d+|\*)", (value or "").strip())
+    match = re.fullmatch(r"bytes (?:([0-9]{1,30})-[0-9]{1,30}|\*)/([0-9]{1,30}|\*)", (value or "").strip())
     if not match:
         return None
     start = None if match.group(1) is None else int(match.group(1))
@@ -178,7 +209,43 @@ def _content_length(response: requests.Response, *, of_body: bool = False) -> in
     value = response.headers.get("Content-Length", "").strip()
     if of_body and response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
         return None
-    return int(value) if value.isdigit() else None
+    return ascii_int(value)
+
+
+def _validator(response: requests.Response) -> str | None:
+    """What identifies the version of the file a response carries, for ``If-Range``: its ETag
+    unless weak (``W/``, which If-Range must not carry), else its Last-Modified date, else None."""
+    etag = response.headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified", "").strip() or None
+
+
+def _validator_path(part: Path) -> Path:
+    return part.with_name(part.name + VALIDATOR_SUFFIX)
+
+
+def write_validator(part: Path, url: str, validator: str | None) -> None:
+    """Note (atomically) beside ``part`` which version of ``url`` its bytes are; None removes the note."""
+    path = _validator_path(part)
+    if validator is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_bytes_atomic(path, (json.dumps({"url": url, "validator": validator}) + "\n").encode())
+
+
+def _stored_validator(part: Path, url: str) -> str | None:
+    """The validator kept beside ``part`` for ``url``; None when absent, unreadable or another URL's."""
+    path = _validator_path(part)
+    try:
+        if path.is_symlink():
+            return None
+        note = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(note, dict) or note.get("url") != url or not isinstance(note.get("validator"), str):
+        return None
+    return note["validator"] or None
 
 
 def _netloc(url: str) -> str:
@@ -235,11 +302,39 @@ def _network_problem(exc: BaseException, url: str, policy: RetryPolicy) -> str:
 
 
 class _Retry(Exception):
-    """Internal: this attempt failed in a way worth another try."""
+    """Internal: this attempt failed in a way worth another try (``status``: the HTTP status, if any)."""
 
-    def __init__(self, reason: str, wait: float | None = None) -> None:
+    def __init__(self, reason: str, wait: float | None = None, status: int | None = None) -> None:
         super().__init__(reason)
         self.wait = wait
+        self.status = status
+
+
+class _RateGuard:
+    """Fails an attempt whose body averages less than ``policy.min_rate`` bytes/s over a window.
+
+    A read timeout alone never fires on a server that sends a byte every second; this does, after
+    ``rate_window`` seconds, and the retry resumes from what arrived.
+    """
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.rate, self.window = policy.min_rate, policy.rate_window
+        self.start, self.got = time.monotonic(), 0
+
+    @property
+    def deadline(self) -> float:
+        """When the current window ends (a reader stops filling its buffer then, to check)."""
+        return self.start + self.window if self.rate > 0 else math.inf
+
+    def update(self, nbytes: int) -> None:
+        self.got += nbytes
+        now = time.monotonic()
+        if self.rate <= 0 or now < self.deadline:
+            return
+        if self.got < self.rate * (now - self.start):
+            raise _Retry(f"the transfer stalled ({self.got} bytes in {now - self.start:.1f} s, under the minimum "
+                         f"of {self.rate:g} bytes/s over {self.window:g} s; {MIN_RATE_ENV} sets it)")
+        self.start, self.got = now, 0
 
 
 # Requests failures that no retry can cure: a bad URL or scheme, a redirect loop, a body that
@@ -516,14 +611,16 @@ class HttpClient:
         self.session.headers["User-Agent"] = USER_AGENT  # requests sets its own default: replace it
         self.sleep = sleep
         self.rng = random.Random(seed)
-        self.requests = 0
+        self._requests = 0
+        self._count_lock = threading.Lock()
+        self._local = threading.local()
         self._answered: set[str] = set()  # hosts that sent at least one HTTP response
 
     # -- the retry loop shared by every verb --------------------------------------------------
 
     def _with_retries(self, url: str, attempt_once: Callable[[], Any], *, resumable: bool = False,
                       cancel: threading.Event | None = None) -> Any:
-        last = ""
+        last, status = "", None
         spent = 0.0  # seconds in tries and waits (waits as planned: tests replace ``sleep``)
         host = _netloc(url)
         for attempt in range(self.policy.attempts):
@@ -542,7 +639,7 @@ class HttpClient:
                     raise FetchError(self.dataset, _short_url(url), f"cannot resolve host {_clip(host, 80)}",
                                      "check the URL in params.yaml or the network") from exc
                 retry = _Retry(_network_problem(exc, url, self.policy))
-            last = str(retry)
+            last, status = str(retry), retry.status
             spent += time.monotonic() - began
             if attempt + 1 == self.policy.attempts:
                 break
@@ -559,7 +656,7 @@ class HttpClient:
             self.sleep(wait)
         hint = "check the network or the server, then run the same command again"
         raise FetchError(self.dataset, url, f"failed after {self.policy.attempts} attempts ({last})",
-                         hint + " to resume" if resumable else hint)
+                         hint + " to resume" if resumable else hint, status=status)
 
     def _fatal(self, url: str, exc: BaseException) -> FetchError:
         if isinstance(exc, requests.TooManyRedirects):
@@ -572,41 +669,68 @@ class HttpClient:
             problem = "the response body could not be decoded"
         else:
             problem = f"{type(exc).__name__}: {_clip(exc, 80)}"
-        return FetchError(self.dataset, url, problem, "check the URL in params.yaml (datasets.<name>.source)")
+        return FetchError(self.dataset, url, problem, self._check_source())
+
+    def _check_source(self) -> str:
+        return f"check the URL in params.yaml (datasets.{self.dataset}.source)"
 
     def _check_redirect(self, url: str) -> Callable[..., requests.Response]:
         """A response hook refusing, before it is followed, a redirect to anything but http(s)."""
 
         def hook(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
             if response.is_redirect:
-                target = urllib.parse.urljoin(response.url, response.headers["Location"])
-                scheme = urllib.parse.urlsplit(target).scheme.lower()
+                location = response.headers["Location"]
+                try:
+                    target = urllib.parse.urljoin(response.url, location)
+                    scheme = urllib.parse.urlsplit(target).scheme.lower()
+                except ValueError as exc:  # "Invalid IPv6 URL" and the like
+                    response.close()
+                    raise FetchError(self.dataset, url, f"redirected to an invalid URL ({_clip(location, 80)}: "
+                                     f"{_clip(exc, 60)})", self._check_source(),
+                                     status=response.status_code) from exc
                 if scheme not in ("http", "https"):
                     response.close()
                     raise FetchError(self.dataset, url, f"redirected to a {scheme or 'non-http'} URL "
                                      f"({_clip(target, 80)}); only http and https are followed",
-                                     "check the URL in params.yaml (datasets.<name>.source)")
+                                     self._check_source(), status=response.status_code)
             return response
 
         return hook
 
+    @property
+    def requests(self) -> int:
+        """Requests sent so far by every thread using this client (redirects followed included)."""
+        with self._count_lock:
+            return self._requests
+
+    def _count(self, n: int) -> None:
+        with self._count_lock:  # worker threads share one client: += alone can lose counts
+            self._requests += n
+        self._local.requests = getattr(self._local, "requests", 0) + n
+
+    def _thread_requests(self) -> int:
+        """Requests sent so far by the calling thread (what one download cost, with others running)."""
+        return getattr(self._local, "requests", 0)
+
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        self.requests += 1
+        self._count(1)
         timeout = (self.policy.connect_timeout, self.policy.read_timeout)
         response = self.session.request(method, url, timeout=timeout,
                                         hooks={"response": [self._check_redirect(url)]}, **kwargs)
-        self._answered.add(_netloc(url))
-        self.requests += len(response.history)  # each redirect followed was a request too
-        if response.status_code in RETRY_STATUS:
+        with self._count_lock:
+            self._answered.add(_netloc(url))
+        self._count(len(response.history))  # each redirect followed was a request too
+        status = response.status_code
+        if status in RETRY_STATUS:
             wait = parse_retry_after(response.headers.get("Retry-After"))
             if wait is not None:
                 wait = min(wait, self.policy.max_retry_after)
             response.close()
-            raise _Retry(f"HTTP {response.status_code} {_clip(response.reason, 60)}", wait)
-        if response.status_code >= 400 and response.status_code != 416:
+            raise _Retry(f"HTTP {status} {_clip(response.reason, 60)}", wait, status)
+        if status >= 400 and status != 416:
             response.close()
-            raise FetchError(self.dataset, url, f"HTTP {response.status_code} {_clip(response.reason, 60)}",
-                             "check the URL in params.yaml (datasets.<name>.source)")
+            raise FetchError(self.dataset, url, f"HTTP {status} {_clip(response.reason, 60)}",
+                             self._check_source(), status=status)
         return response
 
     # -- verbs --------------------------------------------------------------------------------
@@ -625,7 +749,7 @@ class HttpClient:
                 with self._send("HEAD", url, allow_redirects=True) as r:
                     return RemoteInfo(url, _content_length(r), r.headers.get("Accept-Ranges", "").lower() == "bytes")
             except FetchError as exc:
-                if re.search(r"\bHTTP (404|410)\b", str(exc)):
+                if exc.status in (404, 410):
                     return None
                 raise
 
@@ -644,12 +768,15 @@ class HttpClient:
                 if announced is not None and announced > max_bytes:
                     raise FetchError(self.dataset, url, f"the response announces {announced} bytes, more than "
                                      f"the {max_bytes} expected here", "check the URL in params.yaml")
-                body = bytearray()
-                for block in r.iter_content(1 << 16):
+                body, guard = bytearray(), _RateGuard(self.policy)
+                # read1: whatever has arrived (iter_content waits for whole blocks, so a trickle
+                # of one byte a second would never reach the rate check)
+                while block := r.raw.read1(1 << 16, decode_content=True):
                     body += block
                     if len(body) > max_bytes:
                         raise FetchError(self.dataset, url, f"the response is longer than the {max_bytes} bytes "
                                          "expected here", "check the URL in params.yaml")
+                    guard.update(len(block))
                 if announced is not None and len(body) != announced:
                     raise _Retry(f"received {len(body)} of {announced} bytes")
                 return bytes(body)
@@ -682,7 +809,7 @@ class HttpClient:
         for path in (dest, part):
             if path.is_symlink():
                 raise self._symlink_error(url, path)
-        start_requests = self.requests
+        start_requests = self._thread_requests()
         job = _Job(url, part, size, size, _Sink(self, url, part), Progress(size, label or dest.name))
         try:
             self._with_retries(url, lambda: self._download_once(job), resumable=True)
@@ -700,12 +827,13 @@ class HttpClient:
             with contextlib.suppress(OSError):  # bad bytes must not be resumed from
                 if not part.is_symlink():
                     part.unlink(missing_ok=True)
+                _validator_path(part).unlink(missing_ok=True)
             raise
         finally:
             job.progress.close()
             job.sink.shutdown()
         self._sync_and_rename(url, part, dest)
-        return Downloaded(dest, got, digest, self.requests - start_requests)
+        return Downloaded(dest, got, digest, self._thread_requests() - start_requests)
 
     # -- the pieces of a download -------------------------------------------------------------
 
@@ -714,10 +842,22 @@ class HttpClient:
                           "remove it, then run the same command again")
 
     def _discard(self, url: str, part: Path) -> None:
+        """Remove ``.part`` and its validator (the validator first: bytes never outlive their version)."""
+        for path in (_validator_path(part), part):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise FetchError(self.dataset, url, f"cannot remove {path}: {exc.strerror or exc}",
+                                 "check the data folder, then run the same command again") from exc
+
+    def _keep_validator(self, url: str, part: Path, validator: str | None) -> None:
+        """Write (atomically) which version of the file ``.part`` holds; None: remove the old note."""
+        path = _validator_path(part)
         try:
-            part.unlink(missing_ok=True)
+            write_validator(part, url, validator)
         except OSError as exc:
-            raise FetchError(self.dataset, url, f"cannot remove {part}: {exc.strerror or exc}",
+            what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+            raise FetchError(self.dataset, url, f"cannot write {path}: {what}",
                              "check the data folder, then run the same command again") from exc
 
     def _part_size(self, url: str, part: Path) -> int:
@@ -755,6 +895,8 @@ class HttpClient:
                 os.close(fd)
             if dest.is_symlink():
                 raise self._symlink_error(url, dest)
+            # Before the rename: a stray validator would travel into data/raw with the folder.
+            _validator_path(part).unlink(missing_ok=True)
             os.replace(part, dest)
         except OSError as exc:
             what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
@@ -773,12 +915,15 @@ class HttpClient:
     def _download_once(self, job: _Job) -> None:
         url, part = job.url, job.part
         have = self._part_size(url, part)
-        if job.announced is not None and have > job.announced:
+        stored = _stored_validator(part, url) if have else None
+        # Without a validator nothing tells whether these bytes are of the file served now: start over.
+        if have and (stored is None or (job.announced is not None and have > job.announced)):
             self._discard(url, part)
             have = 0
         headers = {"Accept-Encoding": "identity"}
-        if have:
+        if have and stored is not None:
             headers["Range"] = f"bytes={have}-"
+            headers["If-Range"] = stored  # the file changed since: the server sends all of it (200)
         with self._send("GET", url, headers=headers, stream=True) as r:
             if r.status_code == 416:
                 # Nothing left to send: the part is complete if its size is what the server holds.
@@ -795,6 +940,10 @@ class HttpClient:
                 if start != have:
                     self._discard(url, part)
                     raise _Retry(f"server answered a range from {start}, asked {have}; restarting")
+                served = _validator(r)
+                if have and served is not None and served != stored:  # a server that ignored If-Range
+                    self._discard(url, part)
+                    raise _Retry("the file changed on the server since the partial download began; restarting")
                 if total is not None and job.announced is not None and total != job.announced:
                     raise self._too_big(job, "a total of", total)
                 restart = False
@@ -808,7 +957,12 @@ class HttpClient:
             if length is not None and job.announced is not None and have + length > job.announced:
                 raise self._too_big(job, "a body of", length)
             job.progress.update(have - job.progress.done)  # resumed bytes count as done; a restart rewinds
-            job.sink.open(restart, have)
+            if have:
+                job.sink.open(restart, have)
+            else:  # a body from byte 0: its validator lands beside .part before any of its bytes
+                self._keep_validator(url, part, None)  # first: old bytes never get the new validator
+                job.sink.open(restart, 0)
+                self._keep_validator(url, part, _validator(r))
             try:
                 self._receive(job, r, have, length)
             finally:
@@ -821,6 +975,7 @@ class HttpClient:
         sink, limit = job.sink, job.announced
         end = None if length is None else have + length  # where this body ends
         pos = have
+        guard = _RateGuard(self.policy)
         while True:
             # Ask for no more than this body holds; with an unknown length, for one byte past the
             # limit, so that a body running on past it is caught without writing that byte.
@@ -834,7 +989,7 @@ class HttpClient:
                 break
             view = sink.buffer()[:min(RECV_BUFFER, want)]
             n, eof, failure = 0, False, None
-            started = time.monotonic()
+            until = min(time.monotonic() + FILL_SECONDS, guard.deadline)
             try:
                 while n < len(view):
                     got = readinto1(view[n:])
@@ -842,7 +997,7 @@ class HttpClient:
                         eof = True
                         break
                     n += got
-                    if time.monotonic() - started > FILL_SECONDS:
+                    if time.monotonic() >= until:
                         break
             except BaseException as exc:  # keep what arrived before the connection failed
                 failure = exc
@@ -859,5 +1014,6 @@ class HttpClient:
                 raise failure
             if eof:
                 break
+            guard.update(n)
         if end is not None and pos < end:
             raise _Retry(f"the connection closed after {pos - have} of {length} bytes")

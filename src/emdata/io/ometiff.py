@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
+from ..numbers import ascii_int
 from .tiff import TiffStack
 
 # OME UnitsLength symbols -> nanometres (the schema's default unit for PhysicalSize* is µm)
@@ -87,9 +88,10 @@ def parse_ome_xml(xml: str, dataset: str, path: Path) -> OmeInfo:
     sizes = {}
     for axis in "TCZYX":
         value = pixels.get(f"Size{axis}")
-        if value is None or not value.isdigit() or int(value) < 1:
+        number = ascii_int(value)
+        if number is None or number < 1:
             raise _error(dataset, path, f"Pixels Size{axis}={value!r} is not a positive integer")
-        sizes[axis] = int(value)
+        sizes[axis] = number
     extra = {a: n for a, n in sizes.items() if a in "TCZ" and n != 1}
     if extra:
         raise _error(dataset, path, "a single plane is expected (T = C = Z = 1), the OME-XML says "

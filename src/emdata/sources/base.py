@@ -73,7 +73,9 @@ def plan_files(ctx: FetchContext, files: Iterable[RemoteFile]) -> list[FilePlan]
         size, requests = spec.size, 0
         if size is None:
             size, requests = ctx.http.head(spec.url).size, 1
-        have = part.lstat().st_size if _regular_file(part) else 0
+        # A .part is resumed only with the validator io.http keeps beside it; without, fetch starts over.
+        resumable = _regular_file(part) and _regular_file(part.with_name(part.name + ".validator"))
+        have = part.lstat().st_size if resumable else 0
         left = None if size is None else max(0, size - have)
         plans.append(FilePlan(spec.name, spec.url, size, left, requests + 1, "resume" if have else "new"))
     return plans

@@ -57,6 +57,7 @@ from ..config import Section, as_choice, as_int, as_sha256, as_str, as_url
 from ..errors import ConfigError, FetchError, FormatError
 from ..fetch_context import FetchContext
 from ..fetch_record import FetchedFile, FetchRecord, safe_relpath
+from ..numbers import ascii_int
 from .base import FilePlan, RemoteFile, fetch_files, plan_files
 
 if TYPE_CHECKING:
@@ -146,10 +147,11 @@ def select_imageset(entry: dict[str, Any], wanted: str, dataset: str, where: str
 
 def image_count(imageset: dict[str, Any], dataset: str, where: str) -> int:
     value = imageset.get("num_images_or_tilt_series")
-    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+    count = value if isinstance(value, int) and not isinstance(value, bool) else ascii_int(value)
+    if count is None:
         raise FormatError(dataset, where, f"num_images_or_tilt_series is {value!r}, not a count",
                           "the API's answer changed shape; please report it")
-    return int(value)
+    return count
 
 
 def api_pixel_nm(imageset: dict[str, Any]) -> tuple[float, float] | None:
@@ -216,7 +218,7 @@ class Discovery:
 
 def _numbered(names: list[str]) -> tuple[str, int, str, list[int]] | None:
     """(prefix, zero-padded width or 0, suffix, numbers) when the names are one numbered series."""
-    parts = [re.fullmatch(r"(.*?)(\d+)([^\d.]*(?:\..*)?)", n) for n in names]
+    parts = [re.fullmatch(r"(.*?)([0-9]+)([^0-9.]*(?:\..*)?)", n) for n in names]
     if not parts or any(p is None for p in parts):
         return None
     keys = {(p.group(1), p.group(3)) for p in parts if p}

@@ -229,7 +229,7 @@ def _get_json(params: Params, ctx: FetchContext, url: str, what: str) -> Any:
     try:
         return ctx.http.get_json(url, max_bytes=JSON_MAX)
     except FetchError as exc:
-        if exc.problem.startswith("HTTP 404"):
+        if exc.status == 404:
             raise FetchError(ctx.dataset, url, f"OMERO has no {what} (HTTP 404)",
                              "check source.image_id / source.dataset_id and source.omero_url in params.yaml") from exc
         raise

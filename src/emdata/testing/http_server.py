@@ -1,7 +1,9 @@
 """A static HTTP/1.1 server on loopback that behaves like the real file servers, plus faults.
 
 It serves a folder with ``HEAD``, ``GET`` and single ``Range`` requests (206, 416), keep-alive,
-and Apache-style HTML directory listings. Tests inject faults per URL path (quoted or not) and read the request log:
+validators as Apache sends them (``ETag`` from inode, size and mtime; ``Last-Modified``) with
+``If-Range`` (a validator that no longer matches gets the whole file, 200), and Apache-style HTML
+directory listings. Tests inject faults per URL path (quoted or not) and read the request log:
 
 - ``drop_after(path, nbytes, times)``: send the headers and ``nbytes`` of the body, then close;
 - ``fail(path, status, times, retry_after)``: answer 500/503/429 (with ``Retry-After``) first;
@@ -18,6 +20,8 @@ too, so an API call can be made to fail like a file.
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import html
 import http.server
 import re
@@ -109,7 +113,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                    content_type: str = "application/octet-stream") -> None:
         """Serve a file or an in-memory payload with Range, keep-alive and the path's faults."""
         owner = self.server.owner
-        data_len = source.stat().st_size if isinstance(source, Path) else len(source)
+        if isinstance(source, Path):
+            info = source.stat()
+            data_len = info.st_size
+            etag = f'"{info.st_ino:x}-{info.st_size:x}-{info.st_mtime_ns:x}"'
+            modified = email.utils.formatdate(info.st_mtime, usegmt=True)
+        else:
+            data_len = len(source)
+            etag, modified = f'"{hashlib.sha256(source).hexdigest()[:16]}"', None
         with owner.lock:
             data_len = min(data_len, owner.faults.truncate.get(url_path, data_len))
             lie = owner.faults.lie.get(url_path, 0)
@@ -120,6 +131,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 cut = drop[0]
         start, end, status = 0, data_len - 1, 200
         header_range = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range.strip() not in (etag, modified):
+            header_range = None  # another version than the client has: the whole file (RFC 9110 13.1.5)
         if header_range and url_path not in owner.faults.no_range:
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", header_range.strip())
             if not match:
@@ -134,6 +148,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        if modified:
+            self.send_header("Last-Modified", modified)
         self.send_header("Content-Length", str(length + lie))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{data_len + lie}")
