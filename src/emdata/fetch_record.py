@@ -73,7 +73,7 @@ class FetchRecord:
         return cls(str(data["dataset"]), str(data["kind"]), data["spec"], files, data.get("extra") or {})
 
     def write(self, folder: Path) -> None:
-        write_json_atomic(folder / RECORD_NAME, self.to_dict())
+        write_json_atomic(folder / RECORD_NAME, self.to_dict(), dataset=self.dataset)
 
     @classmethod
     def load(cls, folder: Path) -> "FetchRecord | None":
