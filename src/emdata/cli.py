@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -284,15 +285,28 @@ def _fail(text: str, code: int) -> None:
 MESSAGE_MAX = 400  # characters of an unexpected exception's text shown (an error is one readable line)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C as Python's default handler does it, remembered: Typer turns it into a silent exit 130."""
+    _state["interrupted"] = True
+    raise KeyboardInterrupt
+
+
+INTERRUPTED = "emdata: interrupted; partial downloads are kept and resume on the next run"
+
+
 def main() -> None:
     usage, aborts = _click_errors()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored (nohup)
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         code = app(standalone_mode=False)
+        if _state.get("interrupted"):
+            raise KeyboardInterrupt
     except usage as exc:
         # One line, click's own wording, and the command to get help.
         _fail(f"{exc.format_message().rstrip('.')}; see `emdata --help`", getattr(exc, "exit_code", 2) or 2)
     except (*aborts, KeyboardInterrupt):
-        typer.echo("emdata: interrupted; partial downloads are kept and resume on the next run", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the one boundary: every error is one line
         if _debug():

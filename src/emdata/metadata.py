@@ -126,8 +126,8 @@ def read_record(cfg: Config, key: str) -> dict[str, Any]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
-        problem: str | None = str(exc)
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+        problem: str | None = f"{type(exc).__name__}: {exc}" if isinstance(exc, RecursionError) else str(exc)
     else:
         problem = record_problem(record, key)
     if problem is not None:

@@ -317,7 +317,7 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
-    refuse_dataset_links(cfg, key)  # as fetch does, before the lock file or any folder is created
+    refuse_dataset_links(cfg, key, "normalize")  # as fetch does, before the lock file or any folder is created
     # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
     # HDF5 is built from bytes that are not the fetched ones.
     record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
@@ -427,7 +427,7 @@ def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     report as not normalized), never a new HDF5 beside an old record or an old index.
     """
     from . import chunk_index
-    from .io.atomic import json_bytes, temporary_path, write_new
+    from .io.atomic import json_bytes, temporary_path, write_error, write_new
     from .metadata import build_record
 
     remove_stale_temporaries(cfg, key)  # a run killed here before left its staged record and index
@@ -436,7 +436,10 @@ def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     index_path = chunk_index.index_path_for(record_path)
     staged, staged_index = temporary_path(record_path), temporary_path(index_path)
     try:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, record_path, key) from exc
         write_new(staged, json_bytes(record), dataset=key, final=record_path)
         write_new(staged_index, chunk_index.build(tmp, file_name=out.name, file_sha256=record["file_sha256"]),
                   dataset=key, final=index_path)

@@ -52,7 +52,7 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     source = get_source(ds.source_kind)
     spec = ds.source.to_dict()
     raw = cfg.raw_dir(key)
-    refuse_dataset_links(cfg, key)  # before anything is read or created (the lock file, the hash cache)
+    refuse_dataset_links(cfg, key, "fetch")  # before anything is read or created (the lock file, the hash cache)
     record = fetched(raw, spec, state=HashState(cfg.hash_state_path(key)))
     if record is not None:
         reason = _inputs_changed(source, ds.source, key, _read_json(cfg.input_stamp_path(key)))  # local imports

@@ -1,7 +1,8 @@
 """Where fetch and normalize write a dataset's files under ``data/``, and two rules for those places.
 
-- No folder between the repository and them may be a symbolic link: both commands check this
-  before they create anything (the lock file included), so nothing is written through a link.
+- No folder between the repository and them may be a symbolic link: each command checks the
+  folders it writes before it creates anything (the lock file included), so nothing is written
+  through a link.
 - Temporaries of an earlier run that was killed (``.<name>.<pid>.tmp``, see :mod:`emdata.io.atomic`)
   are removed by the next run of the same dataset, under its lock, so they neither pile up nor
   get published into ``data/raw/<dataset>``.
@@ -36,15 +37,17 @@ def refuse_links(key: str, root: Path, paths: list[Path]) -> None:
                                   "remove it; emdata writes only real files and folders under data/")
 
 
-def write_folders(cfg: Config, key: str) -> list[Path]:
-    """The folders fetch and normalize write in for ``key`` (lock, raw, partial, HDF5, record, state)."""
-    return [cfg.lock_dir(), cfg.raw_dir(key), cfg.partial_dir(key), cfg.processed_path(key).parent,
-            cfg.record_path(key).parent, cfg.hash_state_path(key).parent, cfg.input_stamp_path(key).parent]
+def write_folders(cfg: Config, key: str, command: str) -> list[Path]:
+    """The folders ``fetch`` or ``normalize`` writes in for ``key`` (both: the lock and the hash cache)."""
+    both = [cfg.lock_dir(), cfg.hash_state_path(key).parent]
+    if command == "fetch":
+        return [*both, cfg.raw_dir(key), cfg.partial_dir(key), cfg.input_stamp_path(key).parent]
+    return [*both, cfg.processed_path(key).parent, cfg.record_path(key).parent]
 
 
-def refuse_dataset_links(cfg: Config, key: str) -> None:
-    """The check both commands make first, before the lock file or any folder is created."""
-    refuse_links(key, cfg.root, write_folders(cfg, key))
+def refuse_dataset_links(cfg: Config, key: str, command: str) -> None:
+    """The check ``fetch`` and ``normalize`` make first, before the lock file or any folder is created."""
+    refuse_links(key, cfg.root, write_folders(cfg, key, command))
 
 
 def written_files(cfg: Config, key: str) -> list[Path]:

@@ -234,8 +234,11 @@ def create(path: Path, dataset: str) -> Iterator[Any]:
         else:
             previous_hook(unraisable)
 
+    try:  # a full disk (blocks or inodes) can already refuse the new file
+        f = h5py.File(path, "w")
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(dataset, path, exc) from exc
     sys.unraisablehook = collect
-    f = h5py.File(path, "w")
     try:
         yield f
         f.flush()
