@@ -132,6 +132,15 @@ def test_a_collection_record_is_checked_by_its_own_shape(tmp_path: Path) -> None
     assert record_problem(record, "lmc") == f'field roles.{role}.count is "two", not a whole number >= 0'
 
 
+def test_fetch_state_files_nested_too_deep_count_as_damaged(built: Config) -> None:
+    """source.json and the hash cache are read the same careful way: damaged means fetch again."""
+    deep = "[" * 100_000 + "]" * 100_000
+    (built.raw_dir(DS) / "source.json").write_text(deep)
+    built.hash_state_path(DS).write_text(deep)
+    result = fetch_dataset(built, DS)
+    assert not result.up_to_date and FetchRecord.load(built.raw_dir(DS)) is not None
+
+
 # -- item 14: atomic writes, temporaries, links ----------------------------------------------------------
 
 class _FullDisk:

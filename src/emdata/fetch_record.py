@@ -80,7 +80,7 @@ class FetchRecord:
         """The record of ``folder``, or None when it is missing or damaged."""
         try:
             return cls.from_dict(json.loads((folder / RECORD_NAME).read_text()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, ConfigError):
             return None
 
     def problems(self, folder: Path, *, hashes: bool = False, state: "HashState | None" = None) -> list[str]:
@@ -133,7 +133,7 @@ class HashState:
         try:  # a planted symlink is not read (it could vouch for changed bytes)
             loaded = None if path.is_symlink() else json.loads(path.read_text())
             self.entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
             self.entries = {}
 
     @staticmethod

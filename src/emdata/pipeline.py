@@ -113,7 +113,7 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
 
 
