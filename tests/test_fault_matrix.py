@@ -1851,6 +1851,177 @@ def t20_11_invalid_ipv6_urls(c: Case) -> tuple[str, str]:
     ok(c.cli(project, "fetch", DS))
     c.no_leftovers(project)
     return "error", f"list/check/fetch: {_err(line, 60)}; redirect: {_err(redirect, 60)}; then {c.raw_exact(project)}"
+# -- issue 20: records, temporaries, links, the CLI's error boundary (items 12, 14, 15) -------------
+
+def t20_12_wrong_shape_record(c: Case) -> tuple[str, str]:
+    """Item 12: a record that is valid JSON of the wrong shape: one line naming the field, no KeyError."""
+    project = c.project()
+    path = project / "data" / "metadata" / f"{DS}.json"
+    good = json.loads(path.read_text())
+    variants = {
+        "statistics": json.dumps({k: v for k, v in good.items() if k != "statistics"}),
+        "shape": json.dumps({**good, "shape": "17x29x43"}),
+        f"labels.{next(iter(good['labels']), 'x')}.array_sha256":
+            json.dumps({**good, "labels": {name: {"dtype": "uint8"} for name in good["labels"] or ["x"]}}),
+        "RecursionError": "[" * 100_000 + "]" * 100_000,  # valid JSON nested deeper than Python recurses
+    }
+    lines = []
+    for field_name, text in variants.items():
+        path.write_text(text)
+        c.guard()
+        before = outputs(project)
+        for cmd in ("info", "verify", "summarize"):
+            line = one_line_error(c.cli(project, cmd, *([] if cmd == "summarize" else [DS])))
+            assert line.startswith(f"emdata: error: {DS}: ") and "damaged" in line and field_name in line \
+                and f"emdata normalize {DS}" in line, (cmd, line)
+            lines.append(line)
+        assert outputs(project) == before
+        assert not any((project / name).exists() for name in SUMMARY_OUTPUTS)
+    ok(c.cli(project, "normalize", DS))
+    ok(c.cli(project, "info", DS))
+    c.no_leftovers(project)
+    return "error", (f"{len(variants)} shapes x info/verify/summarize, e.g. {_err(lines[3], 70)}; normalize "
+                     f"rebuilds: {voxels(project, DS, c.expected())}")
+
+
+def _grow_until_it_fits(disk: Path, option: Callable[[int], str], start: int, run: Callable[[], Run],
+                        steps: int = 12) -> list[str]:
+    """Remount ``disk`` one unit larger at a time until ``run`` succeeds; the error lines on the way."""
+    lines = []
+    for n in range(start, start + steps):
+        subprocess.run(["mount", "-o", f"remount,{option(n)}", str(disk)], check=True, capture_output=True,
+                       timeout=20)
+        result = run()
+        if result.rc == 0:
+            return lines
+        lines.append(one_line_error(result))
+    raise AssertionError(f"still failing with {option(start + steps - 1)}: {lines[-3:]}")
+
+
+def t20_14a_disk_full_at_records(c: Case) -> tuple[str, str]:
+    """Item 14: the disk fills at each step of fetch (blocks) and normalize (inodes) in turn: every
+    failure is one line naming the dataset and the file, source.json and the record included."""
+    with tmpfs(c.tmp / "disk", "1m") as disk:
+        project = c.fresh(where=disk)
+        c.guard()
+        st = os.statvfs(disk)
+        pages = -(-len(c.world.file_bytes(IMAGE)) // st.f_frsize)
+        fetch = _grow_until_it_fits(disk, lambda n: f"size={n * st.f_frsize}", st.f_blocks - st.f_bfree + pages - 1,
+                                    lambda: c.cli(project, "fetch", DS))
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True, capture_output=True, timeout=20)
+        st = os.statvfs(disk)
+        normalize = _grow_until_it_fits(disk, lambda n: f"nr_inodes={n}", st.f_files - st.f_ffree + 1,
+                                        lambda: c.cli(project, "normalize", DS))
+        for line in fetch + normalize:
+            assert line.startswith(f"emdata: error: {DS}: /") or line.startswith(f"emdata: error: {DS}: http"), line
+        assert any(f"{DS}/source.json: " in line for line in fetch), fetch
+        assert any(f"metadata/{DS}.json: " in line for line in normalize), normalize
+        subprocess.run(["mount", "-o", "remount,nr_inodes=100000", str(disk)], check=True, capture_output=True,
+                       timeout=20)
+        c.no_leftovers(project)
+        detail = f"{c.raw_exact(project)}; {voxels(project, DS, c.expected())}"
+        c.check_outside()
+        c.projects.remove(project)
+    record = next(line for line in normalize if f"metadata/{DS}.json: " in line)
+    return "error", (f"{len(fetch)} fetch and {len(normalize)} normalize failures, one line each, e.g. "
+                     f"{_err(record, 70)}; then {detail}")
+
+
+KILL_AT_RENAME = r"""
+import os, signal, sys
+real_replace, suffix = os.replace, sys.argv[1]
+def replace(src, dst, *args, **kwargs):
+    if os.fspath(dst).endswith(suffix):  # kill -9 just before the file gets its name
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.argv = ["emdata", *sys.argv[2:]]
+from emdata.cli import main
+main()
+"""
+
+
+def t20_14b_kill9_final_steps(c: Case) -> tuple[str, str]:
+    """Item 14: kill -9 just before fetch renames source.json and before normalize renames the record;
+    the next good runs leave no temporary (none published into data/raw/<ds>)."""
+    project = c.fresh()
+    stale = []
+    for cmd, name, folder in (("fetch", f"/{DS}/source.json", f"raw/.partial/{DS}"),
+                              ("normalize", f"/metadata/{DS}.json", "metadata")):
+        if cmd == "normalize":  # a second killed normalize: two temporaries of the record
+            killed = _run([sys.executable, "-c", KILL_AT_RENAME, name, cmd, DS], project, c.env, 60)
+            assert killed.rc == -9, killed.stderr[-1000:]
+        killed = _run([sys.executable, "-c", KILL_AT_RENAME, name, cmd, DS], project, c.env, 60)
+        assert killed.rc == -9, killed.stderr[-1000:]
+        left = sorted(p.name for p in (project / "data" / folder).iterdir() if p.name.endswith(".tmp"))
+        assert left, f"the kill before {name} left no temporary"
+        stale += left
+        ok(c.cli(project, cmd, DS))
+        c.no_leftovers(project)
+    assert sorted(os.listdir(project / "data" / "raw" / DS)) == sorted([IMAGE, "source.json"])
+    return "data", (f"killed before the renames, left {', '.join(stale)}; the next runs removed them: "
+                    f"{c.raw_exact(project)}, {voxels(project, DS, c.expected())}")
+
+
+def t20_14c_symlinked_data_folders(c: Case) -> tuple[str, str]:
+    """Item 14: ``data`` itself a link (fetch, normalize) and ``data/processed`` a link (normalize):
+    refused before anything is created through the link, the lock file included."""
+    project = c.fresh()
+    (project / "data").symlink_to(c.outside / "dir")
+    c.guard()
+    lines = [one_line_error(c.cli(project, cmd, DS)) for cmd in ("fetch", "normalize")]
+    assert all("symbolic link" in line and line.endswith("/data: is a symbolic link; remove it; emdata writes "
+                                                         "only real files and folders under data/") for line in lines), lines
+    c.check_outside()  # no lock file, no folder created in the link's target
+    (project / "data").unlink()
+    built = c.project("built")
+    processed = built / "data" / "processed"
+    shutil.move(processed, c.outside / "processed")
+    processed.symlink_to(c.outside / "processed")
+    c.guard()
+    before = outputs(built)
+    line = one_line_error(c.cli(built, "normalize", DS))
+    assert "data/processed: is a symbolic link" in line, line
+    assert outputs(built) == before
+    c.check_outside()  # the HDF5 behind the link untouched, no temporary beside it
+    processed.unlink()
+    ok(c.cli(built, "normalize", DS))
+    ok(c.cli(project, "fetch", DS))
+    c.no_leftovers(built)
+    c.no_leftovers(project)
+    return "error", (f"fetch and normalize: {_err(lines[0], 60)}; normalize: {_err(line, 60)}; targets untouched; "
+                     f"without the links: {voxels(built, DS, c.expected())}")
+
+
+def t20_15_cli_error_boundary(c: Case) -> tuple[str, str]:
+    """Item 15: an exception no code path expected (here a KeyError from an HDF5 attribute removed by
+    hand) is one line naming the command; Ctrl-C during a fetch exits 130 with one line."""
+    project = c.project()
+    h5 = project / "data" / "processed" / f"{DS}.h5"
+    with h5py.File(h5, "r+") as f:
+        del f["raw"].attrs["array_sha256"]
+    record_path = project / "data" / "metadata" / f"{DS}.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "file_sha256": _sha(h5)}))
+    c.guard()
+    before = outputs(project)
+    line = one_line_error(c.cli(project, "verify", DS))
+    assert line.startswith(("emdata: error: verify: ", f"emdata: error: {DS}: ")), line
+    assert outputs(project) == before
+    fresh = c.fresh(name="interrupted")
+    c.image(fresh, base_url=c.world.base_url(scripted=True))
+    c.world.scripted.always[SCRIPTED_IMAGE] = ("slow", 40, 0.1)  # about 4 s for the whole file
+    part = fresh / "data" / "raw" / ".partial" / DS / (IMAGE + ".part")
+    proc = c.spawn(fresh, "fetch", DS)
+    got = poll(lambda: part.exists() and part.stat().st_size > 0, 8, 0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
+    interrupted = _finish(proc, ["", "", "fetch"], 30)
+    del c.world.scripted.always[SCRIPTED_IMAGE]
+    assert got and interrupted.rc == 130, (interrupted.rc, interrupted.stderr[-1500:])
+    assert "Traceback" not in interrupted.stderr and interrupted.error_line.startswith("emdata: interrupted"), \
+        interrupted.stderr[-1500:]
+    ok(c.cli(fresh, "fetch", DS))
+    c.no_leftovers(fresh)
+    return "error", f"verify: {_err(line, 90)}; Ctrl-C: exit 130, one line; next fetch: {c.raw_exact(fresh)}"
 
 
 # -- the matrix -------------------------------------------------------------------------------------
@@ -1905,6 +2076,11 @@ CASES: list[Any] = [
     pytest.param(t20_08a_trickle_then_resume, id="t20-08a-trickle-stalls-then-resumes"),
     pytest.param(t20_08b_trickle_always, id="t20-08b-trickle-fails-after-attempts"),
     pytest.param(t20_11_invalid_ipv6_urls, id="t20-11-invalid-ipv6-url"),
+    pytest.param(t20_12_wrong_shape_record, id="t20-12-record-of-the-wrong-shape"),
+    pytest.param(t20_14a_disk_full_at_records, id="t20-14a-disk-full-at-source-json-and-record"),
+    pytest.param(t20_14b_kill9_final_steps, id="t20-14b-kill9-before-the-final-renames"),
+    pytest.param(t20_14c_symlinked_data_folders, id="t20-14c-data-and-processed-are-symlinks"),
+    pytest.param(t20_15_cli_error_boundary, id="t20-15-cli-error-boundary"),
 ]
 
 

@@ -1,16 +1,19 @@
 """The command line (``emdata`` / ``python -m emdata``): thin commands, one error boundary.
 
 Each command parses arguments, calls one function of the library and prints its result. Every
-EmdataError becomes one line ``emdata: error: ...`` and a non-zero exit code; set
-``EMDATA_DEBUG=1`` to see the traceback instead. Heavy libraries load inside the commands, so
-``--help`` stays fast.
+exception that escapes a command becomes one line ``emdata: error: ...`` and a non-zero exit code:
+an EmdataError as its own message (which names the dataset), anything else (a file-system error,
+a bug) prefixed by the command's name; set ``EMDATA_DEBUG=1`` to see the traceback instead.
+Ctrl-C exits 130 with one line. Heavy libraries load inside the commands, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -25,11 +28,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state: dict = {"root": None}
+_state: dict = {"root": None, "command": None}
 
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     project: Optional[Path] = typer.Option(None, "--project", "-C", help="Repository folder (default: nearest params.yaml)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
@@ -45,6 +49,7 @@ def _main(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.CRITICAL, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     _state["root"] = project
+    _state["command"] = ctx.invoked_subcommand
 
 
 def _config():
@@ -267,28 +272,59 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(aborts)
 
 
+def _debug() -> bool:
+    """EMDATA_DEBUG set to anything but empty, 0, false, no or off: show tracebacks."""
+    return os.environ.get("EMDATA_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _fail(text: str, code: int) -> None:
+    typer.echo(f"emdata: error: {_one_line(text)}", err=True)
+    sys.exit(code)
+
+
+MESSAGE_MAX = 400  # characters of an unexpected exception's text shown (an error is one readable line)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C as Python's default handler does it, remembered: Typer turns it into a silent exit 130."""
+    _state["interrupted"] = True
+    raise KeyboardInterrupt
+
+
+INTERRUPTED = "emdata: interrupted; partial downloads are kept and resume on the next run"
+
+
 def main() -> None:
     usage, aborts = _click_errors()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when Ctrl-C is ignored (nohup)
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         code = app(standalone_mode=False)
-    except EmdataError as exc:
-        if os.environ.get("EMDATA_DEBUG"):
-            raise
-        typer.echo(f"emdata: error: {_one_line(exc)}", err=True)
-        sys.exit(exc.exit_code)
-    except OSError as exc:
-        # A file-system failure nothing below turned into an EmdataError: still one line.
-        if os.environ.get("EMDATA_DEBUG"):
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        hint = "free some disk space and run again" if exc.errno == 28 else "check the path and permissions"
-        typer.echo(f"emdata: error: {_one_line(where + str(exc.strerror or exc))}; {hint}", err=True)
-        sys.exit(10)
+        if _state.get("interrupted"):
+            raise KeyboardInterrupt
     except usage as exc:
         # One line, click's own wording, and the command to get help.
-        typer.echo(f"emdata: error: {exc.format_message().rstrip('.')}; see `emdata --help`", err=True)
-        sys.exit(getattr(exc, "exit_code", 2) or 2)
+        _fail(f"{exc.format_message().rstrip('.')}; see `emdata --help`", getattr(exc, "exit_code", 2) or 2)
     except (*aborts, KeyboardInterrupt):
-        typer.echo("emdata: interrupted; partial downloads are kept and resume on the next run", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one boundary: every error is one line
+        if _debug():
+            raise
+        _fail(*_describe(exc))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _describe(exc: Exception) -> tuple[str, int]:
+    """The error line (without ``emdata: error: ``) and exit code of an exception that escaped a command."""
+    if isinstance(exc, EmdataError):  # its message names the dataset, the place and what to do
+        return str(exc), exc.exit_code
+    command = _state.get("command") or "emdata"
+    if isinstance(exc, OSError):  # a file-system failure nothing below turned into an EmdataError
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = "free some disk space and run again" if exc.errno == errno.ENOSPC else "check the path and permissions"
+        return f"{command}: {where}{exc.strerror or exc}; {hint}", 10
+    text = _one_line(exc)
+    text = text if len(text) <= MESSAGE_MAX else text[:MESSAGE_MAX - 3] + "..."
+    return (f"{command}: unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+            + "; this is a bug in emdata: run again with EMDATA_DEBUG=1 to see the traceback, and report it"), 1

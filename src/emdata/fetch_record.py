@@ -73,14 +73,14 @@ class FetchRecord:
         return cls(str(data["dataset"]), str(data["kind"]), data["spec"], files, data.get("extra") or {})
 
     def write(self, folder: Path) -> None:
-        write_json_atomic(folder / RECORD_NAME, self.to_dict())
+        write_json_atomic(folder / RECORD_NAME, self.to_dict(), dataset=self.dataset)
 
     @classmethod
     def load(cls, folder: Path) -> "FetchRecord | None":
         """The record of ``folder``, or None when it is missing or damaged."""
         try:
             return cls.from_dict(json.loads((folder / RECORD_NAME).read_text()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, ConfigError):
             return None
 
     def problems(self, folder: Path, *, hashes: bool = False, state: "HashState | None" = None) -> list[str]:
@@ -133,7 +133,7 @@ class HashState:
         try:  # a planted symlink is not read (it could vouch for changed bytes)
             loaded = None if path.is_symlink() else json.loads(path.read_text())
             self.entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
             self.entries = {}
 
     @staticmethod

@@ -36,6 +36,7 @@ from .raw import MappedVolume, RawVolume, json_safe
 from .sources import get_source, layout_of
 from .stats import StreamingStats
 from .tiles import Box, plan_tiles
+from .workspace import refuse_dataset_links, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 DEFAULT_BUDGET = 256 << 20
@@ -319,6 +320,7 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     ds = cfg.dataset(key)
     source = get_source(ds.source_kind)
     raw = cfg.raw_dir(key)
+    refuse_dataset_links(cfg, key, "normalize")  # as fetch does, before the lock file or any folder is created
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The lock first: fetch takes the same lock, so the record read below describes the very
@@ -431,17 +433,22 @@ def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     report as not normalized), never a new HDF5 beside an old record or an old index.
     """
     from . import chunk_index
-    from .io.atomic import write_json_atomic
+    from .io.atomic import json_bytes, temporary_path, write_error, write_new
     from .metadata import build_record
 
+    remove_stale_temporaries(cfg, key)  # a run killed here before left its staged record and index
     record = build_record(cfg, key, tmp)
     record_path = cfg.record_path(key)
     index_path = chunk_index.index_path_for(record_path)
-    staged = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
-    staged_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-    write_json_atomic(staged, record)
+    staged, staged_index = temporary_path(record_path), temporary_path(index_path)
     try:
-        chunk_index.write(tmp, staged_index, file_name=out.name, file_sha256=record["file_sha256"])
+        try:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, record_path, key) from exc
+        write_new(staged, json_bytes(record), dataset=key, final=record_path)
+        write_new(staged_index, chunk_index.build(tmp, file_name=out.name, file_sha256=record["file_sha256"]),
+                  dataset=key, final=index_path)
         record_path.unlink(missing_ok=True)
         os.replace(tmp, out)
         os.replace(staged_index, index_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
-from .errors import EmdataError, FetchError, IntegrityError, NotBuiltError
+from .errors import EmdataError, IntegrityError, NotBuiltError
 from .fetch_context import FetchContext, workers_from_env
 from .fetch_record import FetchRecord, HashState, fetched, plain_spec, require_fetched
 from .io.atomic import write_json_atomic
@@ -19,9 +19,10 @@ from .io.digest import sha256_file
 from .io.lock import dataset_lock
 from .sources import get_source
 from .sources.base import FilePlan
+from .workspace import SPEC_MARKER as _SPEC_MARKER
+from .workspace import drop_unfinished, refuse_dataset_links, refuse_links, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
-_SPEC_MARKER = ".spec.json"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ def fetch_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None 
     source = get_source(ds.source_kind)
     spec = ds.source.to_dict()
     raw = cfg.raw_dir(key)
+    refuse_dataset_links(cfg, key, "fetch")  # before anything is read or created (the lock file, the hash cache)
     record = fetched(raw, spec, state=HashState(cfg.hash_state_path(key)))
     if record is not None:
         reason = _inputs_changed(source, ds.source, key, _read_json(cfg.input_stamp_path(key)))  # local imports
@@ -82,12 +84,13 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     raw = cfg.raw_dir(key)
     ctx = fetch_context(cfg, key, http_factory, policy)
     partial = ctx.dest
-    refuse_links(key, cfg.root, [raw, partial])
+    refuse_links(key, cfg.root, [raw, partial])  # again, holding the lock
+    remove_stale_temporaries(cfg, key)
     marker = partial / _SPEC_MARKER
     if partial.exists() and (not marker.is_file() or _read_json(marker) != plain_spec(spec)):
         shutil.rmtree(partial)  # left by a fetch for other params: nothing to resume
     partial.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, spec)
+    write_json_atomic(marker, spec, dataset=key)
     record: FetchRecord = source.fetch(ds.source, ctx)
     missing = record.problems(partial)
     if missing:
@@ -96,33 +99,21 @@ def _fetch_locked(cfg: Config, key: str, source: Any, spec: dict[str, Any],
     # The stamp (mtimes) is local state, not provenance: kept out of source.json, which the HDF5
     # copies, so that touching or copying the user's files does not change the data's version.
     stamp = record.extra.pop("input_stamp", None)
+    drop_unfinished(partial, set(record.files))  # a killed run's temporaries are not published with the files
     record.write(partial)
     marker.unlink()
     _replace_dir(partial, raw)
     if stamp is not None:
-        write_json_atomic(cfg.input_stamp_path(key), stamp)
+        write_json_atomic(cfg.input_stamp_path(key), stamp, dataset=key)
     HashState(cfg.hash_state_path(key)).remember_record(raw, record)
     log.info("%s: fetched %d file(s) into %s (%d requests)", key, len(record.files), raw, ctx.requests)
     return FetchResult(raw, False, ctx.requests)
 
 
-def refuse_links(key: str, root: Path, paths: list[Path]) -> None:
-    """No folder on the way from the repository to ``paths`` may be a symlink emdata did not make."""
-    seen: set[Path] = set()
-    for path in paths:
-        for folder in [path, *path.parents]:
-            if folder == root or root not in folder.parents or folder in seen:
-                break
-            seen.add(folder)
-            if folder.is_symlink():
-                raise FetchError(key, str(folder), "is a symbolic link",
-                                 "remove it; emdata writes only real files and folders under data/")
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return None
 
 

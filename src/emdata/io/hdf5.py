@@ -273,8 +273,11 @@ def create(path: Path, dataset: str) -> Iterator[Any]:
     """
     import h5py
 
-    with _dealloc_errors() as swallowed:
+    try:  # a full disk (blocks or inodes) can already refuse the new file
         f = h5py.File(path, "w")
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(dataset, path, exc) from exc
+    with _dealloc_errors() as swallowed:
         try:
             yield f
             f.flush()

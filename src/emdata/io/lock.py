@@ -28,11 +28,14 @@ class LockedError(EmdataError):
 
 @contextmanager
 def dataset_lock(folder: Path, key: str, action: str) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Hold ``folder/<key>.lock``. Callers first check that no folder above it is a link
+    (:func:`emdata.workspace.refuse_dataset_links`); the folder and the file are checked here too,
+    before anything is created."""
     path = folder / f"{key}.lock"
-    if folder.is_symlink() or path.is_symlink():
-        link = folder if folder.is_symlink() else path
-        raise LockedError(f"{key}: {link} is a symbolic link; remove it (emdata never writes through links)")
+    for link in (folder, path):
+        if link.is_symlink():
+            raise LockedError(f"{key}: {link} is a symbolic link; remove it (emdata never writes through links)")
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
