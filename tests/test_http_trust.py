@@ -13,7 +13,6 @@ import json
 import re
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
