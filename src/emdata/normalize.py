@@ -330,7 +330,7 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
         # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
         # HDF5 is built from bytes that are not the fetched ones.
         record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
-        _remove_stale_temporaries(out)
+        remove_stale_temporaries(cfg, key)  # killed runs' temporaries (the lock says no other run is writing)
         if layout_of(source) == "collection":  # many images with a table: its own writer
             if scheduler:
                 raise ConfigError(f"{key}: --scheduler is for single volumes; collections normalize in one process")
@@ -350,13 +350,6 @@ def _check_free_space(key: str, out: Path, arrays: list[RawVolume], compression:
         raise OutputError(key, str(out.parent), f"not enough free disk space: {free / 2**20:.0f} MiB free, "
                           f"the output needs about {need / 2**20:.0f} MiB (the old output, {old / 2**20:.0f} MiB, "
                           "stays until the new one is complete)", "free some space and run normalize again")
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporaries of earlier runs that were killed (the lock says no other run is writing)."""
-    for old in out.parent.glob(f".{out.name}.*.tmp"):
-        log.info("removing %s, left by an interrupted run", old)
-        old.unlink(missing_ok=True)
 
 
 def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path) -> tuple[RawVolume, dict[str, RawVolume]]:
@@ -436,7 +429,6 @@ def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     from .io.atomic import json_bytes, temporary_path, write_error, write_new
     from .metadata import build_record
 
-    remove_stale_temporaries(cfg, key)  # a run killed here before left its staged record and index
     record = build_record(cfg, key, tmp)
     record_path = cfg.record_path(key)
     index_path = chunk_index.index_path_for(record_path)
