@@ -39,9 +39,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m emdata demo
 
-test: $(STAMP)
+test: $(STAMP)  # both tiers, on 2 processes (pytest-xdist; every test's ports and folders are its own)
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: $(STAMP)  # tiers are assigned in tests/conftest.py
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
