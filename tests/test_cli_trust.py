@@ -215,25 +215,26 @@ def test_unfinished_files_of_a_complete_fetch_are_dropped_unless_listed(tmp_path
         ["a.tif", "journal.jsonl", "listed.tmp"]
 
 
+def _plant(paths: list) -> None:
+    """Temporaries as a killed process (another pid) leaves them."""
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+
+
 def test_temporaries_of_killed_runs_are_removed_and_never_published(epfl_project: Config) -> None:
     cfg = epfl_project
     partial = cfg.partial_dir(DS)
     partial.mkdir(parents=True)
     (partial / ".spec.json").write_text(json.dumps(cfg.dataset(DS).source.to_dict()))  # a resumable fetch
-    planted = [partial / f".source.json.{OTHER_PID}.tmp", partial / f"..spec.json.{OTHER_PID}.tmp",
-               cfg.hash_state_path(DS).with_name(f".{DS}.json.{OTHER_PID}.tmp")]
-    for path in planted:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}")
+    _plant([partial / f".source.json.{OTHER_PID}.tmp", partial / f"..spec.json.{OTHER_PID}.tmp",
+            cfg.hash_state_path(DS).with_name(f".{DS}.json.{OTHER_PID}.tmp")])
     fetch_dataset(cfg, DS)
     assert sorted(os.listdir(cfg.raw_dir(DS))) == ["source.json", "training.tif", "training_groundtruth.tif"]
     meta = cfg.record_path(DS).parent
     meta.mkdir(parents=True)
-    planted = [meta / f".{DS}.json.{OTHER_PID}.tmp", meta / f".{DS}.chunks.{OTHER_PID}.tmp",
-               cfg.processed_path(DS).with_name(f".{DS}.h5.{OTHER_PID}.tmp")]
-    for path in planted:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}")
+    _plant([meta / f".{DS}.json.{OTHER_PID}.tmp", meta / f".{DS}.chunks.{OTHER_PID}.tmp",
+            cfg.processed_path(DS).with_name(f".{DS}.h5.{OTHER_PID}.tmp")])
     normalize_dataset(cfg, DS)
     assert sorted(os.listdir(meta)) == [f"{DS}.chunks", f"{DS}.json"]
     assert not [p for p in (cfg.root / "data").rglob("*.tmp")]

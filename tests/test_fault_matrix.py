@@ -1383,20 +1383,27 @@ TILED_A = TILED.replace("SCALE", "2.0")
 TILED_B = TILED.replace("SCALE", "3.0")  # B's code differs from A's only in a constant
 
 
-def r13_run_tiled_other_model(c: Case) -> tuple[str, str]:
+def _model_b_wins(c: Case, model_a: tuple[str, ...], model_b: tuple[str, ...], first_state: dict[str, Any]) -> int:
+    """run_tiled with model A (interrupted after 5 blocks), then model B (which triples the input) in
+    a new process on the same output: every voxel must be B's. Returns the blocks B computed."""
     project = c.project()
-    _, first = c.python(project, TILED_A, "5")
-    assert first == {"state": "interrupted", "calls": 5}, first
-    _, second = c.python(project, TILED_B, "0")
+    _, first = c.python(project, *model_a)
+    assert first == first_state, first
+    _, second = c.python(project, *model_b)
     with h5py.File(project / "data" / "pred.h5", "r") as f:
         got = f["prediction"][()]
     want = c.world.arrays[IMAGE].astype(np.float32) * 3
     wrong = int(np.count_nonzero(got != want))
-    assert wrong == 0, (f"{wrong} of {want.size} voxels are not model B's (old model's blocks reused); "
+    assert wrong == 0, (f"{wrong} of {want.size} voxels are not model B's (model A's blocks reused); "
                         f"B computed {second['calls']} blocks")
     c.no_leftovers(project)
+    return int(second["calls"])
+
+
+def r13_run_tiled_other_model(c: Case) -> tuple[str, str]:
+    calls = _model_b_wins(c, (TILED_A, "5"), (TILED_B, "0"), {"state": "interrupted", "calls": 5})
     return "data", (f"model A interrupted after 5 of 36 blocks; model B (same name `model`) computed "
-                    f"{second['calls']} of 36; output = B(input) exactly")
+                    f"{calls} of 36; output = B(input) exactly")
 
 
 USERBLOCK = r"""
@@ -1608,19 +1615,10 @@ print(json.dumps({"state": state, "calls": len(CALLS), "state_dict": sorted(mode
 def t20_04_run_tiled_attribute_only_model(c: Case) -> tuple[str, str]:
     """run_tiled: torch module A interrupted, then B: same class, same (empty) state_dict, another scale."""
     pytest.importorskip("torch")
-    project = c.project()
-    _, first = c.python(project, T20_TILED, "2.0", "5")
-    assert first == {"state": "interrupted", "calls": 5, "state_dict": []}, first
-    _, second = c.python(project, T20_TILED, "3.0", "0")
-    with h5py.File(project / "data" / "pred.h5", "r") as f:
-        got = f["prediction"][()]
-    want = c.world.arrays[IMAGE].astype(np.float32) * 3
-    wrong = int(np.count_nonzero(got != want))
-    assert wrong == 0, (f"{wrong} of {want.size} voxels are not model B's (model A's blocks reused); "
-                        f"B computed {second['calls']} blocks")
-    c.no_leftovers(project)
+    calls = _model_b_wins(c, (T20_TILED, "2.0", "5"), (T20_TILED, "3.0", "0"),
+                          {"state": "interrupted", "calls": 5, "state_dict": []})
     return "data", (f"module A (scale 2) interrupted after 5 blocks; module B (scale 3, the same empty "
-                    f"state_dict) computed {second['calls']}: output = B(input) exactly")
+                    f"state_dict) computed {calls}: output = B(input) exactly")
 
 
 T20_NOT_EMDATA = r"""
