@@ -316,7 +316,10 @@ def test_emdata_errors_keep_their_own_line_and_code(built) -> None:
 
 
 def test_ctrl_c_in_a_command_exits_130_with_one_line(built) -> None:
-    prelude = ("import os, signal, time\nimport emdata.pipeline as p\n"
+    # Ctrl-C handled as an interactive shell leaves it: a runner started in the background (nohup,
+    # `cmd &` in a script) hands its children SIGINT ignored, and emdata then rightly ignores it too.
+    prelude = ("import os, signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+               "import emdata.pipeline as p\n"
                "def ctrl_c(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n"
                "p.verify_dataset = ctrl_c\n")
     proc = cli(built.root, "verify", DS, prelude=prelude)

@@ -2012,7 +2012,11 @@ def t20_15_cli_error_boundary(c: Case) -> tuple[str, str]:
     c.image(fresh, base_url=c.world.base_url(scripted=True))
     c.world.scripted.always[SCRIPTED_IMAGE] = ("slow", 40, 0.1)  # about 4 s for the whole file
     part = fresh / "data" / "raw" / ".partial" / DS / (IMAGE + ".part")
-    proc = c.spawn(fresh, "fetch", DS)
+    # SIGINT handled as in an interactive shell, whatever this runner inherited (a background job's
+    # children start with it ignored, and emdata then rightly ignores Ctrl-C too)
+    interactive = ("import runpy, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                   "sys.argv = ['emdata', *sys.argv[1:]]\nrunpy.run_module('emdata', run_name='__main__')\n")
+    proc = _spawn([sys.executable, "-c", interactive, "fetch", DS], fresh, c.env)
     got = poll(lambda: part.exists() and part.stat().st_size > 0, 8, 0.01)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
     interrupted = _finish(proc, ["", "", "fetch"], 30)
