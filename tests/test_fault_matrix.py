@@ -164,6 +164,25 @@ class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
     def _b_slow(self, path: str, body: bool, pieces: int, delay: float) -> None:
         self._file(path, body, pieces, delay)
 
+    def _b_bytes(self, path: str, body: bool, data: bytes) -> None:
+        """Another version of the file: the given bytes, whole."""
+        self._headers(200, {"Content-Length": str(len(data)), "Accept-Ranges": "bytes", "ETag": _etag(data)})
+        if body:
+            self.wfile.write(data)
+
+    def _b_header(self, path: str, body: bool, status: int, name: str, value: str) -> None:
+        """The file (200) or an empty answer (other status) with one header set to ``value`` as sent."""
+        data = (self._data(path) or b"") if status == 200 else b""
+        self.close_connection = True  # the body ends with the connection whatever the header says
+        self.send_response(status)
+        self.send_header("Connection", "close")
+        self.send_header(name, value)
+        if name.lower() != "content-length":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
     def _b_redirect(self, path: str, body: bool, location: str) -> None:
         self._headers(302, {"Location": location, "Content-Length": "0"})
 
@@ -2029,6 +2048,102 @@ def t20_15_cli_error_boundary(c: Case) -> tuple[str, str]:
     return "error", f"verify: {_err(line, 90)}; Ctrl-C: exit 130, one line; next fetch: {c.raw_exact(fresh)}"
 
 
+# -- issue 20 items 7, 11 and 16: the fetch record under the lock, non-ASCII digits, advice ----------
+
+T20_LOCK = r"""
+import contextlib, hashlib, json, shutil, sys
+from pathlib import Path
+import h5py, numpy as np
+import emdata.normalize as n
+from emdata.config import load_config
+cfg = load_config(Path.cwd())
+raw, fetched = cfg.raw_dir(sys.argv[1]), Path(sys.argv[2])
+real_lock = n.dataset_lock
+@contextlib.contextmanager
+def lock_after_a_fetch(*args, **kwargs):
+    shutil.rmtree(raw)  # a fetch of the dataset finishes now: its folder is renamed into place
+    shutil.move(str(fetched), str(raw))
+    with real_lock(*args, **kwargs):
+        yield
+n.dataset_lock = lock_after_a_fetch
+path = n.normalize_dataset(cfg, sys.argv[1])
+with h5py.File(path, "r") as f:
+    record = json.loads(f["provenance/source_record"][()])
+    voxels = np.ascontiguousarray(f["raw"][()])
+print(json.dumps({"provenance": record["files"][sys.argv[3]]["sha256"],
+                  "raw": hashlib.sha256((raw / sys.argv[3]).read_bytes()).hexdigest(),
+                  "voxels": hashlib.sha256(voxels.tobytes()).hexdigest()}))
+"""
+
+
+def t20_07_fetch_finishing_before_the_lock(c: Case) -> tuple[str, str]:
+    """Item 7: a fetch of another version (same size) lands just before normalize takes the lock: the
+    HDF5's provenance must name the raw file its voxels came from."""
+    project = c.fresh()
+    c.image(project, base_url=c.world.base_url(scripted=True))
+    ok(c.cli(project, "fetch", DS))  # version A
+    raw = project / "data" / "raw" / DS
+    version_b = np.ascontiguousarray(c.world.arrays[IMAGE][::-1])
+    b_bytes = write_tiff_stack(c.tmp / "b.tif", version_b).read_bytes()
+    assert len(b_bytes) == len(c.world.file_bytes(IMAGE))  # EPFL pins only the size: it cannot tell
+    shutil.move(raw, c.tmp / "version_a")
+    c.world.scripted.always[SCRIPTED_IMAGE] = ("bytes", b_bytes)
+    ok(c.cli(project, "fetch", DS))  # version B, set aside for the moment the lock is taken
+    del c.world.scripted.always[SCRIPTED_IMAGE]
+    shutil.move(raw, c.tmp / "version_b")
+    shutil.move(c.tmp / "version_a", raw)
+    _, result = c.python(project, T20_LOCK, DS, str(c.tmp / "version_b"), IMAGE)
+    assert result["voxels"] == hashlib.sha256(version_b.tobytes()).hexdigest(), "voxels are not version B's"
+    assert result["provenance"] == result["raw"] == hashlib.sha256(b_bytes).hexdigest(), \
+        f"the provenance names {result['provenance'][:12]}..., the raw file is {result['raw'][:12]}..."
+    c.no_leftovers(project)
+    return "data", "a fetch landing before the lock: voxels and provenance both version B's"
+
+
+def _ok_or_one_line(c: Case, project: Path, run: Run) -> str:
+    """Either exact data or one error line (a traceback is neither)."""
+    if run.rc == 0:
+        return c.raw_exact(project)
+    return _err(one_line_error(run), 70)
+
+
+def t20_11b_non_ascii_digits(c: Case) -> tuple[str, str]:
+    """Item 11: "²" is a digit to str.isdigit() but not to int(): in Content-Length, Retry-After and
+    EMDATA_FETCH_WORKERS it is one line or ignored, never a traceback."""
+    outcomes = []
+    for behaviour in [(200, "Content-Length", "\u00b2"), (503, "Retry-After", "\u00b2"),
+                      (200, "Content-Length", "\u0661\u0662")]:
+        project = c.fresh(name=f"digits-{len(outcomes)}")
+        c.image(project, base_url=c.world.base_url(scripted=True))
+        c.world.scripted.once[SCRIPTED_IMAGE] = [("header", *behaviour)]
+        outcomes.append(f"{behaviour[1]}: {_ok_or_one_line(c, project, c.cli(project, 'fetch', DS))}")
+        c.world.scripted.once.clear()
+    project = c.fresh(name="workers")
+    line = one_line_error(c.cli(project, "fetch", DS, env={**c.env, "EMDATA_FETCH_WORKERS": "\u00b2"}))
+    assert "EMDATA_FETCH_WORKERS" in line, line
+    ok(c.cli(project, "fetch", DS))
+    c.no_leftovers(project)
+    return "error", "; ".join(outcomes) + f"; EMDATA_FETCH_WORKERS=²: {_err(line, 60)}"
+
+
+def t20_16_rgb_tiff_advice(c: Case) -> tuple[str, str]:
+    """Item 16: an RGB TIFF is refused with advice that helps (convert it), not "fetch again"."""
+    import io
+
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((3, 13, 11, 3), np.uint8), photometric="rgb")
+    c.world.add_file("rgb.tif", buffer.getvalue())
+    project = c.project()
+    _set_file(c, project, "rgb.tif")
+    c.guard()
+    ok(c.cli(project, "fetch", DS))
+    line = one_line_error(c.cli(project, "normalize", DS))
+    assert "convert" in line and "emdata fetch" not in line, line
+    return "error", f"normalize: {_err(line, 110)}"
+
+
 # -- the matrix -------------------------------------------------------------------------------------
 CASES: list[Any] = [
     pytest.param(c1_drop_resume, id="c1-drop-mid-body-resume"),
@@ -2075,6 +2190,9 @@ CASES: list[Any] = [
     pytest.param(t20_05_set_epoch_persistent_workers, id="t20-05-set-epoch-persistent-workers"),
     pytest.param(t20_10_bad_scheduler_address, id="t20-10-scheduler-not-a-url"),
     pytest.param(t20_13_hdf5_not_emdatas, id="t20-13-hdf5-not-emdatas"),
+    pytest.param(t20_07_fetch_finishing_before_the_lock, id="t20-07-fetch-lands-before-normalize-locks"),
+    pytest.param(t20_11b_non_ascii_digits, id="t20-11b-non-ascii-digits"),
+    pytest.param(t20_16_rgb_tiff_advice, id="t20-16-rgb-tiff-advice"),
     pytest.param(t20_02_served_cut_classic_tiff, id="t20-02-served-classic-tiff-cut-in-half"),
     pytest.param(t20_06_offset_100_voxels_away, id="t20-06-offset-100-voxels-away-0.8-percent"),
     pytest.param(t20_01_resume_after_remote_change, id="t20-01-resume-after-remote-file-changed"),
