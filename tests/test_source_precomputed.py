@@ -123,6 +123,16 @@ def test_same_seed_same_crop_and_identical_hdf5_another_seed_another_crop(runnin
     assert rois["c"] != rois["a"] and hashes["c"] != hashes["a"]
 
 
+def test_a_fetch_counts_every_request_tensorstore_made(running, tmp_path) -> None:
+    """The fetch's request count is what the server saw (the HTTP client's and tensorstore's), not 1."""
+    from emdata.pipeline import fetch_dataset
+
+    cfg = project(tmp_path, {KEY: searched(running, 5)})
+    running.server.clear_log()
+    result = fetch_dataset(cfg, KEY)
+    assert result.requests == len(running.server.requests) > 10
+
+
 def test_every_accepted_crop_is_inside_the_scale_and_in_tissue(running, tmp_path) -> None:
     """Checked against the generated coarse voxels, not against what the source computed."""
     datasets = {f"s{seed}": searched(running, seed) for seed in range(8)}

@@ -426,6 +426,17 @@ def _boxes(shape: IntTriple, block: IntTriple) -> list[tuple[str, IntTriple, Int
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
+    """The seeded crop, block by block (resumable); tensorstore's requests count in the fetch's."""
+    from ..io.precomputed import http_requests_started
+
+    before = http_requests_started()
+    try:
+        return _fetch(params, ctx)
+    finally:
+        ctx.other_requests += http_requests_started() - before
+
+
+def _fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     from ..io.precomputed import STORE, CropStore, open_scale, read
 
     p = prepare(params, ctx)
