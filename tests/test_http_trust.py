@@ -95,6 +95,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        if start and not f.validators_on_206:
+            etag = modified = None
         if etag:
             self.send_header("ETag", etag)
         if modified:
@@ -143,6 +145,7 @@ class Versioned:
         self.statuses: dict[str, tuple[int, str]] = {}
         self.locations: dict[str, str] = {}
         self.honour_if_range = True
+        self.validators_on_206 = True  # False: a 206 names no version (no ETag, no Last-Modified)
         self.misplaced = 0  # answer this many Range requests with a 206 from byte 0
         self.on_cut: Any = None
         self.release = threading.Event()
@@ -220,6 +223,18 @@ def test_server_ignoring_if_range_is_caught_by_the_validator_of_its_206(server, 
     with pytest.raises(FetchError):
         client(attempts=1).download(server.url + "/file", tmp_path / "f")
     server.honour_if_range = False  # answers the range of the new version, with its ETag
+    server.set(NEW, '"v2"', None)
+    client().download(server.url + "/file", tmp_path / "f", size=SIZE)
+    assert (tmp_path / "f").read_bytes() == NEW
+    assert [g.get("Range") for g in server.gets()] == [None, "bytes=30000-", None]
+
+
+def test_server_ignoring_if_range_without_a_validator_on_its_206_is_not_trusted(server, tmp_path) -> None:
+    """A 206 that names no version cannot prove it continues the partial file: start over, never splice."""
+    server.cuts = [30_000]
+    with pytest.raises(FetchError):
+        client(attempts=1).download(server.url + "/file", tmp_path / "f")
+    server.honour_if_range, server.validators_on_206 = False, False
     server.set(NEW, '"v2"', None)
     client().download(server.url + "/file", tmp_path / "f", size=SIZE)
     assert (tmp_path / "f").read_bytes() == NEW
@@ -436,6 +451,18 @@ def test_redirect_to_an_invalid_ipv6_url_is_one_line(server, tmp_path) -> None:
             else:
                 getattr(c, verb)(server.url + "/go")
         assert "\n" not in str(err.value) and "datasets.ds.source" in str(err.value)
+
+
+def test_redirect_to_a_location_that_is_not_utf8_is_one_line(server, tmp_path) -> None:
+    server.locations["/go"] = server.url + "/caf\u00e9"  # sent as Latin-1: byte 0xe9
+    for verb in ("download", "head", "get_bytes"):
+        with pytest.raises(FetchError, match="not valid UTF-8") as err:
+            c = client()
+            if verb == "download":
+                c.download(server.url + "/go", tmp_path / "f")
+            else:
+                getattr(c, verb)(server.url + "/go")
+        assert "\n" not in str(err.value) and err.value.dataset == "ds"
 
 
 def test_base_url_with_an_invalid_ipv6_host_is_a_config_error() -> None:

@@ -715,8 +715,12 @@ class HttpClient:
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         self._count(1)
         timeout = (self.policy.connect_timeout, self.policy.read_timeout)
-        response = self.session.request(method, url, timeout=timeout,
-                                        hooks={"response": [self._check_redirect(url)]}, **kwargs)
+        try:
+            response = self.session.request(method, url, timeout=timeout,
+                                            hooks={"response": [self._check_redirect(url)]}, **kwargs)
+        except UnicodeError as exc:  # requests decodes a redirect's Location as UTF-8
+            raise FetchError(self.dataset, _short_url(url), "redirected to a location that is not valid UTF-8 "
+                             f"({_clip(str(exc), 80)})", self._check_source()) from exc
         with self._count_lock:
             self._answered.add(_netloc(url))
         self._count(len(response.history))  # each redirect followed was a request too
@@ -940,12 +944,15 @@ class HttpClient:
                 if start != have:
                     self._discard(url, part)
                     raise _Retry(f"server answered a range from {start}, asked {have}; restarting")
-                served = _validator(r)
-                if have and served is not None and served != stored:  # a server that ignored If-Range
-                    self._discard(url, part)
-                    raise _Retry("the file changed on the server since the partial download began; restarting")
                 if total is not None and job.announced is not None and total != job.announced:
                     raise self._too_big(job, "a total of", total)
+                served = _validator(r)
+                if have and served != stored:  # a server that ignored If-Range, or cannot say which version
+                    self._discard(url, part)
+                    raise _Retry("the file changed on the server since the partial download began; restarting"
+                                 if served is not None else
+                                 "the server's partial answer names no version (no ETag or Last-Modified) to "
+                                 "match the partial download's; restarting")
                 restart = False
             else:  # 200: the whole body, from byte 0 (the server may ignore Range)
                 total = length
