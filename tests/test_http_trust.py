@@ -551,3 +551,49 @@ def test_plan_says_new_for_a_part_that_fetch_will_restart(tmp_path) -> None:
     assert (plan_files(ctx, [spec])[0].state, plan_files(ctx, [spec])[0].to_transfer) == ("new", SIZE)
     emhttp.write_validator(tmp_path / "f.bin.part", spec.url, '"v1"')
     assert (plan_files(ctx, [spec])[0].state, plan_files(ctx, [spec])[0].to_transfer) == ("resume", SIZE - 1000)
+
+
+# -- response headers trickled a byte at a time: bounded as a whole ---------------------------------
+
+class _HeaderTrickle(http.server.BaseHTTPRequestHandler):
+    """A status line, then header bytes every 0.1 s (each read is quick, the headers never end)."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        owner = self.server.owner  # type: ignore[attr-defined]
+        owner.requests += 1
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Slow: ")
+        for _ in range(100):  # bounded: 10 s at most, far beyond the client's deadline
+            try:
+                self.wfile.write(b"a")
+                self.wfile.flush()
+            except OSError:
+                owner.hung_up += 1  # the client gave up on the headers
+                return
+            if owner.release.wait(0.1):
+                return
+
+
+def test_headers_trickled_forever_fail_each_attempt_at_the_read_timeout(tmp_path) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeaderTrickle)
+    httpd.daemon_threads = True
+    httpd.owner = type("Owner", (), {"requests": 0, "hung_up": 0, "release": threading.Event()})()  # type: ignore[attr-defined]
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        c = client(attempts=2, read_timeout=0.5)  # each read would come in time: 0.1 s < 0.5 s
+        with pytest.raises(FetchError, match="read timeout|no data") as err:
+            c.download(f"http://127.0.0.1:{httpd.server_address[1]}/f", tmp_path / "f")
+        assert "\n" not in str(err.value)
+        owner = httpd.owner  # type: ignore[attr-defined]
+        assert owner.requests == 2  # both attempts were cut at the deadline, then the download gave up
+        for _ in range(50):  # the server notices the closed socket at its next write (0.1 s)
+            if owner.hung_up == 2:
+                break
+            owner.release.wait(0.1)
+        assert owner.hung_up == 2
+    finally:
+        httpd.owner.release.set()  # type: ignore[attr-defined]
+        httpd.shutdown()
+        httpd.server_close()

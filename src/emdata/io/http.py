@@ -607,7 +607,15 @@ class HttpClient:
     ) -> None:
         self.dataset = dataset
         self.policy = policy if policy is not None else RetryPolicy.from_env()
-        self.session = session or requests.Session()
+        if session is None:
+            from .header_deadline import HeaderDeadlineAdapter
+
+            # requests bounds each read, not the headers as a whole (a server can trickle them forever)
+            session = requests.Session()
+            adapter = HeaderDeadlineAdapter(self.policy.read_timeout)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+        self.session = session
         self.session.headers["User-Agent"] = USER_AGENT  # requests sets its own default: replace it
         self.sleep = sleep
         self.rng = random.Random(seed)
