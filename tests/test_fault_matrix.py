@@ -748,20 +748,27 @@ def c3_503_retry_after(c: Case) -> tuple[str, str]:
     return "data", f"503 + Retry-After: 1, waited, then 200 ({run.seconds:.1f} s); {c.raw_exact(project)}"
 
 
-def c4_kill9_fetch(c: Case) -> tuple[str, str]:
-    """kill -9 of a fetch mid-download; the next run resumes the .part with a Range request."""
-    project = c.fresh()
-    c.image(project, base_url=c.world.base_url(scripted=True))
-    c.world.scripted.always[SCRIPTED_IMAGE] = ("slow", 40, 0.1)  # about 4 s for the whole file
-    part = project / "data" / "raw" / ".partial" / DS / (IMAGE + ".part")
+def _kill_fetch_mid_download(c: Case, project: Path, name: str) -> int:
+    """``kill -9`` a fetch of ``name`` (served slowly by the scripted server) once its .part has bytes;
+    the scripted behaviour and log are cleared after. Returns the bytes left in the .part."""
+    scripted = EPFL_PATH.replace("%20", " ") + name
+    c.world.scripted.always[scripted] = ("slow", 40, 0.1)  # about 4 s for the whole file
+    part = project / "data" / "raw" / ".partial" / DS / (name + ".part")
     proc = c.spawn(project, "fetch", DS)
     got = poll(lambda: part.exists() and part.stat().st_size > 0, 8, 0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     killed = _finish(proc, ["", "", "fetch"], 10)
     assert got and killed.rc == -9, f"no .part appeared before the kill (rc {killed.rc})"
-    have = part.stat().st_size
-    del c.world.scripted.always[SCRIPTED_IMAGE]
+    del c.world.scripted.always[scripted]
     c.world.scripted.log.clear()
+    return part.stat().st_size
+
+
+def c4_kill9_fetch(c: Case) -> tuple[str, str]:
+    """kill -9 of a fetch mid-download; the next run resumes the .part with a Range request."""
+    project = c.fresh()
+    c.image(project, base_url=c.world.base_url(scripted=True))
+    have = _kill_fetch_mid_download(c, project, IMAGE)
     ok(c.cli(project, "fetch", DS))
     assert [g[2] for g in c.world.scripted.gets(IMAGE)] == [f"bytes={have}-"], c.world.scripted.log
     c.no_leftovers(project)
@@ -1791,18 +1798,8 @@ def t20_01_resume_after_remote_change(c: Case) -> tuple[str, str]:
     c.world.add_file(name, v1)
     project = c.fresh()
     c.image(project, base_url=c.world.base_url(scripted=True), file=name, size=len(v1))
-    scripted = EPFL_PATH.replace("%20", " ") + name
-    c.world.scripted.always[scripted] = ("slow", 40, 0.1)  # about 4 s for the whole file
-    part = project / "data" / "raw" / ".partial" / DS / (name + ".part")
-    proc = c.spawn(project, "fetch", DS)
-    got = poll(lambda: part.exists() and part.stat().st_size > 0, 8, 0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    killed = _finish(proc, ["", "", "fetch"], 10)
-    assert got and killed.rc == -9, f"no .part appeared before the kill (rc {killed.rc})"
-    have = part.stat().st_size
-    del c.world.scripted.always[scripted]
+    have = _kill_fetch_mid_download(c, project, name)
     c.world.add_file(name, v2)  # the server's file changed in between; its size did not
-    c.world.scripted.log.clear()
     ok(c.cli(project, "fetch", DS))
     stored = (project / "data" / "raw" / DS / name).read_bytes()
     assert stored == v2, (f"the stored file mixes versions: {sum(a != b for a, b in zip(stored, v2))} bytes differ "
