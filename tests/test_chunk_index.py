@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from emdata.io import hdf5
 from emdata.normalize import normalize_dataset
 from emdata.pipeline import fetch_dataset
 from emdata.testing.epfl import epfl_datasets
+from emdata.testing.volumes import coordinate_volume, write_canonical
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -124,3 +126,41 @@ def test_a_large_sparse_file_opens_without_walking_its_chunks(tmp_path) -> None:
     assert results["index"]["fast"] and not results["no index"]["fast"]  # without one: h5py, not a chunk walk
     for r in results.values():
         assert r["zeros"] and r["rss_growth"] < 200 << 20, results
+
+
+def test_an_index_replaced_after_opening_is_not_read_half_old_half_new(tmp_path) -> None:
+    """normalize renames a new index over the old: an index opened before keeps reading its own tables."""
+    from emdata.chunk_index import ChunkIndex
+
+    first = write_canonical(tmp_path / "a.h5", coordinate_volume((13, 21, 27), np.uint16), chunks=(5, 7, 9))
+    second = write_canonical(tmp_path / "b.h5", coordinate_volume((13, 21, 27), np.uint16), chunks=(8, 16, 16))
+    index = tmp_path / "v.chunks"
+    write(first, index, file_name="v.h5", file_sha256="-")
+    opened = ChunkIndex.open(index)  # the header is read; no table yet
+    write(second, tmp_path / "new.chunks", file_name="v.h5", file_sha256="-")
+    os.replace(tmp_path / "new.chunks", index)
+    got = opened.table("raw")
+    with h5py.File(first, "r") as f:
+        dset = f["raw"]
+        for flat in (0, got.size // 2, got.size - 1):
+            k = np.unravel_index(flat, opened.arrays["raw"].grid)
+            info = dset.id.get_chunk_info_by_coord(tuple(int(i) * c for i, c in zip(k, (5, 7, 9))))
+            assert (int(got[flat]["offset"]), int(got[flat]["size"])) == (info.byte_offset, info.size)
+
+
+def test_a_table_that_misplaces_the_first_or_last_chunk_is_not_used(tmp_path) -> None:
+    """Checked against HDF5's own index of the open file, unallocated entries included (a table of zeros
+    used to pass: the check skipped entries of size 0)."""
+    from emdata.chunk_index import ChunkIndex, _spot_check
+
+    h5 = write_canonical(tmp_path / "v.h5", coordinate_volume((13, 21, 27), np.uint16), chunks=(5, 7, 9))
+    index = tmp_path / "v.chunks"
+    write(h5, index, file_name="v.h5", file_sha256="-")
+    a = ChunkIndex.open(index).arrays["raw"]
+    good = np.array(ChunkIndex.open(index).table("raw"))
+    with h5py.File(h5, "r") as f:
+        assert _spot_check(f["raw"], a, good)
+        assert not _spot_check(f["raw"], a, np.zeros_like(good))
+        moved = good.copy()
+        moved[-1]["offset"] += 8
+        assert not _spot_check(f["raw"], a, moved)

@@ -2142,19 +2142,12 @@ def t20_16_rgb_tiff_advice(c: Case) -> tuple[str, str]:
 
 
 # -- the matrix -------------------------------------------------------------------------------------
-# A row whose bug is open is xfail(strict=False) with its diagnosis (the table then says XFAIL or
-# XPASS); remove the mark when the fix lands.
-OPEN_01 = pytest.mark.xfail(strict=False, reason=(
-    "open race (pre-existing): under load, about 1 read in 500 from fresh Volumes while normalize replaces "
-    "the file alternately with two chunkings returns a patch that is not the file's; 3 of 12 runs of this "
-    "row failed on a73fc5f and 1 of 12 at the session's end (two runs in parallel); a standalone "
-    "reader/writer loop did not reproduce it in 1000 reads; cause not found yet"))
 CASES: list[Any] = [
     pytest.param(c1_drop_resume, id="c1-drop-mid-body-resume"),
     pytest.param(c2_stall_timeout, id="c2-stall-read-timeout"),
     pytest.param(c3_503_retry_after, id="c3-503-retry-after"),
     pytest.param(c4_kill9_fetch, id="c4-kill9-fetch-resume"),
-    pytest.param(r01_reads_during_replacement, id="01-reads-during-replacement", marks=OPEN_01),
+    pytest.param(r01_reads_during_replacement, id="01-reads-during-replacement"),
     pytest.param(r02a_endless_body, id="02a-endless-body-pinned"),
     pytest.param(r02b_huge_content_length, id="02b-content-length-1e12-pinned"),
     pytest.param(r03a_part_symlink, id="03a-part-is-symlink"),
@@ -2218,7 +2211,6 @@ def test_fault_matrix(case: Callable[[Case], tuple[str, str]], world: World, tmp
     """One row of issue 7's table (or a classic fault), end to end; see the module docstring for the rule."""
     name = request.node.callspec.id
     ctx = Case(world, tmp_path, name)
-    xfail = request.node.get_closest_marker("xfail") is not None
     try:
         outcome, detail = case(ctx)
         ctx.check_outside()
@@ -2226,6 +2218,6 @@ def test_fault_matrix(case: Callable[[Case], tuple[str, str]], world: World, tmp
         RESULTS.append((name, "SKIP", short(str(exc.msg), 140)))
         raise
     except BaseException as exc:
-        RESULTS.append((name, "XFAIL" if xfail else "FAIL", short(f"{type(exc).__name__}: {exc}", 260)))
+        RESULTS.append((name, "FAIL", short(f"{type(exc).__name__}: {exc}", 260)))
         raise
-    RESULTS.append((name, f"{outcome} XPASS" if xfail else outcome, detail))
+    RESULTS.append((name, outcome, detail))

@@ -26,6 +26,7 @@ format (version 1) for small files, for tools that read through fsspec's ``Refer
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -211,14 +212,19 @@ class ChunkIndex:
 
     @classmethod
     def open(cls, path: Path) -> "ChunkIndex":
-        """A local index; its tables are memory-mapped, read only where touched."""
+        """A local index; its tables are memory-mapped, read only where touched.
+
+        Header and tables come from the one file opened here: mapping the path again would read the
+        tables of whatever index has replaced it since (normalize renames a new one over it).
+        """
         with open(path, "rb") as fh:
             prefix = fh.read(PREFIX)
             length, start = cls.parse_prefix(prefix)
             header = json.loads(fh.read(length))
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)  # keeps its own descriptor
 
         def table(a: ArrayIndex) -> np.ndarray:
-            return np.memmap(path, ENTRY, mode="r", offset=a.table_start, shape=(a.entries_count,))
+            return np.frombuffer(mapped, ENTRY, count=a.entries_count, offset=a.table_start)
 
         return cls(header, start, table)
 
@@ -251,10 +257,14 @@ def local_table(h5_path: Path, array: str, dset: Any, explicit: Path | None = No
 
     Looked for at ``explicit``, beside the file (``<name>.chunks``) and in the repository layout
     (``data/metadata/<name>.chunks`` for ``data/processed/<name>.h5``). It must describe a file of
-    this size with this array's layout and ``array_sha256``, and the first and last stored chunks
-    it lists must hold the bytes HDF5 reports for them; otherwise it is ignored.
+    this size with this array's layout and ``array_sha256``, and its first and last entries must be
+    where HDF5's own index puts those chunks; otherwise it is ignored. Everything is checked against
+    the file ``dset`` belongs to (its open descriptor), not the path, which may name a newer file.
     """
+    import os
+
     h5_path = Path(h5_path)
+    opened_size = os.fstat(dset.file.id.get_vfd_handle()).st_size
     candidates = [explicit] if explicit is not None else []
     candidates += [h5_path.with_suffix(".chunks"), h5_path.parent.parent / "metadata" / f"{h5_path.stem}.chunks"]
     for path in candidates:
@@ -263,7 +273,7 @@ def local_table(h5_path: Path, array: str, dset: Any, explicit: Path | None = No
         try:
             index = ChunkIndex.open(Path(path))
             a = index.arrays.get(array)
-            if a is None or index.file.get("size") != h5_path.stat().st_size:
+            if a is None or index.file.get("size") != opened_size:
                 continue
             if (a.shape, a.dtype, a.chunks) != (tuple(dset.shape), dset.dtype, tuple(dset.chunks)):
                 continue
@@ -271,23 +281,25 @@ def local_table(h5_path: Path, array: str, dset: Any, explicit: Path | None = No
             if attr is None or str(a.attrs.get("array_sha256")) != (attr.decode() if isinstance(attr, bytes) else str(attr)):
                 continue
             table = index.table(array)
-            if _spot_check(h5_path, dset, a, table):
+            if _spot_check(dset, a, table):
                 return table
         except (OSError, ValueError, KeyError, RuntimeError, IndexFormatError):
             continue
     return None
 
 
-def _spot_check(h5_path: Path, dset: Any, a: ArrayIndex, table: np.ndarray) -> bool:
+def _spot_check(dset: Any, a: ArrayIndex, table: np.ndarray) -> bool:
+    """The first and last entries say what HDF5's own chunk index of the open file says (an
+    unallocated chunk included: a check that skipped those passed for any table of zeros)."""
     flats = [0, table.size - 1] if table.size > 1 else [0]
-    with open(h5_path, "rb") as fh:
-        for flat in flats:
-            row = table[flat]
-            if not row["size"]:
-                continue
-            k = np.unravel_index(flat, a.grid)
-            _, expected = dset.id.read_direct_chunk(tuple(int(i) * c for i, c in zip(k, a.chunks)))
-            fh.seek(int(row["offset"]))
-            if fh.read(int(row["size"])) != bytes(expected):
+    for flat in flats:
+        row = table[flat]
+        coord = tuple(int(i) * c for i, c in zip(np.unravel_index(flat, a.grid), a.chunks))
+        info = dset.id.get_chunk_info_by_coord(coord)
+        if info.byte_offset is None:  # not allocated: the index must say so too
+            if int(row["size"]) != 0:
                 return False
+        elif (int(row["offset"]), int(row["size"]), int(row["mask"])) != (
+                int(info.byte_offset), int(info.size), int(info.filter_mask)):
+            return False
     return True
