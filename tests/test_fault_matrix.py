@@ -1865,6 +1865,8 @@ def t20_11_invalid_ipv6_urls(c: Case) -> tuple[str, str]:
     ok(c.cli(project, "fetch", DS))
     c.no_leftovers(project)
     return "error", f"list/check/fetch: {_err(line, 60)}; redirect: {_err(redirect, 60)}; then {c.raw_exact(project)}"
+
+
 # -- issue 20: records, temporaries, links, the CLI's error boundary (items 12, 14, 15) -------------
 
 def t20_12_wrong_shape_record(c: Case) -> tuple[str, str]:
