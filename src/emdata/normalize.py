@@ -30,6 +30,7 @@ from .errors import ConfigError, FormatError, OutputError
 from .fetch_record import FetchedFile, FetchRecord, HashState, require_fetched
 from .geometry import Geometry, resolve, same_geometry
 from .io import hdf5
+from .io.atomic import temporary_path
 from .io.lock import dataset_lock
 from .progress import Progress
 from .raw import MappedVolume, RawVolume, json_safe
@@ -365,7 +366,7 @@ def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path)
 def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path, *,
                       scheduler: str | None = None) -> Path:
     ds = cfg.dataset(key)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(out)
     warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
     try:
@@ -426,7 +427,7 @@ def _publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     report as not normalized), never a new HDF5 beside an old record or an old index.
     """
     from . import chunk_index
-    from .io.atomic import json_bytes, temporary_path, write_error, write_new
+    from .io.atomic import json_bytes, write_error, write_new
     from .metadata import build_record
 
     record = build_record(cfg, key, tmp)

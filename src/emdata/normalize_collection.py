@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from .errors import FormatError
 from .fetch_record import FetchRecord
 from .geometry import Geometry, _pick
 from .io import hdf5
+from .io.atomic import temporary_path
 from .progress import Progress
 from .raw import json_safe
 
@@ -115,7 +115,7 @@ def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: 
 
     ds = cfg.dataset(key)
     params = cfg.normalize
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(out)
     warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
     try:
         with source.open_collection(ds.source, raw, key) as coll:

@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import ClusterError
 from .io import hdf5
+from .io.atomic import temporary_path
 from .io.chunks import EncodedChunk, encode_tile, place
 from .progress import Progress
 from .raw import RawVolume, json_safe
@@ -129,7 +130,7 @@ class Ledger:
         data = _pack_block(result)
         path = self.staged(array, tile)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temporary_path(path)
         with open(tmp, "wb") as fh:  # renamed when complete: a killed process leaves no half tile
             fh.write(data)
         os.replace(tmp, path)

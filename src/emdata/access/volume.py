@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import AccessError, ConfigError, FormatError, NotBuiltError
 from ..indexing import basic_box
 from ..io import hdf5
+from ..io.atomic import temporary_path
 
 if TYPE_CHECKING:
     from .blocks import Block
@@ -517,7 +518,7 @@ def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> 
         if target.is_file():
             return target
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{name}.h5.{os.getpid()}.tmp"
+        tmp = temporary_path(target)
         try:
             with fs.open(rel, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
