@@ -67,8 +67,8 @@ def make_study(folder: Path, gib: float) -> dict[str, tuple[int, str]]:
 def make_project(root: Path, raw_files: dict[str, tuple[int, str]], study: Path) -> None:
     import yaml
 
-    from emdata.config import load_config
-    from emdata.fetch_record import FetchedFile, FetchRecord, HashState
+    from emdata.params.config import load_config
+    from emdata.sources.fetch.record import FetchedFile, FetchRecord, HashState
     from emdata.sources.lightmycells import share_file_url
 
     root.mkdir(parents=True, exist_ok=True)

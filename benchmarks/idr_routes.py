@@ -51,7 +51,15 @@ def serve(root: Path, depth: int, cache: bool) -> None:
     import numpy as np
 
     from emdata.testing.http_server import ReplicaServer
-    from emdata.testing.idr import DATASET_ID, FOLDER, IMAGE_ID, U2OS_XY, IdrImage, IdrReplica, write_imagej_tiff
+    from emdata.testing.idr import (
+        DATASET_ID,
+        FOLDER,
+        IMAGE_ID,
+        U2OS_XY,
+        IdrImage,
+        IdrReplica,
+        write_imagej_tiff,
+    )
 
     rng = np.random.default_rng(86)
     yy, xx = np.mgrid[0:PLANE[0], 0:PLANE[1]]

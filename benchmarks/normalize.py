@@ -120,8 +120,8 @@ def make_project(root: Path, tiff: Path, budget_mb: int | None = None) -> None:
     """A one-dataset project whose raw folder is ``tiff``, with a fetch record built by the package."""
     import yaml
 
-    from emdata.config import load_config
-    from emdata.fetch_record import FetchedFile, FetchRecord
+    from emdata.params.config import load_config
+    from emdata.sources.fetch.record import FetchedFile, FetchRecord
 
     root.mkdir(parents=True, exist_ok=True)
     normalize = {"chunks": [64, 64, 64], "compression": "none"}
@@ -323,9 +323,9 @@ def speed(args: argparse.Namespace, work: Path) -> None:
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
-    from emdata.config import load_config
-    from emdata.io.hdf5 import chunk_shape
-    from emdata.tiles import plan_tiles
+    from emdata.params.config import load_config
+    from emdata.h5.hdf5 import chunk_shape
+    from emdata.core.boxes import plan_tiles
 
     warm_up(work)
     print(code_state())

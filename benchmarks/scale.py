@@ -126,8 +126,8 @@ def project(root: Path, shape: tuple[int, int, int], compression: str, stack: Ex
     """A fetched project whose epfl_hippocampus is an EM-like TIFF of ``shape``."""
     import yaml
 
-    from emdata.config import load_config
-    from emdata.pipeline import fetch_dataset
+    from emdata.params.config import load_config
+    from emdata.stages.fetch import fetch_dataset
     from emdata.testing.epfl import build_epfl_replica, epfl_datasets
     from emdata.testing.http_server import ReplicaServer
 
@@ -143,13 +143,13 @@ def project(root: Path, shape: tuple[int, int, int], compression: str, stack: Ex
 
 
 def sha(path: Path) -> str:
-    from emdata.io.digest import sha256_file
+    from emdata.core.digest import sha256_file
 
     return sha256_file(path)
 
 
 def part_normalize(args) -> Path:
-    from emdata.normalize import normalize_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
 
     shape = (256, 512, 512)
     out = None
@@ -270,7 +270,7 @@ class NoiseVolume:
     """A deterministic uint8 volume made plane by plane (never held whole)."""
 
     def __new__(cls, shape):
-        from emdata.raw import RawVolume
+        from emdata.formats.raw import RawVolume
 
         class _Noise(RawVolume):
             def __init__(self) -> None:
@@ -288,9 +288,9 @@ def big_file(folder: Path, name: str, shape) -> tuple[Path, Path]:
     """``data/processed/<name>.h5`` + ``data/metadata/<name>.chunks`` through the normalize writer."""
     import json as _json
 
-    from emdata import chunk_index
-    from emdata.io import hdf5
-    from emdata.normalize import write_volume
+    from emdata.h5 import chunk_index
+    from emdata.h5 import hdf5
+    from emdata.stages.normalize.volume import write_volume
 
     h5 = folder / "data" / "processed" / f"{name}.h5"
     index = folder / "data" / "metadata" / f"{name}.chunks"
@@ -411,9 +411,9 @@ print(json.dumps({"open_and_first_read_s": opened, "read_100cubed_s": reads, "rs
 def part_index(args) -> None:
     import h5py
 
-    from emdata import chunk_index
+    from emdata.h5 import chunk_index
     from emdata.access.remote import RangeReader, RemoteIndex, Transfer
-    from emdata.io import hdf5
+    from emdata.h5 import hdf5
     from emdata.testing.s3 import SeaweedS3
 
     n = 10240

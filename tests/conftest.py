@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from emdata.config import Config, load_config
+from emdata.params.config import Config, load_config
 from emdata.testing.epfl import EpflReplica, build_epfl_replica, epfl_datasets
 from emdata.testing.http_server import ReplicaServer
 

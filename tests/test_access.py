@@ -182,7 +182,7 @@ def test_memory_mapped_reads_match_h5py(tmp_path) -> None:
     """The ChunkMap fast path returns exactly what h5py returns, unwritten chunks included."""
     import h5py
 
-    from emdata.io.hdf5 import ChunkMap
+    from emdata.h5.hdf5 import ChunkMap
 
     path = tmp_path / "sparse.h5"
     data = coordinate_volume((21, 35, 50), np.uint16)

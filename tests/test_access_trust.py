@@ -164,7 +164,7 @@ def test_a_bad_scheduler_address_is_one_line_without_a_hang(make_project, server
     """The half-built Dask client is closed: no "Exception ignored" traceback from its __del__,
     which also waited 40 s (twice the connect timeout) before the process could exit."""
     pytest.importorskip("distributed")
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
     from emdata.testing.epfl import epfl_datasets
 
     cfg = make_project(epfl_datasets(epfl_replica.base_url(server.url)))
@@ -262,7 +262,7 @@ def test_a_label_sampler_on_a_remote_volume_says_it_needs_the_file(tmp_path) -> 
     """Per-chunk label statistics are read from the HDF5 file, which a remote volume does not open."""
     import fsspec
 
-    from emdata import chunk_index
+    from emdata.h5 import chunk_index
     from emdata.access.remote import RangeReader, RemoteIndex, RemoteVolume, Transfer
 
     raw, label = _version(1)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from emdata.access.volume import Volume
-from emdata.chunk_index import ENTRY, ChunkIndex, build, local_table, write
-from emdata.io import hdf5
-from emdata.normalize import normalize_dataset
-from emdata.pipeline import fetch_dataset
+from emdata.h5.chunk_index import ENTRY, ChunkIndex, build, local_table, write
+from emdata.h5 import hdf5
+from emdata.stages.normalize.volume import normalize_dataset
+from emdata.stages.fetch import fetch_dataset
 from emdata.testing.epfl import epfl_datasets
 from emdata.testing.volumes import coordinate_volume, write_canonical
 
@@ -130,7 +130,7 @@ def test_a_large_sparse_file_opens_without_walking_its_chunks(tmp_path) -> None:
 
 def test_an_index_replaced_after_opening_is_not_read_half_old_half_new(tmp_path) -> None:
     """normalize renames a new index over the old: an index opened before keeps reading its own tables."""
-    from emdata.chunk_index import ChunkIndex
+    from emdata.h5.chunk_index import ChunkIndex
 
     first = write_canonical(tmp_path / "a.h5", coordinate_volume((13, 21, 27), np.uint16), chunks=(5, 7, 9))
     second = write_canonical(tmp_path / "b.h5", coordinate_volume((13, 21, 27), np.uint16), chunks=(8, 16, 16))
@@ -151,7 +151,7 @@ def test_an_index_replaced_after_opening_is_not_read_half_old_half_new(tmp_path)
 def test_a_table_that_misplaces_the_first_or_last_chunk_is_not_used(tmp_path) -> None:
     """Checked against HDF5's own index of the open file, unallocated entries included (a table of zeros
     used to pass: the check skipped entries of size 0)."""
-    from emdata.chunk_index import ChunkIndex, _spot_check
+    from emdata.h5.chunk_index import ChunkIndex, _spot_check
 
     h5 = write_canonical(tmp_path / "v.h5", coordinate_volume((13, 21, 27), np.uint16), chunks=(5, 7, 9))
     index = tmp_path / "v.chunks"

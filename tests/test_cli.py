@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emdata.io.http import sha256_file
+from emdata.transport.http import sha256_file
 
 
 def emdata(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -31,8 +31,8 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture
 def built(epfl_project):
     """A project with epfl_mito_train fetched and normalized (in this process: the tests run the CLI)."""
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     fetch_dataset(epfl_project, "epfl_mito_train")
     normalize_dataset(epfl_project, "epfl_mito_train")

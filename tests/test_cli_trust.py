@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 
-from emdata.config import Config
+from emdata.params.config import Config
 from emdata.errors import FormatError, OutputError
-from emdata.fetch_record import FetchRecord
-from emdata.io import atomic, hdf5
-from emdata.metadata import read_record, record_problem
-from emdata.normalize import normalize_dataset
-from emdata.pipeline import fetch_dataset
-from emdata.workspace import drop_unfinished
+from emdata.sources.fetch.record import FetchRecord
+from emdata.core import atomic
+from emdata.h5 import hdf5
+from emdata.h5.metadata import read_record, record_problem
+from emdata.stages.normalize.volume import normalize_dataset
+from emdata.stages.fetch import fetch_dataset
+from emdata.stages.workspace import drop_unfinished
 
 DS = "epfl_mito_train"
 OTHER_PID = 2**22 + 17  # above the default pid_max: never this process
@@ -110,7 +111,7 @@ def test_the_commands_say_which_field_is_wrong(built: Config, command: str) -> N
 
 
 def test_a_collection_record_is_checked_by_its_own_shape(tmp_path: Path) -> None:
-    from emdata.config import load_config
+    from emdata.params.config import load_config
     from emdata.testing.lightmycells import REPLICA, lightmycells_dataset
 
     import yaml
@@ -265,7 +266,7 @@ def test_normalize_refuses_a_symlinked_output_folder_as_fetch_does(built, tmp_pa
 
 
 def test_a_symlinked_lock_folder_is_refused_before_it_is_used(tmp_path) -> None:
-    from emdata.io.lock import LockedError, dataset_lock
+    from emdata.core.lock import LockedError, dataset_lock
 
     target = tmp_path / "locks"
     target.mkdir()
@@ -278,7 +279,7 @@ def test_a_symlinked_lock_folder_is_refused_before_it_is_used(tmp_path) -> None:
 
 # -- item 15: the CLI's error boundary -------------------------------------------------------------------
 
-BUG = "import emdata.pipeline as p\ndef bug(*a, **k):\n    raise {exc}\np.verify_dataset = bug\n"
+BUG = "import emdata.stages.fetch as p\ndef bug(*a, **k):\n    raise {exc}\np.verify_dataset = bug\n"
 
 
 def test_an_unexpected_exception_is_one_line_naming_the_command(built) -> None:
@@ -319,7 +320,7 @@ def test_ctrl_c_in_a_command_exits_130_with_one_line(built) -> None:
     # Ctrl-C handled as an interactive shell leaves it: a runner started in the background (nohup,
     # `cmd &` in a script) hands its children SIGINT ignored, and emdata then rightly ignores it too.
     prelude = ("import os, signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-               "import emdata.pipeline as p\n"
+               "import emdata.stages.fetch as p\n"
                "def ctrl_c(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n"
                "p.verify_dataset = ctrl_c\n")
     proc = cli(built.root, "verify", DS, prelude=prelude)

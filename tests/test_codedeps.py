@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from emdata import codedeps
-from emdata.config import load_config
-from emdata.demo import replica_repository
+from emdata.stages import codedeps
+from emdata.params.config import load_config
+from emdata.testing.demo import replica_repository
 from emdata.sources import KINDS, get_source
 from emdata.testing.dvc import dvc, offline_env
 from tests.conftest import REPO
@@ -50,7 +50,7 @@ def _is_module(name: str) -> bool:
 
 
 # Transports and helpers whose bytes are checked (sizes, hashes), not readers that decide output bytes.
-TRANSPORTS = ("emdata.io.http", "emdata.io.s3", "emdata.io.digest", "emdata.io.atomic")
+TRANSPORTS = ("emdata.transport.http", "emdata.transport.s3", "emdata.core.digest", "emdata.core.atomic")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -65,9 +65,9 @@ def test_every_reader_a_source_imports_is_declared(kind) -> None:
 def test_a_reader_change_changes_only_the_fingerprints_that_use_it(monkeypatch, tmp_path) -> None:
     before = {stage: codedeps.fingerprint("epfl", stage) for stage in codedeps.STAGES}
     edited = tmp_path / "tiff.py"
-    edited.write_text(Path(importlib.util.find_spec("emdata.io.tiff").origin).read_text() + "\n# changed\n")
+    edited.write_text(Path(importlib.util.find_spec("emdata.formats.tiff").origin).read_text() + "\n# changed\n")
     real = codedeps._module_file
-    monkeypatch.setattr(codedeps, "_module_file", lambda name: edited if name == "emdata.io.tiff" else real(name))
+    monkeypatch.setattr(codedeps, "_module_file", lambda name: edited if name == "emdata.formats.tiff" else real(name))
     after = {stage: codedeps.fingerprint("epfl", stage) for stage in codedeps.STAGES}
     assert after["normalize"] != before["normalize"]
     assert after["fetch"] == before["fetch"]  # EPFL fetch does not decode: the TIFF reader is not its code
@@ -91,7 +91,7 @@ def test_dvc_status_sees_exactly_the_stages_whose_code_changed(tmp_path) -> None
     assert stale() == []
     code = repo / "pipeline" / "code" / "epfl-normalize.json"
     data = json.loads(code.read_text())
-    data["modules"]["emdata.io.tiff"] = "0" * 64  # what `code-deps --write` records after a reader change
+    data["modules"]["emdata.formats.tiff"] = "0" * 64  # what `code-deps --write` records after a reader change
     code.write_text(json.dumps(data))
     assert stale() == ["normalize@epfl_mito_test", "normalize@epfl_mito_train"]
     fetch_code = repo / "pipeline" / "code" / "epfl-fetch.json"

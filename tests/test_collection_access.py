@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import load_config
+from emdata.params.config import load_config
 from emdata.errors import ConfigError, IntegrityError, NotBuiltError
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Both collection kinds fetched and normalized once, in one project; the expected arrays."""
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
     from emdata.testing.labelme_tracking import REPLICA as ORGANOIDS
     from emdata.testing.lightmycells import REPLICA as LMC
 
@@ -120,7 +120,7 @@ def test_paired_patches_with_two_dataloader_workers_equal_one_process(built) -> 
 
 
 def test_verify_rehashes_every_image_and_finds_a_changed_one(built, tmp_path) -> None:
-    from emdata.pipeline import verify_dataset
+    from emdata.stages.fetch import verify_dataset
 
     cfg, cases = built
     passed = verify_dataset(cfg, "organoid_tracking")
@@ -140,8 +140,8 @@ def test_verify_rehashes_every_image_and_finds_a_changed_one(built, tmp_path) ->
         f["images/2/targets/Actin"][5, 7] ^= 1
     import json
 
-    from emdata.io.atomic import write_json_atomic
-    from emdata.io.digest import sha256_file
+    from emdata.core.atomic import write_json_atomic
+    from emdata.core.digest import sha256_file
 
     record_path = copy / "data" / "metadata" / "lightmycells_study_2.json"
     record = json.loads(record_path.read_text())
@@ -154,7 +154,7 @@ def test_verify_rehashes_every_image_and_finds_a_changed_one(built, tmp_path) ->
 def test_summary_has_a_row_and_a_thumbnail_per_collection_with_boxes_drawn(built) -> None:
     from PIL import Image
 
-    from emdata.summary import summarize
+    from emdata.stages.summarize import summarize
 
     cfg, cases = built
     summarize(cfg)

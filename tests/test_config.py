@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from emdata.config import load_config
+from emdata.params.config import load_config
 from emdata.errors import ConfigError
 
 

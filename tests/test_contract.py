@@ -18,9 +18,15 @@ from typing import Any
 import pytest
 import yaml
 
-from emdata.config import load_config
-from emdata.testing.contract import (ArrayHttpContract, CoreContract, HttpContract, LocalContract, S3Contract,
-                                      SourceCase)
+from emdata.params.config import load_config
+from emdata.testing.contract import (
+    ArrayHttpContract,
+    CoreContract,
+    HttpContract,
+    LocalContract,
+    S3Contract,
+    SourceCase,
+)
 from emdata.testing.registry import case_keys, registered_kinds, replica_for
 
 

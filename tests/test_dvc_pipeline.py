@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emdata.demo import replica_repository
-from emdata.io.http import sha256_file
+from emdata.testing.demo import replica_repository
+from emdata.transport.http import sha256_file
 from emdata.testing.dvc import dvc, git, offline_env
 from tests.conftest import REPO
 
@@ -56,7 +56,7 @@ def test_repro_is_a_noop_the_second_time_and_reruns_only_what_changed(producer) 
 
 @pytest.mark.s3
 def test_demo_pushes_and_pulls_identical_files(tmp_path: Path) -> None:
-    from emdata.demo import run_demo
+    from emdata.testing.demo import run_demo
 
     result = run_demo(REPO, workdir=tmp_path / "demo", keep=True)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -50,14 +50,8 @@ import pytest
 import yaml
 from requests.models import DEFAULT_REDIRECT_LIMIT
 
-from emdata.testing.epfl import (
-    EPFL_PATH,
-    FOLDER,
-    LABEL_VALUES,
-    build_epfl_replica,
-    epfl_datasets,
-)
-from emdata.io.http import RetryPolicy
+from emdata.testing.epfl import EPFL_PATH, FOLDER, LABEL_VALUES, build_epfl_replica, epfl_datasets
+from emdata.transport.http import RetryPolicy
 from emdata.testing.http_server import ReplicaServer
 from emdata.testing.volumes import coordinate_volume, write_tiff_stack
 
@@ -863,7 +857,7 @@ def r02b_huge_content_length(c: Case) -> tuple[str, str]:
 
 
 def _spec(project: Path, key: str = DS) -> dict[str, Any]:
-    from emdata.config import load_config
+    from emdata.params.config import load_config
 
     return load_config(project).dataset(key).source.to_dict()
 
@@ -1745,7 +1739,13 @@ def t20_02_served_cut_classic_tiff(c: Case) -> tuple[str, str]:
 def t20_06_offset_100_voxels_away(c: Case) -> tuple[str, str]:
     """params' offset 100000 nm, the DM3 calibration's 100802 nm at 8 nm pixels: 0.8 % but 100 voxels apart."""
     from emdata.testing.dm3 import calibration, dm3_bytes
-    from emdata.testing.empiar import PIXEL_UM, RunningEmpiar, build_empiar_replica, empiar_dataset, slice_tags
+    from emdata.testing.empiar import (
+        PIXEL_UM,
+        RunningEmpiar,
+        build_empiar_replica,
+        empiar_dataset,
+        slice_tags,
+    )
 
     replica = build_empiar_replica(c.tmp / "empiar", shape=(5, 13, 11))
     assert replica.volume is not None
@@ -2053,8 +2053,8 @@ T20_LOCK = r"""
 import contextlib, hashlib, json, shutil, sys
 from pathlib import Path
 import h5py, numpy as np
-import emdata.normalize as n
-from emdata.config import load_config
+import emdata.stages.normalize.volume as n
+from emdata.params.config import load_config
 cfg = load_config(Path.cwd())
 raw, fetched = cfg.raw_dir(sys.argv[1]), Path(sys.argv[2])
 real_lock = n.dataset_lock

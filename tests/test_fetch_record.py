@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from emdata.errors import ConfigError
-from emdata.fetch_context import FetchContext
-from emdata.fetch_record import FetchedFile, FetchRecord, fetched, safe_relpath
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord, fetched, safe_relpath
 
 
 def test_a_spec_with_tuples_is_fetched_after_a_round_trip_through_json(tmp_path) -> None:
@@ -34,7 +34,7 @@ def test_hash_state_rehashes_only_files_whose_stat_changed(tmp_path, monkeypatch
     import hashlib
     import os
 
-    import emdata.fetch_record as fr
+    import emdata.sources.fetch.record as fr
 
     folder, state_path = tmp_path / "raw", tmp_path / "state" / "d.json"
     folder.mkdir()

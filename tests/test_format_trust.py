@@ -38,9 +38,9 @@ IMAGE = "volumedata.tif"
 
 def test_normalize_reads_the_fetch_record_under_the_lock(epfl_project, epfl_replica, monkeypatch) -> None:
     """A fetch that finishes just before normalize takes the lock: provenance must describe the new files."""
-    import emdata.normalize as normalize_module
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    import emdata.stages.normalize.volume as normalize_module
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     cfg = epfl_project
     raw = cfg.raw_dir(DS)
@@ -80,7 +80,7 @@ def test_normalize_reads_the_fetch_record_under_the_lock(epfl_project, epfl_repl
 
 
 def _resolve(pv=None, po=None, sv=None, so=None, trust=None):
-    from emdata.geometry import resolve
+    from emdata.core.geometry import resolve
 
     return resolve("ds", params_voxel=pv, params_offset=po, source_voxel=sv, source_offset=so, trust=trust)
 
@@ -107,8 +107,8 @@ def test_voxel_sizes_compare_relatively() -> None:
 
 def test_one_grid_rule_for_geometry_and_ome_zarr() -> None:
     """geometry.same_grid is the rule; io.ngff.same_grid is it with a tolerance for float noise only."""
-    from emdata import geometry
-    from emdata.io import ngff
+    from emdata.core import geometry
+    from emdata.formats import ngff
 
     voxel = (8.0, 8.0, 8.0)
     for a, b in [((0, 0, 100000.0), (0, 0, 100800.0)), ((0, 0, 100000.0), (0, 0, 100000.0 + 4e-6)),
@@ -121,8 +121,8 @@ def test_one_grid_rule_for_geometry_and_ome_zarr() -> None:
 
 def test_labels_on_a_far_offset_grid_are_refused(tmp_path) -> None:
     """normalize's label/image check: an offset 100 voxels away is another grid, however large the offsets."""
-    from emdata.normalize import _check_labels
-    from emdata.raw import ArrayVolume
+    from emdata.stages.normalize.volume import _check_labels
+    from emdata.formats.raw import ArrayVolume
 
     array = np.zeros((3, 5, 7), np.uint8)
     image = ArrayVolume(array, "ds", voxel_size_nm=(8.0, 8.0, 8.0), offset_nm=(0.0, 100000.0, 0.0))
@@ -148,7 +148,7 @@ def _directories_follow_data(path: Path) -> bool:
 
 
 def test_a_libtiff_stack_reads_whole(tmp_path) -> None:
-    from emdata.io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     volume = coordinate_volume((9, 13, 11))
     path = write_libtiff_stack(tmp_path / "whole.tif", volume)
@@ -161,7 +161,7 @@ def test_a_libtiff_stack_reads_whole(tmp_path) -> None:
 @pytest.mark.parametrize("cut", [0.5, 0.3, 0.77])
 def test_a_cut_libtiff_stack_is_refused(tmp_path, cut) -> None:
     """Cut anywhere (in a page's data, in a directory, after one): never fewer planes, always a FormatError."""
-    from emdata.io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     volume = coordinate_volume((9, 13, 11))
     whole = write_libtiff_stack(tmp_path / "whole.tif", volume).read_bytes()
@@ -177,7 +177,7 @@ def test_a_cut_tifffile_page_chain_is_refused(tmp_path) -> None:
     """tifffile's own layout (directory, then data), one page per series, cut inside the last page's data."""
     import tifffile
 
-    from emdata.io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     volume = coordinate_volume((6, 13, 11))
     path = tmp_path / "pages.tif"
@@ -195,8 +195,8 @@ def test_a_cut_tifffile_page_chain_is_refused(tmp_path) -> None:
 
 def test_normalize_refuses_a_served_cut_libtiff_stack(epfl_project, epfl_replica) -> None:
     """End to end: the server serves a cut classic TIFF (size not pinned): fetch stores it, normalize refuses it."""
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     served = epfl_replica.root / FOLDER / IMAGE
     whole = write_libtiff_stack(served, epfl_replica.arrays[IMAGE]).read_bytes()
@@ -210,7 +210,7 @@ def test_normalize_refuses_a_served_cut_libtiff_stack(epfl_project, epfl_replica
 def test_an_rgb_tiff_does_not_advise_fetching_again(tmp_path) -> None:
     import tifffile
 
-    from emdata.io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     path = tmp_path / "rgb.tif"
     tifffile.imwrite(path, np.zeros((3, 13, 11, 3), np.uint8), photometric="rgb")
@@ -228,7 +228,7 @@ def test_an_rgb_tiff_does_not_advise_fetching_again(tmp_path) -> None:
 def test_a_dm3_spectrum_in_nm_is_not_an_image(tmp_path, meta) -> None:
     """A CL line scan (wavelength in nm beside x in nm) has length units on both axes: still no image."""
     pytest.importorskip("rsciio")
-    from emdata.io.dm3 import open_dm3
+    from emdata.formats.dm3 import open_dm3
     from emdata.testing.dm3 import calibration, dm3_bytes
     from emdata.testing.empiar import slice_tags
 
@@ -245,7 +245,7 @@ def test_a_dm3_spectrum_in_nm_is_not_an_image(tmp_path, meta) -> None:
 
 def test_a_dm3_image_in_nm_is_still_read(tmp_path) -> None:
     pytest.importorskip("rsciio")
-    from emdata.io.dm3 import open_dm3
+    from emdata.formats.dm3 import open_dm3
     from emdata.testing.dm3 import calibration, dm3_bytes
     from emdata.testing.empiar import slice_tags
 
@@ -263,8 +263,8 @@ def test_a_dm3_image_in_nm_is_still_read(tmp_path) -> None:
 def test_a_garbage_s3_chunk_gets_advice_that_helps(tmp_path, make_project) -> None:
     """The service serves a chunk that does not decode: a bare `emdata fetch` then says "up to date",
     so normalize's advice must be to delete the copy first, and following it must work."""
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
     from emdata.testing.contract import FAST_RETRIES
     from emdata.testing.registry import replica_for
 
@@ -303,7 +303,7 @@ def _die_with_oserror() -> None:
 
 def test_interleaved_creates_restore_the_original_hook(tmp_path, monkeypatch) -> None:
     """A enters, B enters, A leaves, B leaves (two threads' normalizes): the hook is the original again."""
-    from emdata.io import hdf5
+    from emdata.h5 import hdf5
 
     seen: list[BaseException] = []
     original = lambda unraisable: seen.append(unraisable.exc_value)  # noqa: E731
@@ -322,7 +322,7 @@ def test_interleaved_creates_restore_the_original_hook(tmp_path, monkeypatch) ->
 def test_a_dealloc_error_in_another_thread_is_not_this_files_failure(tmp_path, monkeypatch) -> None:
     """While one thread writes an HDF5, an unrelated dealloc error in another thread goes to the
     previous hook; it neither fails this file nor is swallowed."""
-    from emdata.io import hdf5
+    from emdata.h5 import hdf5
 
     seen: list[BaseException] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
@@ -338,7 +338,7 @@ def test_a_dealloc_error_in_another_thread_is_not_this_files_failure(tmp_path, m
 
 def test_a_dealloc_error_in_the_writing_thread_still_fails_the_file(tmp_path, monkeypatch) -> None:
     from emdata.errors import OutputError
-    from emdata.io import hdf5
+    from emdata.h5 import hdf5
 
     seen: list[BaseException] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))

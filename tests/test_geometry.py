@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from emdata.errors import ConfigError, FormatError
-from emdata.geometry import resolve
+from emdata.core.geometry import resolve
 
 
 def _resolve(pv=None, po=None, sv=None, so=None, trust=None):

@@ -20,8 +20,8 @@ from typing import Any, Callable, ClassVar
 import pytest
 
 from emdata.errors import ConfigError, FetchError, IntegrityError
-from emdata.io import http as emhttp
-from emdata.io.http import HttpClient, RetryPolicy
+from emdata.transport import http as emhttp
+from emdata.transport.http import HttpClient, RetryPolicy
 from emdata.testing.http_server import ReplicaServer
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, connect_timeout=2, read_timeout=5)

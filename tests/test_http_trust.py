@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import pytest
 
 from emdata.errors import ConfigError, FetchError, FormatError, IntegrityError
-from emdata.fetch_context import FetchContext, workers_from_env
-from emdata.io import http as emhttp
-from emdata.io.http import HttpClient, RetryPolicy
-from emdata.numbers import ascii_decimal, ascii_int
+from emdata.sources.fetch.context import FetchContext, workers_from_env
+from emdata.transport import http as emhttp
+from emdata.transport.http import HttpClient, RetryPolicy
+from emdata.core.numbers import ascii_decimal, ascii_int
 
 SIZE = 50_021  # odd, several receive reads
 OLD = bytes(range(251)) * (SIZE // 251) + bytes(SIZE % 251)
@@ -413,7 +413,7 @@ def test_fetch_workers_env_accepts_a_plain_number(monkeypatch) -> None:
 
 
 def test_readers_parse_ascii_digits_only() -> None:
-    from emdata.io.dm3 import natural_sorted
+    from emdata.formats.dm3 import natural_sorted
     from emdata.sources.empiar import image_count
 
     assert natural_sorted(["s_10.dm3", "²", "s_2.dm3", "s_1²"]) == ["s_1²", "s_2.dm3", "s_10.dm3", "²"]
@@ -423,7 +423,7 @@ def test_readers_parse_ascii_digits_only() -> None:
 
 
 def test_ome_xml_size_in_non_ascii_digits_is_a_format_error(tmp_path) -> None:
-    from emdata.io.ometiff import parse_ome_xml
+    from emdata.formats.ometiff import parse_ome_xml
 
     xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
            '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint8" SizeX="²" SizeY="3" '
@@ -457,7 +457,7 @@ def test_redirect_to_a_location_that_is_not_utf8_is_one_line(server, tmp_path) -
 
 
 def test_base_url_with_an_invalid_ipv6_host_is_a_config_error() -> None:
-    from emdata.config import as_url
+    from emdata.params.config import as_url
 
     with pytest.raises(ConfigError, match="invalid URL") as err:
         as_url("http://[::1/data/", "datasets.x.source.base_url")
@@ -534,7 +534,7 @@ def test_download_counts_its_own_requests_while_others_run(server, tmp_path) -> 
 
 
 def test_plan_says_new_for_a_part_that_fetch_will_restart(tmp_path) -> None:
-    from emdata.sources.base import RemoteFile, plan_files
+    from emdata.sources.fetch.files import RemoteFile, plan_files
 
     ctx = FetchContext("ds", "epfl", {}, tmp_path)
     spec = RemoteFile("f.bin", "http://127.0.0.1:9/f.bin", SIZE, None)

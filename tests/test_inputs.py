@@ -1,11 +1,11 @@
-"""The inputs stage (emdata.inputs): one small file per dataset, rewritten only when it changes."""
+"""The inputs stage (emdata.stages.inputs): one small file per dataset, rewritten only when it changes."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from emdata.inputs import write_inputs
+from emdata.stages.inputs import write_inputs
 from emdata.testing.epfl import epfl_datasets
 from emdata.testing.labelme_tracking import build_replica, organoid_dataset
 

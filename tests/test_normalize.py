@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from emdata.errors import FormatError, NotBuiltError
-from emdata.io.http import sha256_file
-from emdata.metadata import build_record, write_record
-from emdata.normalize import normalize_dataset
-from emdata.pipeline import fetch_dataset, verify_dataset
+from emdata.transport.http import sha256_file
+from emdata.h5.metadata import build_record, write_record
+from emdata.stages.normalize.volume import normalize_dataset
+from emdata.stages.fetch import fetch_dataset, verify_dataset
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_compressed_layouts_round_trip(make_project, server, epfl_replica, compr
 def test_failure_midway_keeps_the_previous_output(fetched, monkeypatch) -> None:
     path = normalize_dataset(fetched, "epfl_hippocampus")
     before = sha256_file(path)
-    from emdata.io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     original = TiffStack.read_box
 
@@ -148,7 +148,7 @@ def test_a_killed_run_leaves_a_temporary_that_the_next_run_removes(fetched) -> N
 
 
 def test_a_second_run_on_the_same_dataset_says_who_holds_it(fetched) -> None:
-    from emdata.io.lock import LockedError, dataset_lock
+    from emdata.core.lock import LockedError, dataset_lock
 
     with dataset_lock(fetched.lock_dir(), "epfl_mito_train", "normalize"):
         proc = subprocess.run([sys.executable, "-m", "emdata", "normalize", "epfl_mito_train"], cwd=fetched.root,

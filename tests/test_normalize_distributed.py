@@ -19,13 +19,19 @@ import h5py
 import numpy as np
 import pytest
 
-from emdata.chunk_index import ChunkIndex
-from emdata.config import load_config
+from emdata.h5.chunk_index import ChunkIndex
+from emdata.params.config import load_config
 from emdata.errors import ClusterError
-from emdata.io.digest import sha256_file
-from emdata.normalize import normalize_dataset
-from emdata.normalize_distributed import Ledger, _pack_block, _unpack_block, last_ledger_path, ledger_dir
-from emdata.pipeline import fetch_dataset
+from emdata.core.digest import sha256_file
+from emdata.stages.normalize.volume import normalize_dataset
+from emdata.stages.normalize.distributed import (
+    Ledger,
+    _pack_block,
+    _unpack_block,
+    last_ledger_path,
+    ledger_dir,
+)
+from emdata.stages.fetch import fetch_dataset
 from emdata.testing.epfl import build_epfl_replica, epfl_datasets
 from emdata.testing.http_server import ReplicaServer
 

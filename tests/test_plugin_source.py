@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.demo import copy_repository, point_params_at_replicas, start_replicas
-from emdata.io.digest import sha256_file
+from emdata.testing.demo import copy_repository, point_params_at_replicas, start_replicas
+from emdata.core.digest import sha256_file
 from emdata.testing.dvc import dvc, git, offline_env
 from tests.conftest import REPO
 
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from emdata.config import Section, as_url
-from emdata.raw import ArrayVolume
-from emdata.sources.base import RemoteFile, fetch_files, plan_files
+from emdata.params.config import Section, as_url
+from emdata.formats.raw import ArrayVolume
+from emdata.sources.fetch.files import RemoteFile, fetch_files, plan_files
 
 KIND = "toy"
 READERS = ()

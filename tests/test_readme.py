@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emdata.demo import copy_repository, point_params_at_replicas
+from emdata.testing.demo import copy_repository, point_params_at_replicas
 from emdata.testing.dvc import dvc, git, offline_env
 from emdata.testing.epfl import RunningEpfl, build_epfl_replica
 from emdata.testing.http_server import ReplicaServer

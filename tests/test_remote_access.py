@@ -19,8 +19,8 @@ import yaml
 
 from emdata.access.remote import RemoteVolume
 from emdata.access.volume import open_dataset
-from emdata.chunk_index import ChunkIndex, to_kerchunk
-from emdata.demo import replica_repository
+from emdata.h5.chunk_index import ChunkIndex, to_kerchunk
+from emdata.testing.demo import replica_repository
 from emdata.errors import NotBuiltError
 from emdata.testing.dvc import dvc, git, offline_env
 from emdata.testing.s3 import SeaweedS3

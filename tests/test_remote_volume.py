@@ -15,7 +15,7 @@ import pytest
 
 from emdata.access.remote import RangeReader, RemoteIndex, RemoteVolume, Transfer
 from emdata.access.volume import Volume
-from emdata.chunk_index import write as write_index
+from emdata.h5.chunk_index import write as write_index
 from emdata.testing.volumes import blob_labels, coordinate_volume, write_canonical
 
 SHAPE = (23, 41, 57)  # odd, non-cubic

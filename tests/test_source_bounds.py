@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import Config, load_config
+from emdata.params.config import Config, load_config
 from emdata.errors import FetchError, FormatError
 from emdata.testing.contract import FAST_RETRIES
 from emdata.testing.empiar import PIXEL_NM, RunningEmpiar, build_empiar_replica, empiar_dataset
@@ -37,8 +37,8 @@ def _project(tmp_path: Path, entries: dict[str, Any]) -> Config:
 
 
 def _fetch(cfg: Config, key: str) -> Any:
-    from emdata.io.http import HttpClient
-    from emdata.pipeline import fetch_dataset
+    from emdata.transport.http import HttpClient
+    from emdata.stages.fetch import fetch_dataset
 
     return fetch_dataset(cfg, key, http_factory=lambda: HttpClient(key, policy=FAST_RETRIES, sleep=lambda s: None))
 
@@ -81,7 +81,7 @@ def test_empiar_sparse_series_sends_no_more_heads_than_the_count(empiar: Running
 
 
 def test_changing_pixel_size_trust_fetches_nothing_and_renormalizes(empiar: RunningEmpiar, tmp_path: Path) -> None:
-    from emdata.normalize import normalize_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
 
     empiar.api_changes = {"pixel_width": 100.0, "pixel_height": 100.0}  # Å: 10 nm, the DM3 says 7.998 nm
     cfg = _project(tmp_path, {EMPIAR_KEY: empiar_dataset(empiar.server.url, pixel_size_trust="dm3")})

@@ -18,10 +18,18 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import load_config
-from emdata.io.http import sha256_file
-from emdata.testing.empiar import (ACCESSION, DATA_PATH, PIXEL_NM, XML_NAME, RunningEmpiar, build_empiar_replica,
-                                   empiar_dataset, write_slice)
+from emdata.params.config import load_config
+from emdata.transport.http import sha256_file
+from emdata.testing.empiar import (
+    ACCESSION,
+    DATA_PATH,
+    PIXEL_NM,
+    XML_NAME,
+    RunningEmpiar,
+    build_empiar_replica,
+    empiar_dataset,
+    write_slice,
+)
 from emdata.testing.http_server import ReplicaServer
 from tests.conftest import REPO
 
@@ -65,8 +73,8 @@ def project(make_project, run: RunningEmpiar, **source: Any):
 
 
 def build(cfg) -> Path:
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     fetch_dataset(cfg, KEY)
     return normalize_dataset(cfg, KEY)
@@ -148,7 +156,7 @@ def test_replica_dm3_structure_matches_the_real_slice(empiar: RunningEmpiar) -> 
 
 
 def test_plan_reports_files_bytes_and_requests_before_any_download(make_project, empiar: RunningEmpiar) -> None:
-    from emdata.pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     cfg = project(make_project, empiar)
     plans = plan_dataset(cfg, KEY)
@@ -219,7 +227,7 @@ def test_record_has_doi_licence_instrument_detector_and_native_metadata(make_pro
 
 
 def test_the_trakem2_tree_is_fetched_only_when_asked(make_project, empiar: RunningEmpiar) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     cfg = project(make_project, empiar, include_folders=["trakem2"])
     fetch_dataset(cfg, KEY)
@@ -288,7 +296,7 @@ def test_failures_are_one_line_and_leave_outputs_untouched(make_project, empiar,
 @pytest.mark.dvc
 def test_dvc_repro_builds_empiar_11759_from_the_replica(tmp_path: Path) -> None:
     """The real params entry, pointed at the replica, through `dvc repro` (fetch, normalize, summarize)."""
-    from emdata.demo import copy_repository, point_params_at_replicas
+    from emdata.testing.demo import copy_repository, point_params_at_replicas
     from emdata.testing.dvc import dvc, git, offline_env
 
     env = offline_env(tmp_path / "env")

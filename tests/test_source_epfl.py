@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emdata.config import load_config
+from emdata.params.config import load_config
 from emdata.testing.epfl import EPFL_PATH
 
 
@@ -21,7 +21,7 @@ def test_real_params_use_the_real_epfl_urls() -> None:
 
 
 def test_plan_reports_sizes_without_downloading(epfl_project, server) -> None:
-    from emdata.pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     plans = plan_dataset(epfl_project, "epfl_mito_train")
     assert [p.name for p in plans] == ["training.tif", "training_groundtruth.tif"]
@@ -38,9 +38,9 @@ def test_labels_are_mapped_by_params_and_native_values_stay_available(epfl_proje
     import h5py
     import yaml
 
-    from emdata.config import load_config
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.params.config import load_config
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     native = epfl_replica.arrays["testing_groundtruth.tif"]
     fetch_dataset(epfl_project, "epfl_mito_test")

@@ -17,12 +17,23 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import Config, load_config
+from emdata.params.config import Config, load_config
 from emdata.errors import FetchError, FormatError
-from emdata.io.http import sha256_file
+from emdata.transport.http import sha256_file
 from emdata.testing.contract import FAST_RETRIES, CoreContract, HttpContract, SourceCase
-from emdata.testing.idr import (DATASET_ID, FOLDER, HELA_ID, HELA_PLUS, IMAGE_ID, REPLICA, U2OS_XY, RunningIdr,
-                                idr_entry, imagej_description, write_imagej_tiff)
+from emdata.testing.idr import (
+    DATASET_ID,
+    FOLDER,
+    HELA_ID,
+    HELA_PLUS,
+    IMAGE_ID,
+    REPLICA,
+    U2OS_XY,
+    RunningIdr,
+    idr_entry,
+    imagej_description,
+    write_imagej_tiff,
+)
 from tests.conftest import REPO
 
 KEY = "idr0086_u2os"
@@ -43,19 +54,19 @@ def project(tmp_path: Path, entries: dict[str, Any], name: str = "project") -> C
 
 
 def fetch(cfg: Config, key: str = KEY):
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     return fetch_dataset(cfg, key, http_factory=lambda: client_for_key(key))
 
 
 def client_for_key(key: str):
-    from emdata.io.http import HttpClient
+    from emdata.transport.http import HttpClient
 
     return HttpClient(key, policy=FAST_RETRIES, sleep=lambda s: None, seed=0)
 
 
 def normalize(cfg: Config, key: str = KEY) -> Path:
-    from emdata.normalize import normalize_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
 
     return normalize_dataset(cfg, key)
 
@@ -116,7 +127,7 @@ def test_real_params_use_the_real_idr_and_ebi_urls() -> None:
 
 def test_paper_doi_and_geometry_switch_are_not_part_of_the_fetch_spec(idr, tmp_path) -> None:
     from emdata.sources.idr import parse_params
-    from emdata.config import Section
+    from emdata.params.config import Section
 
     entry = {k: v for k, v in idr_entry(idr.server.url)["source"].items() if k != "kind"}
     plain = parse_params(Section({**entry, "paper_doi": None}, "s")).to_dict()
@@ -155,7 +166,7 @@ def test_replica_tiff_has_the_real_imagej_layout(tmp_path) -> None:
 
 
 def test_imagej_calibration_decodes_the_micro_escape(tmp_path) -> None:
-    from emdata.io.imagej import decode_escapes, imagej_info, voxel_size_nm
+    from emdata.formats.imagej import decode_escapes, imagej_info, voxel_size_nm
 
     assert decode_escapes("\\u00B5m") == "µm" == decode_escapes("\u03bcm")
     vol = np.zeros((3, 5, 7), np.uint8)
@@ -309,7 +320,7 @@ def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tm
     from collections import Counter
 
     import h5py
-    from emdata.io.http import HttpClient
+    from emdata.transport.http import HttpClient
 
     workers, attempts = 4, FAST_RETRIES.attempts
     monkeypatch.setenv("EMDATA_FETCH_WORKERS", str(workers))
@@ -342,7 +353,7 @@ def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tm
 
     cfg = project(tmp_path, {KEY: idr_entry(idr.server.url, pixels="render", tile_size=TILE)})
     idr.server.route(broken, plane5)
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     with pytest.raises(FetchError, match=rf"{KEY}: .*{broken}\?region=.*failed after {attempts} attempts") as failed:
         fetch_dataset(cfg, KEY, http_factory=lambda: Client(KEY, policy=FAST_RETRIES, sleep=lambda s: None, seed=0))
@@ -366,7 +377,7 @@ def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tm
 
 
 def test_plan_counts_tiles_without_fetching_them(idr, tmp_path) -> None:
-    from emdata.pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     cfg = project(tmp_path, {KEY: idr_entry(idr.server.url, pixels="render", tile_size=TILE)})
     plans = plan_dataset(cfg, KEY)
@@ -468,7 +479,7 @@ def test_dvc_repro_builds_idr0086_by_both_routes_into_the_summary(tmp_path) -> N
 
     import h5py
 
-    from emdata.demo import replica_repository
+    from emdata.testing.demo import replica_repository
     from emdata.testing.dvc import dvc, offline_env
     from emdata.testing.idr import TEST_SHAPE
     from emdata.testing.volumes import coordinate_volume

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import load_config
+from emdata.params.config import load_config
 from emdata.errors import FormatError, IntegrityError
 from emdata.testing.labelme_tracking import REPLICA, organoid_dataset
 from tests.conftest import REPO
@@ -46,8 +46,8 @@ def test_real_params_record_the_licence_and_a_local_path() -> None:
 
 
 def test_a_well_is_a_time_series_with_24_hour_spacing_boxes_and_masks(organoids, tmp_path) -> None:
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     root = _project(tmp_path / "p", {"org": organoid_dataset(organoids.replica.folder, "Tracking")})
     cfg = load_config(root)
@@ -126,7 +126,7 @@ def test_invalid_json_and_a_missing_tif_are_one_line_each(organoids, tmp_path) -
 
 
 def test_a_zip_and_the_folder_import_the_same_files(organoids, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     root = _project(tmp_path / "p", {"a": organoid_dataset(organoids.replica.folder, "Tracking"),
                                       "b": organoid_dataset(organoids.replica.zip, "Tracking")})
@@ -144,7 +144,7 @@ def test_a_zip_and_the_folder_import_the_same_files(organoids, tmp_path) -> None
 
 
 def test_unsafe_sources_are_refused(organoids, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zf:
@@ -161,7 +161,7 @@ def test_unsafe_sources_are_refused(organoids, tmp_path) -> None:
 
 
 def test_wells_and_a_pinned_digest(organoids, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     entry = organoid_dataset(organoids.replica.folder, "Tracking")
     entry["source"]["wells"] = ["W_F10_3"]
@@ -187,9 +187,9 @@ def test_a_large_frame_is_read_in_tiles_never_as_a_series(organoids, tmp_path, m
     """With a small memory budget, no read covers a whole frame, let alone the series."""
     import tifffile
 
-    from emdata.io.tiff import TiffStack
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.formats.tiff import TiffStack
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     big = tmp_path / "big" / "Tracking" / "W_B2_1"
     big.mkdir(parents=True)
@@ -220,7 +220,7 @@ def test_a_large_frame_is_read_in_tiles_never_as_a_series(organoids, tmp_path, m
 
 
 def test_changed_files_make_fetch_import_again(organoids, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     root = _project(tmp_path / "p", {"org": organoid_dataset(organoids.replica.folder, "Tracking")})
     cfg = load_config(root)
@@ -266,7 +266,7 @@ def test_dvc_repro_reruns_only_this_import_when_the_users_files_change(organoids
     """Acceptance: the stage re-runs when the local files change, through `dvc repro` itself."""
     import re
 
-    from emdata.demo import copy_repository
+    from emdata.testing.demo import copy_repository
     from emdata.testing.dvc import dvc, git, offline_env
 
     env = offline_env(tmp_path / "env")

@@ -12,10 +12,17 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import load_config
+from emdata.params.config import load_config
 from emdata.errors import FormatError
-from emdata.testing.lightmycells import (DAMAGED_OME, HOSTILE_DOTDOT, HOSTILE_LINK, REPLICA, STUDIES,
-                                         lightmycells_dataset, served_path)
+from emdata.testing.lightmycells import (
+    DAMAGED_OME,
+    HOSTILE_DOTDOT,
+    HOSTILE_LINK,
+    REPLICA,
+    STUDIES,
+    lightmycells_dataset,
+    served_path,
+)
 from tests.conftest import REPO
 
 
@@ -49,7 +56,7 @@ def test_real_params_point_at_the_public_seafile_share() -> None:
 
 
 def test_plan_asks_the_size_through_the_redirect_and_downloads_nothing(lmc, tmp_path) -> None:
-    from emdata.pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     root = _project(tmp_path / "p", {"lightmycells_study_1": lightmycells_dataset(lmc.share_url, 1)})
     (plan,) = plan_dataset(load_config(root), "lightmycells_study_1")
@@ -77,7 +84,7 @@ def test_a_hostile_tarball_writes_nothing_outside_and_fails_on_one_line(lmc, tmp
 
 
 def test_unexpected_members_are_listed_not_dropped(lmc, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     root = _project(tmp_path / "p", {"lightmycells_study_2": lightmycells_dataset(lmc.share_url, 2)})
     cfg = load_config(root)
@@ -92,7 +99,7 @@ def test_unexpected_members_are_listed_not_dropped(lmc, tmp_path) -> None:
 
 
 def test_member_and_total_caps_are_enforced_naming_the_member(lmc, tmp_path, monkeypatch) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     entry = lightmycells_dataset(lmc.share_url, 1)
     entry["source"]["limits"] = {"member_mb": 1, "total_gb": 1}
@@ -112,7 +119,7 @@ def test_member_and_total_caps_are_enforced_naming_the_member(lmc, tmp_path, mon
 
 
 def test_a_truncated_tarball_fails_cleanly_and_the_next_run_downloads_it_again(lmc, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     path = served_path("Study_1.tar.gz")
     size = lmc.server.local_path(path).stat().st_size
@@ -149,8 +156,8 @@ def test_a_corrupt_ome_xml_is_one_line_and_leaves_the_last_outputs(lmc, tmp_path
 
 
 def test_the_table_says_which_targets_each_image_has(lmc, tmp_path) -> None:
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     root = _project(tmp_path / "p", {"lightmycells_study_1": lightmycells_dataset(lmc.share_url, 1)})
     cfg = load_config(root)
@@ -176,8 +183,8 @@ def test_the_table_says_which_targets_each_image_has(lmc, tmp_path) -> None:
 
 
 def test_params_override_a_pixel_size_only_when_trusted(lmc, tmp_path) -> None:
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     entry = lightmycells_dataset(lmc.share_url, 2)
     entry["voxel_size_nm"] = [1.0, 108.3, 108.3]  # agrees with the OME-XML (z is not used)
@@ -203,7 +210,7 @@ OME = ('<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID
     ('', None),
 ])
 def test_ome_pixel_sizes_become_nm(extra, expected) -> None:
-    from emdata.io.ometiff import parse_ome_xml
+    from emdata.formats.ometiff import parse_ome_xml
 
     info = parse_ome_xml(OME.format(extra=extra), "ds", Path("a.ome.tiff"))
     assert info.pixel_size_nm == (pytest.approx(expected) if expected else None)
@@ -218,16 +225,16 @@ def test_ome_pixel_sizes_become_nm(extra, expected) -> None:
     (OME.format(extra="")[:200], "does not parse"),
 ])
 def test_ome_xml_that_is_not_one_plane_is_refused(xml, problem) -> None:
-    from emdata.io.ometiff import parse_ome_xml
+    from emdata.formats.ometiff import parse_ome_xml
 
     with pytest.raises(FormatError, match=problem):
         parse_ome_xml(xml, "ds", Path("a.ome.tiff"))
 
 
 def test_without_a_pixel_size_params_must_give_it(lmc, tmp_path) -> None:
-    from emdata.collection import CollectionItem
+    from emdata.h5.collection import CollectionItem
     from emdata.errors import ConfigError
-    from emdata.normalize_collection import item_geometry
+    from emdata.stages.normalize.collection import item_geometry
 
     root = _project(tmp_path / "p", {"s": lightmycells_dataset(lmc.share_url, 1)})
     item = CollectionItem("1", "inputs/BF_z0", lambda: None, (3, 4), np.dtype("u2"))  # type: ignore[arg-type, return-value]

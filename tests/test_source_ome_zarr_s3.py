@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import Section, load_config
+from emdata.params.config import Section, load_config
 from emdata.errors import ConfigError, FormatError
 from emdata.testing import ome_zarr_s3 as replica
 from emdata.testing.contract import FAST_RETRIES
@@ -62,7 +62,7 @@ def _cli(cfg, *args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 def _fetch(cfg, key: str):
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     return fetch_dataset(cfg, key, policy=FAST_RETRIES)
 
@@ -113,7 +113,7 @@ def test_bad_params_name_their_key(change: dict[str, Any], message: str) -> None
 
 
 def test_the_real_multiscales_parse_with_float_scales_and_the_translation_rule() -> None:
-    from emdata.io.ngff import GRID_TOLERANCE, parse_multiscales
+    from emdata.formats.ngff import GRID_TOLERANCE, parse_multiscales
 
     ms = parse_multiscales(replica.multiscales(""), "g", "where", "ds")
     assert list(ms.levels) == [f"s{i}" for i in range(9)] and ms.version == "0.4"
@@ -125,7 +125,7 @@ def test_the_real_multiscales_parse_with_float_scales_and_the_translation_rule()
 
 
 def test_units_and_the_multiscale_transformation_are_applied() -> None:
-    from emdata.io.ngff import parse_multiscales
+    from emdata.formats.ngff import parse_multiscales
 
     attrs = replica.multiscales("")
     ms0 = attrs["multiscales"][0]
@@ -150,7 +150,7 @@ def test_units_and_the_multiscale_transformation_are_applied() -> None:
     (lambda m: m.pop("datasets"), "no datasets"),
 ])
 def test_unusable_multiscales_are_format_errors(edit, message: str) -> None:
-    from emdata.io.ngff import parse_multiscales
+    from emdata.formats.ngff import parse_multiscales
 
     attrs = replica.multiscales("")
     edit(attrs["multiscales"][0])
@@ -159,7 +159,7 @@ def test_unusable_multiscales_are_format_errors(edit, message: str) -> None:
 
 
 def test_zarray_is_read_as_served_and_checked() -> None:
-    from emdata.io.ngff import parse_zarray
+    from emdata.formats.ngff import parse_zarray
 
     meta = {"zarr_format": 2, "shape": [564, 2520, 2596], "chunks": [64, 64, 64], "dtype": "<i2",
             "compressor": {"id": "zstd", "level": 1}, "fill_value": 0, "order": "C", "filters": None,
@@ -182,7 +182,7 @@ def test_zarray_is_read_as_served_and_checked() -> None:
 
 
 def test_plan_reports_chunks_and_bytes_that_fetch_then_transfers(omz, project) -> None:
-    from emdata.pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     rows = plan_dataset(project, KEY, policy=FAST_RETRIES)
     chunk_rows = [r for r in rows if "chunks" in r.name]
@@ -227,7 +227,7 @@ def test_local_copy_is_a_zarr_hierarchy_tensorstore_reads(omz, project) -> None:
 def test_roi_in_nm_selects_the_same_voxels_as_in_voxels(omz, project) -> None:
     import h5py
 
-    from emdata.normalize import normalize_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
 
     case = _cases(omz)[KEY]
     scale, trans = replica.REAL_SCALES[0], replica.REAL_TRANSLATIONS[0]
@@ -248,8 +248,8 @@ def test_int16_stays_signed_and_the_thumbnail_is_windowed(omz, make_project) -> 
     import h5py
     from PIL import Image
 
-    from emdata.normalize import normalize_dataset
-    from emdata.summary import summarize
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.summarize import summarize
 
     cfg = make_project({KEY: _cases(omz)[KEY].dataset})
     _fetch(cfg, KEY)
@@ -267,7 +267,7 @@ def test_int16_stays_signed_and_the_thumbnail_is_windowed(omz, make_project) -> 
 
 
 def _built(project) -> dict[str, bytes]:
-    from emdata.normalize import normalize_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
 
     _fetch(project, KEY)
     normalize_dataset(project, KEY)
@@ -290,7 +290,7 @@ def _assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> st
 ])
 def test_bad_region_level_or_group_is_one_line_and_outputs_stay(omz, project, change, words) -> None:
     from emdata.errors import EmdataError
-    from emdata.pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     before = _built(project)
     cfg = _edit(project, KEY, **change)
@@ -360,7 +360,7 @@ def test_dvc_repro_of_an_roi_at_s0_and_a_whole_coarser_level(omz, tmp_path: Path
     import h5py
     from PIL import Image
 
-    from emdata.demo import copy_repository
+    from emdata.testing.demo import copy_repository
     from emdata.testing.dvc import dvc, git, offline_env
     from tests.conftest import REPO
 

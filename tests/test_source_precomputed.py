@@ -21,12 +21,19 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.config import load_config
+from emdata.params.config import load_config
 from emdata.errors import ConfigError
-from emdata.fetch_record import FetchedFile
-from emdata.io.http import RetryPolicy, sha256_file
-from emdata.testing.precomputed import (DEMO_CROP, FINE_OFFSET, LAYER_PATH, REPLICA, RunningPrecomputed,
-                                        coarse_fraction, precomputed_dataset)
+from emdata.sources.fetch.record import FetchedFile
+from emdata.transport.http import RetryPolicy, sha256_file
+from emdata.testing.precomputed import (
+    DEMO_CROP,
+    FINE_OFFSET,
+    LAYER_PATH,
+    REPLICA,
+    RunningPrecomputed,
+    coarse_fraction,
+    precomputed_dataset,
+)
 from tests.conftest import REPO
 
 KEY = "hemibrain_em_crop"
@@ -66,7 +73,7 @@ def searched(running: RunningPrecomputed, seed: int, **kw: Any) -> dict[str, Any
 
 
 def prepared(cfg, key: str):
-    from emdata.pipeline import fetch_context
+    from emdata.stages.fetch import fetch_context
     from emdata.sources import precomputed
 
     return precomputed.prepare(cfg.dataset(key).source, fetch_context(cfg, key))
@@ -110,8 +117,8 @@ def test_params_are_checked_with_their_key_paths(tmp_path) -> None:
 
 
 def test_same_seed_same_crop_and_identical_hdf5_another_seed_another_crop(running, tmp_path) -> None:
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     hashes, rois = {}, {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -125,7 +132,7 @@ def test_same_seed_same_crop_and_identical_hdf5_another_seed_another_crop(runnin
 
 def test_a_fetch_counts_every_request_tensorstore_made(running, tmp_path) -> None:
     """The fetch's request count is what the server saw (the HTTP client's and tensorstore's), not 1."""
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     cfg = project(tmp_path, {KEY: searched(running, 5)})
     running.server.clear_log()
@@ -169,7 +176,7 @@ def test_an_impossible_criterion_is_one_error_after_the_bounded_tries(running, t
 
 
 def test_an_explicit_roi_bypasses_the_search(running, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     start = (FINE_OFFSET[0] + 3, FINE_OFFSET[1] + 5, FINE_OFFSET[2] + 7)  # background corner: no tissue test
     cfg = project(tmp_path, {KEY: precomputed_dataset(running.layer_url, seed=None, roi_start=start, crop=(9, 10, 11))})
@@ -185,8 +192,8 @@ def test_an_explicit_roi_bypasses_the_search(running, tmp_path) -> None:
 
 
 def test_roi_seed_tries_and_info_are_in_source_json_and_the_record(running, tmp_path) -> None:
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     cfg = project(tmp_path, {KEY: searched(running, 2)})
     fetch_dataset(cfg, KEY)
@@ -213,7 +220,7 @@ def test_roi_seed_tries_and_info_are_in_source_json_and_the_record(running, tmp_
 
 
 def test_root_attribute_lists_stay_bounded_for_many_files() -> None:
-    from emdata.normalize import MAX_SOURCE_ENTRIES, source_entries
+    from emdata.stages.normalize.volume import MAX_SOURCE_ENTRIES, source_entries
 
     many = {f"s0/{i}/{j}": FetchedFile(f"https://h/bucket/s0/{i}/{j}", 10, f"{i:032x}{j:032x}")
             for i in range(300) for j in range(20)}
@@ -236,8 +243,8 @@ def test_unsharded_jpeg_crop_matches_the_chunk_files_decoded_by_pillow(running, 
     """neuroglancer's JPEG chunk is one greyscale image whose pixels, row by row, are x fastest, then y, then z."""
     from PIL import Image
 
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     key = "16.0x16.0x16.0"
     off = running.replica.offsets[key]
@@ -264,7 +271,7 @@ def test_unsharded_jpeg_crop_matches_the_chunk_files_decoded_by_pillow(running, 
 
 
 def test_plan_shows_scale_roi_chunks_shards_and_bytes_without_reading_voxels(running, tmp_path) -> None:
-    from emdata.pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     case = running.cases()[0]  # jpeg, sharded, explicit ROI
     cfg = project(tmp_path, {case.key: case.dataset})
@@ -289,7 +296,7 @@ def test_plan_shows_scale_roi_chunks_shards_and_bytes_without_reading_voxels(run
 
 
 def test_murmurhash_shards_are_predicted_as_tensorstore_writes_them(running, tmp_path) -> None:
-    from emdata.io.precomputed import parse_info
+    from emdata.formats.precomputed import parse_info
 
     layer = parse_info(running.replica.info, "t", running.layer_url)
     scale = next(s for s in layer.scales if s.key == "64.0x64.0x64.0")
@@ -309,9 +316,9 @@ def _chunk_of(running, scale, pos):
 
 def test_plan_after_an_interrupted_fetch_marks_finished_blocks_done(running, tmp_path) -> None:
     from emdata.errors import FetchError
-    from emdata.pipeline import fetch_dataset, plan_dataset
+    from emdata.stages.fetch import fetch_dataset, plan_dataset
     from emdata.testing.contract import FAST_RETRIES
-    from emdata.io.http import HttpClient
+    from emdata.transport.http import HttpClient
 
     case = running.cases()[0]
     cfg = project(tmp_path, {case.key: case.dataset})
@@ -331,9 +338,9 @@ def test_blocks_of_another_crop_are_not_resumed(running, tmp_path) -> None:
     import h5py
 
     from emdata.errors import FetchError
-    from emdata.io.http import HttpClient
-    from emdata.normalize import normalize_dataset
-    from emdata.pipeline import fetch_dataset
+    from emdata.transport.http import HttpClient
+    from emdata.stages.normalize.volume import normalize_dataset
+    from emdata.stages.fetch import fetch_dataset
     from emdata.testing.contract import FAST_RETRIES
 
     case = running.cases()[0]
@@ -426,7 +433,7 @@ def test_an_unreachable_base_url_fails_in_one_line_after_few_attempts(tmp_path, 
 def test_a_new_seed_reruns_only_this_datasets_stages(tmp_path) -> None:
     from contextlib import ExitStack
 
-    from emdata.demo import replica_repository
+    from emdata.testing.demo import replica_repository
     from emdata.testing.dvc import dvc, offline_env
 
     env = offline_env(tmp_path / "env")
@@ -459,7 +466,7 @@ def test_a_new_seed_reruns_only_this_datasets_stages(tmp_path) -> None:
 
 def test_summary_lists_it_before_it_is_built(tmp_path) -> None:
     """Its voxel size comes from the layer, so params have none to show yet."""
-    from emdata.summary import summarize
+    from emdata.stages.summarize import summarize
 
     cfg = project(tmp_path, {KEY: precomputed_dataset("https://example.org/layer", seed=1)})
     summarize(cfg)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 
-from emdata.metadata import write_record
-from emdata.normalize import normalize_dataset
-from emdata.pipeline import fetch_dataset
-from emdata.summary import summarize
+from emdata.h5.metadata import write_record
+from emdata.stages.normalize.volume import normalize_dataset
+from emdata.stages.fetch import fetch_dataset
+from emdata.stages.summarize import summarize
 
 
 def test_summary_is_deterministic_and_complete(epfl_project) -> None:

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from emdata.errors import FormatError
-from emdata.io.tiff import TiffStack
+from emdata.formats.tiff import TiffStack
 from emdata.testing.volumes import coordinate_volume, write_tiff_stack
 
 

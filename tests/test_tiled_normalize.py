@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from emdata.io import hdf5
-from emdata.normalize import write_volume
-from emdata.raw import ArrayVolume
+from emdata.h5 import hdf5
+from emdata.stages.normalize.volume import write_volume
+from emdata.formats.raw import ArrayVolume
 from emdata.testing.volumes import coordinate_volume
-from emdata.tiles import IN_FLIGHT, plan_tiles
+from emdata.core.boxes import IN_FLIGHT, plan_tiles
 
 
 def _write(path, array, budget, chunks=(4, 8, 16), label=False):
@@ -73,15 +73,15 @@ def test_tiles_respect_the_budget_and_are_chunk_aligned(shape) -> None:
 
 
 def test_reading_a_tiff_box_does_not_import_the_network_or_the_registry() -> None:
-    code = ("import sys, emdata.io.tiff, emdata.raw, emdata.geometry; "
-            "print(sorted(m for m in ('requests', 'urllib3', 'emdata.sources', 'emdata.io.http') if m in sys.modules))")
+    code = ("import sys, emdata.formats.tiff, emdata.formats.raw, emdata.core.geometry; "
+            "print(sorted(m for m in ('requests', 'urllib3', 'emdata.sources', 'emdata.transport.http') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16])
 def test_mapped_label_values(dtype) -> None:
-    from emdata.raw import MappedVolume
+    from emdata.formats.raw import MappedVolume
 
     native = (coordinate_volume((3, 5, 7), np.uint8) % 4).astype(dtype) * 3  # values 0, 3, 6, 9
     mapped = MappedVolume(ArrayVolume(native, "t"), {3: 1, 9: -1 if np.dtype(dtype).kind == "i" else 2})

@@ -21,7 +21,7 @@ _LAZY = {
     "open_collection": "emdata.access.collection",
     "Collection": "emdata.access.collection",
     "PairedPatches": "emdata.access.collection",
-    "load_config": "emdata.config",
+    "load_config": "emdata.params.config",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from .errors import ConfigError, EmdataError
+from emdata.errors import ConfigError, EmdataError
 
 app = typer.Typer(
     help="Public 3D EM volumes -> versioned, ML-ready HDF5. Stages of dvc.yaml call these commands.",
@@ -53,7 +53,7 @@ def _main(
 
 
 def _config():
-    from .config import load_config
+    from emdata.params.config import load_config
 
     return load_config(_state["root"])
 
@@ -61,7 +61,7 @@ def _config():
 def _size(n: Optional[int]) -> str:
     if n is None:
         return "-"
-    from .summary import _human_bytes
+    from emdata.stages.summarize import _human_bytes
 
     return _human_bytes(n)
 
@@ -69,7 +69,7 @@ def _size(n: Optional[int]) -> str:
 @app.command("list")
 def list_datasets() -> None:
     """Datasets in params.yaml and what exists locally (fetched, normalized, sizes)."""
-    from .pipeline import dataset_state
+    from emdata.stages.fetch import dataset_state
 
     cfg = _config()
     problems = cfg.check()
@@ -95,7 +95,7 @@ def list_datasets() -> None:
 @app.command()
 def check() -> None:
     """Validate every dataset in params.yaml and the code fingerprints dvc.yaml depends on."""
-    from . import codedeps
+    from emdata.stages import codedeps
 
     cfg = _config()
     problems = cfg.check()
@@ -118,7 +118,7 @@ def check() -> None:
 @app.command("code-deps")
 def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the stale fingerprint files.")) -> None:
     """Fingerprints of the code that decides each kind's bytes (pipeline/code/, used by dvc.yaml)."""
-    from . import codedeps
+    from emdata.stages import codedeps
 
     cfg = _config()
     kinds = cfg.kinds()
@@ -136,7 +136,7 @@ def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the sta
 @app.command()
 def inputs() -> None:
     """Write data/inputs/<dataset>.json: the state of sources DVC cannot see (local imports)."""
-    from .inputs import write_inputs
+    from emdata.stages.inputs import write_inputs
 
     changed = write_inputs(_config())
     for key in sorted(k for k, c in changed.items() if c):
@@ -147,7 +147,7 @@ def inputs() -> None:
 @app.command()
 def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """What `fetch` would transfer: files (or chunk objects), bytes and requests; downloads no data."""
-    from .pipeline import plan_dataset
+    from emdata.stages.fetch import plan_dataset
 
     plans = plan_dataset(_config(), dataset)
     total = 0
@@ -163,7 +163,7 @@ def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."))
 @app.command()
 def fetch(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Download a dataset's source files into data/raw/<dataset> (resumable, verified, atomic)."""
-    from .pipeline import fetch_dataset
+    from emdata.stages.fetch import fetch_dataset
 
     result = fetch_dataset(_config(), dataset)
     typer.echo(f"{dataset}: {'up to date' if result.up_to_date else 'fetched'} in {result.raw_dir}")
@@ -178,7 +178,7 @@ def normalize(
              "process writes; the file is byte-identical. Env: EMDATA_SCHEDULER."),
 ) -> None:
     """Convert data/raw/<dataset> into data/processed/<dataset>.h5 and its metadata record."""
-    from .normalize import normalize_dataset
+    from emdata.stages.normalize.volume import normalize_dataset
 
     cfg = _config()
     out = normalize_dataset(cfg, dataset, scheduler=scheduler or None)
@@ -188,7 +188,7 @@ def normalize(
 @app.command()
 def summarize() -> None:
     """Write data/metadata.csv, METADATA_SUMMARY.md and thumbnails from the metadata records."""
-    from .summary import summarize as run
+    from emdata.stages.summarize import summarize as run
 
     for path in run(_config()):
         typer.echo(f"wrote {path}")
@@ -198,7 +198,7 @@ def summarize() -> None:
 def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
          as_json: bool = typer.Option(False, "--json", help="Print the whole metadata record as JSON.")) -> None:
     """Describe a dataset: its record if normalized, else its configuration and local state."""
-    from .pipeline import dataset_state
+    from emdata.stages.fetch import dataset_state
 
     cfg = _config()
     ds = cfg.dataset(dataset)
@@ -207,7 +207,7 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
         state = dataset_state(cfg, dataset)
         typer.echo(json.dumps({"title": ds.title, "source": ds.source.to_dict(), **state}, indent=1))
         return
-    from .metadata import read_record
+    from emdata.h5.metadata import read_record
 
     record = read_record(cfg, dataset)
     if as_json:
@@ -233,7 +233,7 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
 @app.command()
 def verify(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Re-hash the fetched raw files (if present), the HDF5 file and its voxels against their records."""
-    from .pipeline import verify_dataset, verify_raw
+    from emdata.stages.fetch import verify_dataset, verify_raw
 
     cfg = _config()
     checks = verify_raw(cfg, dataset) if cfg.raw_dir(dataset).exists() else []
@@ -247,7 +247,7 @@ def demo(
     keep: bool = typer.Option(False, help="Keep the demo folder and print its path."),
 ) -> None:
     """The whole job offline: replicas, dvc repro, push to a local S3, fresh clone, pull, verify."""
-    from .demo import run_demo
+    from emdata.testing.demo import run_demo
 
     run_demo(_config().root, workdir=workdir, keep=keep)
 

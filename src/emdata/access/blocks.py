@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import ConfigError
+from emdata.errors import ConfigError
 
 FITS = ("pad", "shrink")
 

@@ -24,14 +24,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import ClusterError, EmdataError
-from .blocks import Block
+from emdata.errors import ClusterError, EmdataError
+from emdata.access.blocks import Block
 
 log = logging.getLogger(__name__)
 
 
 def _predict_block(volume: Any, fn: Callable, block: Block, pad: str, post: Callable) -> np.ndarray:
-    from .tiling import _predict
+    from emdata.access.tiling import _predict
 
     return post(block, _predict(volume, fn, block, pad))
 

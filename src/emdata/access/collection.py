@@ -28,17 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AccessError, ConfigError, NotBuiltError
-from ..io import hdf5
-from .sampling import Patch
-from .volume import Volume, dataset_path
+from emdata.errors import AccessError, ConfigError, NotBuiltError
+from emdata.h5 import hdf5
+from emdata.access.sampling import Patch
+from emdata.access.volume import Volume, dataset_path
 
 
 class Collection:
     """The images of one collection HDF5 (read-only, fork- and pickle-safe)."""
 
     def __init__(self, path: str | os.PathLike, *, name: str | None = None) -> None:
-        from ..collection import TABLE, array_to_rows, image_arrays, is_collection
+        from emdata.h5.collection import TABLE, array_to_rows, image_arrays, is_collection
 
         self.path = Path(path)
         self.name = name or self.path.stem

@@ -4,11 +4,11 @@ No ``dvc pull``: DVC's own API says which object holds ``data/processed/<name>.h
 (its md5 in ``dvc.lock``) and where the remote keeps it (the content-addressed layout,
 ``<remote url>/files/md5/<first 2 hex>/<rest>`` for DVC 3, with the remote's configured
 endpoint and credentials). The chunk-offset index that normalize wrote beside the metadata
-record (``data/metadata/<name>.chunks``, :mod:`emdata.chunk_index`, pushed with the HDF5) says
+record (``data/metadata/<name>.chunks``, :mod:`emdata.h5.chunk_index`, pushed with the HDF5) says
 where each chunk lies in that object, so a read fetches only the chunks the ROI touches, with
 HTTP range requests through the remote's fsspec filesystem (s3fs for S3), concurrently, and
 adjacent chunks in one request. Compressed chunks are decoded by HDF5's own filter pipeline
-(hdf5plugin), as h5py would decode them (:class:`emdata.io.chunks.ChunkDecoder`).
+(hdf5plugin), as h5py would decode them (:class:`emdata.h5.chunks.ChunkDecoder`).
 
 The result is a :class:`RemoteVolume`, a :class:`~emdata.access.volume.Volume` with the same
 reading API (slicing, ``read``, ``read_roi``, ``blocks``, ``to_dask``, labels, metadata);
@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from ..chunk_index import ENTRY, PREFIX, ArrayIndex, ChunkIndex, IndexFormatError, index_path_for
-from ..errors import ConfigError, FetchError, NotBuiltError
-from ..io import hdf5
-from ..io.chunks import ChunkDecoder
-from .volume import Volume, _geometry
+from emdata.h5.chunk_index import ENTRY, PREFIX, ArrayIndex, ChunkIndex, IndexFormatError, index_path_for
+from emdata.errors import ConfigError, FetchError, NotBuiltError
+from emdata.h5 import hdf5
+from emdata.h5.chunks import ChunkDecoder
+from emdata.access.volume import Volume, _geometry
 
 HEAD_BYTES = 1 << 20  # an index up to this size is read whole at open
 PAGE_ENTRIES = 4096  # index table entries per page read on demand (64 KiB)
@@ -210,7 +210,7 @@ class RemoteVolume(Volume):
 
     @property
     def metadata(self) -> dict[str, Any]:
-        from .volume import file_metadata
+        from emdata.access.volume import file_metadata
 
         return file_metadata(self._remote_index.index.root_attrs, self.attrs)
 
@@ -274,7 +274,7 @@ def open_remote(name: str, *, rev: str | None = None, repo: str | os.PathLike | 
     """
     from dvc.repo import Repo
 
-    from ..config import find_root, processed_relpath
+    from emdata.params.config import find_root, processed_relpath
 
     rel = processed_relpath(name)
     rel_index = str(PurePosixPath(index_path_for(Path(f"data/metadata/{name}.json"))))

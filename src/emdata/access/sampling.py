@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AccessError, ConfigError
-from ..io import hdf5
-from .blocks import parse_triple
-from .volume import Volume
+from emdata.errors import AccessError, ConfigError
+from emdata.h5 import hdf5
+from emdata.access.blocks import parse_triple
+from emdata.access.volume import Volume
 
 
 @dataclass

@@ -51,11 +51,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..io import hdf5
-from ..progress import Progress
-from .blocks import Block, block_grid, parse_triple
-from .volume import PAD_MODES, Volume
+from emdata.errors import ConfigError
+from emdata.h5 import hdf5
+from emdata.core.progress import Progress
+from emdata.access.blocks import Block, block_grid, parse_triple
+from emdata.access.volume import PAD_MODES, Volume
 
 log = logging.getLogger(__name__)
 BLENDS = ("crop", "average", "gaussian")
@@ -457,7 +457,7 @@ def predictions(volume: Volume, fn: Callable, blocks: list[Block], todo: list[in
     """``(i, post(block i, fn(read region)))`` for each block in ``todo``: here in order, or on the
     workers of ``client`` in the order they finish."""
     if client is not None:
-        from .cluster import predict_on_cluster
+        from emdata.access.cluster import predict_on_cluster
 
         yield from predict_on_cluster(client, volume, fn, blocks, todo, pad, post)
         return

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from ..errors import ConfigError
-from .sampling import GridPatches, Patch, RandomPatches
+from emdata.errors import ConfigError
+from emdata.access.sampling import GridPatches, Patch, RandomPatches
 
 #: Samples and batches up to this many bytes are pickled inline (through the worker's pipe);
 #: larger ones go as shared-memory tensors, as torch does by default. On the 2-core machine of

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..errors import AccessError, ConfigError, FormatError, NotBuiltError
-from ..indexing import basic_box
-from ..io import hdf5
-from ..io.atomic import temporary_path
+from emdata.errors import AccessError, ConfigError, FormatError, NotBuiltError
+from emdata.core.indexing import basic_box
+from emdata.h5 import hdf5
+from emdata.core.atomic import temporary_path
 
 if TYPE_CHECKING:
-    from .blocks import Block
+    from emdata.access.blocks import Block
 
 PhysicalPixelSizes = namedtuple("PhysicalPixelSizes", ["Z", "Y", "X"])  # micrometres, as in bioio
 _Handle = namedtuple("_Handle", ["pid", "file", "dset", "chunkmap"])
@@ -183,7 +183,7 @@ class Volume:
             dset = _with_cache(file, self.array, max(row, 4 << 20))  # a row of chunks, for this array alone
             table = None
             if hdf5.ChunkMap.usable(dset):
-                from ..chunk_index import local_table
+                from emdata.h5.chunk_index import local_table
 
                 table = local_table(self.path, self.array, dset, self.index)
             handle = _Handle(os.getpid(), file, dset, hdf5.ChunkMap.build(dset, table))
@@ -340,7 +340,7 @@ class Volume:
     def blocks(self, block_shape: tuple[int, int, int], *, halo: tuple[int, int, int] = (0, 0, 0),
                fit: str = "pad") -> Iterator["Block"]:
         """Blocks covering the volume exactly (see :func:`emdata.access.blocks.block_grid`)."""
-        from .blocks import block_grid
+        from emdata.access.blocks import block_grid
 
         return block_grid(self.shape, block_shape, halo=halo, fit=fit)
 
@@ -447,13 +447,13 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
     DVC settings (e.g. ``{"endpointurl": ...}``).
     """
     if remote is not None:
-        from ..config import KEY_PATTERN
+        from emdata.params.config import KEY_PATTERN
 
         if _looks_like_path(name):
             raise ConfigError(f"{name}: rev=, repo= and remote= take a dataset name, not a file path")
         if not KEY_PATTERN.fullmatch(str(name)):
             raise ConfigError(f"{name!r}: remote= takes a dataset name")
-        from .remote import open_remote
+        from emdata.access.remote import open_remote
 
         return open_remote(str(name), rev=rev, repo=repo, remote=remote, label=label, remote_config=remote_config)
     path, display = dataset_path(name, rev=rev, repo=repo, cache_dir=cache_dir)
@@ -464,7 +464,7 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
 def dataset_path(name: str | os.PathLike, *, rev: str | None = None, repo: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
     """The HDF5 file ``name`` stands for (see :func:`open_dataset`), and the name to show."""
-    from ..config import KEY_PATTERN, find_root, processed_relpath
+    from emdata.params.config import KEY_PATTERN, find_root, processed_relpath
 
     if _looks_like_path(name):
         if rev is not None or repo is not None:
@@ -503,7 +503,7 @@ def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> 
     """Copy ``data/processed/<name>.h5`` at ``rev`` into a cache keyed by its DVC content hash."""
     from dvc.api import DVCFileSystem
 
-    from ..config import processed_relpath
+    from emdata.params.config import processed_relpath
 
     repo_str = str(Path(repo).resolve()) if repo is not None and Path(repo).exists() else (str(repo) if repo else None)
     rel = processed_relpath(name)

@@ -14,7 +14,7 @@ import importlib
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from emdata.errors import ConfigError
 
 ENTRY_POINT_GROUP = "emdata.sources"
 REQUIRED = ("KIND", "parse_params", "plan", "fetch", "open_volume", "read_metadata")  # see protocol.Source
@@ -30,8 +30,8 @@ KINDS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # mypy checks every built-in module against the protocol here
-    from . import empiar, epfl, idr, labelme_tracking, lightmycells, ome_zarr_s3, precomputed
-    from .protocol import CollectionSource, DescribedSource, LabelledSource, LocalSource
+    from emdata.sources import empiar, epfl, idr, labelme_tracking, lightmycells, ome_zarr_s3, precomputed
+    from emdata.sources.protocol import CollectionSource, DescribedSource, LabelledSource, LocalSource
 
     _epfl: LabelledSource = epfl
     _empiar: DescribedSource = empiar

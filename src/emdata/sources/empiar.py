@@ -15,7 +15,7 @@ retina, SBF-SEM) is 16 DM3 files of one 5500 x 5496 uint8 section each, plus one
 - No checksums are published: ``source.json`` records each file's size and sha256, and
   ``pins`` in params can fix them after a first download.
 - Slices are stacked in natural filename order (``_2`` before ``_10``) and read through
-  :mod:`emdata.io.dm3` (RosettaSciIO). Z spacing comes from the DM3 tag
+  :mod:`emdata.formats.dm3` (RosettaSciIO). Z spacing comes from the DM3 tag
   ``ImageTags.SBFSEM.Record.Slice thickness``, the in-plane pixel from the calibration (µm ->
   nm), cross-checked against the API's ``pixel_width`` (Å -> nm): more than 1 % apart is a
   FormatError unless ``pixel_size_trust`` says ``dm3`` or ``api``. ``voxel_size_nm`` in the
@@ -53,18 +53,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Section, as_choice, as_int, as_sha256, as_str, as_url
-from ..errors import ConfigError, FetchError, FormatError
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchedFile, FetchRecord, safe_relpath
-from ..numbers import ascii_int
-from .base import FilePlan, RemoteFile, fetch_files, plan_files
+from emdata.params.config import Section, as_choice, as_int, as_sha256, as_str, as_url
+from emdata.errors import ConfigError, FetchError, FormatError
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
+from emdata.core.numbers import ascii_int
+from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, plan_files
 
 if TYPE_CHECKING:
-    from ..io.dm3 import Dm3Stack
+    from emdata.formats.dm3 import Dm3Stack
 
 KIND = "empiar"
-READERS = ("emdata.io.dm3",)
+READERS = ("emdata.formats.dm3",)
 # fetch parses each slice's DM3 header (RosettaSciIO) and records it in source.json, so normalize
 # reads pixels at the recorded offsets without importing the reader (it and the dask/pandas it
 # loads cost ~70 MiB of RSS) and a corrupt or ragged slice is refused before it is ever stored.
@@ -286,7 +286,7 @@ def discover(params: Params, ctx: FetchContext) -> Discovery:
     if unlisted:
         log.warning("%s: %s not in the listing of %s but served; fetched (the API count is the authority)",
                     ctx.dataset, ", ".join(unlisted), params.base_url)
-    from ..io.dm3 import natural_sorted
+    from emdata.formats.dm3 import natural_sorted
 
     slices = natural_sorted(slices + unlisted)
     extras = [n for n in files if n not in slices and any(fnmatch.fnmatchcase(n, p) for p in params.extra_files)]
@@ -320,7 +320,7 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from ..io.atomic import write_bytes_atomic
+    from emdata.core.atomic import write_bytes_atomic
 
     found = discover(params, ctx)
     data = _entry_bytes(params, found.entry)
@@ -334,7 +334,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
 def _parse_headers(ctx: FetchContext, slices: list[str]) -> dict[str, Any]:
     """Each slice's DM3 header (the first with its tag tree); a bad slice is removed, to be fetched again."""
-    from ..io.dm3 import Dm3Stack
+    from emdata.formats.dm3 import Dm3Stack
 
     try:
         stack = Dm3Stack.parse([ctx.dest / name for name in slices], ctx.dataset)
@@ -351,7 +351,7 @@ def _parse_headers(ctx: FetchContext, slices: list[str]) -> dict[str, Any]:
 
 def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], "Dm3Stack"]:
     """The stored API entry, and the slices (natural order) from the headers fetch recorded."""
-    from ..io.dm3 import Dm3Stack, natural_sorted
+    from emdata.formats.dm3 import Dm3Stack, natural_sorted
 
     path = raw / params.entry_file
     try:

@@ -25,18 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import KEY_PATTERN, Section, as_url
-from ..errors import ConfigError
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchRecord
-from .base import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
+from emdata.params.config import KEY_PATTERN, Section, as_url
+from emdata.errors import ConfigError
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchRecord
+from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
 
 if TYPE_CHECKING:
-    from ..io.tiff import TiffStack
-    from ..raw import RawVolume
+    from emdata.formats.tiff import TiffStack
+    from emdata.formats.raw import RawVolume
 
 KIND = "epfl"
-READERS = ("emdata.io.tiff",)  # code that decides the normalized bytes (see emdata.codedeps)
+READERS = ("emdata.formats.tiff",)  # code that decides the normalized bytes (see emdata.stages.codedeps)
 
 
 @dataclass(frozen=True)
@@ -77,19 +77,19 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
 
 def open_volume(params: Params, raw: Path, dataset: str) -> "TiffStack":
-    from ..io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     return TiffStack(raw / params.image.name, dataset)
 
 
 def open_labels(params: Params, raw: Path, dataset: str) -> "dict[str, RawVolume]":
-    from ..io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     return {name: TiffStack(raw / spec.name, dataset) for name, spec in params.labels.items()}
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
-    from ..io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     native = {}
     for spec in params.files:

@@ -11,7 +11,7 @@ answers under ``omero/`` in the raw folder. Then the pixels, by one of two route
 ``original`` (default)
     The submitted file from the EBI HTTPS mirror of the IDR FTP area, through the shared HTTP
     layer (resumable, verified). idr0086's files are classic big-endian ImageJ TIFFs, one strip
-    per page, IFDs after the pixel data; :class:`emdata.io.tiff.TiffStack` reads them slab by
+    per page, IFDs after the pixel data; :class:`emdata.formats.tiff.TiffStack` reads them slab by
     slab. After the download the TIFF's shape and dtype must equal the API's sizes and pixel type
     (and the file must hold all the planes the API counts), else a FormatError names both.
 ``render``
@@ -29,7 +29,7 @@ Where the render route decodes: not during fetch. The tiles are kept as served
 is what a raw folder is everywhere else (``emdata verify`` re-hashes them). A tile is written
 atomically once it has passed its header check, so an interrupted fetch resumes tile by tile
 for free, and fetch decides no voxel bytes (``DECODES_ON_FETCH = False``): a change to the PNG
-decoding (:mod:`emdata.io.png`) re-runs normalize only. The PNGs are decoded when normalize reads
+decoding (:mod:`emdata.formats.png`) re-runs normalize only. The PNGs are decoded when normalize reads
 a box. The price: greyscale arrives as RGB PNG, about 1.5 times the voxels on disk for noisy EM
 (measured on the replica); decoding during fetch into a plain stack would need its own ledger of
 finished tiles to resume, and its bytes could no longer be checked against what the server sent.
@@ -75,22 +75,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import Section, as_choice, as_int, as_int_range, as_str, as_url
-from ..errors import ConfigError, FetchError, FormatError
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchedFile, FetchRecord
-from ..geometry import same_geometry
-from ..io.atomic import write_bytes_atomic
-from ..io.digest import sha256_file
-from ..io.png import header_problem
-from ..raw import IntTriple, RawVolume, Triple
-from .base import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
+from emdata.params.config import Section, as_choice, as_int, as_int_range, as_str, as_url
+from emdata.errors import ConfigError, FetchError, FormatError
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord
+from emdata.core.geometry import same_geometry
+from emdata.core.atomic import write_bytes_atomic
+from emdata.core.digest import sha256_file
+from emdata.formats.png import header_problem
+from emdata.formats.raw import IntTriple, RawVolume, Triple
+from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
 
 if TYPE_CHECKING:
-    from ..io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
 KIND = "idr"
-READERS = ("emdata.io.tiff", "emdata.io.imagej", "emdata.io.png")  # code that decides the normalized bytes
+READERS = ("emdata.formats.tiff", "emdata.formats.imagej", "emdata.formats.png")  # code that decides the normalized bytes
 DECODES_ON_FETCH = False  # render tiles are stored as served and decoded by normalize (see above)
 
 ROUTES = ("original", "render")
@@ -316,8 +316,8 @@ def _pixels_from_raw(params: Params, raw: Path, dataset: str) -> Pixels:
 
 def check_tiff(dataset: str, where: str, path: Path, pixels: Pixels, image_url: str) -> None:
     """The TIFF holds every plane the API counts, in the API's shape and pixel type, else FormatError."""
-    from ..io.imagej import imagej_info
-    from ..io.tiff import TiffStack
+    from emdata.formats.imagej import imagej_info
+    from emdata.formats.tiff import TiffStack
 
     expected = pixels.dtype
     if expected is None:
@@ -457,7 +457,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 def _voxel_size(params: Params, pixels: Pixels, info: dict[str, Any] | None,
                 dataset: str, where: str) -> tuple[Triple | None, str]:
     """OMERO's voxel size, cross-checked against the ImageJ tags; and where it came from."""
-    from ..io.imagej import voxel_size_nm
+    from emdata.formats.imagej import voxel_size_nm
 
     omero = pixels.voxel_size_nm
     imagej = voxel_size_nm(info) if info is not None else None
@@ -487,12 +487,12 @@ def _fmt(values: tuple[float | None, ...]) -> str:
 def open_volume(params: Params, raw: Path, dataset: str) -> RawVolume:
     pixels = _pixels_from_raw(params, raw, dataset)
     if params.pixels == "render":
-        from ..io.png import PngTiles
+        from emdata.formats.png import PngTiles
 
         return PngTiles(raw, dataset, pixels.shape, params.tile_size, _tile_path,
                         voxel_size_nm=pixels.voxel_size_nm, offset_nm=(0.0, 0.0, 0.0))
-    from ..io.imagej import imagej_info
-    from ..io.tiff import TiffStack
+    from emdata.formats.imagej import imagej_info
+    from emdata.formats.tiff import TiffStack
 
     assert params.original is not None
     path = raw / params.original.name
@@ -513,8 +513,8 @@ def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
              for name in (IMAGE_JSON, IMGDATA_JSON, DATASET_JSON) if (raw / name).is_file()}
     out: dict[str, Any] = {"omero": omero}
     if params.pixels == "original":
-        from ..io.imagej import imagej_info
-        from ..io.tiff import TiffStack
+        from emdata.formats.imagej import imagej_info
+        from emdata.formats.tiff import TiffStack
 
         assert params.original is not None
         path = raw / params.original.name
@@ -527,7 +527,7 @@ def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
 
 def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     """Names from OMERO (image, dataset, project, IDR study), the route, where the voxel size came from."""
-    from ..io.imagej import imagej_info
+    from emdata.formats.imagej import imagej_info
 
     meta = _load_json(raw, IMGDATA_JSON, dataset).get("meta") or {}
     pixels = _pixels_from_raw(params, raw, dataset)

@@ -5,7 +5,7 @@ a zip the user has, given by an absolute ``path``: ``[Organoid/]Tracking/<well>/
 its labelme ``Proj_<t>.json`` (and ``Detection/<well>/Proj_1.*``). ``plan`` lists the files and
 bytes, ``fetch`` copies the chosen subset into ``data/raw/<ds>/<well>/`` (files, bytes and sha256
 recorded; symbolic links, ``..`` and absolute zip members refused), checking every labelme file
-(:mod:`emdata.io.labelme`) and that each has its TIF. A later ``fetch`` sees changed, added or
+(:mod:`emdata.formats.labelme`) and that each has its TIF. A later ``fetch`` sees changed, added or
 removed files (``input_stamp``; the pipeline's ``inputs`` stage writes the same stamp to
 ``data/inputs/<ds>.json``, so ``dvc repro`` re-runs ``fetch@<ds>`` too) and imports again; ``sha256`` in params can pin the zip's bytes
 or the folder's manifest digest (what ``emdata plan`` prints), so that the params change with the data.
@@ -49,20 +49,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import Section, as_sha256, as_str
-from ..errors import ConfigError, FetchError, FormatError, IntegrityError
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchedFile, FetchRecord
-from .base import FilePlan
+from emdata.params.config import Section, as_sha256, as_str
+from emdata.errors import ConfigError, FetchError, FormatError, IntegrityError
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord
+from emdata.sources.fetch.files import FilePlan
 
 if TYPE_CHECKING:
-    from ..collection import RawCollection
-    from ..io.labelme import Annotation
+    from emdata.h5.collection import RawCollection
+    from emdata.formats.labelme import Annotation
 
 KIND = "labelme_tracking"
 LAYOUT = "collection"
-READERS = ("emdata.io.labelme", "emdata.io.tiff", "emdata.io.tiffseries")
-FETCHERS = ("emdata.io.archive",)  # zip member checks
+READERS = ("emdata.formats.labelme", "emdata.formats.tiff", "emdata.formats.tiffseries")
+FETCHERS = ("emdata.transport.archive",)  # zip member checks
 SUBSETS = ("Tracking", "Detection")
 WELL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 FRAME = re.compile(r"Proj_(?P<t>[0-9]{1,6})\.(?P<ext>tif|tiff|json)")
@@ -191,7 +191,7 @@ class _Tree:
         return out
 
     def _zip_files(self) -> list[SourceFile]:
-        from ..io.archive import unsafe_name
+        from emdata.transport.archive import unsafe_name
 
         out = []
         try:
@@ -295,7 +295,7 @@ def _check_pairs(files: list[SourceFile], dataset: str, tree: _Tree) -> None:
 
 def _check_annotation(folder: Path, rel: str, dataset: str, shapes: dict[str, tuple[int, int]]) -> None:
     """The labelme file (copied to ``folder``) is valid and says the size of its TIF."""
-    from ..io.labelme import load
+    from emdata.formats.labelme import load
 
     ann = load(folder / rel, dataset)
     tif = _tif_of(folder, rel)
@@ -314,7 +314,7 @@ def _tif_of(folder: Path, rel: str) -> Path:
 
 
 def _tif_shape(path: Path, dataset: str) -> tuple[int, int]:
-    from ..io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     with TiffStack(path, dataset) as stack:
         if stack.shape[0] != 1:
@@ -372,23 +372,23 @@ BOX_DTYPE = np.dtype([("t", "<i4"), ("identity", "<i8"), ("x0", "<f8"), ("y0", "
 
 
 def _frame_info(dataset: str, tif: Path) -> tuple[tuple[int, int], np.dtype, tuple[float, float] | None]:
-    from ..io.tiff import TiffStack
+    from emdata.formats.tiff import TiffStack
 
     with TiffStack(tif, dataset) as stack:
         if stack.shape[0] != 1:
             raise FormatError(dataset, str(tif), f"holds {stack.shape[0]} planes; one projected image is expected",
                               "check the file")
         shape, dtype = (int(stack.shape[1]), int(stack.shape[2])), np.dtype(stack.dtype)
-    from ..io.tiffseries import pixel_size_nm
+    from emdata.formats.tiffseries import pixel_size_nm
 
     return shape, dtype, pixel_size_nm(tif, dataset)
 
 
 def open_collection(params: Params, raw: Path, dataset: str) -> "RawCollection":
-    from ..collection import CollectionItem, RawCollection
-    from ..geometry import same_geometry
-    from ..io.labelme import BoxMasks, load
-    from ..io.tiffseries import TiffSeries
+    from emdata.h5.collection import CollectionItem, RawCollection
+    from emdata.core.geometry import same_geometry
+    from emdata.formats.labelme import BoxMasks, load
+    from emdata.formats.tiffseries import TiffSeries
 
     items, table, tables = [], [], {}
     for well, frames in _wells(raw).items():
@@ -441,8 +441,8 @@ def open_collection(params: Params, raw: Path, dataset: str) -> "RawCollection":
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     """labelme versions and imageData kinds seen, per well; the TIF tags of the first frame."""
-    from ..io.labelme import load
-    from ..io.tiff import TiffStack
+    from emdata.formats.labelme import load
+    from emdata.formats.tiff import TiffStack
 
     wells: dict[str, Any] = {}
     first_tags: dict[str, Any] = {}

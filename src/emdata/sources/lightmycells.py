@@ -4,7 +4,7 @@ A collection, not a volume: each study is a tarball on the organisers' public Se
 (``<share>/files/?p=%2FStudy_<n>.tar.gz&dl=1``; Seafile answers with a redirect to its file
 server, which honours Range). One dataset per study, so each study is its own DVC stage. The
 tarball is downloaded through the shared HTTP layer (resume, retries, size and sha256 recorded in
-``extra["sources"]``), then extracted by streaming (:mod:`emdata.io.archive`: no absolute names,
+``extra["sources"]``), then extracted by streaming (:mod:`emdata.transport.archive`: no absolute names,
 no ``..``, no links or devices, per-member and total caps) and deleted; only members named like
 
 - inputs ``image_<id>_<BF|DIC|PC>_z<k>.ome.tiff`` (one file per focal plane), and
@@ -12,7 +12,7 @@ no ``..``, no links or devices, per-member and total caps) and deleted; only mem
 
 are kept (with or without the archive's ``Study_<n>/`` folder); any other member is listed in the
 fetch record (``extra["skipped"]``). Every file is a single-plane OME-TIFF (TCZYX, T = C = Z = 1);
-pixel sizes come from its OME-XML (:mod:`emdata.io.ometiff`), and image sizes differ within a study.
+pixel sizes come from its OME-XML (:mod:`emdata.formats.ometiff`), and image sizes differ within a study.
 
 HDF5: ``/images/<id>/inputs/<modality>_z<k>`` and ``/images/<id>/targets/<organelle>``, 2D, with
 a per-image ``/table`` (id, modality, z planes, shape, pixel size, which targets exist).
@@ -40,19 +40,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Section, as_int, as_int_range, as_sha256, as_str, as_url
-from ..errors import ConfigError, FormatError
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchedFile, FetchRecord
-from .base import FilePlan, RemoteFile, fetch_files, plan_files
+from emdata.params.config import Section, as_int, as_int_range, as_sha256, as_str, as_url
+from emdata.errors import ConfigError, FormatError
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord
+from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, plan_files
 
 if TYPE_CHECKING:
-    from ..collection import RawCollection
+    from emdata.h5.collection import RawCollection
 
 KIND = "lightmycells"
 LAYOUT = "collection"
-READERS = ("emdata.io.ometiff", "emdata.io.tiff")  # code that decides the normalized bytes
-FETCHERS = ("emdata.io.archive",)  # code that decides the fetched bytes (extraction)
+READERS = ("emdata.formats.ometiff", "emdata.formats.tiff")  # code that decides the normalized bytes
+FETCHERS = ("emdata.transport.archive",)  # code that decides the fetched bytes (extraction)
 
 ARCHIVE = re.compile(r"Study_(?P<study>[1-9][0-9]*)\.tar\.gz")
 INPUT = re.compile(r"image_(?P<id>[0-9]+)_(?P<modality>BF|DIC|PC)_z(?P<z>[0-9]+)\.ome\.tiff?")
@@ -121,7 +121,7 @@ def accepted_name(member: str, study: int) -> str | None:
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from ..io.archive import ArchiveDamaged, Limits, extract_tar
+    from emdata.transport.archive import ArchiveDamaged, Limits, extract_tar
 
     spec = params.study
     _clear_extracted(ctx.dest, keep=spec.name)  # an earlier extraction of this spec may have stopped midway
@@ -172,8 +172,8 @@ def _image_files(raw: Path) -> list[str]:
 def open_collection(params: Params, raw: Path, dataset: str) -> "RawCollection":
     import numpy as np
 
-    from ..collection import CollectionItem, RawCollection
-    from ..io.ometiff import open_plane, read_ome
+    from emdata.h5.collection import CollectionItem, RawCollection
+    from emdata.formats.ometiff import open_plane, read_ome
 
     images: dict[str, dict[str, Any]] = {}
     for name in _image_files(raw):
@@ -221,7 +221,7 @@ def _item_order(item: Any) -> tuple[int, int, int]:
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     """Counts per kind of file and one parsed OME-XML example of each (the rest are alike)."""
-    from ..io.ometiff import read_ome
+    from emdata.formats.ometiff import read_ome
 
     record = FetchRecord.load(raw)
     kinds: dict[str, dict[str, Any]] = {}

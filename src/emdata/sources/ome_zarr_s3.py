@@ -48,22 +48,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import KEY_PATTERN, Section, as_str, as_triple, as_url
-from ..errors import ConfigError, FetchError, FormatError
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchedFile, FetchRecord, safe_relpath
-from ..io.ngff import ArrayInfo, Level, Multiscale, parse_json, parse_multiscales, parse_zarray, same_grid
-from .base import FilePlan
+from emdata.params.config import KEY_PATTERN, Section, as_str, as_triple, as_url
+from emdata.errors import ConfigError, FetchError, FormatError
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
+from emdata.formats.ngff import (
+    ArrayInfo,
+    Level,
+    Multiscale,
+    parse_json,
+    parse_multiscales,
+    parse_zarray,
+    same_grid,
+)
+from emdata.sources.fetch.files import FilePlan
 
 if TYPE_CHECKING:
-    from ..io.s3 import S3Folder
-    from ..io.zarr import ZarrVolume
-    from ..raw import RawVolume
+    from emdata.transport.s3 import S3Folder
+    from emdata.formats.zarr import ZarrVolume
+    from emdata.formats.raw import RawVolume
 
 KIND = "ome_zarr_s3"
 # io.ngff decides which chunk objects a fetch copies as well as the geometry normalize writes, so
 # the fetch fingerprint includes the readers too (pipeline/code/ome_zarr_s3-fetch.json).
-READERS = ("emdata.io.ngff", "emdata.io.zarr")
+READERS = ("emdata.formats.ngff", "emdata.formats.zarr")
 DECODES_ON_FETCH = True
 READS_PER_WORKER = 4  # chunk GETs in flight per worker (EMDATA_FETCH_WORKERS) while workers write and hash
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -306,7 +314,7 @@ class _Chunk:
 
 
 def _folder(params: Params, ctx: FetchContext) -> "S3Folder":
-    from ..io.s3 import S3Folder
+    from emdata.transport.s3 import S3Folder
 
     return S3Folder(ctx, bucket=params.bucket, prefix=params.container, region=params.region, endpoint=params.endpoint,
                     requests_in_flight=READS_PER_WORKER * max(1, ctx.workers))
@@ -543,7 +551,7 @@ def _local_selection(params: Params, raw: Path, dataset: str) -> Selection:
 
 
 def open_volume(params: Params, raw: Path, dataset: str) -> "ZarrVolume":
-    from ..io.zarr import ZarrVolume
+    from emdata.formats.zarr import ZarrVolume
 
     sel = _local_selection(params, raw, dataset)
     voxel, offset = sel.geometry()
@@ -552,7 +560,7 @@ def open_volume(params: Params, raw: Path, dataset: str) -> "ZarrVolume":
 
 
 def open_labels(params: Params, raw: Path, dataset: str) -> "dict[str, RawVolume]":
-    from ..io.zarr import ZarrVolume
+    from emdata.formats.zarr import ZarrVolume
 
     sel = _local_selection(params, raw, dataset)
     voxel, offset = sel.geometry()

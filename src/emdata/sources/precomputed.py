@@ -4,7 +4,7 @@ The layer's ``info`` is read first (over the HTTP client: bounded retries, one-l
 unreachable host fails in seconds) and drives everything: scales, sizes, chunking, sharding,
 encoding. Voxels are read through tensorstore's ``neuroglancer_precomputed`` driver over its
 HTTP key-value store (public GCS needs no credentials this way), with the fetch context's
-bounded retries; its X, Y, Z order becomes Z, Y, X once, in :mod:`emdata.io.precomputed`.
+bounded retries; its X, Y, Z order becomes Z, Y, X once, in :mod:`emdata.formats.precomputed`.
 
 The crop: ``crop_size`` voxels of the chosen ``scale``. With ``roi_start`` in params the crop
 starts there. Otherwise a seeded search draws starts on the scale's chunk grid inside its bounds
@@ -47,21 +47,21 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from ..config import Section, as_int_range, as_int_triple, as_str
-from ..errors import ConfigError, FormatError, refetch_hint
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchedFile, FetchRecord, plain_spec
-from ..io.atomic import write_json_atomic
-from ..io.digest import sha256_file
-from .base import FilePlan
+from emdata.params.config import Section, as_int_range, as_int_triple, as_str
+from emdata.errors import ConfigError, FormatError, refetch_hint
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchedFile, FetchRecord, plain_spec
+from emdata.core.atomic import write_json_atomic
+from emdata.core.digest import sha256_file
+from emdata.sources.fetch.files import FilePlan
 
 if TYPE_CHECKING:
-    from ..io.precomputed import CropVolume, Layer, Scale
+    from emdata.formats.precomputed import CropVolume, Layer, Scale
 
 log = logging.getLogger(__name__)
 
 KIND = "precomputed"
-READERS = ("emdata.io.precomputed",)
+READERS = ("emdata.formats.precomputed",)
 DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
 
 ScaleRef = Union[str, float, tuple[float, float, float]]
@@ -204,7 +204,7 @@ def _context(ctx: FetchContext) -> dict[str, Any]:
 
 
 def read_layer(params: Params, ctx: FetchContext) -> "Layer":
-    from ..io.precomputed import parse_info
+    from emdata.formats.precomputed import parse_info
 
     info = ctx.http.get_json(f"{params.url}/info")
     return parse_info(info, ctx.dataset, params.url)
@@ -263,7 +263,7 @@ def choose_crop(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale
 
 def _search(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale", context: dict[str, Any],
             timeout: float) -> Crop:
-    from ..io.precomputed import open_scale
+    from emdata.formats.precomputed import open_scale
 
     crop, tissue = params.crop_size, params.tissue
     screen = screening_scale(params, layer, scale)
@@ -301,7 +301,7 @@ def _tries(n: int) -> str:
 
 def _tissue_fraction(store: Any, start: IntTriple, stop: IntTriple, scale: "Scale", screen: "Scale",
                      params: Params, layer: "Layer", ctx: FetchContext) -> float:
-    from ..io.precomputed import read
+    from emdata.formats.precomputed import read
 
     lo, hi = _coarse_box(start, stop, scale, screen)
     count = math.prod(b - a for a, b in zip(lo, hi))
@@ -348,7 +348,7 @@ def _extra(p: Prepared, params: Params) -> dict[str, Any]:
 
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
-    from ..io.precomputed import STORE
+    from emdata.formats.precomputed import STORE
 
     p = prepare(params, ctx)
     scale, crop = p.scale, p.crop
@@ -427,7 +427,7 @@ def _boxes(shape: IntTriple, block: IntTriple) -> list[tuple[str, IntTriple, Int
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     """The seeded crop, block by block (resumable); tensorstore's requests count in the fetch's."""
-    from ..io.precomputed import http_requests_started
+    from emdata.formats.precomputed import http_requests_started
 
     before = http_requests_started()
     try:
@@ -437,7 +437,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
 
 def _fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from ..io.precomputed import STORE, CropStore, open_scale, read
+    from emdata.formats.precomputed import STORE, CropStore, open_scale, read
 
     p = prepare(params, ctx)
     # Blocks left by an interrupted run are kept only if they belong to this very crop (the search
@@ -491,7 +491,7 @@ def _record_extra(raw: Path, dataset: str) -> dict[str, Any]:
 
 
 def open_volume(params: Params, raw: Path, dataset: str) -> "CropVolume":
-    from ..io.precomputed import STORE, CropVolume
+    from emdata.formats.precomputed import STORE, CropVolume
 
     extra = _record_extra(raw, dataset)
     res = tuple(float(v) for v in extra["scale"]["resolution_nm_zyx"])

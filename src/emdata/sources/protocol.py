@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..collection import RawCollection
-from ..config import Section
-from ..fetch_context import FetchContext
-from ..fetch_record import FetchRecord
-from ..raw import RawVolume
-from .base import FilePlan
+from emdata.h5.collection import RawCollection
+from emdata.params.config import Section
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.record import FetchRecord
+from emdata.formats.raw import RawVolume
+from emdata.sources.fetch.files import FilePlan
 
 
 class SourceParams(Protocol):
@@ -67,7 +67,7 @@ class CollectionSource(Protocol):
 
     Same verbs as :class:`Source`, with ``open_collection`` in place of ``open_volume``: the items
     (image id, path inside the image's group, a lazy RawVolume, stored shape, axes, pixel size,
-    attributes) and one table row per image (see :mod:`emdata.collection`).
+    attributes) and one table row per image (see :mod:`emdata.h5.collection`).
     """
 
     KIND: str

@@ -10,7 +10,7 @@ a library such as tensorstore: retried chunks, one-line failures, resume by bloc
 files). ``tests/test_contract.py`` runs them for every kind in :mod:`emdata.testing.registry`,
 with no per-kind code.
 
-Collections (``LAYOUT = "collection"``, :mod:`emdata.collection`) run the same tests: their
+Collections (``LAYOUT = "collection"``, :mod:`emdata.h5.collection`) run the same tests: their
 expected arrays are keyed by HDF5 path (``images/<id>/...``), each array's recorded pixel size is
 checked against ``resolutions``, and the geometry override is checked on the first item. A
 download that does not land in the raw folder as it was served (an archive that is unpacked)
@@ -31,9 +31,9 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from ..config import Config
-from ..errors import IntegrityError
-from ..io.http import HttpClient, RetryPolicy
+from emdata.params.config import Config
+from emdata.errors import IntegrityError
+from emdata.transport.http import HttpClient, RetryPolicy
 
 FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, connect_timeout=2, read_timeout=5)
 
@@ -73,12 +73,12 @@ class CoreContract:
     # The tests take a ``case`` fixture (a :class:`SourceCase`) that the test module provides.
 
     def _fetch(self, case: SourceCase, sleeps: list[float] | None = None, policy: RetryPolicy = FAST_RETRIES):
-        from ..pipeline import fetch_dataset
+        from emdata.stages.fetch import fetch_dataset
 
         return fetch_dataset(case.cfg, case.key, http_factory=lambda: client_for(case, sleeps), policy=policy)
 
     def _normalize(self, case: SourceCase) -> Path:
-        from ..normalize import normalize_dataset
+        from emdata.stages.normalize.volume import normalize_dataset
 
         return normalize_dataset(case.cfg, case.key)
 
@@ -120,7 +120,7 @@ class CoreContract:
             origin = json.loads(f.attrs["geometry_origin"])
             assert set(origin) == {"voxel_size_nm", "offset_nm"}
         # An override in params that disagrees by more than 1 % is refused unless params say whom to trust.
-        from ..errors import FormatError
+        from emdata.errors import FormatError
 
         reported = self._reported_voxel_size(case)
         if reported is None:  # the format carries none: params must give it (tested in test_geometry)
@@ -134,7 +134,7 @@ class CoreContract:
 
     def _reported_voxel_size(self, case: SourceCase) -> tuple[float, ...] | None:
         """A volume's voxel size, or a collection's first item's pixel size (per spatial axis)."""
-        from ..sources import get_source
+        from emdata.sources import get_source
 
         ds = case.cfg.dataset(case.key)
         source = get_source(ds.source_kind)
@@ -145,7 +145,7 @@ class CoreContract:
             return volume.voxel_size_nm
 
     def test_metadata_is_json_serializable(self, case: SourceCase) -> None:
-        from ..sources import get_source
+        from emdata.sources import get_source
 
         self._fetch(case)
         ds = case.cfg.dataset(case.key)
@@ -155,24 +155,24 @@ class CoreContract:
 
 
 def _is_collection(case: SourceCase) -> bool:
-    from ..sources import get_source, layout_of
+    from emdata.sources import get_source, layout_of
 
     return layout_of(get_source(case.cfg.dataset(case.key).source_kind)) == "collection"
 
 
 def _resolved_voxel_size(case: SourceCase) -> tuple[float, ...]:
     """What normalize would record for the volume (or the collection's first item) under params now."""
-    from ..sources import get_source
+    from emdata.sources import get_source
 
     ds = case.cfg.dataset(case.key)
     source = get_source(ds.source_kind)
     raw = case.cfg.raw_dir(case.key)
     if _is_collection(case):
-        from ..normalize_collection import item_geometry
+        from emdata.stages.normalize.collection import item_geometry
 
         with source.open_collection(ds.source, raw, case.key) as coll:
             return item_geometry(case.cfg, case.key, coll.items[0]).voxel_size_nm
-    from ..normalize import dataset_geometry
+    from emdata.stages.normalize.volume import dataset_geometry
 
     with source.open_volume(ds.source, raw, case.key) as volume:
         return dataset_geometry(case.cfg, case.key, volume).voxel_size_nm
@@ -182,7 +182,7 @@ def _assert_landed(case: SourceCase, url_path: str) -> None:
     """The served file is in the raw folder byte for byte, or (an unpacked archive) recorded whole."""
     import hashlib
 
-    from ..fetch_record import FetchRecord
+    from emdata.sources.fetch.record import FetchRecord
 
     served = case.server.local_path(url_path).read_bytes()
     local = case.cfg.raw_dir(case.key) / case.relpath(url_path)
@@ -238,7 +238,7 @@ class S3Contract:
         assert self._local(case, case.big_file).read_bytes() == case.server.object_bytes(case.big_file)
 
     def test_interrupted_fetch_resumes_without_fetching_finished_objects(self, case: SourceCase) -> None:
-        from ..errors import FetchError
+        from emdata.errors import FetchError
 
         case.server.fail(case.big_file, status=500, times=1000)
         with pytest.raises(FetchError):
@@ -316,7 +316,7 @@ class ArrayHttpContract:
         self._assert_round_trip(case)
 
     def test_failure_is_one_error_and_the_next_run_resumes_by_block(self, case: SourceCase) -> None:
-        from ..errors import FetchError
+        from emdata.errors import FetchError
 
         case.server.fail(case.big_file, status=503, times=10**6)
         with pytest.raises(FetchError) as err:
@@ -340,7 +340,7 @@ class ArrayHttpContract:
 
     @pytest.mark.parametrize("fault", ["truncate", "lie_length"])
     def test_damaged_object_is_an_error_and_leaves_nothing(self, case: SourceCase, fault: str) -> None:
-        from ..errors import SourceError
+        from emdata.errors import SourceError
 
         if fault == "truncate":
             case.server.truncate(case.big_file, 40)  # served consistently: only decoding can tell
@@ -368,7 +368,7 @@ class HttpContract:
         _assert_landed(case, case.big_file)
 
     def test_failed_fetch_resumes_on_the_next_run(self, case: SourceCase) -> None:
-        from ..errors import FetchError
+        from emdata.errors import FetchError
 
         case.server.drop_after(case.big_file, nbytes=700, times=FAST_RETRIES.attempts)
         with pytest.raises(FetchError, match="failed after"):
@@ -381,8 +381,8 @@ class HttpContract:
         _assert_landed(case, case.big_file)
 
     def test_normalize_refuses_raw_data_of_other_params(self, case: SourceCase) -> None:
-        from ..errors import NotBuiltError
-        from ..normalize import normalize_dataset
+        from emdata.errors import NotBuiltError
+        from emdata.stages.normalize.volume import normalize_dataset
 
         self._fetch(case)
         _pin_size(case, case.big_file, extra=1)  # params now describe another file
@@ -459,7 +459,7 @@ class LocalContract:
         assert self._fetch(case).up_to_date
 
     def test_a_damaged_file_leaves_the_last_import_untouched(self, case: SourceCase) -> None:
-        from ..errors import FormatError
+        from emdata.errors import FormatError
 
         self._fetch(case)
         raw = case.cfg.raw_dir(case.key)

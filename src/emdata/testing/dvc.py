@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import EmdataError
+from emdata.errors import EmdataError
 
 
 def offline_env(scratch: Path, *, aws_key: str = "emdata-test", aws_secret: str = "emdata-test-secret") -> dict[str, str]:

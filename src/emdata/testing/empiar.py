@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import EmdataError
-from .dm3 import Typed, dm3_bytes, image_entry, rgba_thumbnail
-from .http_server import ReplicaServer
-from .registry import ReplicaCase
-from .volumes import coordinate_volume, em_like_volume
+from emdata.errors import EmdataError
+from emdata.testing.dm3 import Typed, dm3_bytes, image_entry, rgba_thumbnail
+from emdata.testing.http_server import ReplicaServer
+from emdata.testing.registry import ReplicaCase
+from emdata.testing.volumes import coordinate_volume, em_like_volume
 
 ACCESSION = "EMPIAR-11759"
 DATA_PATH = "/empiar/world_availability/11759/data/"

@@ -13,10 +13,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import EmdataError
-from .http_server import ReplicaServer
-from .registry import ReplicaCase
-from .volumes import blob_labels, coordinate_volume, em_like_volume, write_tiff_stack
+from emdata.errors import EmdataError
+from emdata.testing.http_server import ReplicaServer
+from emdata.testing.registry import ReplicaCase
+from emdata.testing.volumes import blob_labels, coordinate_volume, em_like_volume, write_tiff_stack
 
 EPFL_PATH = "/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
 FOLDER = "groups/c/cv/cvlab-unit/www/data/ ElectronMicroscopy_Hippocampus"

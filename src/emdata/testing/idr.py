@@ -37,10 +37,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import EmdataError
-from .http_server import ReplicaServer
-from .registry import ReplicaCase
-from .volumes import coordinate_volume, em_like_volume
+from emdata.errors import EmdataError
+from emdata.testing.http_server import ReplicaServer
+from emdata.testing.registry import ReplicaCase
+from emdata.testing.volumes import coordinate_volume, em_like_volume
 
 OMERO_HOST = "https://idr.openmicroscopy.org/"
 EBI_ROOT = "/pub/databases/IDR/"

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .registry import ReplicaCase
+from emdata.testing.registry import ReplicaCase
 
 PIXEL_UM = 1.61  # written as centimetre resolution tags
 BOX_DTYPE = np.dtype([("t", "<i4"), ("identity", "<i8"), ("x0", "<f8"), ("y0", "<f8"), ("x1", "<f8"), ("y1", "<f8")])

@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .http_server import ReplicaServer
-from .registry import ReplicaCase
+from emdata.testing.http_server import ReplicaServer
+from emdata.testing.registry import ReplicaCase
 
 SHARE = "123f71e12bf24db59d84"  # the real share token: only scheme, host and port change
 HOSTILE_DOTDOT, HOSTILE_LINK, DAMAGED_OME = 66, 67, 68
@@ -247,7 +247,7 @@ class RunningLightMyCells:
         return out
 
     def url(self, study: int) -> str:
-        from ..sources.lightmycells import share_file_url
+        from emdata.sources.lightmycells import share_file_url
 
         return share_file_url(self.share_url, f"Study_{study}.tar.gz")
 

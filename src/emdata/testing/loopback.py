@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from ..errors import EmdataError
+from emdata.errors import EmdataError
 
 HINT = ("check that the loopback interface is up (`ip link set lo up`) and that no firewall rule "
         "blocks local connections; the demo uses nothing but 127.0.0.1")

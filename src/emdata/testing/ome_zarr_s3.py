@@ -33,10 +33,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import EmdataError
-from .registry import ReplicaCase
-from .s3 import S3Front, SeaweedS3, shared_anonymous_s3
-from .volumes import blob_labels, coordinate_volume, em_like_volume
+from emdata.errors import EmdataError
+from emdata.testing.registry import ReplicaCase
+from emdata.testing.s3 import S3Front, SeaweedS3, shared_anonymous_s3
+from emdata.testing.volumes import blob_labels, coordinate_volume, em_like_volume
 
 BUCKET = "janelia-cosem-datasets"
 REGION = "us-east-1"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import EmdataError
+from emdata.errors import EmdataError
 
 ENTRY_POINT_GROUP = "emdata.replicas"
 REPLICAS: dict[str, str] = {

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EmdataError
-from .http_server import LoopbackServer
+from emdata.errors import EmdataError
+from emdata.testing.http_server import LoopbackServer
 
 GRPC_OFFSET = 10000  # SeaweedFS puts each gRPC port at http port + 10000
 

@@ -73,9 +73,9 @@ def write_canonical(path: Path, raw: np.ndarray, *, labels: dict[str, np.ndarray
     """A canonical emdata HDF5 from arrays, through the same writer as ``emdata normalize``."""
     import h5py
 
-    from ..io import hdf5
-    from ..normalize import write_volume
-    from ..raw import ArrayVolume
+    from emdata.h5 import hdf5
+    from emdata.stages.normalize.volume import write_volume
+    from emdata.formats.raw import ArrayVolume
 
     path.parent.mkdir(parents=True, exist_ok=True)
     common = dict(chunks=chunks, compression=compression, level=3, attrs=hdf5.spatial_attrs(resolution, offset))

@@ -1,0 +1,1 @@
+"""Bytes to ``RawVolume``: one reader per file format, no network."""

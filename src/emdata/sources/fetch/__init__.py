@@ -1,0 +1,2 @@
+"""Machinery every source shares: the fetch context, the fetch record, file downloads and the
+resumable object copy."""

@@ -1,0 +1,1 @@
+"""normalize: one source volume or collection into the canonical HDF5."""

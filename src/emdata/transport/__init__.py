@@ -1,0 +1,1 @@
+"""Where bytes come from: HTTP (retry policy, verbs, resumable download), S3 and archives."""
