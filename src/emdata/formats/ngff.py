@@ -18,6 +18,7 @@ from typing import Any
 
 from emdata.core import geometry
 from emdata.errors import FormatError
+import numpy as np
 
 UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "centimeter": 1e7,
             "meter": 1e9, "picometer": 1e-3}
@@ -168,7 +169,6 @@ def parse_multiscales(attrs: dict[str, Any], group: str, where: str, dataset: st
 
 def parse_zarray(meta: dict[str, Any], key: str, lead: int, where: str, dataset: str) -> ArrayInfo:
     """A level's ``.zarray`` (zarr v2), checked for what tensorstore reads and chunk keys need."""
-    import numpy as np
 
     def bad(problem: str) -> FormatError:
         return FormatError(dataset, where, problem, "the array cannot be read as zarr v2")

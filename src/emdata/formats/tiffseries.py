@@ -17,6 +17,7 @@ import numpy as np
 
 from emdata.errors import FormatError
 from emdata.formats.raw import RawVolume
+from emdata.formats.tiff import TiffStack
 
 
 def pixel_size_nm(path: Path, dataset: str) -> tuple[float, float] | None:
@@ -59,7 +60,6 @@ class TiffSeries(RawVolume):
         self._open: tuple[int, Any] | None = None
 
     def _stack(self, i: int) -> Any:
-        from emdata.formats.tiff import TiffStack
 
         if self._open is None or self._open[0] != i:
             self.close()

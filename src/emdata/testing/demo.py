@@ -25,6 +25,9 @@ import yaml
 from emdata.errors import EmdataError, IntegrityError
 from emdata.core.digest import sha256_file
 from emdata.testing.dvc import dvc, git, offline_env
+from emdata.testing.registry import replica_for
+from emdata.testing.loopback import check_loopback
+from emdata.testing.s3 import SeaweedS3
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,6 @@ def point_params_at_replicas(params_path: Path, running: dict[str, Any]) -> list
 
 def start_replicas(kinds: set[str], root: Path, stack: ExitStack, **options: Any) -> dict[str, Any]:
     """Start the registered replica of each kind; they stop when ``stack`` closes."""
-    from emdata.testing.registry import replica_for
 
     return {kind: stack.enter_context(replica_for(kind).start(root / kind, **options)) for kind in sorted(kinds)}
 
@@ -104,8 +106,6 @@ def _configure_s3(repo: Path, endpoint: str, env: dict[str, str]) -> None:
 
 
 def run_demo(repo_root: Path, *, workdir: Path | None = None, keep: bool = False) -> dict[str, Any]:
-    from emdata.testing.loopback import check_loopback
-    from emdata.testing.s3 import SeaweedS3
 
     check_loopback()  # fail in seconds, saying what to check, rather than after server time-outs
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="emdata-demo-"))

@@ -34,6 +34,7 @@ import numpy as np
 
 from emdata.testing.http_server import ReplicaServer
 from emdata.testing.registry import ReplicaCase
+from emdata.sources.lightmycells import share_file_url
 
 SHARE = "123f71e12bf24db59d84"  # the real share token: only scheme, host and port change
 HOSTILE_DOTDOT, HOSTILE_LINK, DAMAGED_OME = 66, 67, 68
@@ -101,8 +102,11 @@ def ome_tiff_bytes(array: np.ndarray, pixel: float, unit: str, channel: str) -> 
     import tifffile
 
     buf = io.BytesIO()
+    # A UUID from the content, not tifffile's random one, so two replica builds serve the same bytes.
+    uuid = hashlib.sha256(array.tobytes() + channel.encode()).hexdigest()[:32]
     tifffile.imwrite(buf, array[None, None, None], ome=True, photometric="minisblack",
-                     metadata={"axes": "TCZYX", "PhysicalSizeX": pixel, "PhysicalSizeXUnit": unit,
+                     metadata={"UUID": f"urn:uuid:{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}",
+                               "axes": "TCZYX", "PhysicalSizeX": pixel, "PhysicalSizeXUnit": unit,
                                "PhysicalSizeY": pixel, "PhysicalSizeYUnit": unit, "Channel": {"Name": [channel]}})
     return buf.getvalue()
 
@@ -247,7 +251,6 @@ class RunningLightMyCells:
         return out
 
     def url(self, study: int) -> str:
-        from emdata.sources.lightmycells import share_file_url
 
         return share_file_url(self.share_url, f"Study_{study}.tar.gz")
 

@@ -36,6 +36,7 @@ from emdata.errors import EmdataError
 from emdata.testing.http_server import ReplicaServer
 from emdata.testing.registry import ReplicaCase
 from emdata.testing.volumes import coordinate_volume, em_like_volume
+from emdata.formats.precomputed import parse_info
 
 LAYER_PATH = "/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg"
 REAL_HOST = "https://storage.googleapis.com"
@@ -173,7 +174,6 @@ class RunningPrecomputed:
 
         Faults injected there fail some blocks while others complete, so resuming can be observed.
         """
-        from emdata.formats.precomputed import parse_info
 
         layer = parse_info(self.replica.info, "replica", self.layer_url)
         scale = next(s for s in layer.scales if s.key == key)

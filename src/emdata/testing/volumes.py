@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from emdata.h5 import hdf5
+from emdata.stages.normalize.volume import write_volume
+from emdata.formats.raw import ArrayVolume
 
 
 def coordinate_volume(shape: tuple[int, int, int], dtype: np.dtype | type = np.uint8) -> np.ndarray:
@@ -73,9 +76,6 @@ def write_canonical(path: Path, raw: np.ndarray, *, labels: dict[str, np.ndarray
     """A canonical emdata HDF5 from arrays, through the same writer as ``emdata normalize``."""
     import h5py
 
-    from emdata.h5 import hdf5
-    from emdata.stages.normalize.volume import write_volume
-    from emdata.formats.raw import ArrayVolume
 
     path.parent.mkdir(parents=True, exist_ok=True)
     common = dict(chunks=chunks, compression=compression, level=3, attrs=hdf5.spatial_attrs(resolution, offset))
