@@ -8,9 +8,12 @@ lock (:func:`stale_temporaries`). A failed write (full disk...) names the datase
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +87,54 @@ def write_bytes_atomic(path: Path, data: bytes, *, dataset: str | None = None) -
 
 def write_json_atomic(path: Path, data: Any, *, dataset: str | None = None) -> None:
     write_bytes_atomic(path, json_bytes(data), dataset=dataset)
+
+
+@contextmanager
+def atomic_output(path: Path, *, dataset: str | None = None, fsync: bool = True) -> Iterator[Path]:
+    """Yield this process's temporary for ``path``; on success flush it to disk and rename it over
+    ``path``, on any error (or Ctrl-C) remove it. The one write-then-rename every writer uses for a
+    file it fills itself (streams, HDF5, tiles); a failure names the dataset and the final file."""
+    tmp = temporary_path(path)
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, path, dataset) from exc
+        yield tmp
+        try:
+            if fsync:
+                _fsync(tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_error(exc, path, dataset) from exc
+    finally:
+        with suppress(OSError):  # never hide the error that brought us here
+            tmp.unlink(missing_ok=True)
+
+
+def write_stream(path: Path, blocks: Iterable[bytes], *, dataset: str | None = None) -> tuple[int, str]:
+    """Write ``blocks`` to ``path`` atomically while hashing them; return (size, sha256 hex)."""
+    digest = hashlib.sha256()
+    size = 0
+    with atomic_output(path, dataset=dataset) as tmp:
+        try:
+            sink = open(tmp, "xb")
+        except OSError as exc:
+            raise write_error(exc, path, dataset) from exc
+        with sink:
+            for block in blocks:  # a reader's own error passes through as it is
+                digest.update(block)
+                try:
+                    sink.write(block)
+                except OSError as exc:
+                    raise write_error(exc, path, dataset) from exc
+                size += len(block)
+    return size, digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
