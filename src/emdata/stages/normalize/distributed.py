@@ -12,7 +12,7 @@ a single-process normalize:
 - This process is the one HDF5 writer. It stages every returned tile in a ledger folder
   (``data/.state/<ds>.normalize/``: ``blocks/`` plus ``ledger.jsonl``, one line per finished
   tile), and places the tiles in plan order with direct chunk writes, merging the statistics in
-  that order, exactly as :func:`emdata.stages.normalize.volume.write_volume` does. HDF5 calls happen in the
+  that order, exactly as :func:`emdata.stages.normalize.write.write_volume` does. HDF5 calls happen in the
   same sequence, so the files are identical.
 - ``array_sha256`` is a sha256 of the voxels in C order, which cannot be split across
   machines; this process computes it by reading the source in the single-process hash boxes,
@@ -35,20 +35,26 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emdata.errors import ClusterError
-from emdata.h5 import hdf5
 from emdata.core.atomic import temporary_path
-from emdata.h5.chunks import EncodedChunk, encode_tile, place
-from emdata.core.progress import Progress
-from emdata.formats.raw import RawVolume, json_safe
-from emdata.core.stats import StreamingStats
 from emdata.core.boxes import Box, plan_tiles
+from emdata.core.progress import Progress
+from emdata.core.stats import StreamingStats
+from emdata.errors import ClusterError, EmdataError
+from emdata.formats.raw import RawVolume, json_safe
+from emdata.h5 import hdf5
+from emdata.h5.chunks import EncodedChunk, encode_tile, place
+from emdata.params.config import load_config
+from emdata.sources import get_source
+from emdata.stages.codedeps import fingerprint as code_fingerprint
+from emdata.stages.normalize.arrays import open_arrays
+from emdata.stages.normalize.write import chunk_counts, create_array, finish_array, hash_boxes, output_dtype, read_tile
 
 log = logging.getLogger(__name__)
 SCHEDULER_ENV = "EMDATA_SCHEDULER"
@@ -203,10 +209,6 @@ def _worker_arrays(root: str, key: str, fingerprint: str) -> dict[str, RawVolume
         hit = _OPEN.get(ident)
     if hit is not None:
         return hit[1]
-    from emdata.params.config import load_config
-    from emdata.stages.normalize.volume import open_arrays
-    from emdata.sources import get_source
-
     cfg = load_config(Path(root))
     ds = cfg.dataset(key)
     stack = ExitStack()
@@ -231,14 +233,12 @@ def _worker_name() -> str:
 def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, chunks: tuple[int, ...],
                  compression: str, level: int, label: bool) -> dict[str, Any]:
     """On a worker: read one tile of ``array`` and return its encoded chunks and partial statistics."""
-    from emdata.stages.normalize.volume import _chunk_counts, output_dtype, read_tile
-
     started = time.perf_counter()
     volume = _worker_arrays(root, key, fingerprint)[array]
     dtype = output_dtype(volume.dtype)
     data = read_tile(volume, box, dtype, f"{key}: {array}")
     stats = StreamingStats(dtype).partial(data)
-    foreground = _chunk_counts(data != 0, chunks) if label else None
+    foreground = chunk_counts(data != 0, chunks) if label else None
     encoded = encode_tile(data, box[0], chunks, compression, level)
     return {"chunks": [(c.offset, c.filter_mask, bytes(c.data)) for c in encoded], "stats": stats,
             "foreground": foreground, "worker": _worker_name(), "seconds": time.perf_counter() - started}
@@ -249,9 +249,6 @@ def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, ch
 
 def fingerprint(cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> str:
     """What the staged tiles depend on: inputs, every byte-deciding setting, the tiling and the code."""
-    from emdata.stages.codedeps import fingerprint as code_fingerprint
-    from emdata.stages.normalize.volume import output_dtype
-
     ds = cfg.dataset(key)
     return json.dumps({
         "dataset": key, "source_record": record.to_dict(), "params": json_safe(ds.raw_params),
@@ -290,8 +287,6 @@ class DistributedWriter:
     """
 
     def __init__(self, scheduler: str, cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> None:
-        from emdata.stages.normalize.volume import output_dtype
-
         self.address = scheduler
         self.cfg, self.key = cfg, key
         self.arrays = arrays
@@ -418,21 +413,15 @@ class DistributedWriter:
         return fresh if fresh is not None else self.ledger.load(name, tile)
 
     def _cluster_error(self, exc: BaseException) -> BaseException:
-        from emdata.errors import EmdataError
-
         if isinstance(exc, EmdataError):
             return exc  # a source or format error raised on a worker: already one line
         return ClusterError(f"{self.key}: the cluster at {self.address} failed ({type(exc).__name__}: {exc}); "
                             f"finished tiles are kept in {ledger_dir(self.cfg, self.key)}, run normalize again to resume")
 
-    # -- the writer: same sequence of HDF5 calls as normalize.write_volume
+    # -- the writer: same sequence of HDF5 calls as write.write_volume
 
     def __call__(self, group: Any, name: str, volume: RawVolume, *, chunks: tuple[int, int, int], compression: str,
                  level: int, attrs: dict[str, Any], label: bool, desc: str, budget: int) -> dict[str, Any]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from emdata.stages.normalize.volume import create_array, finish_array, output_dtype
-
         shape = tuple(int(n) for n in volume.shape)
         dtype = output_dtype(volume.dtype)
         dset = create_array(group, name, shape, dtype, chunks, compression, level)
@@ -463,10 +452,6 @@ class DistributedWriter:
 
     def _fingerprint_pass(self, volume: RawVolume, plan: Any, dtype: np.dtype, desc: str) -> str:
         """sha256 of the voxels in C order, read here in the single-process hash boxes."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from emdata.stages.normalize.volume import hash_boxes, read_tile
-
         digest = hashlib.sha256()
         boxes = hash_boxes(plan)
         with ThreadPoolExecutor(1, thread_name_prefix="emdata-fingerprint-read") as reader:
