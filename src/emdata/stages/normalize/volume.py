@@ -30,7 +30,8 @@ from emdata.sources import get_source, layout_of
 from emdata.sources.fetch.record import FetchRecord, HashState, require_fetched
 from emdata.stages.normalize.arrays import open_arrays
 from emdata.stages.normalize.collection import normalize_collection
-from emdata.stages.normalize.distributed import DistributedWriter, discard_ledger
+from emdata.stages.normalize.distributed import DistributedWriter
+from emdata.stages.normalize.ledger import discard_ledger
 from emdata.stages.normalize.header import root_attrs, source_metadata, write_header
 from emdata.stages.normalize.publish import publish
 from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
