@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from emdata.stages import codedeps
+from emdata.stages.imports import import_closure, imported_modules, package_modules
 from emdata.params.config import load_config
 from emdata.testing.demo import replica_repository
 from emdata.sources import KINDS, get_source
@@ -27,38 +27,16 @@ def test_committed_fingerprints_are_current() -> None:
 
 def _emdata_imports(module: str) -> set[str]:
     """Every emdata module a module imports, at top level or inside functions (lazy imports too)."""
-    spec = importlib.util.find_spec(module)
-    tree = ast.parse(Path(spec.origin).read_text())
-    package = module.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            target = f"{base}.{node.module}" if node.module else base
-            found.add(target)
-            found.update(f"{target}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("emdata"):
-            found.add(node.module)
-    return {m for m in found if _is_module(m)}
-
-
-def _is_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # a name imported from a module, not a module
-        return False
-
-
-# Transports and helpers whose bytes are checked (sizes, hashes), not readers that decide output bytes.
-TRANSPORTS = ("emdata.transport.http", "emdata.transport.s3", "emdata.core.digest", "emdata.core.atomic")
+    modules = package_modules()
+    return imported_modules(module, modules[module], set(modules))
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_every_reader_a_source_imports_is_declared(kind) -> None:
-    """A source that reads through emdata.io.<x> must list it in READERS, or DVC would miss changes."""
+    """A source that reads through emdata.formats.<x> must list it in READERS: fetch leaves undeclared
+    readers out only when they are declared (``DECODES_ON_FETCH``), so an undeclared one would be guessed."""
     source = get_source(kind)
-    readers = {m for m in _emdata_imports(source.__name__)
-               if m.startswith("emdata.io.") and m not in TRANSPORTS}
+    readers = {m for m in _emdata_imports(source.__name__) if m.startswith("emdata.formats.") and m != "emdata.formats.raw"}
     assert readers <= set(source.READERS) | set(getattr(source, "FETCHERS", ()))
 
 
@@ -71,6 +49,49 @@ def test_a_reader_change_changes_only_the_fingerprints_that_use_it(monkeypatch, 
     after = {stage: codedeps.fingerprint("epfl", stage) for stage in codedeps.STAGES}
     assert after["normalize"] != before["normalize"]
     assert after["fetch"] == before["fetch"]  # EPFL fetch does not decode: the TIFF reader is not its code
+
+
+def test_normalize_depends_on_every_module_its_entry_imports() -> None:
+    """The hand-kept list this replaced left out the config and the fetch machinery normalize reads through."""
+    modules = set(codedeps.modules_for("epfl", "normalize"))
+    for name in ("emdata.params.config", "emdata.sources.fetch.files", "emdata.sources.fetch.record",
+                 "emdata.sources", "emdata.stages.normalize.write", "emdata.stages.normalize.publish",
+                 "emdata.sources.epfl", "emdata.formats.tiff"):
+        assert name in modules, name
+    assert set(import_closure(["emdata.stages.normalize.volume"], package_modules(),
+                              stop=set(codedeps.NOT_OUTPUT) | {codedeps.COLLECTION_WRITER})) <= modules
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_kind_depends_on_no_other_kinds_source(kind) -> None:
+    others = {module for other, module in KINDS.items() if other != kind}
+    for stage in codedeps.STAGES:
+        modules = set(codedeps.modules_for(kind, stage))
+        assert KINDS[kind] in modules and not modules & others, (stage, sorted(modules & others))
+        assert not modules & set(codedeps.NOT_OUTPUT)
+
+
+def test_the_exclusions_name_real_modules_and_the_layout_rule_holds() -> None:
+    assert set(codedeps.NOT_OUTPUT) <= set(package_modules())
+    assert codedeps.COLLECTION_WRITER not in codedeps.modules_for("epfl", "normalize")
+    assert codedeps.COLLECTION_WRITER in codedeps.modules_for("lightmycells", "normalize")
+    assert "emdata.formats.tiff" not in codedeps.modules_for("epfl", "fetch")  # stored as served: decoded by normalize
+    assert "emdata.formats.precomputed" in codedeps.modules_for("precomputed", "fetch")  # DECODES_ON_FETCH
+
+
+def test_the_import_reader_follows_lazy_imports_and_skips_type_checking(tmp_path) -> None:
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from . import c\n")
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n"
+                                  "else:\n    import pkg.e\ndef f():\n    from pkg.sub import b\n")
+    for name in ("sub/b.py", "sub/c.py", "d.py", "e.py"):
+        (package / name).write_text("")
+    modules = package_modules(package)
+    assert imported_modules("pkg.a", modules["pkg.a"], set(modules)) == {"pkg.sub.b", "pkg.e"}
+    assert import_closure(["pkg.a"], modules) == {"pkg", "pkg.a", "pkg.sub", "pkg.sub.b", "pkg.sub.c", "pkg.e"}
+    assert import_closure(["pkg.a"], modules, stop={"pkg.sub"}) == {"pkg", "pkg.a", "pkg.sub.b", "pkg.e"}
 
 
 @pytest.mark.dvc

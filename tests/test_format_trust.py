@@ -121,7 +121,7 @@ def test_one_grid_rule_for_geometry_and_ome_zarr() -> None:
 
 def test_labels_on_a_far_offset_grid_are_refused(tmp_path) -> None:
     """normalize's label/image check: an offset 100 voxels away is another grid, however large the offsets."""
-    from emdata.stages.normalize.volume import _check_labels
+    from emdata.stages.normalize.arrays import check_labels as _check_labels
     from emdata.formats.raw import ArrayVolume
 
     array = np.zeros((3, 5, 7), np.uint8)

@@ -24,13 +24,9 @@ from emdata.params.config import load_config
 from emdata.errors import ClusterError
 from emdata.core.digest import sha256_file
 from emdata.stages.normalize.volume import normalize_dataset
-from emdata.stages.normalize.distributed import (
-    Ledger,
-    _pack_block,
-    _unpack_block,
-    last_ledger_path,
-    ledger_dir,
-)
+from emdata.stages.normalize.ledger import Ledger, last_ledger_path, ledger_dir
+from emdata.stages.normalize.ledger import pack_block as _pack_block
+from emdata.stages.normalize.ledger import unpack_block as _unpack_block
 from emdata.stages.fetch import fetch_dataset
 from emdata.testing.epfl import build_epfl_replica, epfl_datasets
 from emdata.testing.http_server import ReplicaServer

@@ -220,7 +220,7 @@ def test_roi_seed_tries_and_info_are_in_source_json_and_the_record(running, tmp_
 
 
 def test_root_attribute_lists_stay_bounded_for_many_files() -> None:
-    from emdata.stages.normalize.volume import MAX_SOURCE_ENTRIES, source_entries
+    from emdata.stages.normalize.header import MAX_SOURCE_ENTRIES, source_entries
 
     many = {f"s0/{i}/{j}": FetchedFile(f"https://h/bucket/s0/{i}/{j}", 10, f"{i:032x}{j:032x}")
             for i in range(300) for j in range(20)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from emdata.h5 import hdf5
-from emdata.stages.normalize.volume import write_volume
+from emdata.stages.normalize.write import write_volume
 from emdata.formats.raw import ArrayVolume
 from emdata.testing.volumes import coordinate_volume
 from emdata.core.boxes import IN_FLIGHT, plan_tiles

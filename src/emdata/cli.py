@@ -61,9 +61,9 @@ def _config():
 def _size(n: Optional[int]) -> str:
     if n is None:
         return "-"
-    from emdata.stages.summarize import _human_bytes
+    from emdata.stages.summarize import human_bytes
 
-    return _human_bytes(n)
+    return human_bytes(n)
 
 
 @app.command("list")

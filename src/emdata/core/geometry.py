@@ -53,8 +53,12 @@ def _fmt(values: Triple) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-def _pick(name: str, key: str, params: Triple | None, source: Triple | None, trust: str | None,
-          scale: Triple | None) -> tuple[Triple, str]:
+def pick(name: str, key: str, params: Triple | None, source: Triple | None, trust: str | None,
+         scale: Triple | None) -> tuple[Triple, str]:
+    """One value of ``name`` (``voxel_size_nm`` or ``offset_nm``) and where it came from, by the rules
+    above: one side alone wins; both within :func:`same_geometry` (``scale``: the voxel size
+    offsets are measured in, None for voxel sizes) give params; apart, ``trust`` decides or it is
+    a FormatError. Works per axis for any number of axes (a collection's 2D images too)."""
     if params is None and source is None:
         raise ConfigError(f"params.yaml: datasets.{key}.{name}: the source does not report it; "
                           f"set it in params.yaml as [z, y, x] in nm")
@@ -76,7 +80,7 @@ def _pick(name: str, key: str, params: Triple | None, source: Triple | None, tru
 def resolve(key: str, *, params_voxel: Triple | None, params_offset: Triple | None,
             source_voxel: Triple | None, source_offset: Triple | None, trust: str | None) -> Geometry:
     """The geometry a dataset's HDF5 records, by the rules in the module docstring."""
-    voxel, voxel_from = _pick("voxel_size_nm", key, params_voxel, source_voxel, trust, None)
-    offset, offset_from = _pick("offset_nm", key, params_offset, source_offset, trust, voxel)
+    voxel, voxel_from = pick("voxel_size_nm", key, params_voxel, source_voxel, trust, None)
+    offset, offset_from = pick("offset_nm", key, params_offset, source_offset, trust, voxel)
     return Geometry(tuple(float(v) for v in voxel), tuple(float(v) for v in offset),  # type: ignore[arg-type]
                     {"voxel_size_nm": voxel_from, "offset_nm": offset_from})

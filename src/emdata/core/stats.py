@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from emdata.core.kernels import add_histogram
+
 PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
 _SMALL = 1 << 16  # below this many voxels np.bincount is cheaper than loading the kernel
 
@@ -97,8 +99,6 @@ class StreamingStats:
         self._zeros += part["zeros"]
 
     def _histogram(self, flat: np.ndarray) -> np.ndarray:
-        from emdata.core.kernels import add_histogram
-
         codes = flat.view(np.uint8 if self.dtype.itemsize == 1 else np.uint16)
         if codes.size < _SMALL:  # not worth compiling or loading the kernel
             return np.bincount(codes, minlength=self.hist.size).astype(np.int64, copy=False)

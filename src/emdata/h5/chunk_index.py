@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from emdata.core.atomic import write_bytes_atomic
+from emdata.h5 import hdf5
 
 MAGIC = b"EMDCIDX1"
 VERSION = 1
@@ -89,8 +93,6 @@ def _chunk_table(dset: Any) -> np.ndarray:
 
 def build(h5_path: Path, *, file_name: str, file_sha256: str) -> bytes:
     """The index of the canonical HDF5 at ``h5_path`` (to be published as ``file_name``)."""
-    from emdata.h5 import hdf5
-
     arrays: dict[str, Any] = {}
     contiguous: dict[str, Any] = {}
     tables: list[bytes] = []
@@ -131,8 +133,6 @@ def build(h5_path: Path, *, file_name: str, file_sha256: str) -> bytes:
 
 
 def write(h5_path: Path, index_path: Path, *, file_name: str, file_sha256: str) -> None:
-    from emdata.core.atomic import write_bytes_atomic
-
     write_bytes_atomic(index_path, build(h5_path, file_name=file_name, file_sha256=file_sha256))
 
 
@@ -261,8 +261,6 @@ def local_table(h5_path: Path, array: str, dset: Any, explicit: Path | None = No
     where HDF5's own index puts those chunks; otherwise it is ignored. Everything is checked against
     the file ``dset`` belongs to (its open descriptor), not the path, which may name a newer file.
     """
-    import os
-
     h5_path = Path(h5_path)
     opened_size = os.fstat(dset.file.id.get_vfd_handle()).st_size
     candidates = [explicit] if explicit is not None else []

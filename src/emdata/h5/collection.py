@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from emdata.errors import FormatError
+from emdata.h5 import hdf5
 from emdata.formats.raw import RawVolume
 
 LAYOUT_ATTR = "layout"
@@ -207,8 +208,6 @@ def image_arrays(f: Any) -> dict[str, list[str]]:
 
 
 def _array_summary(dset: Any) -> dict[str, Any]:
-    from emdata.h5 import hdf5
-
     attrs = hdf5.read_attrs(dset)
     stats = json.loads(attrs["statistics"])
     return {"shape": list(dset.shape), "dtype": str(dset.dtype), "axes": attrs.get("axes"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
 import sys
 import threading
@@ -50,7 +51,7 @@ def compression_options(compression: str, level: int) -> dict[str, Any]:
     raise ValueError(f"unknown compression {compression!r}")
 
 
-def chunk_shape(chunks: tuple[int, int, int], shape: tuple[int, ...]) -> tuple[int, ...]:
+def chunk_shape(chunks: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     """HDF5 needs chunks no larger than a fixed-size dataset."""
     return tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
 
@@ -123,8 +124,6 @@ class ChunkMap:
     ITERATE_MAX = 200_000
 
     def __init__(self, dset: Any, offsets: np.ndarray, sizes: np.ndarray) -> None:
-        import mmap
-
         lead = (1,) * (3 - dset.ndim)  # a 2D image is read as one Z plane
         self.shape = lead + tuple(dset.shape)
         self.chunks = lead + tuple(dset.chunks)

@@ -5,41 +5,52 @@ interpolated), so each source kind gets two fingerprint files, ``pipeline/code/<
 and ``pipeline/code/<kind>-normalize.json``, listing the sha256 of every module that decides the
 bytes of that stage's outputs. ``fetch@<ds>`` and ``normalize@<ds>`` depend on their kind's file;
 a change to that code changes the file and re-runs exactly the stages it affects, while a change
-elsewhere (CLI, access layer, HTTP transport, another kind's reader) re-runs nothing.
+elsewhere (CLI, access layer, another kind's source or reader) re-runs nothing.
 
-- normalize: the source module, the readers it declares (``READERS``), and the shared writer
-  (normalize, tiles, stats, kernels, raw, geometry, io/hdf5, io/chunks, metadata, chunk_index,
-  normalize_distributed).
-- fetch: the source module and the fetch record; plus its readers when the source decodes
-  while fetching (``DECODES_ON_FETCH = True``, e.g. a precomputed crop), and the modules it
-  declares in ``FETCHERS`` (code that decides the fetched bytes, e.g. archive extraction).
-- collections (``LAYOUT = "collection"``): normalize also depends on the collection writer and
-  layout (``COLLECTION_CODE``); volume kinds do not.
+The modules are not listed by hand: they are the import closure (:mod:`emdata.stages.imports`)
+of the stage's entry module (``ENTRIES``) and of the kind's source module (with what it declares
+in ``READERS`` and ``FETCHERS``, for code it loads by name). Three rules take modules out, each
+because that code cannot change the stage's output bytes:
+
+- ``NOT_OUTPUT``: modules that run in every stage but decide no byte of any output (one reason each);
+- fetch of a kind that stores what it fetches as served (``DECODES_ON_FETCH`` false): its
+  ``READERS``, unless the fetch stage itself imports them; they decode only in normalize;
+- normalize of a volume kind: the collection writer, which runs only for ``LAYOUT = "collection"``.
 
 ``python -m emdata code-deps --write`` rewrites the files; a test and ``emdata check`` fail when
-they are stale, so a reader change cannot slip past DVC.
+they are stale, so a code change cannot slip past DVC.
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
+from emdata.core.atomic import write_bytes_atomic
 from emdata.core.digest import sha256_file
+from emdata.sources import get_source, layout_of
+from emdata.stages.imports import import_closure, package_modules
 
 FOLDER = Path("pipeline") / "code"
 STAGES = ("fetch", "normalize")
-NORMALIZE_CODE = ("emdata.stages.normalize.volume", "emdata.core.boxes", "emdata.core.stats", "emdata.core.kernels", "emdata.formats.raw",
-                  "emdata.core.geometry", "emdata.h5.hdf5", "emdata.h5.chunks", "emdata.h5.metadata", "emdata.h5.chunk_index",
-                  "emdata.stages.normalize.distributed")
-FETCH_CODE = ("emdata.sources.fetch.record",)
-COLLECTION_CODE = ("emdata.h5.collection", "emdata.stages.normalize.collection")
+ENTRIES = {"fetch": "emdata.stages.fetch", "normalize": "emdata.stages.normalize.volume"}
+NOT_OUTPUT = {
+    "emdata": "the front door: stages import only __version__ from it, recorded in outputs but no reason "
+              "to rebuild them (two builds are compared without it too); the rest is the read API",
+    "emdata.core.lock": "keeps two runs of a dataset apart: decides when a stage writes, not what",
+    "emdata.core.progress": "progress bars on the terminal",
+    "emdata.stages.codedeps": "these fingerprints: they decide which stages re-run, not their bytes",
+    "emdata.stages.imports": "reads imports for these fingerprints",
+    "emdata.transport.header_deadline": "a time limit for a response's headers: it decides when a request "
+                                        "fails and is retried, never which bytes arrive",
+}
+COLLECTION_WRITER = "emdata.stages.normalize.collection"
 
 
 def _module_file(name: str) -> Path:
-    spec = importlib.util.find_spec(name)  # type: ignore[attr-defined]
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(name)
     return Path(spec.origin)
@@ -47,19 +58,23 @@ def _module_file(name: str) -> Path:
 
 def modules_for(kind: str, stage: str) -> list[str]:
     """The modules whose code decides the outputs of ``stage`` for source ``kind``."""
-    from emdata.sources import get_source
-
-    source = get_source(kind)
-    readers = tuple(getattr(source, "READERS", ()))
-    if stage == "normalize":
-        layout = COLLECTION_CODE if getattr(source, "LAYOUT", "volume") == "collection" else ()
-        names = (source.__name__, *readers, *NORMALIZE_CODE, *layout)
-    elif stage == "fetch":
-        names = (source.__name__, *FETCH_CODE, *tuple(getattr(source, "FETCHERS", ())),
-                 *(readers if getattr(source, "DECODES_ON_FETCH", False) else ()))
-    else:
+    if stage not in ENTRIES:
         raise ValueError(stage)
-    return sorted(set(names))
+    source = get_source(kind)
+    readers = [str(m) for m in getattr(source, "READERS", ())]
+    fetchers = [str(m) for m in getattr(source, "FETCHERS", ())]
+    modules = package_modules()
+    for name in (source.__name__, *readers, *fetchers):  # a plug-in kind's modules live outside emdata
+        modules.setdefault(name, _module_file(name))
+    stop = set(NOT_OUTPUT)
+    roots = [ENTRIES[stage], source.__name__, *fetchers]
+    if stage == "normalize":
+        roots += readers
+        if layout_of(source) != "collection":
+            stop.add(COLLECTION_WRITER)
+    elif not getattr(source, "DECODES_ON_FETCH", False):
+        stop |= set(readers) - import_closure([ENTRIES["fetch"]], modules, stop=stop)
+    return sorted(import_closure(roots, modules, stop=stop))
 
 
 def fingerprint(kind: str, stage: str) -> dict[str, Any]:
@@ -92,8 +107,6 @@ def stale(root: Path, kinds: set[str]) -> list[str]:
 
 def write(root: Path, kinds: set[str]) -> list[Path]:
     """(Re)write the fingerprint files of ``kinds``; return the ones whose content changed."""
-    from emdata.core.atomic import write_bytes_atomic
-
     changed = []
     for kind in sorted(kinds):
         for stage in STAGES:

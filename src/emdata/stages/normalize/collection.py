@@ -1,8 +1,8 @@
 """A collection (many images with a table) -> one canonical HDF5, one array at a time.
 
-The collection counterpart of ``normalize._normalize_locked``: the same root attributes,
-provenance, temporary file, check and publication, and every array streamed through
-:func:`emdata.stages.normalize.volume.write_volume` (tiles under the memory budget, exact statistics, voxel
+The collection counterpart of a volume's writer (:mod:`emdata.stages.normalize.volume`): the same
+root attributes, provenance, temporary file, check and publication, and every array streamed through
+:func:`emdata.stages.normalize.write.write_volume` (tiles under the memory budget, exact statistics, voxel
 sha256). Items are opened one at a time, so memory and open files do not grow with the number
 of images. Layout (see :mod:`emdata.h5.collection` and docs/architecture.md)::
 
@@ -27,6 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from emdata.core.atomic import temporary_path
+from emdata.core.geometry import Geometry, pick
+from emdata.core.progress import Progress
+from emdata.errors import FormatError
+from emdata.formats.raw import json_safe
+from emdata.h5 import hdf5
 from emdata.h5.collection import (
     COLLECTION,
     IMAGES,
@@ -37,13 +43,10 @@ from emdata.h5.collection import (
     spatial_axes,
 )
 from emdata.params.config import Config
-from emdata.errors import FormatError
 from emdata.sources.fetch.record import FetchRecord
-from emdata.core.geometry import Geometry, _pick
-from emdata.h5 import hdf5
-from emdata.core.atomic import temporary_path
-from emdata.core.progress import Progress
-from emdata.formats.raw import json_safe
+from emdata.stages.normalize.header import root_attrs, source_metadata, write_header
+from emdata.stages.normalize.publish import publish
+from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,9 @@ def item_geometry(cfg: Config, key: str, item: CollectionItem) -> Geometry:
     params_offset: Any = tuple(ds.offset_nm[-n:]) if ds.offset_nm else None
     source: Any = item.pixel_size_nm
     try:
-        voxel, voxel_from = _pick("voxel_size_nm", key, params_voxel, source, ds.geometry_trust, None)
+        voxel, voxel_from = pick("voxel_size_nm", key, params_voxel, source, ds.geometry_trust, None)
         zero: Any = (0.0,) * n
-        offset, offset_from = _pick("offset_nm", key, params_offset, zero, ds.geometry_trust, voxel)
+        offset, offset_from = pick("offset_nm", key, params_offset, zero, ds.geometry_trust, voxel)
     except FormatError as exc:  # name the image: a collection's images may disagree one by one
         raise FormatError(key, f"{exc.where} ({item.source or item.name})", exc.problem, exc.hint) from exc
     return Geometry(tuple(float(v) for v in voxel), tuple(float(v) for v in offset),  # type: ignore[arg-type]
@@ -119,18 +122,10 @@ def _table_with_geometry(table: list[dict[str, Any]], items: list[CollectionItem
 
 def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path) -> Path:
     """Write ``out`` (through a temporary file) from a collection source; publish it with its record."""
-    from emdata.stages.normalize.volume import (
-        _check_free_space,
-        _publish,
-        _root_attrs,
-        _warm_kernels,
-        write_volume,
-    )
-
     ds = cfg.dataset(key)
     params = cfg.normalize
     tmp = temporary_path(out)
-    warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
+    warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
     try:
         with source.open_collection(ds.source, raw, key) as coll:
             coll.check()
@@ -139,22 +134,17 @@ def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: 
                                   f"check data/raw/{key} and the source params")
             warm.start()
             geometries = {item.name: item_geometry(cfg, key, item) for item in coll.items}
-            _check_free_space(key, out, coll.items, params.compression)
-            native = json_safe(source.read_metadata(ds.source, raw, key))
-            describe = getattr(source, "describe", None)
-            description = json_safe(describe(ds.source, raw, key)) if describe else {}
+            check_free_space(key, out, coll.items, params.compression)
+            native, description = source_metadata(cfg, key, source, raw)
             table = _table_with_geometry(coll.table, coll.items, geometries)
             origin = Geometry((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), _merged_origin(list(geometries.values())))
             with hdf5.create(tmp, key) as f, \
                     Progress(len(coll.items), f"{key}: {len(coll.items)} arrays", unit="arrays") as progress:
                 # one update: a volume's source_urls list would not fit an attribute for thousands of files
-                f.attrs.update({**_root_attrs(cfg, key, record, origin, description),
-                                **_collection_root_attrs(cfg, key, record, len(table))})
-                prov = f.create_group("provenance")
-                prov.create_dataset("source_record", data=json.dumps(record.to_dict(), sort_keys=True))
-                prov.create_dataset("native_metadata", data=json.dumps(native, sort_keys=True))
+                write_header(f, {**root_attrs(cfg, key, record, origin, description),
+                                 **_collection_root_attrs(cfg, key, record, len(table))}, record, native)
                 for item in coll.items:
-                    _write_item(f, key, item, geometries[item.name], cfg, write_volume)
+                    _write_item(f, key, item, geometries[item.name], cfg)
                     progress.update(1)
                 try:
                     f.create_dataset(TABLE, data=rows_to_array(table, f"{key}: table"))
@@ -163,7 +153,7 @@ def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: 
                 for name, array in sorted(coll.tables.items()):
                     f.create_dataset(name, data=array)
             _check_written(tmp, key, coll.items, len(table))
-        _publish(cfg, key, tmp, out)
+        publish(cfg, key, tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -196,7 +186,7 @@ def _collection_root_attrs(cfg: Config, key: str, record: FetchRecord, n_images:
     }
 
 
-def _write_item(f: Any, key: str, item: CollectionItem, geometry: Geometry, cfg: Config, write_volume: Any) -> None:
+def _write_item(f: Any, key: str, item: CollectionItem, geometry: Geometry, cfg: Config) -> None:
     params = cfg.normalize
     with item.open() as volume:
         if tuple(volume.shape) != item.volume_shape:

@@ -10,9 +10,9 @@ a single-process normalize:
   same HDF5 filters (:func:`emdata.h5.chunks.encode_tile`), and returns them with the tile's
   partial statistics (histogram or moments) and label chunk counts.
 - This process is the one HDF5 writer. It stages every returned tile in a ledger folder
-  (``data/.state/<ds>.normalize/``: ``blocks/`` plus ``ledger.jsonl``, one line per finished
-  tile), and places the tiles in plan order with direct chunk writes, merging the statistics in
-  that order, exactly as :func:`emdata.stages.normalize.volume.write_volume` does. HDF5 calls happen in the
+  (:mod:`emdata.stages.normalize.ledger`: ``data/.state/<ds>.normalize/``, ``blocks/`` plus
+  ``ledger.jsonl``, one line per finished tile), and places the tiles in plan order with direct chunk writes, merging the statistics in
+  that order, exactly as :func:`emdata.stages.normalize.write.write_volume` does. HDF5 calls happen in the
   same sequence, so the files are identical.
 - ``array_sha256`` is a sha256 of the voxels in C order, which cannot be split across
   machines; this process computes it by reading the source in the single-process hash boxes,
@@ -30,164 +30,33 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import time
-import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emdata.errors import ClusterError
-from emdata.h5 import hdf5
-from emdata.core.atomic import temporary_path
-from emdata.h5.chunks import EncodedChunk, encode_tile, place
-from emdata.core.progress import Progress
-from emdata.formats.raw import RawVolume, json_safe
-from emdata.core.stats import StreamingStats
 from emdata.core.boxes import Box, plan_tiles
+from emdata.core.progress import Progress
+from emdata.core.stats import StreamingStats
+from emdata.errors import ClusterError, EmdataError
+from emdata.formats.raw import RawVolume, json_safe
+from emdata.h5 import hdf5
+from emdata.h5.chunks import EncodedChunk, encode_tile, place
+from emdata.params.config import load_config
+from emdata.sources import get_source
+from emdata.stages.codedeps import fingerprint as code_fingerprint
+from emdata.stages.normalize.arrays import open_arrays
+from emdata.stages.normalize.ledger import Ledger, ledger_dir, slug
+from emdata.stages.normalize.write import chunk_counts, create_array, finish_array, hash_boxes, output_dtype, read_tile
 
 log = logging.getLogger(__name__)
 SCHEDULER_ENV = "EMDATA_SCHEDULER"
-BLOCK_MAGIC = b"EMDBLK01"
 TIMEOUT_ENV = "EMDATA_SCHEDULER_TIMEOUT"  # seconds to wait for the scheduler (default 20)
-
-
-# -- the ledger ---------------------------------------------------------------------------------
-
-
-def ledger_dir(cfg: Any, key: str) -> Path:
-    """``data/.state/<key>.normalize``: staged tiles and the ledger (local working state, never versioned)."""
-    return cfg.hash_state_path(key).with_name(f"{key}.normalize")
-
-
-def last_ledger_path(cfg: Any, key: str) -> Path:
-    """``data/.state/<key>.normalize-ledger.jsonl``: the ledger of the last distributed run that published."""
-    return cfg.hash_state_path(key).with_name(f"{key}.normalize-ledger.jsonl")
-
-
-def discard_ledger(cfg: Any, key: str, *, keep_log: bool = False) -> None:
-    """A published output makes the staged tiles obsolete; the ledger's lines (which worker encoded
-    which tile in which run, and how long it took) are kept as the last run's log."""
-    folder = ledger_dir(cfg, key)
-    if folder.exists():
-        if keep_log and (folder / "ledger.jsonl").is_file():
-            os.replace(folder / "ledger.jsonl", last_ledger_path(cfg, key))
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _slug(array: str) -> str:
-    return array.replace("/", "__")
-
-
-class Ledger:
-    """Finished tiles of one dataset: a staged file per tile and one JSON line each in ``ledger.jsonl``.
-
-    The first line holds the fingerprint (inputs, settings, code); a ledger with another
-    fingerprint is discarded. A tile counts as finished when its line is there and its staged
-    file has the recorded size (the file is renamed into place before the line is written).
-    """
-
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.folder = folder
-        self.path = folder / "ledger.jsonl"
-        self.run = uuid.uuid4().hex[:12]
-        self.done: dict[tuple[str, int], dict[str, Any]] = {}
-        if self.path.is_file():
-            lines = self.path.read_text().splitlines()
-            try:
-                head = json.loads(lines[0]) if lines else {}
-            except ValueError:
-                head = {}
-            if head.get("fingerprint") != fingerprint:
-                log.info("%s: inputs, settings or code changed since the interrupted run; starting over", folder)
-                shutil.rmtree(folder, ignore_errors=True)
-            else:
-                for line in lines[1:]:
-                    try:
-                        entry = json.loads(line)
-                    except ValueError:  # a line cut by a kill: that tile is simply not done
-                        continue
-                    staged = self.staged(entry["array"], entry["tile"])
-                    if staged.is_file() and staged.stat().st_size == entry["bytes"]:
-                        self.done[(entry["array"], entry["tile"])] = entry
-        (folder / "blocks").mkdir(parents=True, exist_ok=True)
-        if not self.path.is_file():
-            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
-        self._lock = threading.Lock()
-
-    def staged(self, array: str, tile: int) -> Path:
-        return self.folder / "blocks" / _slug(array) / f"{tile:08d}.blk"
-
-    def entries(self) -> list[dict[str, Any]]:
-        """Every tile line of the ledger file, in the order written (all runs)."""
-        return [json.loads(line) for line in self.path.read_text().splitlines()[1:] if line.strip()]
-
-    def stage(self, array: str, tile: int, result: dict[str, Any]) -> None:
-        data = _pack_block(result)
-        path = self.staged(array, tile)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
-        with open(tmp, "wb") as fh:  # renamed when complete: a killed process leaves no half tile
-            fh.write(data)
-        os.replace(tmp, path)
-        entry = {"array": array, "tile": tile, "bytes": len(data), "run": self.run,
-                 "worker": result.get("worker"), "seconds": round(float(result.get("seconds", 0.0)), 4)}
-        with self._lock, open(self.path, "a") as fh:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
-        self.done[(array, tile)] = entry
-
-    def load(self, array: str, tile: int) -> dict[str, Any]:
-        return _unpack_block(self.staged(array, tile).read_bytes())
-
-
-def _pack_block(result: dict[str, Any]) -> bytes:
-    """One staged tile: magic, header length, JSON header, histogram, label counts, chunk payloads."""
-    stats = dict(result["stats"] or {})
-    hist = stats.pop("hist", None)
-    fg = result.get("foreground")
-    header = {"stats": stats, "empty": result["stats"] is None,
-              "hist": None if hist is None else int(hist.size),
-              "foreground": None if fg is None else list(fg.shape),
-              "chunks": [[list(off), int(mask), len(data)] for off, mask, data in result["chunks"]]}
-    text = json.dumps(header, sort_keys=True).encode()
-    parts = [BLOCK_MAGIC, len(text).to_bytes(8, "little"), text]
-    if hist is not None:
-        parts.append(np.ascontiguousarray(hist, "<i8").tobytes())
-    if fg is not None:
-        parts.append(np.ascontiguousarray(fg, "<i8").tobytes())
-    parts.extend(data for _, _, data in result["chunks"])
-    return b"".join(parts)
-
-
-def _unpack_block(blob: bytes) -> dict[str, Any]:
-    if blob[:8] != BLOCK_MAGIC:
-        raise ValueError("not a staged emdata tile")
-    n = int.from_bytes(blob[8:16], "little")
-    header = json.loads(blob[16:16 + n])
-    pos = 16 + n
-    stats: dict[str, Any] | None = None if header["empty"] else dict(header["stats"])
-    if header["hist"] is not None:
-        hist = np.frombuffer(blob, "<i8", header["hist"], pos).astype(np.int64)
-        pos += 8 * header["hist"]
-        assert stats is not None
-        stats["hist"] = hist
-    fg = None
-    if header["foreground"] is not None:
-        count = int(np.prod(header["foreground"]))
-        fg = np.frombuffer(blob, "<i8", count, pos).reshape(header["foreground"]).astype(np.int64)
-        pos += 8 * count
-    chunks = []
-    view = memoryview(blob)  # chunk payloads are views into the one staged blob, not copies
-    for off, mask, length in header["chunks"]:
-        chunks.append(EncodedChunk(tuple(off), mask, view[pos:pos + length]))
-        pos += length
-    if pos != len(blob):
-        raise ValueError("staged tile has the wrong length")
-    return {"stats": stats, "foreground": fg, "chunks": chunks}
 
 
 # -- the worker side ----------------------------------------------------------------------------
@@ -203,10 +72,6 @@ def _worker_arrays(root: str, key: str, fingerprint: str) -> dict[str, RawVolume
         hit = _OPEN.get(ident)
     if hit is not None:
         return hit[1]
-    from emdata.params.config import load_config
-    from emdata.stages.normalize.volume import open_arrays
-    from emdata.sources import get_source
-
     cfg = load_config(Path(root))
     ds = cfg.dataset(key)
     stack = ExitStack()
@@ -231,14 +96,12 @@ def _worker_name() -> str:
 def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, chunks: tuple[int, ...],
                  compression: str, level: int, label: bool) -> dict[str, Any]:
     """On a worker: read one tile of ``array`` and return its encoded chunks and partial statistics."""
-    from emdata.stages.normalize.volume import _chunk_counts, output_dtype, read_tile
-
     started = time.perf_counter()
     volume = _worker_arrays(root, key, fingerprint)[array]
     dtype = output_dtype(volume.dtype)
     data = read_tile(volume, box, dtype, f"{key}: {array}")
     stats = StreamingStats(dtype).partial(data)
-    foreground = _chunk_counts(data != 0, chunks) if label else None
+    foreground = chunk_counts(data != 0, chunks) if label else None
     encoded = encode_tile(data, box[0], chunks, compression, level)
     return {"chunks": [(c.offset, c.filter_mask, bytes(c.data)) for c in encoded], "stats": stats,
             "foreground": foreground, "worker": _worker_name(), "seconds": time.perf_counter() - started}
@@ -249,9 +112,6 @@ def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, ch
 
 def fingerprint(cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> str:
     """What the staged tiles depend on: inputs, every byte-deciding setting, the tiling and the code."""
-    from emdata.stages.codedeps import fingerprint as code_fingerprint
-    from emdata.stages.normalize.volume import output_dtype
-
     ds = cfg.dataset(key)
     return json.dumps({
         "dataset": key, "source_record": record.to_dict(), "params": json_safe(ds.raw_params),
@@ -290,8 +150,6 @@ class DistributedWriter:
     """
 
     def __init__(self, scheduler: str, cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> None:
-        from emdata.stages.normalize.volume import output_dtype
-
         self.address = scheduler
         self.cfg, self.key = cfg, key
         self.arrays = arrays
@@ -355,7 +213,7 @@ class DistributedWriter:
 
     def _submit(self, name: str, tile: int) -> Any:
         chunk, plan = self.plans[name]
-        dask_key = f"emdata-normalize-{hashlib.sha1(self.fingerprint.encode()).hexdigest()[:10]}-{_slug(name)}-{tile}"
+        dask_key = f"emdata-normalize-{hashlib.sha1(self.fingerprint.encode()).hexdigest()[:10]}-{slug(name)}-{tile}"
         future = self.client.submit(encode_block, str(self.cfg.root), self.key, self.fingerprint, name,
                                     plan.tiles[tile], chunk, self.compression, self.level,
                                     name.startswith(hdf5.LABELS + "/"), key=dask_key, retries=2)
@@ -418,21 +276,15 @@ class DistributedWriter:
         return fresh if fresh is not None else self.ledger.load(name, tile)
 
     def _cluster_error(self, exc: BaseException) -> BaseException:
-        from emdata.errors import EmdataError
-
         if isinstance(exc, EmdataError):
             return exc  # a source or format error raised on a worker: already one line
         return ClusterError(f"{self.key}: the cluster at {self.address} failed ({type(exc).__name__}: {exc}); "
                             f"finished tiles are kept in {ledger_dir(self.cfg, self.key)}, run normalize again to resume")
 
-    # -- the writer: same sequence of HDF5 calls as normalize.write_volume
+    # -- the writer: same sequence of HDF5 calls as write.write_volume
 
     def __call__(self, group: Any, name: str, volume: RawVolume, *, chunks: tuple[int, int, int], compression: str,
                  level: int, attrs: dict[str, Any], label: bool, desc: str, budget: int) -> dict[str, Any]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from emdata.stages.normalize.volume import create_array, finish_array, output_dtype
-
         shape = tuple(int(n) for n in volume.shape)
         dtype = output_dtype(volume.dtype)
         dset = create_array(group, name, shape, dtype, chunks, compression, level)
@@ -463,10 +315,6 @@ class DistributedWriter:
 
     def _fingerprint_pass(self, volume: RawVolume, plan: Any, dtype: np.dtype, desc: str) -> str:
         """sha256 of the voxels in C order, read here in the single-process hash boxes."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from emdata.stages.normalize.volume import hash_boxes, read_tile
-
         digest = hashlib.sha256()
         boxes = hash_boxes(plan)
         with ThreadPoolExecutor(1, thread_name_prefix="emdata-fingerprint-read") as reader:

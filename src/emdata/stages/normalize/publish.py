@@ -1,0 +1,41 @@
+"""The last step of normalize: a checked temporary HDF5 takes its name, with its record and chunk index."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from emdata.core.atomic import json_bytes, temporary_path, write_error, write_new
+from emdata.h5 import chunk_index
+from emdata.h5.metadata import build_record
+from emdata.params.config import Config
+
+
+def publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
+    """Give the HDF5, its chunk index and its record their names together, or leave the dataset
+    "not normalized".
+
+    The record and the chunk index (:mod:`emdata.h5.chunk_index`) are built from the checked
+    temporary file first; the old record goes before the new HDF5 takes its name and the record
+    comes last, so an interruption leaves an HDF5 without a record (which ``list`` and ``verify``
+    report as not normalized), never a new HDF5 beside an old record or an old index.
+    """
+    record = build_record(cfg, key, tmp)
+    record_path = cfg.record_path(key)
+    index_path = chunk_index.index_path_for(record_path)
+    staged, staged_index = temporary_path(record_path), temporary_path(index_path)
+    try:
+        try:
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(exc, record_path, key) from exc
+        write_new(staged, json_bytes(record), dataset=key, final=record_path)
+        write_new(staged_index, chunk_index.build(tmp, file_name=out.name, file_sha256=record["file_sha256"]),
+                  dataset=key, final=index_path)
+        record_path.unlink(missing_ok=True)
+        os.replace(tmp, out)
+        os.replace(staged_index, index_path)
+        os.replace(staged, record_path)
+    finally:
+        staged.unlink(missing_ok=True)
+        staged_index.unlink(missing_ok=True)
