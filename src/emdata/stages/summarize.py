@@ -57,7 +57,7 @@ def write_thumbnails(cfg: Config, key: str, record: dict[str, Any]) -> list[str]
     return names
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -92,7 +92,7 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
             lines.append(_collection_table_row(key, r))
             continue
         lines.append(f"| `{key}` | {r['modality']} | {_triple(r['shape'])} | {_triple(r['voxel_size_nm'])} | {r['dtype']} "
-                     f"| {', '.join(sorted(r['labels'])) or '-'} | {_human_bytes(r['bytes_on_disk'])} | {r['license']} |")
+                     f"| {', '.join(sorted(r['labels'])) or '-'} | {human_bytes(r['bytes_on_disk'])} | {r['license']} |")
     for key in sorted(cfg.datasets):
         ds = cfg.datasets[key]
         r = records.get(key)
@@ -117,7 +117,7 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
             f"- Values: min {stats['min']:g}, max {stats['max']:g}, mean {stats['mean']:.4f}, std {stats['std']:.4f}"
             + (f", p0.1 {pct['p0.1']:g}, p99.9 {pct['p99.9']:g}" if pct else "")
             + f", fraction of zeros {stats['zero_fraction']:.4g}",
-            f"- Layout: chunks {_triple(r['chunks'])}, compression {r['compression']}, {_human_bytes(r['bytes_on_disk'])}",
+            f"- Layout: chunks {_triple(r['chunks'])}, compression {r['compression']}, {human_bytes(r['bytes_on_disk'])}",
             f"- sha256: file `{r['file_sha256']}`, voxels `{r['array_sha256']}`",
         ]
         for name, lab in sorted(r["labels"].items()):
@@ -152,13 +152,13 @@ def _collection_table_row(key: str, r: dict[str, Any]) -> str:
     roles = ", ".join(sorted({k.split("/", 1)[1] if "/" in k else k for k in r["roles"]
                               if k.startswith(("targets/", "labels/"))})) or "-"
     return (f"| `{key}` | {r['modality']} | {r['n_images']} images (collection) | {size} (y, x) | {dtypes} | {roles} "
-            f"| {_human_bytes(r['bytes_on_disk'])} | {r['license']} |")
+            f"| {human_bytes(r['bytes_on_disk'])} | {r['license']} |")
 
 
 def _collection_section(key: str, r: dict[str, Any], thumbs: list[str]) -> list[str]:
     lines = ["- Source: " + ", ".join(f"<{u}>" for u in r["source_urls"]),
              f"- Collection: {r['n_images']} images, {len(r['arrays'])} arrays ({r['compression']}, "
-             f"{_human_bytes(r['bytes_on_disk'])}); per-image table `/table`"
+             f"{human_bytes(r['bytes_on_disk'])}); per-image table `/table`"
              + (f"; tables {', '.join(sorted({t.rsplit('/', 1)[-1] for t in r['tables']}))} per image" if r["tables"]
                 else ""),
              f"- sha256: file `{r['file_sha256']}`"]

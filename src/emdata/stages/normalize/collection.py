@@ -37,6 +37,7 @@ from emdata.h5.collection import (
     spatial_axes,
 )
 from emdata.params.config import Config
+from emdata.sources.dataset import resolve_dataset
 from emdata.errors import FormatError
 from emdata.sources.fetch.record import FetchRecord
 from emdata.core.geometry import Geometry, _pick
@@ -57,7 +58,7 @@ class _Silent:
 
 def item_geometry(cfg: Config, key: str, item: CollectionItem) -> Geometry:
     """Pixel size and offset of one item (one entry per spatial axis of ``item.axes``)."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     n = len(spatial_axes(item.axes))
     # geometry's rules work per axis, for any number of axes (typed for volumes' three)
     params_voxel: Any = tuple(ds.voxel_size_nm[-n:]) if ds.voxel_size_nm else None
@@ -127,7 +128,7 @@ def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: 
         write_volume,
     )
 
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     params = cfg.normalize
     tmp = temporary_path(out)
     warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
@@ -182,7 +183,7 @@ def _collection_root_attrs(cfg: Config, key: str, record: FetchRecord, n_images:
     checksums of what was transferred as a whole (``extra["sources"]``). Every file's URL, size
     and sha256 stay in ``/provenance/source_record``.
     """
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     urls = sorted({f.url.split("#", 1)[0] for f in record.files.values()})
     whole = {s["url"]: s.get("sha256") for s in record.extra.get("sources", []) if isinstance(s, dict)}
     checksums = whole or {f.url: f.sha256 for f in record.files.values() if "#" not in f.url}

@@ -205,12 +205,12 @@ def _worker_arrays(root: str, key: str, fingerprint: str) -> dict[str, RawVolume
         return hit[1]
     from emdata.params.config import load_config
     from emdata.stages.normalize.volume import open_arrays
-    from emdata.sources import get_source
+    from emdata.sources.dataset import resolve_dataset
 
     cfg = load_config(Path(root))
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     stack = ExitStack()
-    volume, labels = open_arrays(stack, cfg, key, get_source(ds.source_kind), cfg.raw_dir(key))
+    volume, labels = open_arrays(stack, cfg, key, ds.module, ds.paths.raw)
     arrays = {hdf5.RAW: volume, **{f"{hdf5.LABELS}/{n}": lab for n, lab in labels.items()}}
     with _OPEN_LOCK:
         for other in [k for k in _OPEN if k[3] == ident[3] and k != ident]:  # an older run's handles
@@ -251,8 +251,9 @@ def fingerprint(cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -
     """What the staged tiles depend on: inputs, every byte-deciding setting, the tiling and the code."""
     from emdata.stages.codedeps import fingerprint as code_fingerprint
     from emdata.stages.normalize.volume import output_dtype
+    from emdata.sources.dataset import resolve_dataset
 
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     return json.dumps({
         "dataset": key, "source_record": record.to_dict(), "params": json_safe(ds.raw_params),
         "normalize": cfg.normalize.to_dict(), "budget": cfg.normalize.memory_budget,

@@ -34,7 +34,7 @@ from emdata.core.atomic import temporary_path
 from emdata.core.lock import dataset_lock
 from emdata.core.progress import Progress
 from emdata.formats.raw import MappedVolume, RawVolume, json_safe
-from emdata.sources import get_source, layout_of
+from emdata.sources.dataset import resolve_dataset
 from emdata.core.stats import StreamingStats
 from emdata.core.boxes import Box, plan_tiles
 from emdata.stages.workspace import refuse_dataset_links, remove_stale_temporaries
@@ -244,7 +244,7 @@ def _manifest_sha256(items: list[tuple[str, FetchedFile]]) -> str:
 
 def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
                 description: dict[str, Any]) -> dict[str, Any]:
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     entries = source_entries(record.files)
     return {
         "emdata_version": __version__,
@@ -268,7 +268,7 @@ def _root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
 
 def dataset_geometry(cfg: Config, key: str, volume: RawVolume) -> Geometry:
     """The voxel size and offset the HDF5 records: the source's, overridden by params.yaml."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     return resolve(key, params_voxel=ds.voxel_size_nm, params_offset=ds.offset_nm,
                    source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust)
 
@@ -318,10 +318,10 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     the cluster's workers and this process places them (:mod:`emdata.stages.normalize.distributed`);
     the file is byte-identical either way.
     """
-    ds = cfg.dataset(key)
-    source = get_source(ds.source_kind)
+    ds = resolve_dataset(cfg, key)
+    source = ds.module
     raw = cfg.raw_dir(key)
-    refuse_dataset_links(cfg, key, "normalize")  # as fetch does, before the lock file or any folder is created
+    refuse_dataset_links(ds.paths, "normalize")  # as fetch does, before the lock file or any folder is created
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The lock first: fetch takes the same lock, so the record read below describes the very
@@ -331,8 +331,8 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
         # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
         # HDF5 is built from bytes that are not the fetched ones.
         record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
-        remove_stale_temporaries(cfg, key)  # killed runs' temporaries (the lock says no other run is writing)
-        if layout_of(source) == "collection":  # many images with a table: its own writer
+        remove_stale_temporaries(ds.paths)  # killed runs' temporaries (the lock says no other run is writing)
+        if ds.layout == "collection":  # many images with a table: its own writer
             if scheduler:
                 raise ConfigError(f"{key}: --scheduler is for single volumes; collections normalize in one process")
             from emdata.stages.normalize.collection import normalize_collection
@@ -355,7 +355,7 @@ def _check_free_space(key: str, out: Path, arrays: list[RawVolume], compression:
 
 def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path) -> tuple[RawVolume, dict[str, RawVolume]]:
     """The source's image and labels (label value maps applied), checked to lie on one grid."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     volume = stack.enter_context(source.open_volume(ds.source, raw, key))
     open_labels = getattr(source, "open_labels", None)
     labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
@@ -365,7 +365,7 @@ def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path)
 
 def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path, *,
                       scheduler: str | None = None) -> Path:
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     tmp = temporary_path(out)
     warm = threading.Thread(target=_warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
