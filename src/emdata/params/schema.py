@@ -115,7 +115,7 @@ def read_params(cls: type[T], sec: Section, **given: Any) -> T:
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             values[f.name] = here.required(leaf, parse)
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
             values[f.name] = here.optional(leaf, parse, default)
     for sub in sections.values():
         sub.finish()
@@ -239,14 +239,14 @@ def as_int_triple(value: Any, path: str) -> tuple[int, int, int]:
     ok = isinstance(value, (list, tuple)) and len(value) == 3
     if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         raise config_error(path, f"expected three positive integers [z, y, x], got {value!r}")
-    return tuple(value)  # type: ignore[return-value]
+    return tuple(value)
 
 
 def as_int_pair(value: Any, path: str) -> tuple[int, int]:
     ok = isinstance(value, (list, tuple)) and len(value) == 2
     if not ok or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
         raise config_error(path, f"expected two positive integers [y, x], got {value!r}")
-    return tuple(value)  # type: ignore[return-value]
+    return tuple(value)
 
 
 def as_choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
@@ -279,7 +279,7 @@ def as_label_values(value: Any, path: str) -> dict[str, dict[int, int]]:
         raise config_error(path, f"expected {{label: {{native: stored}}}}, got {value!r}")
     out: dict[str, dict[int, int]] = {}
     for name, mapping in value.items():
-        ok = isinstance(name, str) and KEY_PATTERN.fullmatch(name) and isinstance(mapping, Mapping) and mapping
+        ok = bool(isinstance(name, str) and KEY_PATTERN.fullmatch(name) and isinstance(mapping, Mapping) and mapping)
         ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for pair in mapping.items() for v in pair)
         if not ok:
             raise config_error(f"{path}.{name}", "expected a label name with a mapping of integers "
