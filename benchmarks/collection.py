@@ -68,6 +68,7 @@ def make_project(root: Path, raw_files: dict[str, tuple[int, str]], study: Path)
     import yaml
 
     from emdata.params.config import load_config
+    from emdata.sources.dataset import resolve_dataset
     from emdata.sources.fetch.record import FetchedFile, FetchRecord, HashState
     from emdata.sources.lightmycells import share_file_url
 
@@ -86,7 +87,7 @@ def make_project(root: Path, raw_files: dict[str, tuple[int, str]], study: Path)
     for name in raw_files:
         os.link(study / name, raw / name)
     files = {name: FetchedFile(f"{url}#{name}", size, digest) for name, (size, digest) in raw_files.items()}
-    record = FetchRecord(KEY, "lightmycells", cfg.dataset(KEY).source.to_dict(), files)
+    record = FetchRecord(KEY, "lightmycells", resolve_dataset(cfg, KEY).source.to_dict(), files)
     record.write(raw)
     HashState(cfg.hash_state_path(KEY)).remember_record(raw, record)  # as the fetch that hashed them leaves it
 

@@ -121,6 +121,7 @@ def make_project(root: Path, tiff: Path, budget_mb: int | None = None) -> None:
     import yaml
 
     from emdata.params.config import load_config
+    from emdata.sources.dataset import resolve_dataset
     from emdata.sources.fetch.record import FetchedFile, FetchRecord
 
     root.mkdir(parents=True, exist_ok=True)
@@ -134,14 +135,15 @@ def make_project(root: Path, tiff: Path, budget_mb: int | None = None) -> None:
                                      "source": source}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(root)
-    spec = cfg.dataset("bench").source
+    ds = resolve_dataset(cfg, "bench")
+    spec = ds.source
     raw = cfg.raw_dir("bench")
     raw.mkdir(parents=True, exist_ok=True)
     target = raw / spec.image.name
     target.unlink(missing_ok=True)  # always the TIFF of this run, never one left from another size
     os.link(tiff, target)
     files = {spec.image.name: FetchedFile(url=spec.image.url, size=target.stat().st_size, sha256=None)}
-    FetchRecord(dataset="bench", kind=cfg.dataset("bench").source_kind, spec=spec.to_dict(), files=files).write(raw)
+    FetchRecord(dataset="bench", kind=ds.source_kind, spec=spec.to_dict(), files=files).write(raw)
 
 
 # --- running ------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from emdata.params.config import Config
+from emdata.sources.dataset import resolve_dataset
 from emdata.errors import FormatError, OutputError
 from emdata.sources.fetch.record import FetchRecord
 from emdata.core import atomic
@@ -227,7 +228,7 @@ def test_temporaries_of_killed_runs_are_removed_and_never_published(epfl_project
     cfg = epfl_project
     partial = cfg.partial_dir(DS)
     partial.mkdir(parents=True)
-    (partial / ".spec.json").write_text(json.dumps(cfg.dataset(DS).source.to_dict()))  # a resumable fetch
+    (partial / ".spec.json").write_text(json.dumps(resolve_dataset(cfg, DS).source.to_dict()))  # a resumable fetch
     _plant([partial / f".source.json.{OTHER_PID}.tmp", partial / f"..spec.json.{OTHER_PID}.tmp",
             cfg.hash_state_path(DS).with_name(f".{DS}.json.{OTHER_PID}.tmp")])
     fetch_dataset(cfg, DS)

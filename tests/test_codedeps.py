@@ -13,6 +13,7 @@ import pytest
 from emdata.stages import codedeps
 from emdata.stages.imports import import_closure, imported_modules, package_modules
 from emdata.params.config import load_config
+from emdata.sources.dataset import registered_kinds
 from emdata.testing.demo import replica_repository
 from emdata.sources import KINDS, get_source
 from emdata.testing.dvc import dvc, offline_env
@@ -21,8 +22,8 @@ from tests.conftest import REPO
 
 def test_committed_fingerprints_are_current() -> None:
     cfg = load_config(REPO)
-    assert "labelme_tracking" in cfg.kinds()  # optional datasets' kinds are covered too
-    assert codedeps.stale(REPO, cfg.kinds()) == [], "run `python -m emdata code-deps --write` and commit pipeline/code/"
+    assert "labelme_tracking" in registered_kinds(cfg)  # optional datasets' kinds are covered too
+    assert codedeps.stale(REPO, registered_kinds(cfg)) == [], "run `python -m emdata code-deps --write` and commit pipeline/code/"
 
 
 def _emdata_imports(module: str) -> set[str]:

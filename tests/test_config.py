@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from emdata.params.config import load_config
+from dataclasses import dataclass
+
 from emdata.errors import ConfigError
+from emdata.params.config import load_config
+from emdata.params.schema import Section, as_bool, as_int_range, param, read_params
+from emdata.sources.dataset import resolve_all, resolve_dataset, resolve_entry
 
 
 def _dataset(**source_extra):
@@ -23,7 +27,7 @@ def _load(tmp_path, params):
 def test_valid_params_parse(tmp_path) -> None:
     cfg = _load(tmp_path, {"datasets": {"a_1": _dataset()}})
     assert cfg.normalize.chunks == (64, 64, 64) and cfg.normalize.compression == "none"
-    ds = cfg.dataset("a_1")
+    ds = resolve_dataset(cfg, "a_1")
     assert ds.voxel_size_nm == (5.0, 5.0, 5.0) and ds.source.image.url == "https://example.org/d/v.tif"
 
 
@@ -43,14 +47,14 @@ def test_mistakes_name_the_key_path(tmp_path, params, message) -> None:
     with pytest.raises(ConfigError) as err:
         cfg = _load(tmp_path, params)
         for key in cfg.datasets:  # entries are parsed on first use
-            cfg.dataset(key)
+            resolve_dataset(cfg, key)
     assert message in str(err.value)
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path) -> None:
     cfg = _load(tmp_path, {"datasets": {"a": _dataset()}})
     with pytest.raises(ConfigError, match="unknown dataset 'b'.*datasets in params.yaml: a"):
-        cfg.dataset("b")
+        resolve_dataset(cfg, "b")
 
 
 def test_project_root_is_found_from_a_subfolder(tmp_path, monkeypatch) -> None:
@@ -66,17 +70,19 @@ def test_the_repository_params_parse() -> None:
     cfg = load_config(REPO)
     assert {"epfl_hippocampus", "epfl_mito_train", "epfl_mito_test", "empiar_11759", "idr0086_u2os",
             "hemibrain_em_crop", "openorganelle_jrc_mus_nacc_2", "lightmycells_study_1"} <= set(cfg.datasets)
-    assert {key: error for key, error in cfg.check().items() if error is not None} == {}
+    assert {key: ds for key, ds in resolve_all(cfg.datasets, cfg).items() if isinstance(ds, ConfigError)} == {}
     # not downloadable: documented in params.yaml, out of the pipeline until the user has the files
     assert "organoid_tracking" not in cfg.datasets
     assert cfg.optional["organoid_tracking"].source_kind == "labelme_tracking"
+    assert not isinstance(resolve_all(cfg.optional, cfg)["organoid_tracking"], ConfigError)
 
 
 def test_an_optional_entry_is_checked_and_named_by_its_own_path(tmp_path) -> None:
     entry = {"source": {"kind": "epfll"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"datasets": {}, "optional_datasets": {"b": entry}}))
     with pytest.raises(ConfigError, match=r"optional_datasets\.b\.source\.kind: unknown source kind 'epfll'"):
-        load_config(tmp_path).optional["b"]
+        cfg = load_config(tmp_path)
+        resolve_entry(cfg.optional, "b", cfg)
 
 
 def test_a_dataset_both_in_the_pipeline_and_optional_is_refused(tmp_path) -> None:
@@ -90,12 +96,12 @@ def test_a_dataset_both_in_the_pipeline_and_optional_is_refused(tmp_path) -> Non
 def test_dataset_keys_are_matched_whole(tmp_path, key) -> None:
     cfg = _load(tmp_path, {"datasets": {key: _dataset()}})
     with pytest.raises(ConfigError, match="dataset keys must match"):
-        cfg.dataset(key)
+        resolve_dataset(cfg, key)
 
 
 def test_voxel_size_may_come_from_the_source(tmp_path) -> None:
     entry = {k: v for k, v in _dataset().items() if k != "voxel_size_nm"}
-    ds = _load(tmp_path, {"datasets": {"a": {**entry, "geometry_trust": "source"}}}).dataset("a")
+    ds = resolve_dataset(_load(tmp_path, {"datasets": {"a": {**entry, "geometry_trust": "source"}}}), "a")
     assert ds.voxel_size_nm is None and ds.offset_nm is None and ds.geometry_trust == "source"
 
 
@@ -116,4 +122,36 @@ def test_duplicate_keys_and_syntax_errors_are_one_line(tmp_path) -> None:
 def test_label_values_are_checked(tmp_path, values, message) -> None:
     cfg = _load(tmp_path, {"datasets": {"a": {**_dataset(), "label_values": values}}})
     with pytest.raises(ConfigError, match=message):
-        cfg.dataset("a")
+        resolve_dataset(cfg, "a")
+
+
+@dataclass(frozen=True)
+class _Typed:
+    tile: int = param(as_int_range(1, 9), 4, key="render.tile")
+    masks: bool = param(as_bool, True)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"render": {"tile": 10}}, "params.yaml: datasets.x.source.render.tile: expected an integer from 1 to 9, got 10"),
+    ({"render": {"tiles": 1}}, "params.yaml: datasets.x.source.render.tiles: unknown key"),
+    ({"masks": "yes"}, "params.yaml: datasets.x.source.masks: expected true or false, got 'yes'"),
+])
+def test_typed_params_name_the_key_path(data, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        read_params(_Typed, Section(data, "datasets.x.source"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_typed_params_take_their_defaults() -> None:
+    sec = Section({"render": {"tile": 2}}, "datasets.x.source")
+    assert read_params(_Typed, sec) == _Typed(tile=2, masks=True)
+    sec.finish()
+    assert read_params(_Typed, Section({}, "s")) == _Typed()
+
+
+def test_an_entry_resolves_into_one_dataset(tmp_path) -> None:
+    cfg = _load(tmp_path, {"datasets": {"a": _dataset()}})
+    ds = resolve_dataset(cfg, "a")
+    assert ds.module.KIND == "epfl" and ds.layout == "volume" and ds.title == "t"
+    assert ds.paths.raw == cfg.raw_dir("a") and ds.paths.processed == cfg.processed_path("a")
+    assert ds.paths.partial == cfg.partial_dir("a") and ds.paths.locks == cfg.lock_dir()

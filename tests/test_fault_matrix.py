@@ -858,8 +858,9 @@ def r02b_huge_content_length(c: Case) -> tuple[str, str]:
 
 def _spec(project: Path, key: str = DS) -> dict[str, Any]:
     from emdata.params.config import load_config
+    from emdata.sources.dataset import resolve_dataset
 
-    return load_config(project).dataset(key).source.to_dict()
+    return resolve_dataset(load_config(project), key).source.to_dict()
 
 
 def _marker(partial: Path, spec: dict[str, Any]) -> None:

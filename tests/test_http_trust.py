@@ -457,7 +457,7 @@ def test_redirect_to_a_location_that_is_not_utf8_is_one_line(server, tmp_path) -
 
 
 def test_base_url_with_an_invalid_ipv6_host_is_a_config_error() -> None:
-    from emdata.params.config import as_url
+    from emdata.params.schema import as_url
 
     with pytest.raises(ConfigError, match="invalid URL") as err:
         as_url("http://[::1/data/", "datasets.x.source.base_url")

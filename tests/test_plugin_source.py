@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emdata.params.config import Section, as_url
+from emdata.params.schema import Section, as_url
 from emdata.formats.raw import ArrayVolume
 from emdata.sources.fetch.files import RemoteFile, fetch_files, plan_files
 

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from emdata.params.config import load_config
+from emdata.sources.dataset import resolve_dataset
 from emdata.transport.http import sha256_file
 from emdata.testing.empiar import (
     ACCESSION,
@@ -81,7 +82,7 @@ def build(cfg) -> Path:
 
 
 def test_real_params_use_the_real_empiar_endpoints() -> None:
-    ds = load_config(REPO).dataset(KEY)
+    ds = resolve_dataset(load_config(REPO), KEY)
     src = ds.source
     assert src.api_url == "https://www.ebi.ac.uk/empiar/api/entry/EMPIAR-11759/"
     assert src.base_url == "https://ftp.ebi.ac.uk/empiar/world_availability/11759/data/"

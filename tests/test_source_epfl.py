@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from emdata.params.config import load_config
+from emdata.sources.dataset import resolve_dataset
 from emdata.testing.epfl import EPFL_PATH
 
 
@@ -12,11 +13,11 @@ def test_real_params_use_the_real_epfl_urls() -> None:
     from tests.conftest import REPO
 
     cfg = load_config(REPO)
-    image = cfg.dataset("epfl_hippocampus").source.image
+    image = resolve_dataset(cfg, "epfl_hippocampus").source.image
     assert image.url == ("https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/"
                          "%20ElectronMicroscopy_Hippocampus/volumedata.tif")
     assert image.size == 3_353_674_357
-    train = cfg.dataset("epfl_mito_train").source
+    train = resolve_dataset(cfg, "epfl_mito_train").source
     assert train.labels["mitochondria"].url.endswith("%20ElectronMicroscopy_Hippocampus/training_groundtruth.tif")
 
 
@@ -63,4 +64,4 @@ def test_real_params_store_the_epfl_masks_as_zero_and_one() -> None:
 
     cfg = load_config(REPO)
     for key in ("epfl_mito_train", "epfl_mito_test"):
-        assert cfg.dataset(key).label_values == {"mitochondria": {255: 1}}
+        assert resolve_dataset(cfg, key).label_values == {"mitochondria": {255: 1}}

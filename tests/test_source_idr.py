@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from emdata.params.config import Config, load_config
+from emdata.sources.dataset import resolve_dataset
 from emdata.errors import FetchError, FormatError
 from emdata.transport.http import sha256_file
 from emdata.testing.contract import FAST_RETRIES, CoreContract, HttpContract, SourceCase
@@ -107,7 +108,7 @@ class TestPlusInFileNameContract(CoreContract, HttpContract):
 def test_real_params_use_the_real_idr_and_ebi_urls() -> None:
     from emdata.sources.idr import tiles
 
-    src = load_config(REPO).dataset(KEY).source
+    src = resolve_dataset(load_config(REPO), KEY).source
     assert src.image_url == "https://idr.openmicroscopy.org/api/v0/m/images/9846137/"
     assert src.imgdata_url == "https://idr.openmicroscopy.org/webclient/imgData/9846137/"
     assert src.original.url == ("https://ftp.ebi.ac.uk/pub/databases/IDR/idr0086-miron-micrographs/20200610-ftp/"
@@ -121,13 +122,13 @@ def test_real_params_use_the_real_idr_and_ebi_urls() -> None:
                               f"?region=0,0,{min(src.tile_size, 1121)},{min(src.tile_size, 775)}"
                               "&c=1%7C0:255$FFFFFF&m=g&format=png&q=1"
                               "&maps=%5B%7B%22inverted%22:%7B%22enabled%22:false%7D%7D%5D")
-    ds = load_config(REPO).dataset(KEY)
+    ds = resolve_dataset(load_config(REPO), KEY)
     assert ds.license.startswith("CC BY 4.0") and ds.doi == "10.17867/10000141" and ds.voxel_size_nm is None
 
 
 def test_paper_doi_and_geometry_switch_are_not_part_of_the_fetch_spec(idr, tmp_path) -> None:
     from emdata.sources.idr import parse_params
-    from emdata.params.config import Section
+    from emdata.params.schema import Section
 
     entry = {k: v for k, v in idr_entry(idr.server.url)["source"].items() if k != "kind"}
     plain = parse_params(Section({**entry, "paper_doi": None}, "s")).to_dict()

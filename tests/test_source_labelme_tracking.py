@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from emdata.params.config import load_config
+from emdata.sources.dataset import resolve_entry
 from emdata.errors import FormatError, IntegrityError
 from emdata.testing.labelme_tracking import REPLICA, organoid_dataset
 from tests.conftest import REPO
@@ -40,7 +41,7 @@ def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_real_params_record_the_licence_and_a_local_path() -> None:
     cfg = load_config(REPO)
-    ds = cfg.optional["organoid_tracking"]
+    ds = resolve_entry(cfg.optional, "organoid_tracking", cfg)
     assert ds.license == "free for non-commercial research use"
     assert Path(ds.source.path).is_absolute() and ds.source.subset == "Tracking"
 

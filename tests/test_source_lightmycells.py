@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from emdata.params.config import load_config
+from emdata.sources.dataset import resolve_dataset
 from emdata.errors import FormatError
 from emdata.testing.lightmycells import (
     DAMAGED_OME,
@@ -49,7 +50,7 @@ def test_real_params_point_at_the_public_seafile_share() -> None:
     keys = [k for k in cfg.datasets if cfg.datasets.kind_of(k) == "lightmycells"]
     assert keys
     for key in keys:
-        spec = cfg.dataset(key).source
+        spec = resolve_dataset(cfg, key).source
         assert spec.study.url == (f"https://seafile.lirmm.fr/d/123f71e12bf24db59d84/files/?p=%2F"
                                   f"Study_{spec.number}.tar.gz&dl=1")
         assert key == f"lightmycells_study_{spec.number}"  # one dataset (one DVC stage) per study

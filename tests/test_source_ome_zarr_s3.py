@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.params.config import Section, load_config
+from emdata.params.config import load_config
+from emdata.params.schema import Section
+from emdata.sources.dataset import resolve_dataset
 from emdata.errors import ConfigError, FormatError
 from emdata.testing import ome_zarr_s3 as replica
 from emdata.testing.contract import FAST_RETRIES
@@ -77,7 +79,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 def test_real_params_name_the_real_bucket_group_level_roi_and_labels() -> None:
     from tests.conftest import REPO
 
-    ds = load_config(REPO).dataset(KEY)
+    ds = resolve_dataset(load_config(REPO), KEY)
     src = ds.source
     assert ds.source_kind == "ome_zarr_s3" and ds.license == "CC-BY-4.0"
     assert (src.bucket, src.region, src.container, src.image) == (

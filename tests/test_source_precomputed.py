@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from emdata.params.config import load_config
+from emdata.sources.dataset import resolve_dataset
 from emdata.errors import ConfigError
 from emdata.sources.fetch.record import FetchedFile
 from emdata.transport.http import RetryPolicy, sha256_file
@@ -76,14 +77,15 @@ def prepared(cfg, key: str):
     from emdata.stages.fetch import fetch_context
     from emdata.sources import precomputed
 
-    return precomputed.prepare(cfg.dataset(key).source, fetch_context(cfg, key))
+    ds = resolve_dataset(cfg, key)
+    return precomputed.prepare(ds.source, fetch_context(ds))
 
 
 # -- params -------------------------------------------------------------------------------------
 
 
 def test_real_params_name_the_public_em_layer_and_a_seeded_1000_cube() -> None:
-    ds = load_config(REPO).dataset(KEY)
+    ds = resolve_dataset(load_config(REPO), KEY)
     src = ds.source
     assert src.url == "https://storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg"
     assert src.scale == 8.0 and src.crop_size == (1000, 1000, 1000) and src.roi_start is None
@@ -105,12 +107,12 @@ def test_params_are_checked_with_their_key_paths(tmp_path) -> None:
             entry["source"].pop("seed")
         cfg = project(tmp_path, {"a": entry})
         if message is None:
-            cfg.dataset("a")  # a string is a scale key, checked against the info when fetching
+            resolve_dataset(cfg, "a")  # a string is a scale key, checked against the info when fetching
             continue
         with pytest.raises(ConfigError, match=re.escape(f"datasets.a.{message}")):
-            cfg.dataset("a")
+            resolve_dataset(cfg, "a")
     gs = {**base, "source": {**base["source"], "url": "precomputed://gs://bucket/a/b/"}}
-    assert project(tmp_path, {"a": gs}).dataset("a").source.url == "https://storage.googleapis.com/bucket/a/b"
+    assert resolve_dataset(project(tmp_path, {"a": gs}), "a").source.url == "https://storage.googleapis.com/bucket/a/b"
 
 
 # -- the seeded search ----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Each command parses arguments, calls one function of the library and prints its 
 exception that escapes a command becomes one line ``emdata: error: ...`` and a non-zero exit code:
 an EmdataError as its own message (which names the dataset), anything else (a file-system error,
 a bug) prefixed by the command's name; set ``EMDATA_DEBUG=1`` to see the traceback instead.
-Ctrl-C exits 130 with one line. Heavy libraries load inside the commands, so ``--help`` stays fast.
+Ctrl-C exits 130 with one line. Each command resolves its dataset once (:func:`emdata.sources.dataset.resolve_dataset`)
+and hands it down.
 """
 
 from __future__ import annotations
@@ -18,9 +19,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from emdata.errors import ConfigError, EmdataError
+from emdata.h5.metadata import read_record
+from emdata.params.config import Config, load_config
+from emdata.sources.dataset import Dataset, registered_kinds, resolve_all, resolve_dataset
+from emdata.stages import codedeps
+from emdata.stages.fetch import dataset_state, fetch_dataset, plan_dataset, verify_dataset
+from emdata.stages.inputs import write_inputs
+from emdata.stages.normalize.volume import normalize_dataset
+from emdata.stages.summarize import human_bytes
+from emdata.stages.summarize import summarize as summarize_all
+from emdata.testing.demo import run_demo
 
 app = typer.Typer(
     help="Public 3D EM volumes -> versioned, ML-ready HDF5. Stages of dvc.yaml call these commands.",
@@ -52,36 +64,33 @@ def _main(
     _state["command"] = ctx.invoked_subcommand
 
 
-def _config():
-    from emdata.params.config import load_config
-
+def _config() -> Config:
     return load_config(_state["root"])
 
 
 def _size(n: Optional[int]) -> str:
-    if n is None:
-        return "-"
-    from emdata.stages.summarize import human_bytes
+    return "-" if n is None else human_bytes(n)
 
-    return human_bytes(n)
+
+def _problems(resolved: dict[str, Dataset | ConfigError]) -> dict[str, ConfigError | None]:
+    return {key: ds if isinstance(ds, ConfigError) else None for key, ds in resolved.items()}
 
 
 @app.command("list")
 def list_datasets() -> None:
     """Datasets in params.yaml and what exists locally (fetched, normalized, sizes)."""
-    from emdata.stages.fetch import dataset_state
-
     cfg = _config()
-    problems = cfg.check()
+    resolved = resolve_all(cfg.datasets, cfg)
+    problems = _problems(resolved)
     typer.echo(f"{'dataset':<31} {'kind':<12} {'fetched':<8} {'raw':>10} {'normalized':<11} {'hdf5':>10}")
-    for key in cfg.datasets:
-        if problems[key] is not None:
-            typer.echo(f"{key!r:<31} {cfg.datasets.kind_of(key) or '?':<12} invalid: {_one_line(problems[key])}")
+    for key, ds in resolved.items():
+        if isinstance(ds, ConfigError):
+            typer.echo(f"{key!r:<31} {cfg.datasets.kind_of(key) or '?':<12} invalid: {_one_line(ds)}")
             continue
-        s = dataset_state(cfg, key)
+        s = dataset_state(ds)
         typer.echo(f"{key:<31} {s['kind']:<12} {'yes' if s['fetched'] else 'no':<8} {_size(s['raw_bytes']):>10} "
                    f"{'yes' if s['normalized'] else 'no':<11} {_size(s['h5_bytes']):>10}")
-    optional = cfg.check_optional()
+    optional = _problems(resolve_all(cfg.optional, cfg))
     for key, problem in optional.items():
         state = ("optional: move it under datasets: in params.yaml once you have its files" if problem is None
                  else f"optional, invalid: {_one_line(problem)}")
@@ -95,18 +104,16 @@ def list_datasets() -> None:
 @app.command()
 def check() -> None:
     """Validate every dataset in params.yaml and the code fingerprints dvc.yaml depends on."""
-    from emdata.stages import codedeps
-
     cfg = _config()
-    problems = cfg.check()
+    problems = _problems(resolve_all(cfg.datasets, cfg))
     for key, problem in problems.items():
         typer.echo(f"{'ok     ' if problem is None else 'invalid'} {key}" + ("" if problem is None else f": {_one_line(problem)}"))
-    optional = cfg.check_optional()
+    optional = _problems(resolve_all(cfg.optional, cfg))
     for key, problem in optional.items():
         typer.echo(f"ok      {key} (optional: not in the pipeline)" if problem is None
                    else f"invalid {key} (optional): {_one_line(problem)}")
     problems.update({f"optional_datasets.{key}": problem for key, problem in optional.items()})
-    stale = codedeps.stale(cfg.root, cfg.kinds())
+    stale = codedeps.stale(cfg.root, registered_kinds(cfg))
     for path in stale:
         typer.echo(f"stale   {path}: run `python -m emdata code-deps --write`")
     bad = [key for key, problem in problems.items() if problem is not None]
@@ -118,10 +125,8 @@ def check() -> None:
 @app.command("code-deps")
 def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the stale fingerprint files.")) -> None:
     """Fingerprints of the code that decides each kind's bytes (pipeline/code/, used by dvc.yaml)."""
-    from emdata.stages import codedeps
-
     cfg = _config()
-    kinds = cfg.kinds()
+    kinds = registered_kinds(cfg)
     if write:
         for path in codedeps.write(cfg.root, kinds):
             typer.echo(f"wrote {path.relative_to(cfg.root)}")
@@ -136,8 +141,6 @@ def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the sta
 @app.command()
 def inputs() -> None:
     """Write data/inputs/<dataset>.json: the state of sources DVC cannot see (local imports)."""
-    from emdata.stages.inputs import write_inputs
-
     changed = write_inputs(_config())
     for key in sorted(k for k, c in changed.items() if c):
         typer.echo(f"{key}: source inputs changed")
@@ -147,8 +150,6 @@ def inputs() -> None:
 @app.command()
 def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """What `fetch` would transfer: files (or chunk objects), bytes and requests; downloads no data."""
-    from emdata.stages.fetch import plan_dataset
-
     plans = plan_dataset(_config(), dataset)
     total = 0
     for p in plans:
@@ -163,8 +164,6 @@ def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."))
 @app.command()
 def fetch(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Download a dataset's source files into data/raw/<dataset> (resumable, verified, atomic)."""
-    from emdata.stages.fetch import fetch_dataset
-
     result = fetch_dataset(_config(), dataset)
     typer.echo(f"{dataset}: {'up to date' if result.up_to_date else 'fetched'} in {result.raw_dir}")
 
@@ -178,8 +177,6 @@ def normalize(
              "process writes; the file is byte-identical. Env: EMDATA_SCHEDULER."),
 ) -> None:
     """Convert data/raw/<dataset> into data/processed/<dataset>.h5 and its metadata record."""
-    from emdata.stages.normalize.volume import normalize_dataset
-
     cfg = _config()
     out = normalize_dataset(cfg, dataset, scheduler=scheduler or None)
     typer.echo(f"{dataset}: wrote {out} and {cfg.record_path(dataset)}")
@@ -188,9 +185,7 @@ def normalize(
 @app.command()
 def summarize() -> None:
     """Write data/metadata.csv, METADATA_SUMMARY.md and thumbnails from the metadata records."""
-    from emdata.stages.summarize import summarize as run
-
-    for path in run(_config()):
+    for path in summarize_all(_config()):
         typer.echo(f"wrote {path}")
 
 
@@ -198,17 +193,12 @@ def summarize() -> None:
 def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
          as_json: bool = typer.Option(False, "--json", help="Print the whole metadata record as JSON.")) -> None:
     """Describe a dataset: its record if normalized, else its configuration and local state."""
-    from emdata.stages.fetch import dataset_state
-
     cfg = _config()
-    ds = cfg.dataset(dataset)
-    path = cfg.record_path(dataset)
-    if not path.is_file():
-        state = dataset_state(cfg, dataset)
+    ds = resolve_dataset(cfg, dataset)
+    if not ds.paths.record.is_file():
+        state = dataset_state(ds)
         typer.echo(json.dumps({"title": ds.title, "source": ds.source.to_dict(), **state}, indent=1))
         return
-    from emdata.h5.metadata import read_record
-
     record = read_record(cfg, dataset)
     if as_json:
         typer.echo(json.dumps(record, indent=1, sort_keys=True))
@@ -233,11 +223,7 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
 @app.command()
 def verify(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Re-hash the fetched raw files (if present), the HDF5 file and its voxels against their records."""
-    from emdata.stages.fetch import verify_dataset, verify_raw
-
-    cfg = _config()
-    checks = verify_raw(cfg, dataset) if cfg.raw_dir(dataset).exists() else []
-    for what, digest in [*checks, *verify_dataset(cfg, dataset)]:
+    for what, digest in verify_dataset(_config(), dataset, raw=True):
         typer.echo(f"ok  {what}  {digest}")
 
 
@@ -247,8 +233,6 @@ def demo(
     keep: bool = typer.Option(False, help="Keep the demo folder and print its path."),
 ) -> None:
     """The whole job offline: replicas, dvc repro, push to a local S3, fresh clone, pull, verify."""
-    from emdata.testing.demo import run_demo
-
     run_demo(_config().root, workdir=workdir, keep=keep)
 
 
@@ -259,8 +243,6 @@ def _one_line(text: object) -> str:
 
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(usage/parameter errors, aborts) of click and of the click that newer Typer vendors."""
-    import click
-
     usage, aborts = [click.ClickException], [click.Abort]
     try:
         from typer import _click as vendored  # type: ignore[attr-defined]

@@ -274,7 +274,7 @@ def open_remote(name: str, *, rev: str | None = None, repo: str | os.PathLike | 
     """
     from dvc.repo import Repo
 
-    from emdata.params.config import find_root, processed_relpath
+    from emdata.params.layout import find_root, processed_relpath
 
     rel = processed_relpath(name)
     rel_index = str(PurePosixPath(index_path_for(Path(f"data/metadata/{name}.json"))))

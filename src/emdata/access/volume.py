@@ -447,7 +447,7 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
     DVC settings (e.g. ``{"endpointurl": ...}``).
     """
     if remote is not None:
-        from emdata.params.config import KEY_PATTERN
+        from emdata.params.schema import KEY_PATTERN
 
         if _looks_like_path(name):
             raise ConfigError(f"{name}: rev=, repo= and remote= take a dataset name, not a file path")
@@ -464,7 +464,8 @@ def open_dataset(name: str | os.PathLike, *, rev: str | None = None, repo: str |
 def dataset_path(name: str | os.PathLike, *, rev: str | None = None, repo: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
     """The HDF5 file ``name`` stands for (see :func:`open_dataset`), and the name to show."""
-    from emdata.params.config import KEY_PATTERN, find_root, processed_relpath
+    from emdata.params.layout import find_root, processed_relpath
+    from emdata.params.schema import KEY_PATTERN
 
     if _looks_like_path(name):
         if rev is not None or repo is not None:
@@ -503,7 +504,7 @@ def _fetch_version(name: str, *, rev: str | None, repo: Any, cache_dir: Any) -> 
     """Copy ``data/processed/<name>.h5`` at ``rev`` into a cache keyed by its DVC content hash."""
     from dvc.api import DVCFileSystem
 
-    from emdata.params.config import processed_relpath
+    from emdata.params.layout import processed_relpath
 
     repo_str = str(Path(repo).resolve()) if repo is not None and Path(repo).exists() else (str(repo) if repo else None)
     rel = processed_relpath(name)

@@ -1,1 +1,2 @@
-"""params.yaml: the typed parsers every source uses, the configuration, and where files live."""
+"""params.yaml: ``schema`` (how keys are read and typed), ``config`` (the configuration) and
+``layout`` (where each dataset's files live). Nothing here knows a source kind."""

@@ -43,54 +43,57 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import html
-import itertools
 import json
 import logging
 import re
-import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from emdata.params.config import Section, as_choice, as_int, as_sha256, as_str, as_url
-from emdata.errors import ConfigError, FetchError, FormatError
-from emdata.sources.fetch.context import FetchContext
-from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
+from emdata.core.atomic import write_bytes_atomic
 from emdata.core.numbers import ascii_int
-from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, plan_files
-
-if TYPE_CHECKING:
-    from emdata.formats.dm3 import Dm3Stack
+from emdata.errors import ConfigError, FetchError, FormatError
+from emdata.formats.dm3 import Dm3Stack, natural_sorted
+from emdata.params.schema import (
+    Section,
+    as_choice,
+    as_folder_url,
+    as_matching,
+    as_str,
+    as_str_list,
+    as_url,
+    param,
+    read_params,
+)
+from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.files import FilePlan, RemoteFile, as_pins, as_relpaths, fetch_files, plan_files
+from emdata.sources.fetch.listing import child_url, list_tree, missing_in_series, parse_listing
+from emdata.sources.fetch.record import FetchedFile, FetchRecord
 
 KIND = "empiar"
 READERS = ("emdata.formats.dm3",)
+FETCHERS = ("emdata.sources.fetch.listing",)  # which files of the mirror are fetched
 # fetch parses each slice's DM3 header (RosettaSciIO) and records it in source.json, so normalize
 # reads pixels at the recorded offsets without importing the reader (it and the dask/pandas it
 # loads cost ~70 MiB of RSS) and a corrupt or ragged slice is refused before it is ever stored.
 DECODES_ON_FETCH = True
 TRUST = ("dm3", "api")
 TOLERANCE = 0.01
+ACCESSION = re.compile(r"EMPIAR-\d+")
 log = logging.getLogger(__name__)
-
-
-def _str_list(value: Any, path: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"params.yaml: {path}: expected a list of non-empty strings, got {value!r}")
-    return tuple(value)
 
 
 @dataclass(frozen=True)
 class Params:
-    accession: str
-    api_url: str
-    base_url: str
-    imageset: str
-    pattern: str
-    extra_files: tuple[str, ...] = ()
-    include_folders: tuple[str, ...] = ()
-    pixel_size_trust: str | None = None
-    pins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    accession: str = param(as_matching(ACCESSION, "an EMPIAR accession (EMPIAR-<number>)"))
+    api_url: str = param(as_url)
+    base_url: str = param(as_folder_url)
+    imageset: str = param(as_str)
+    pattern: str = param(as_str)
+    extra_files: tuple[str, ...] = param(as_str_list(), ())
+    include_folders: tuple[str, ...] = param(as_relpaths, ())
+    pixel_size_trust: str | None = param(as_choice(TRUST), None)
+    pins: dict[str, dict[str, Any]] = param(as_pins, {})
 
     @property
     def entry_file(self) -> str:
@@ -105,27 +108,7 @@ class Params:
 
 
 def parse_params(sec: Section) -> Params:
-    accession = sec.required("accession", as_str)
-    if not re.fullmatch(r"EMPIAR-\d+", accession):
-        raise ConfigError(f"params.yaml: {sec.path}.accession: expected EMPIAR-<number>, got {accession!r}")
-    base_url = sec.required("base_url", as_url)
-    if not base_url.endswith("/"):
-        raise ConfigError(f"params.yaml: {sec.path}.base_url: a folder URL ending in '/' is expected")
-    folders = sec.optional("include_folders", _str_list, ())
-    for name in folders:
-        safe_relpath(name.rstrip("/"), f"params.yaml: {sec.path}.include_folders")
-    pins_sec = sec.section("pins", required=False)
-    pins = {}
-    for name in pins_sec.keys():
-        pin = pins_sec.section(str(name))
-        safe_relpath(str(name), f"params.yaml: {pin.path}")
-        pins[str(name)] = {"size": pin.optional("size", as_int), "sha256": pin.optional("sha256", as_sha256)}
-        pin.finish()
-    return Params(accession=accession, api_url=sec.required("api_url", as_url), base_url=base_url,
-                  imageset=sec.required("imageset", as_str), pattern=sec.required("pattern", as_str),
-                  extra_files=sec.optional("extra_files", _str_list, ()),
-                  include_folders=tuple(f.rstrip("/") for f in folders),
-                  pixel_size_trust=sec.optional("pixel_size_trust", as_choice(TRUST)), pins=pins)
+    return read_params(Params, sec)
 
 
 # -- the API answer ------------------------------------------------------------------------------
@@ -172,38 +155,7 @@ def _entry(params: Params, answer: Any, dataset: str) -> dict[str, Any]:
     return answer[params.accession]
 
 
-# -- the mirror listing --------------------------------------------------------------------------
-
-_HREF = re.compile(r"""href\s*=\s*(?:"([^"]*)"|'([^']*)')""", re.IGNORECASE)
-
-
-def parse_listing(page: str) -> tuple[list[str], list[str]]:
-    """(files, folders) linked from an Apache autoindex page: direct children only, unquoted."""
-    files, folders = [], []
-    for match in _HREF.finditer(page):
-        href = html.unescape(match.group(1) if match.group(1) is not None else match.group(2))
-        href = href.split("?", 1)[0].split("#", 1)[0]
-        if not href or href.startswith(("/", ".")) or ":" in href:
-            continue  # sort links, the parent folder, absolute links
-        name = urllib.parse.unquote(href)
-        if name.endswith("/") and "/" not in name[:-1]:
-            folders.append(name[:-1])
-        elif "/" not in name:
-            files.append(name)
-    return sorted(set(files)), sorted(set(folders))
-
-
-def _list_tree(ctx: FetchContext, url: str, prefix: str, out: list[tuple[str, str]], depth: int = 0) -> int:
-    """Every file under ``url`` as (relpath, url); returns the number of listing requests."""
-    if depth > 16:
-        raise FormatError(ctx.dataset, url, "folders nest more than 16 deep", "check source.include_folders")
-    files, folders = parse_listing(ctx.http.get_text(url))
-    out += [(prefix + name, urllib.parse.urljoin(url, urllib.parse.quote(name))) for name in files]
-    requests = 1
-    for folder in folders:
-        requests += _list_tree(ctx, urllib.parse.urljoin(url, urllib.parse.quote(folder) + "/"),
-                               f"{prefix}{folder}/", out, depth + 1)
-    return requests
+# -- what the API and the mirror say ----------------------------------------------------------
 
 
 @dataclass
@@ -214,36 +166,6 @@ class Discovery:
     files: list[RemoteFile]  # slices (natural order), extra files, included folders
     unlisted: list[str]  # slices the listing left out that answered a HEAD request
     requests: int  # API, listings and HEAD probes
-
-
-def _numbered(names: list[str]) -> tuple[str, int, str, list[int]] | None:
-    """(prefix, zero-padded width or 0, suffix, numbers) when the names are one numbered series."""
-    parts = [re.fullmatch(r"(.*?)([0-9]+)([^0-9.]*(?:\..*)?)", n) for n in names]
-    if not parts or any(p is None for p in parts):
-        return None
-    keys = {(p.group(1), p.group(3)) for p in parts if p}
-    if len(keys) != 1:
-        return None
-    prefix, suffix = keys.pop()
-    digits = [p.group(2) for p in parts if p]
-    widths = {len(d) for d in digits}
-    width = widths.pop() if len(widths) == 1 and any(d.startswith("0") for d in digits) else 0
-    return prefix, width, suffix, sorted(int(d) for d in digits)
-
-
-def _candidates(names: list[str], count: int) -> list[str]:
-    """Names a numbered series of ``count`` lacks, from its first number on; then those before it.
-
-    At most ``count`` of them: a sparse series (``_0`` and ``_999999999``) would name far more.
-    """
-    series = _numbered(names)
-    if series is None or len(names) >= count:
-        return []
-    prefix, width, suffix, numbers = series
-    have, lo = set(numbers), numbers[0]
-    expected = (n for n in range(lo, max(lo + count, numbers[-1] + 1)) if n not in have)
-    before = (n for n in range(lo - 1, lo - 1 - (count - len(names)), -1) if n >= 0)
-    return [f"{prefix}{n:0{width}d}{suffix}" for n in itertools.islice(itertools.chain(expected, before), count)]
 
 
 def discover(params: Params, ctx: FetchContext) -> Discovery:
@@ -268,11 +190,11 @@ def discover(params: Params, ctx: FetchContext) -> Discovery:
                           "the entry's image count is wrong: please report it to EMPIAR")
     unlisted: list[str] = []
     missing: list[str] = []
-    for name in _candidates(slices, count):
+    for name in missing_in_series(slices, count):
         if len(slices) + len(unlisted) >= count:
             break
         requests += 1
-        if ctx.http.probe(urllib.parse.urljoin(params.base_url, urllib.parse.quote(name))) is None:
+        if ctx.http.probe(child_url(params.base_url, name)) is None:
             missing.append(name)
         else:
             unlisted.append(name)
@@ -286,8 +208,6 @@ def discover(params: Params, ctx: FetchContext) -> Discovery:
     if unlisted:
         log.warning("%s: %s not in the listing of %s but served; fetched (the API count is the authority)",
                     ctx.dataset, ", ".join(unlisted), params.base_url)
-    from emdata.formats.dm3 import natural_sorted
-
     slices = natural_sorted(slices + unlisted)
     extras = [n for n in files if n not in slices and any(fnmatch.fnmatchcase(n, p) for p in params.extra_files)]
     tree: list[tuple[str, str]] = []
@@ -295,9 +215,8 @@ def discover(params: Params, ctx: FetchContext) -> Discovery:
         if folder not in folders:
             raise FormatError(ctx.dataset, params.base_url, f"no folder {folder + '/'!r} in the listing "
                               f"(folders: {', '.join(folders) or 'none'})", "check source.include_folders")
-        requests += _list_tree(ctx, urllib.parse.urljoin(params.base_url, urllib.parse.quote(folder) + "/"),
-                               folder + "/", tree)
-    urls = [(n, urllib.parse.urljoin(params.base_url, urllib.parse.quote(n))) for n in slices + extras] + tree
+        requests += list_tree(ctx, child_url(params.base_url, folder + "/"), folder + "/", tree)
+    urls = [(n, child_url(params.base_url, n)) for n in slices + extras] + tree
     unknown = sorted(set(params.pins) - {n for n, _ in urls})
     if unknown:
         raise ConfigError(f"params.yaml: datasets.{ctx.dataset}.source.pins.{unknown[0]}: no such file in "
@@ -320,8 +239,6 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from emdata.core.atomic import write_bytes_atomic
-
     found = discover(params, ctx)
     data = _entry_bytes(params, found.entry)
     write_bytes_atomic(ctx.path(params.entry_file), data)
@@ -334,8 +251,6 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
 def _parse_headers(ctx: FetchContext, slices: list[str]) -> dict[str, Any]:
     """Each slice's DM3 header (the first with its tag tree); a bad slice is removed, to be fetched again."""
-    from emdata.formats.dm3 import Dm3Stack
-
     try:
         stack = Dm3Stack.parse([ctx.dest / name for name in slices], ctx.dataset)
     except FormatError as exc:
@@ -349,10 +264,8 @@ def _parse_headers(ctx: FetchContext, slices: list[str]) -> dict[str, Any]:
 # -- reading what was fetched ------------------------------------------------------------------
 
 
-def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], "Dm3Stack"]:
+def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], Dm3Stack]:
     """The stored API entry, and the slices (natural order) from the headers fetch recorded."""
-    from emdata.formats.dm3 import Dm3Stack, natural_sorted
-
     path = raw / params.entry_file
     try:
         entry = _entry(params, json.loads(path.read_text(encoding="utf-8")), dataset)
@@ -369,14 +282,14 @@ def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], "
     return entry, Dm3Stack.from_headers([raw / n for n in names], [headers[n] for n in names], dataset)
 
 
-def open_volume(params: Params, raw: Path, dataset: str) -> "Dm3Stack":
+def open_volume(params: Params, raw: Path, dataset: str) -> Dm3Stack:
     entry, stack = _fetched(params, raw, dataset)
     imageset = select_imageset(entry, params.imageset, dataset, str(raw / params.entry_file))
     _reconcile_pixel_size(params, stack, imageset, dataset)
     return stack
 
 
-def _reconcile_pixel_size(params: Params, stack: "Dm3Stack", imageset: dict[str, Any], dataset: str) -> None:
+def _reconcile_pixel_size(params: Params, stack: Dm3Stack, imageset: dict[str, Any], dataset: str) -> None:
     """The DM3 calibration against the API's pixel size: > 1 % apart needs ``pixel_size_trust``."""
     api = api_pixel_nm(imageset)
     dm3 = stack.slices[0].pixel_nm

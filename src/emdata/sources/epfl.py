@@ -21,19 +21,16 @@ params.yaml::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from emdata.params.config import KEY_PATTERN, Section, as_url
-from emdata.errors import ConfigError
+from emdata.formats.raw import RawVolume
+from emdata.formats.tiff import TiffStack
+from emdata.params.schema import Section, as_folder_url, as_named, param, read_params
 from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.files import FilePlan, RemoteFile, as_remote_file, fetch_files, in_folder, plan_files
 from emdata.sources.fetch.record import FetchRecord
-from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
-
-if TYPE_CHECKING:
-    from emdata.formats.tiff import TiffStack
-    from emdata.formats.raw import RawVolume
 
 KIND = "epfl"
 READERS = ("emdata.formats.tiff",)  # code that decides the normalized bytes (see emdata.stages.codedeps)
@@ -41,9 +38,10 @@ READERS = ("emdata.formats.tiff",)  # code that decides the normalized bytes (se
 
 @dataclass(frozen=True)
 class Params:
-    base_url: str
-    image: RemoteFile
-    labels: dict[str, RemoteFile] = field(default_factory=dict)
+    base_url: str = param(as_folder_url)
+    image: RemoteFile = param(using=lambda got: as_remote_file(in_folder(got["base_url"])))
+    labels: dict[str, RemoteFile] = param(using=lambda got: as_named(as_remote_file(in_folder(got["base_url"]))),
+                                          default={})
 
     @property
     def files(self) -> list[RemoteFile]:
@@ -55,17 +53,7 @@ class Params:
 
 
 def parse_params(sec: Section) -> Params:
-    base_url = sec.required("base_url", as_url)
-    if not base_url.endswith("/"):
-        raise ConfigError(f"params.yaml: {sec.path}.base_url: a folder URL ending in '/' is expected")
-    image = parse_file_spec(sec.section("image"), base_url)
-    labels_sec = sec.section("labels", required=False)
-    labels = {}
-    for name in labels_sec.keys():
-        if not isinstance(name, str) or not KEY_PATTERN.fullmatch(name):
-            raise ConfigError(f"params.yaml: {labels_sec.path}.{name}: label names must match {KEY_PATTERN.pattern}")
-        labels[name] = parse_file_spec(labels_sec.section(name), base_url)
-    return Params(base_url=base_url, image=image, labels=labels)
+    return read_params(Params, sec)
 
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
@@ -76,21 +64,15 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     return ctx.record(fetch_files(ctx, params.files))
 
 
-def open_volume(params: Params, raw: Path, dataset: str) -> "TiffStack":
-    from emdata.formats.tiff import TiffStack
-
+def open_volume(params: Params, raw: Path, dataset: str) -> TiffStack:
     return TiffStack(raw / params.image.name, dataset)
 
 
-def open_labels(params: Params, raw: Path, dataset: str) -> "dict[str, RawVolume]":
-    from emdata.formats.tiff import TiffStack
-
+def open_labels(params: Params, raw: Path, dataset: str) -> dict[str, RawVolume]:
     return {name: TiffStack(raw / spec.name, dataset) for name, spec in params.labels.items()}
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
-    from emdata.formats.tiff import TiffStack
-
     native = {}
     for spec in params.files:
         with TiffStack(raw / spec.name, dataset) as stack:

@@ -75,8 +75,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emdata.params.config import Section, as_choice, as_int, as_int_range, as_str, as_url
-from emdata.errors import ConfigError, FetchError, FormatError
+from emdata.params.schema import (
+    Section,
+    as_choice,
+    as_folder_url,
+    as_int,
+    as_int_range,
+    as_str,
+    config_error,
+    param,
+    read_params,
+)
+from emdata.errors import FetchError, FormatError
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
 from emdata.core.geometry import same_geometry
@@ -84,7 +94,7 @@ from emdata.core.atomic import write_bytes_atomic
 from emdata.core.digest import sha256_file
 from emdata.formats.png import header_problem
 from emdata.formats.raw import IntTriple, RawVolume, Triple
-from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, parse_file_spec, plan_files
+from emdata.sources.fetch.files import FilePlan, RemoteFile, as_remote_file, fetch_files, in_folder, plan_files
 
 if TYPE_CHECKING:
     from emdata.formats.tiff import TiffStack
@@ -111,16 +121,23 @@ PIXEL_TYPES = {"int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int3
 # -- params -------------------------------------------------------------------------------------
 
 
+def as_original(value: Any, path: str) -> RemoteFile:
+    """``{base_url, file, size?, sha256?}``: the original file in a folder of the IDR FTP mirror."""
+    sec = Section(value, path)
+    base_url = sec.required("base_url", as_folder_url)
+    return as_remote_file(in_folder(base_url))({k: v for k, v in sec.data.items() if k != "base_url"}, path)
+
+
 @dataclass(frozen=True)
 class Params:
-    omero_url: str
-    image_id: int
-    dataset_id: int | None
-    pixels: str
-    original: RemoteFile | None
-    tile_size: int
-    paper_doi: str | None = None  # descriptive (record only)
-    geometry_from: str | None = None  # decides a disagreement between OMERO and the ImageJ tags
+    omero_url: str = param(as_folder_url)
+    image_id: int = param(as_int)
+    dataset_id: int | None = param(as_int, None)
+    pixels: str = param(as_choice(ROUTES), "original")
+    original: RemoteFile | None = param(as_original, None)  # required by the original route
+    tile_size: int = param(as_int_range(16, 8192), DEFAULT_TILE, key="render.tile_size")
+    paper_doi: str | None = param(as_str, None)  # descriptive (record only)
+    geometry_from: str | None = param(as_choice(GEOMETRY_FROM), None)  # decides a disagreement between OMERO and the ImageJ tags
 
     def api(self, path: str) -> str:
         return urllib.parse.urljoin(self.omero_url, path)
@@ -145,25 +162,9 @@ class Params:
 
 
 def parse_params(sec: Section) -> Params:
-    omero_url = sec.required("omero_url", as_url)
-    if not omero_url.endswith("/"):
-        raise ConfigError(f"params.yaml: {sec.path}.omero_url: the server's root URL ending in '/' is expected")
-    image_id = sec.required("image_id", as_int)
-    dataset_id = sec.optional("dataset_id", as_int)
-    pixels = sec.optional("pixels", as_choice(ROUTES), "original")
-    original = None
-    orig = sec.section("original", required=pixels == "original")
-    if orig.data:
-        base_url = orig.required("base_url", as_url)
-        if not base_url.endswith("/"):
-            raise ConfigError(f"params.yaml: {orig.path}.base_url: a folder URL ending in '/' is expected")
-        original = parse_file_spec(orig, base_url)
-    render = sec.section("render", required=False)
-    tile_size = render.optional("tile_size", as_int_range(16, 8192), DEFAULT_TILE)
-    render.finish()
-    params = Params(omero_url, image_id, dataset_id, pixels, original, tile_size,
-                    paper_doi=sec.optional("paper_doi", as_str),
-                    geometry_from=sec.optional("geometry_from", as_choice(GEOMETRY_FROM)))
+    params = read_params(Params, sec)
+    if params.pixels == "original" and params.original is None:
+        raise config_error(sec.key_path("original"), "missing required section (pixels: original fetches this file)")
     sec.finish()
     return params
 

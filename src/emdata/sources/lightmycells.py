@@ -34,20 +34,22 @@ from __future__ import annotations
 
 import re
 import shutil
-from functools import partial
 import urllib.parse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from emdata.params.config import Section, as_int, as_int_range, as_sha256, as_str, as_url
-from emdata.errors import ConfigError, FormatError
+import numpy as np
+
+from emdata.errors import FormatError
+from emdata.formats.ometiff import open_plane, read_ome
+from emdata.h5.collection import CollectionItem, RawCollection
+from emdata.params.schema import Section, as_int_range, as_matching, param, read_params
 from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.files import FilePlan, RemoteFile, as_remote_file, fetch_files, plan_files
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
-from emdata.sources.fetch.files import FilePlan, RemoteFile, fetch_files, plan_files
-
-if TYPE_CHECKING:
-    from emdata.h5.collection import RawCollection
+from emdata.transport.archive import ArchiveDamaged, Limits, extract_tar
 
 KIND = "lightmycells"
 LAYOUT = "collection"
@@ -55,6 +57,7 @@ READERS = ("emdata.formats.ometiff", "emdata.formats.tiff")  # code that decides
 FETCHERS = ("emdata.transport.archive",)  # code that decides the fetched bytes (extraction)
 
 ARCHIVE = re.compile(r"Study_(?P<study>[1-9][0-9]*)\.tar\.gz")
+SHARE = re.compile(r"https?://[^/]+/d/[0-9a-f]+/")
 INPUT = re.compile(r"image_(?P<id>[0-9]+)_(?P<modality>BF|DIC|PC)_z(?P<z>[0-9]+)\.ome\.tiff?")
 TARGET = re.compile(r"image_(?P<id>[0-9]+)_(?P<organelle>Nucleus|Mitochondria|Tubulin|Actin)\.ome\.tiff?")
 MODALITIES = ("BF", "DIC", "PC")
@@ -62,12 +65,24 @@ ORGANELLES = ("Nucleus", "Mitochondria", "Tubulin", "Actin")
 MIB, GIB = 1 << 20, 1 << 30
 
 
+def share_file_url(share_url: str, name: str) -> str:
+    """The download URL of a file at the root of a public Seafile share (``?p=%2F<name>&dl=1``)."""
+    return f"{share_url}files/?p={urllib.parse.quote('/' + name, safe='')}&dl=1"
+
+
+def _on_share(got: dict[str, Any]) -> Any:
+    """The study's tarball, served by the share read before it."""
+    return as_remote_file(partial(share_file_url, got["share_url"]),
+                          as_matching(ARCHIVE, "a study archive named Study_<n>.tar.gz"))
+
+
 @dataclass(frozen=True)
 class Params:
-    share_url: str
-    study: RemoteFile  # the study's tarball on the share
-    member_mb: int = 2048  # extraction caps: no file of a study should come near these
-    total_gb: int = 512
+    share_url: str = param(as_matching(SHARE, "a Seafile share URL like https://seafile.lirmm.fr/d/<token>/"))
+    study: RemoteFile = param(using=_on_share)  # the study's tarball on the share
+    # extraction caps: no file of a study should come near these
+    member_mb: int = param(as_int_range(1, 1 << 24), 2048, key="limits.member_mb")
+    total_gb: int = param(as_int_range(1, 1 << 20), 512, key="limits.total_gb")
 
     @property
     def number(self) -> int:
@@ -80,29 +95,8 @@ class Params:
                 "limits": {"member_mb": self.member_mb, "total_gb": self.total_gb}}
 
 
-def share_file_url(share_url: str, name: str) -> str:
-    """The download URL of a file at the root of a public Seafile share (``?p=%2F<name>&dl=1``)."""
-    return f"{share_url}files/?p={urllib.parse.quote('/' + name, safe='')}&dl=1"
-
-
 def parse_params(sec: Section) -> Params:
-    share_url = sec.required("share_url", as_url)
-    if not re.fullmatch(r"https?://[^/]+/d/[0-9a-f]+/", share_url):
-        raise ConfigError(f"params.yaml: {sec.path}.share_url: a Seafile share URL like "
-                          f"https://seafile.lirmm.fr/d/<token>/ is expected, got {share_url!r}")
-    study_sec = sec.section("study")
-    name = study_sec.required("file", as_str)
-    if not ARCHIVE.fullmatch(name):
-        raise ConfigError(f"params.yaml: {study_sec.path}.file: a study archive named Study_<n>.tar.gz is "
-                          f"expected, got {name!r}")
-    study = RemoteFile(name=name, url=share_file_url(share_url, name), size=study_sec.optional("size", as_int),
-                       sha256=study_sec.optional("sha256", as_sha256))
-    study_sec.finish()
-    limits = sec.section("limits", required=False)
-    member_mb = limits.optional("member_mb", as_int_range(1, 1 << 24), Params.member_mb)
-    total_gb = limits.optional("total_gb", as_int_range(1, 1 << 20), Params.total_gb)
-    limits.finish()
-    return Params(share_url=share_url, study=study, member_mb=member_mb, total_gb=total_gb)
+    return read_params(Params, sec)
 
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
@@ -121,8 +115,6 @@ def accepted_name(member: str, study: int) -> str | None:
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from emdata.transport.archive import ArchiveDamaged, Limits, extract_tar
-
     spec = params.study
     _clear_extracted(ctx.dest, keep=spec.name)  # an earlier extraction of this spec may have stopped midway
     downloaded = fetch_files(ctx, [spec])[spec.name]
@@ -169,12 +161,7 @@ def _image_files(raw: Path) -> list[str]:
     return [n for n in names if INPUT.fullmatch(n) or TARGET.fullmatch(n)]
 
 
-def open_collection(params: Params, raw: Path, dataset: str) -> "RawCollection":
-    import numpy as np
-
-    from emdata.h5.collection import CollectionItem, RawCollection
-    from emdata.formats.ometiff import open_plane, read_ome
-
+def open_collection(params: Params, raw: Path, dataset: str) -> RawCollection:
     images: dict[str, dict[str, Any]] = {}
     for name in _image_files(raw):
         info = read_ome(raw / name, dataset)
@@ -221,8 +208,6 @@ def _item_order(item: Any) -> tuple[int, int, int]:
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     """Counts per kind of file and one parsed OME-XML example of each (the rest are alike)."""
-    from emdata.formats.ometiff import read_ome
-
     record = FetchRecord.load(raw)
     kinds: dict[str, dict[str, Any]] = {}
     for name in _image_files(raw):

@@ -44,11 +44,21 @@ import json
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from emdata.params.config import KEY_PATTERN, Section, as_str, as_triple, as_url
+from emdata.params.schema import (
+    Section,
+    as_matching,
+    as_named,
+    as_str,
+    as_triple,
+    as_url,
+    config_error,
+    param,
+    read_params,
+)
 from emdata.errors import ConfigError, FetchError, FormatError
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
@@ -74,7 +84,7 @@ KIND = "ome_zarr_s3"
 READERS = ("emdata.formats.ngff", "emdata.formats.zarr")
 DECODES_ON_FETCH = True
 READS_PER_WORKER = 4  # chunk GETs in flight per worker (EMDATA_FETCH_WORKERS) while workers write and hash
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"^(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # no ".." anywhere
 _LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REGION = re.compile(r"^[a-z0-9-]+$")
 Triple = tuple[float, float, float]
@@ -97,16 +107,47 @@ class Roi:
         return {"start": [num(v) for v in self.start], "shape": [num(v) for v in self.shape], "unit": self.unit}
 
 
+def as_key_path(value: Any, path: str) -> str:
+    """A key path inside the bucket (no leading ``/``, no ``..``)."""
+    text = as_str(value, path)
+    return safe_relpath(text, f"params.yaml: {path} (a key path inside the bucket, no leading '/')")
+
+
+def _voxels(positive: bool) -> Callable[[Any, str], Triple]:
+    def parse(value: Any, path: str) -> Triple:
+        ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+            isinstance(v, int) and not isinstance(v, bool) and (v > 0 if positive else v >= 0) for v in value)
+        if not ok:
+            kind = "positive" if positive else "non-negative"
+            raise config_error(path, f"expected three {kind} integers [z, y, x] (voxels), got {value!r}")
+        return tuple(float(v) for v in value)  # type: ignore[return-value]
+
+    return parse
+
+
+def as_roi(unit: str) -> Callable[[Any, str], Roi]:
+    """``{start, shape}`` in ``unit`` (``voxel``: integers; ``nm``: numbers)."""
+    start, shape = (_voxels(False), _voxels(True)) if unit == "voxel" else (as_triple(False), as_triple(True))
+
+    def parse(value: Any, path: str) -> Roi:
+        sec = Section(value, path)
+        roi = Roi(sec.required("start", start), sec.required("shape", shape), unit)
+        sec.finish()
+        return roi
+
+    return parse
+
+
 @dataclass(frozen=True)
 class Params:
-    bucket: str
-    container: str  # key prefix of the zarr container inside the bucket
-    image: str  # the image group inside the container
-    level: str
-    region: str
-    endpoint: str | None = None  # None: AWS for the region
-    roi: Roi | None = None  # None: the whole level
-    labels: dict[str, str] = field(default_factory=dict)  # name -> label group inside the container
+    bucket: str = param(as_matching(_BUCKET, "an S3 bucket name (3-63 of a-z 0-9 . -)"))
+    container: str = param(as_key_path)  # key prefix of the zarr container inside the bucket
+    image: str = param(as_key_path)  # the image group inside the container
+    level: str = param(as_matching(_LEVEL, "a level path of the multiscale such as s0"))
+    region: str = param(as_matching(_REGION, "an AWS region name such as us-east-1"))
+    endpoint: str | None = param(as_url, None)  # None: AWS for the region
+    labels: dict[str, str] = param(as_named(as_key_path), {})  # name -> label group inside the container
+    roi: Roi | None = None  # ``roi`` (voxels) or ``roi_nm``, read by parse_params; None: the whole level
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, "endpoint": self.endpoint, "region": self.region, "bucket": self.bucket,
@@ -122,70 +163,11 @@ class Params:
         return f"s3://{self.bucket}/{self.container}/{key}"
 
 
-def _key_path(value: Any, path: str) -> str:
-    text = as_str(value, path)
-    return safe_relpath(text, f"params.yaml: {path} (a key path inside the bucket, no leading '/')")
-
-
-def _bucket(value: Any, path: str) -> str:
-    text = as_str(value, path)
-    if not _BUCKET.fullmatch(text) or ".." in text:
-        raise ConfigError(f"params.yaml: {path}: {text!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
-    return text
-
-
-def _matching(pattern: re.Pattern[str], what: str) -> Callable[[Any, str], str]:
-    def parse(value: Any, path: str) -> str:
-        text = as_str(value, path)
-        if not pattern.fullmatch(text):
-            raise ConfigError(f"params.yaml: {path}: {text!r} is not {what}")
-        return text
-
-    return parse
-
-
-def _roi(sec: Section, key: str, unit: str) -> Roi | None:
-    if sec.data.get(key) is None:
-        sec.optional(key, lambda v, p: v)
-        return None
-    roi = sec.section(key)
-    if unit == "voxel":
-        def ints(positive: bool) -> Callable[[Any, str], Triple]:
-            def parse(value: Any, path: str) -> Triple:
-                ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
-                    isinstance(v, int) and not isinstance(v, bool) and (v > 0 if positive else v >= 0) for v in value)
-                if not ok:
-                    kind = "positive" if positive else "non-negative"
-                    raise ConfigError(f"params.yaml: {path}: expected three {kind} integers [z, y, x] (voxels), "
-                                      f"got {value!r}")
-                return tuple(float(v) for v in value)  # type: ignore[return-value]
-            return parse
-        out = Roi(roi.required("start", ints(False)), roi.required("shape", ints(True)), unit)
-    else:
-        out = Roi(roi.required("start", as_triple(positive=False)), roi.required("shape", as_triple(positive=True)), unit)
-    roi.finish()
-    return out
-
-
 def parse_params(sec: Section) -> Params:
-    endpoint = sec.optional("endpoint", as_url)
-    region = sec.required("region", _matching(_REGION, "an AWS region name such as us-east-1"))
-    bucket = sec.required("bucket", _bucket)
-    container = sec.required("container", _key_path)
-    image = sec.required("image", _key_path)
-    level = sec.required("level", _matching(_LEVEL, "a level path of the multiscale such as s0"))
-    roi, roi_nm = _roi(sec, "roi", "voxel"), _roi(sec, "roi_nm", "nm")
+    roi, roi_nm = sec.optional("roi", as_roi("voxel")), sec.optional("roi_nm", as_roi("nm"))
     if roi and roi_nm:
-        raise ConfigError(f"params.yaml: {sec.path}.roi_nm: give the region either in voxels (roi) or in nm "
-                          "(roi_nm), not both")
-    labels_sec = sec.section("labels", required=False)
-    labels = {}
-    for name in labels_sec.keys():
-        if not isinstance(name, str) or not KEY_PATTERN.fullmatch(name):
-            raise ConfigError(f"params.yaml: {labels_sec.path}.{name}: label names must match {KEY_PATTERN.pattern}")
-        labels[name] = _key_path(labels_sec.data[name], f"{labels_sec.path}.{name}")
-    return Params(bucket=bucket, container=container, image=image, level=level, region=region,
-                  endpoint=endpoint, roi=roi or roi_nm, labels=labels)
+        raise config_error(sec.key_path("roi_nm"), "give the region either in voxels (roi) or in nm (roi_nm), not both")
+    return read_params(Params, sec, roi=roi or roi_nm)
 
 
 # -- the region and the metadata it needs --------------------------------------------------------

@@ -41,13 +41,23 @@ import logging
 import math
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from emdata.params.config import Section, as_int_range, as_int_triple, as_str
+from emdata.params.schema import (
+    Section,
+    as_fields,
+    as_fraction,
+    as_int_range,
+    as_int_triple,
+    as_str,
+    config_error,
+    param,
+    read_params,
+)
 from emdata.errors import ConfigError, FormatError, refetch_hint
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord, plain_spec
@@ -73,37 +83,6 @@ HEAD_SAMPLE = 16  # chunks probed to estimate the bytes of an unsharded scale
 CROP_MARKER = ".crop.json"  # in the partial folder while a fetch is under way: which crop its blocks belong to
 
 
-@dataclass(frozen=True)
-class Tissue:
-    min_fraction: float = 0.9
-    max_tries: int = 100
-    scale: ScaleRef | None = None  # None: the coarsest scale that still spans MIN_SPAN voxels of the crop
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"min_fraction": self.min_fraction, "max_tries": self.max_tries, "scale": _scale_dict(self.scale)}
-
-
-@dataclass(frozen=True)
-class Params:
-    url: str  # the layer folder (holding ``info``), no trailing slash
-    scale: ScaleRef
-    crop_size: IntTriple
-    seed: int | None = None
-    roi_start: IntTriple | None = None
-    tissue: Tissue = field(default_factory=Tissue)
-    block: IntTriple | None = None
-    path: str = "datasets.?.source"  # where these params live, for messages (not part of the spec)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": KIND, "url": self.url, "scale": _scale_dict(self.scale), "crop_size": list(self.crop_size),
-                "seed": self.seed, "roi_start": None if self.roi_start is None else list(self.roi_start),
-                "tissue": self.tissue.to_dict(), "block": None if self.block is None else list(self.block)}
-
-
-def _scale_dict(scale: ScaleRef | None) -> Any:
-    return list(scale) if isinstance(scale, tuple) else scale
-
-
 # -- params -------------------------------------------------------------------------------------
 
 
@@ -115,8 +94,7 @@ def as_layer_url(value: Any, path: str) -> str:
     if text.startswith("gs://"):
         text = "https://storage.googleapis.com/" + text[len("gs://"):]
     if not text.startswith(("http://", "https://")) or "?" in text or "#" in text:
-        raise ConfigError(f"params.yaml: {path}: expected the http(s) URL of a precomputed layer "
-                          f"(or gs://bucket/path), got {value!r}")
+        raise config_error(path, f"expected the http(s) URL of a precomputed layer (or gs://bucket/path), got {value!r}")
     return text.rstrip("/")
 
 
@@ -129,40 +107,54 @@ def as_scale(value: Any, path: str) -> ScaleRef:
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
                     for v in value)):
         return (float(value[0]), float(value[1]), float(value[2]))
-    raise ConfigError(f"params.yaml: {path}: expected a scale key (such as '8.0x8.0x8.0'), a resolution in nm "
-                      f"(8) or [z, y, x] nm, got {value!r}")
-
-
-def as_fraction(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ConfigError(f"params.yaml: {path}: expected a fraction from 0 to 1, got {value!r}")
-    return float(value)
+    raise config_error(path, "expected a scale key (such as '8.0x8.0x8.0'), a resolution in nm (8) or [z, y, x] nm, "
+                       f"got {value!r}")
 
 
 def as_voxel_triple(value: Any, path: str) -> IntTriple:
     if (not isinstance(value, list) or len(value) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise ConfigError(f"params.yaml: {path}: expected three integers [z, y, x] (voxels), got {value!r}")
+        raise config_error(path, f"expected three integers [z, y, x] (voxels), got {value!r}")
     return (value[0], value[1], value[2])
 
 
+@dataclass(frozen=True)
+class Tissue:
+    min_fraction: float = param(as_fraction, 0.9)
+    max_tries: int = param(as_int_range(1, MAX_TRIES), 100)
+    scale: ScaleRef | None = param(as_scale, None)  # None: the coarsest scale spanning MIN_SPAN voxels of the crop
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_fraction": self.min_fraction, "max_tries": self.max_tries, "scale": _scale_dict(self.scale)}
+
+
+@dataclass(frozen=True)
+class Params:
+    url: str = param(as_layer_url)  # the layer folder (holding ``info``), no trailing slash
+    scale: ScaleRef = param(as_scale)
+    crop_size: IntTriple = param(as_int_triple)
+    seed: int | None = param(as_int_range(0, 2**63 - 1), None)
+    roi_start: IntTriple | None = param(as_voxel_triple, None)
+    tissue: Tissue = param(as_fields(Tissue), Tissue())
+    block: IntTriple | None = param(as_int_triple, None)
+    path: str = "datasets.?.source"  # where these params live, for messages (not part of the spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": KIND, "url": self.url, "scale": _scale_dict(self.scale), "crop_size": list(self.crop_size),
+                "seed": self.seed, "roi_start": None if self.roi_start is None else list(self.roi_start),
+                "tissue": self.tissue.to_dict(), "block": None if self.block is None else list(self.block)}
+
+
+def _scale_dict(scale: ScaleRef | None) -> Any:
+    return list(scale) if isinstance(scale, tuple) else scale
+
+
 def parse_params(sec: Section) -> Params:
-    url = sec.required("url", as_layer_url)
-    scale = sec.required("scale", as_scale)
-    crop = sec.required("crop_size", as_int_triple)
-    roi = sec.optional("roi_start", as_voxel_triple)
-    seed = sec.optional("seed", as_int_range(0, 2**63 - 1))
-    if roi is None and seed is None:
-        raise ConfigError(f"params.yaml: {sec.path}.seed: missing required key (the random crop needs a seed; "
-                          "or give roi_start for a fixed crop)")
-    tsec = sec.section("tissue", required=False)
-    tissue = Tissue(min_fraction=tsec.optional("min_fraction", as_fraction, Tissue.min_fraction),
-                    max_tries=tsec.optional("max_tries", as_int_range(1, MAX_TRIES), Tissue.max_tries),
-                    scale=tsec.optional("scale", as_scale))
-    tsec.finish()
-    block = sec.optional("block", as_int_triple)
-    return Params(url=url, scale=scale, crop_size=crop, seed=seed, roi_start=roi, tissue=tissue, block=block,
-                  path=sec.path)
+    params = read_params(Params, sec, path=sec.path)
+    if params.roi_start is None and params.seed is None:
+        raise config_error(sec.key_path("seed"), "missing required key (the random crop needs a seed; "
+                           "or give roi_start for a fixed crop)")
+    return params
 
 
 # -- the layer, the scale, the crop --------------------------------------------------------------

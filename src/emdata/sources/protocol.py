@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from emdata.h5.collection import RawCollection
-from emdata.params.config import Section
+from emdata.params.schema import Section
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchRecord
 from emdata.formats.raw import RawVolume

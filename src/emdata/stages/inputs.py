@@ -27,10 +27,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from emdata.params.config import Config
-from emdata.errors import ConfigError, EmdataError
 from emdata.core.atomic import write_bytes_atomic
-from emdata.sources import get_source
+from emdata.errors import ConfigError, EmdataError
+from emdata.params.config import Config
+from emdata.sources.dataset import Dataset, resolve_all
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +42,16 @@ def _has_stamp(path: Path) -> bool:
         return False
 
 
-def describe_inputs(cfg: Config, key: str) -> dict[str, Any]:
-    """The content of ``data/inputs/<key>.json``; never raises for one dataset's problem."""
-    try:
-        ds = cfg.dataset(key)
-    except ConfigError as exc:  # fetch@<key> reports it; the other datasets go on
-        return {"invalid": str(exc)}
+def describe_inputs(ds: Dataset | ConfigError) -> dict[str, Any]:
+    """The content of ``data/inputs/<key>.json`` for a resolved dataset (or the error that stops it:
+    ``fetch@<key>`` reports it, the other datasets go on); never raises for one dataset's problem."""
+    if isinstance(ds, ConfigError):
+        return {"invalid": str(ds)}
     content: dict[str, Any] = {"kind": ds.source_kind}
-    stamp = getattr(get_source(ds.source_kind), "input_stamp", None)
+    stamp = getattr(ds.module, "input_stamp", None)
     if stamp is not None:
         try:
-            content["stamp"] = stamp(ds.source, key)
+            content["stamp"] = stamp(ds.source, ds.key)
         except EmdataError as exc:
             log.warning("%s", exc)
             content["unavailable"] = str(exc)
@@ -64,9 +63,9 @@ def write_inputs(cfg: Config) -> dict[str, bool]:
     folder = cfg.inputs_dir()
     folder.mkdir(parents=True, exist_ok=True)
     changed = {}
-    for key in cfg.datasets:
+    for key, ds in resolve_all(cfg.datasets, cfg).items():
         path = folder / f"{key}.json"
-        content = describe_inputs(cfg, key)
+        content = describe_inputs(ds)
         if "unavailable" in content and _has_stamp(path):
             # A clone that got data/raw by `dvc pull`, or an unmounted disk: the last import stands
             # (fetch@<ds> stays up to date) rather than failing the pipeline for files it already has.

@@ -14,13 +14,14 @@ import logging
 import os
 from pathlib import Path
 
-from emdata.params.config import Config
-from emdata.errors import OutputError
-from emdata.sources.fetch.record import RECORD_NAME
 from emdata.core.atomic import stale_temporaries
+from emdata.errors import OutputError
+from emdata.h5.chunk_index import index_path_for
+from emdata.params.layout import DatasetPaths
+from emdata.sources.fetch.record import RECORD_NAME
 
 log = logging.getLogger(__name__)
-SPEC_MARKER = ".spec.json"  # the params a partial fetch was started with (pipeline.fetch_dataset)
+SPEC_MARKER = ".spec.json"  # the params a partial fetch was started with (stages.fetch.fetch_dataset)
 UNFINISHED = (".tmp", ".part")  # a temporary or a download in progress
 
 
@@ -37,32 +38,28 @@ def refuse_links(key: str, root: Path, paths: list[Path]) -> None:
                                   "remove it; emdata writes only real files and folders under data/")
 
 
-def write_folders(cfg: Config, key: str, command: str) -> list[Path]:
-    """The folders ``fetch`` or ``normalize`` writes in for ``key`` (both: the lock and the hash cache)."""
-    both = [cfg.lock_dir(), cfg.hash_state_path(key).parent]
+def write_folders(paths: DatasetPaths, command: str) -> list[Path]:
+    """The folders ``fetch`` or ``normalize`` writes in for a dataset (both: the lock and the hash cache)."""
+    both = [paths.locks, paths.hash_state.parent]
     if command == "fetch":
-        return [*both, cfg.raw_dir(key), cfg.partial_dir(key), cfg.input_stamp_path(key).parent]
-    return [*both, cfg.processed_path(key).parent, cfg.record_path(key).parent]
+        return [*both, paths.raw, paths.partial, paths.input_stamp.parent]
+    return [*both, paths.processed.parent, paths.record.parent]
 
 
-def refuse_dataset_links(cfg: Config, key: str, command: str) -> None:
+def refuse_dataset_links(paths: DatasetPaths, command: str) -> None:
     """The check ``fetch`` and ``normalize`` make first, before the lock file or any folder is created."""
-    refuse_links(key, cfg.root, write_folders(cfg, key, command))
+    refuse_links(paths.key, paths.root, write_folders(paths, command))
 
 
-def written_files(cfg: Config, key: str) -> list[Path]:
-    """Files fetch and normalize write atomically for ``key`` (each through ``.<name>.<pid>.tmp``)."""
-    from emdata.h5.chunk_index import index_path_for
-
-    record = cfg.record_path(key)
-    partial = cfg.partial_dir(key)
-    return [partial / RECORD_NAME, partial / SPEC_MARKER, cfg.hash_state_path(key), cfg.input_stamp_path(key),
-            record, index_path_for(record), cfg.processed_path(key)]
+def written_files(paths: DatasetPaths) -> list[Path]:
+    """Files fetch and normalize write atomically for a dataset (each through ``.<name>.<pid>.tmp``)."""
+    return [paths.partial / RECORD_NAME, paths.partial / SPEC_MARKER, paths.hash_state, paths.input_stamp,
+            paths.record, index_path_for(paths.record), paths.processed]
 
 
-def remove_stale_temporaries(cfg: Config, key: str) -> None:
-    """Temporaries that killed runs of ``key`` left beside its files (call it holding the dataset's lock)."""
-    for path in written_files(cfg, key):
+def remove_stale_temporaries(paths: DatasetPaths) -> None:
+    """Temporaries that killed runs of a dataset left beside its files (call it holding the dataset's lock)."""
+    for path in written_files(paths):
         for old in stale_temporaries(path):
             log.info("removing %s, left by an interrupted run", old)
             old.unlink(missing_ok=True)

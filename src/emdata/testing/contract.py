@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import hashlib
+import os
 import sys
 import urllib.parse
 from dataclasses import dataclass, field
@@ -31,8 +33,13 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from emdata.errors import FetchError, FormatError, IntegrityError, NotBuiltError, SourceError
 from emdata.params.config import Config
-from emdata.errors import IntegrityError
+from emdata.sources.dataset import resolve_dataset
+from emdata.sources.fetch.record import FetchRecord
+from emdata.stages.fetch import fetch_dataset
+from emdata.stages.normalize.collection import item_geometry
+from emdata.stages.normalize.volume import dataset_geometry, normalize_dataset
 from emdata.transport.http import HttpClient, RetryPolicy
 
 FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, connect_timeout=2, read_timeout=5)
@@ -73,13 +80,9 @@ class CoreContract:
     # The tests take a ``case`` fixture (a :class:`SourceCase`) that the test module provides.
 
     def _fetch(self, case: SourceCase, sleeps: list[float] | None = None, policy: RetryPolicy = FAST_RETRIES):
-        from emdata.stages.fetch import fetch_dataset
-
         return fetch_dataset(case.cfg, case.key, http_factory=lambda: client_for(case, sleeps), policy=policy)
 
     def _normalize(self, case: SourceCase) -> Path:
-        from emdata.stages.normalize.volume import normalize_dataset
-
         return normalize_dataset(case.cfg, case.key)
 
     def test_round_trip_is_exact(self, case: SourceCase) -> None:
@@ -120,8 +123,6 @@ class CoreContract:
             origin = json.loads(f.attrs["geometry_origin"])
             assert set(origin) == {"voxel_size_nm", "offset_nm"}
         # An override in params that disagrees by more than 1 % is refused unless params say whom to trust.
-        from emdata.errors import FormatError
-
         reported = self._reported_voxel_size(case)
         if reported is None:  # the format carries none: params must give it (tested in test_geometry)
             return
@@ -134,56 +135,37 @@ class CoreContract:
 
     def _reported_voxel_size(self, case: SourceCase) -> tuple[float, ...] | None:
         """A volume's voxel size, or a collection's first item's pixel size (per spatial axis)."""
-        from emdata.sources import get_source
-
-        ds = case.cfg.dataset(case.key)
-        source = get_source(ds.source_kind)
-        if _is_collection(case):
-            with source.open_collection(ds.source, case.cfg.raw_dir(case.key), case.key) as coll:
+        ds = resolve_dataset(case.cfg, case.key)
+        if ds.layout == "collection":
+            with ds.module.open_collection(ds.source, ds.paths.raw, case.key) as coll:
                 return coll.items[0].pixel_size_nm
-        with source.open_volume(ds.source, case.cfg.raw_dir(case.key), case.key) as volume:
+        with ds.module.open_volume(ds.source, ds.paths.raw, case.key) as volume:
             return volume.voxel_size_nm
 
     def test_metadata_is_json_serializable(self, case: SourceCase) -> None:
-        from emdata.sources import get_source
-
         self._fetch(case)
-        ds = case.cfg.dataset(case.key)
-        native = get_source(ds.source_kind).read_metadata(ds.source, case.cfg.raw_dir(case.key), case.key)
+        ds = resolve_dataset(case.cfg, case.key)
+        native = ds.module.read_metadata(ds.source, ds.paths.raw, case.key)
         assert json.loads(json.dumps(native)) == native
         assert native
 
 
 def _is_collection(case: SourceCase) -> bool:
-    from emdata.sources import get_source, layout_of
-
-    return layout_of(get_source(case.cfg.dataset(case.key).source_kind)) == "collection"
+    return resolve_dataset(case.cfg, case.key).layout == "collection"
 
 
 def _resolved_voxel_size(case: SourceCase) -> tuple[float, ...]:
     """What normalize would record for the volume (or the collection's first item) under params now."""
-    from emdata.sources import get_source
-
-    ds = case.cfg.dataset(case.key)
-    source = get_source(ds.source_kind)
-    raw = case.cfg.raw_dir(case.key)
-    if _is_collection(case):
-        from emdata.stages.normalize.collection import item_geometry
-
-        with source.open_collection(ds.source, raw, case.key) as coll:
+    ds = resolve_dataset(case.cfg, case.key)
+    if ds.layout == "collection":
+        with ds.module.open_collection(ds.source, ds.paths.raw, case.key) as coll:
             return item_geometry(case.cfg, case.key, coll.items[0]).voxel_size_nm
-    from emdata.stages.normalize.volume import dataset_geometry
-
-    with source.open_volume(ds.source, raw, case.key) as volume:
+    with ds.module.open_volume(ds.source, ds.paths.raw, case.key) as volume:
         return dataset_geometry(case.cfg, case.key, volume).voxel_size_nm
 
 
 def _assert_landed(case: SourceCase, url_path: str) -> None:
     """The served file is in the raw folder byte for byte, or (an unpacked archive) recorded whole."""
-    import hashlib
-
-    from emdata.sources.fetch.record import FetchRecord
-
     served = case.server.local_path(url_path).read_bytes()
     local = case.cfg.raw_dir(case.key) / case.relpath(url_path)
     if local.is_file():
@@ -238,8 +220,6 @@ class S3Contract:
         assert self._local(case, case.big_file).read_bytes() == case.server.object_bytes(case.big_file)
 
     def test_interrupted_fetch_resumes_without_fetching_finished_objects(self, case: SourceCase) -> None:
-        from emdata.errors import FetchError
-
         case.server.fail(case.big_file, status=500, times=1000)
         with pytest.raises(FetchError):
             self._fetch(case)
@@ -316,8 +296,6 @@ class ArrayHttpContract:
         self._assert_round_trip(case)
 
     def test_failure_is_one_error_and_the_next_run_resumes_by_block(self, case: SourceCase) -> None:
-        from emdata.errors import FetchError
-
         case.server.fail(case.big_file, status=503, times=10**6)
         with pytest.raises(FetchError) as err:
             self._fetch(case)
@@ -340,8 +318,6 @@ class ArrayHttpContract:
 
     @pytest.mark.parametrize("fault", ["truncate", "lie_length"])
     def test_damaged_object_is_an_error_and_leaves_nothing(self, case: SourceCase, fault: str) -> None:
-        from emdata.errors import SourceError
-
         if fault == "truncate":
             case.server.truncate(case.big_file, 40)  # served consistently: only decoding can tell
         else:
@@ -368,8 +344,6 @@ class HttpContract:
         _assert_landed(case, case.big_file)
 
     def test_failed_fetch_resumes_on_the_next_run(self, case: SourceCase) -> None:
-        from emdata.errors import FetchError
-
         case.server.drop_after(case.big_file, nbytes=700, times=FAST_RETRIES.attempts)
         with pytest.raises(FetchError, match="failed after"):
             self._fetch(case)
@@ -381,9 +355,6 @@ class HttpContract:
         _assert_landed(case, case.big_file)
 
     def test_normalize_refuses_raw_data_of_other_params(self, case: SourceCase) -> None:
-        from emdata.errors import NotBuiltError
-        from emdata.stages.normalize.volume import normalize_dataset
-
         self._fetch(case)
         _pin_size(case, case.big_file, extra=1)  # params now describe another file
         with pytest.raises(NotBuiltError, match="fetched with other source params"):
@@ -433,7 +404,7 @@ class LocalContract:
     _fetch: Callable[..., Any]
 
     def test_a_missing_path_is_one_line_naming_dataset_and_path(self, case: SourceCase, tmp_path: Path) -> None:
-        source = Path(case.cfg.dataset(case.key).source.path)
+        source = Path(resolve_dataset(case.cfg, case.key).source.path)
         source.rename(tmp_path / "moved")
         try:
             proc = subprocess.run([sys.executable, "-m", "emdata", "fetch", case.key], cwd=case.cfg.root,
@@ -447,8 +418,6 @@ class LocalContract:
         assert not case.cfg.raw_dir(case.key).exists()
 
     def test_changed_files_are_imported_again(self, case: SourceCase) -> None:
-        import os
-
         self._fetch(case)
         assert self._fetch(case).up_to_date
         path = Path(case.big_file)
@@ -459,8 +428,6 @@ class LocalContract:
         assert self._fetch(case).up_to_date
 
     def test_a_damaged_file_leaves_the_last_import_untouched(self, case: SourceCase) -> None:
-        from emdata.errors import FormatError
-
         self._fetch(case)
         raw = case.cfg.raw_dir(case.key)
         before = {p: p.read_bytes() for p in sorted(raw.rglob("*")) if p.is_file()}

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from emdata.errors import Cancelled, FetchError
-from emdata.sources.fetch.record import FetchedFile, FetchRecord, plain_spec, safe_relpath
 from emdata.core.numbers import ascii_int
 from emdata.core.progress import Progress
+from emdata.errors import Cancelled, ConfigError, FetchError
+from emdata.formats.raw import json_safe
+from emdata.sources.fetch.record import FetchedFile, FetchRecord, plain_spec, safe_relpath
 
 if TYPE_CHECKING:  # imported lazily: plan/fetch of an S3 source never loads requests, and vice versa
     from emdata.transport.http import HttpClient, RetryPolicy
@@ -139,8 +140,6 @@ class FetchContext:
 
     def record(self, files: dict[str, FetchedFile], extra: dict[str, Any] | None = None) -> FetchRecord:
         """The fetch record a source returns from ``fetch`` (``extra`` made JSON-plain)."""
-        from emdata.formats.raw import json_safe
-
         return FetchRecord(self.dataset, self.kind, plain_spec(self.spec),
                            {safe_relpath(k): v for k, v in files.items()}, json_safe(extra or {}))
 
@@ -201,7 +200,5 @@ def workers_from_env(default: int = DEFAULT_WORKERS) -> int:
         return default
     number = ascii_int(value)
     if number is None or not 1 <= number <= 64:
-        from emdata.errors import ConfigError
-
         raise ConfigError(f"EMDATA_FETCH_WORKERS={value!r}: expected an integer from 1 to 64")
     return number

@@ -1,4 +1,4 @@
-"""Helpers for sources whose data are plain files over HTTP(S): file specs, plan, fetch.
+"""Helpers for sources whose data are plain files over HTTP(S): file params, plan, fetch.
 
 Sources of other transports (S3, tensorstore) use :class:`~emdata.sources.fetch.context.FetchContext`
 directly; the raw-volume type lives in :mod:`emdata.formats.raw`.
@@ -10,13 +10,12 @@ import stat
 import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from emdata.params.config import Section, as_int, as_sha256, as_str
-from emdata.errors import ConfigError
+from emdata.core.digest import sha256_file
+from emdata.params.schema import PARAMS_FILE, Parser, Section, as_int, as_sha256, as_str, as_str_list, config_error
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, safe_relpath
-from emdata.core.digest import sha256_file
 
 
 @dataclass(frozen=True)
@@ -45,20 +44,54 @@ class FilePlan:
     files: int = 1  # how many files or objects the row stands for (a group of zarr chunks: its count)
 
 
-def parse_file_spec(sec: Section, base_url: str) -> RemoteFile:
-    """``{file, size?, sha256?}`` under ``base_url`` (a folder URL ending in ``/``)."""
-    name = sec.required("file", as_str)
+# -- params of files: typed parsers for the sources' Params fields ------------------------------
+
+
+def as_file_name(value: Any, path: str) -> str:
+    """A plain file name (no folder), safe to join onto the raw folder."""
+    name = as_str(value, path)
     if "/" in name:
-        raise ConfigError(f"params.yaml: {sec.path}.file: a plain file name is expected, got {name!r}")
-    safe_relpath(name, f"params.yaml: {sec.path}.file")
-    spec = RemoteFile(
-        name=name,
-        url=urllib.parse.urljoin(base_url, urllib.parse.quote(name)),
-        size=sec.optional("size", as_int),
-        sha256=sec.optional("sha256", as_sha256),
-    )
-    sec.finish()
-    return spec
+        raise config_error(path, f"a plain file name is expected, got {name!r}")
+    return safe_relpath(name, f"{PARAMS_FILE}: {path}")
+
+
+def in_folder(base_url: str) -> Callable[[str], str]:
+    """Where a file of the folder ``base_url`` (ending in ``/``) is served."""
+    return lambda name: urllib.parse.urljoin(base_url, urllib.parse.quote(name))
+
+
+def as_remote_file(url_of: Callable[[str], str], name: Parser = as_file_name) -> Callable[[Any, str], RemoteFile]:
+    """``{file, size?, sha256?}`` -> :class:`RemoteFile`, served at ``url_of(file)``."""
+
+    def parse(value: Any, path: str) -> RemoteFile:
+        sec = Section(value, path)
+        file = sec.required("file", name)
+        spec = RemoteFile(name=file, url=url_of(file), size=sec.optional("size", as_int),
+                          sha256=sec.optional("sha256", as_sha256))
+        sec.finish()
+        return spec
+
+    return parse
+
+
+def as_relpaths(value: Any, path: str) -> tuple[str, ...]:
+    """Relative paths inside the dataset folder (a trailing ``/`` dropped)."""
+    names = tuple(name.rstrip("/") for name in as_str_list()(value, path))
+    for name in names:
+        safe_relpath(name, f"{PARAMS_FILE}: {path}")
+    return names
+
+
+def as_pins(value: Any, path: str) -> dict[str, dict[str, Any]]:
+    """``{file: {size?, sha256?}}``: what named files must be (pinned after a first download)."""
+    sec = Section(value, path)
+    pins = {}
+    for name in sec.keys():
+        pin = sec.section(str(name))
+        safe_relpath(str(name), f"{PARAMS_FILE}: {pin.path}")
+        pins[str(name)] = {"size": pin.optional("size", as_int), "sha256": pin.optional("sha256", as_sha256)}
+        pin.finish()
+    return pins
 
 
 def plan_files(ctx: FetchContext, files: Iterable[RemoteFile]) -> list[FilePlan]:

@@ -14,6 +14,7 @@ from emdata.core.geometry import same_geometry
 from emdata.errors import ConfigError, FormatError
 from emdata.formats.raw import MappedVolume, RawVolume
 from emdata.params.config import Config
+from emdata.sources.dataset import resolve_dataset
 
 
 def check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume], params_voxel: Any = None) -> None:
@@ -46,7 +47,7 @@ def map_label_values(key: str, labels: dict[str, RawVolume],
 
 def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path) -> tuple[RawVolume, dict[str, RawVolume]]:
     """The source's image and labels (label value maps applied), checked to lie on one grid."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     volume = stack.enter_context(source.open_volume(ds.source, raw, key))
     open_labels = getattr(source, "open_labels", None)
     labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}

@@ -47,6 +47,7 @@ from emdata.sources.fetch.record import FetchRecord
 from emdata.stages.normalize.header import root_attrs, source_metadata, write_header
 from emdata.stages.normalize.publish import publish
 from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
+from emdata.sources.dataset import resolve_dataset
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _Silent:
 
 def item_geometry(cfg: Config, key: str, item: CollectionItem) -> Geometry:
     """Pixel size and offset of one item (one entry per spatial axis of ``item.axes``)."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     n = len(spatial_axes(item.axes))
     # geometry's rules work per axis, for any number of axes (typed for volumes' three)
     params_voxel: Any = tuple(ds.voxel_size_nm[-n:]) if ds.voxel_size_nm else None
@@ -122,7 +123,7 @@ def _table_with_geometry(table: list[dict[str, Any]], items: list[CollectionItem
 
 def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path) -> Path:
     """Write ``out`` (through a temporary file) from a collection source; publish it with its record."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     params = cfg.normalize
     tmp = temporary_path(out)
     warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
@@ -172,7 +173,7 @@ def _collection_root_attrs(cfg: Config, key: str, record: FetchRecord, n_images:
     checksums of what was transferred as a whole (``extra["sources"]``). Every file's URL, size
     and sha256 stay in ``/provenance/source_record``.
     """
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     urls = sorted({f.url.split("#", 1)[0] for f in record.files.values()})
     whole = {s["url"]: s.get("sha256") for s in record.extra.get("sources", []) if isinstance(s, dict)}
     checksums = whole or {f.url: f.sha256 for f in record.files.values() if "#" not in f.url}

@@ -48,11 +48,11 @@ from emdata.formats.raw import RawVolume, json_safe
 from emdata.h5 import hdf5
 from emdata.h5.chunks import EncodedChunk, encode_tile, place
 from emdata.params.config import load_config
-from emdata.sources import get_source
 from emdata.stages.codedeps import fingerprint as code_fingerprint
 from emdata.stages.normalize.arrays import open_arrays
 from emdata.stages.normalize.ledger import Ledger, ledger_dir, slug
 from emdata.stages.normalize.write import chunk_counts, create_array, finish_array, hash_boxes, output_dtype, read_tile
+from emdata.sources.dataset import resolve_dataset
 
 log = logging.getLogger(__name__)
 SCHEDULER_ENV = "EMDATA_SCHEDULER"
@@ -73,9 +73,9 @@ def _worker_arrays(root: str, key: str, fingerprint: str) -> dict[str, RawVolume
     if hit is not None:
         return hit[1]
     cfg = load_config(Path(root))
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     stack = ExitStack()
-    volume, labels = open_arrays(stack, cfg, key, get_source(ds.source_kind), cfg.raw_dir(key))
+    volume, labels = open_arrays(stack, cfg, key, ds.module, ds.paths.raw)
     arrays = {hdf5.RAW: volume, **{f"{hdf5.LABELS}/{n}": lab for n, lab in labels.items()}}
     with _OPEN_LOCK:
         for other in [k for k in _OPEN if k[3] == ident[3] and k != ident]:  # an older run's handles
@@ -112,7 +112,7 @@ def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, ch
 
 def fingerprint(cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> str:
     """What the staged tiles depend on: inputs, every byte-deciding setting, the tiling and the code."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     return json.dumps({
         "dataset": key, "source_record": record.to_dict(), "params": json_safe(ds.raw_params),
         "normalize": cfg.normalize.to_dict(), "budget": cfg.normalize.memory_budget,

@@ -17,6 +17,7 @@ from emdata.formats.raw import json_safe
 from emdata.h5 import hdf5
 from emdata.params.config import Config
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
+from emdata.sources.dataset import resolve_dataset
 
 MAX_SOURCE_ENTRIES = 64  # root attributes live in the object header (64 KiB in all): keep the lists bounded
 
@@ -61,7 +62,7 @@ def _manifest_sha256(items: list[tuple[str, FetchedFile]]) -> str:
 def root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
                description: dict[str, Any]) -> dict[str, Any]:
     """The root attributes of a dataset's HDF5, in the order they are written."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     entries = source_entries(record.files)
     return {
         "emdata_version": __version__,
@@ -85,7 +86,7 @@ def root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
 
 def source_metadata(cfg: Config, key: str, source: Any, raw: Path) -> tuple[Any, dict[str, Any]]:
     """The source's native metadata (for ``/provenance``) and its description (a root attribute)."""
-    params = cfg.dataset(key).source
+    params = resolve_dataset(cfg, key).source
     native = json_safe(source.read_metadata(params, raw, key))
     describe = getattr(source, "describe", None)
     return native, (json_safe(describe(params, raw, key)) if describe else {})

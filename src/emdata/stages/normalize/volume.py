@@ -26,7 +26,6 @@ from emdata.errors import ConfigError, FormatError
 from emdata.formats.raw import RawVolume
 from emdata.h5 import hdf5
 from emdata.params.config import Config
-from emdata.sources import get_source, layout_of
 from emdata.sources.fetch.record import FetchRecord, HashState, require_fetched
 from emdata.stages.normalize.arrays import open_arrays
 from emdata.stages.normalize.collection import normalize_collection
@@ -36,13 +35,14 @@ from emdata.stages.normalize.header import root_attrs, source_metadata, write_he
 from emdata.stages.normalize.publish import publish
 from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
 from emdata.stages.workspace import refuse_dataset_links, remove_stale_temporaries
+from emdata.sources.dataset import resolve_dataset
 
 log = logging.getLogger(__name__)
 
 
 def dataset_geometry(cfg: Config, key: str, volume: RawVolume) -> Geometry:
     """The voxel size and offset the HDF5 records: the source's, overridden by params.yaml."""
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     return resolve(key, params_voxel=ds.voxel_size_nm, params_offset=ds.offset_nm,
                    source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust)
 
@@ -54,10 +54,10 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     the cluster's workers and this process places them (:mod:`emdata.stages.normalize.distributed`);
     the file is byte-identical either way.
     """
-    ds = cfg.dataset(key)
-    source = get_source(ds.source_kind)
-    raw = cfg.raw_dir(key)
-    refuse_dataset_links(cfg, key, "normalize")  # as fetch does, before the lock file or any folder is created
+    ds = resolve_dataset(cfg, key)
+    source = ds.module
+    raw = ds.paths.raw
+    refuse_dataset_links(ds.paths, "normalize")  # as fetch does, before the lock file or any folder is created
     out = cfg.processed_path(key)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The lock first: fetch takes the same lock, so the record read below describes the very
@@ -67,8 +67,8 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
         # sha256 of raw files changed since they were verified (an in-place edit, a checkout): no
         # HDF5 is built from bytes that are not the fetched ones.
         record = require_fetched(raw, key, ds.source.to_dict(), state=HashState(cfg.hash_state_path(key)))
-        remove_stale_temporaries(cfg, key)  # killed runs' temporaries (the lock says no other run is writing)
-        if layout_of(source) == "collection":  # many images with a table: its own writer
+        remove_stale_temporaries(ds.paths)  # killed runs' temporaries (the lock says no other run is writing)
+        if ds.layout == "collection":  # many images with a table: its own writer
             if scheduler:
                 raise ConfigError(f"{key}: --scheduler is for single volumes; collections normalize in one process")
             return normalize_collection(cfg, key, source, raw, record, out)
@@ -77,7 +77,7 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
 
 def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path, *,
                       scheduler: str | None = None) -> Path:
-    ds = cfg.dataset(key)
+    ds = resolve_dataset(cfg, key)
     tmp = temporary_path(out)
     warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
