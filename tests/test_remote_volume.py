@@ -1,4 +1,4 @@
-"""RemoteVolume's reads, in process: the chunk index and the HDF5 behind any fsspec filesystem.
+"""Reads through RemoteStorage, in process: the chunk index and the HDF5 behind any fsspec filesystem.
 
 The DVC + S3 path (open_remote on a pushed repository) is covered in test_remote_access (slow
 tier); here the same reader runs on fsspec's local filesystem, so every ROI is compared with h5py
@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from emdata.access.remote import RangeReader, RemoteIndex, RemoteVolume, Transfer
+from emdata.access.remote import RangeReader, RemoteIndex, RemoteStorage, Transfer
 from emdata.access.volume import Volume
 from emdata.h5.chunk_index import write as write_index
 from emdata.testing.volumes import blob_labels, coordinate_volume, write_canonical
@@ -32,11 +32,11 @@ def files(request, tmp_path):
     return h5, index, raw, label
 
 
-def remote(h5, index, array: str = "raw") -> RemoteVolume:
+def remote(h5, index, array: str = "raw") -> Volume:
     fs, transfer = fsspec.filesystem("file"), Transfer()
     data = RangeReader(fs, str(h5), h5.stat().st_size, h5.as_uri(), "toy", transfer)
     idx = RangeReader(fs, str(index), index.stat().st_size, index.as_uri(), "toy", transfer)
-    return RemoteVolume(RemoteIndex(idx), data, array, name="toy")
+    return Volume(RemoteStorage(RemoteIndex(idx), data), array, name="toy")
 
 
 def test_rois_labels_and_geometry_equal_the_local_file(files) -> None:

@@ -51,11 +51,14 @@ from typing import Any
 
 import numpy as np
 
+from emdata.access.blocks import Block, block_grid, parse_triple
+from emdata.access.cluster import predict_on_cluster
+from emdata.access.padding import PAD_MODES
+from emdata.access.predict import predict_block
+from emdata.access.volume import Volume
+from emdata.core.progress import Progress
 from emdata.errors import ConfigError
 from emdata.h5 import hdf5
-from emdata.core.progress import Progress
-from emdata.access.blocks import Block, block_grid, parse_triple
-from emdata.access.volume import PAD_MODES, Volume
 
 log = logging.getLogger(__name__)
 BLENDS = ("crop", "average", "gaussian")
@@ -432,16 +435,8 @@ def _create_output(path: Path, volume: Volume, name: str, block: tuple[int, ...]
     with h5py.File(path, "w") as out:
         dset = out.create_dataset(name, shape=volume.shape, dtype=dtype, chunks=hdf5.chunk_shape(block, volume.shape))
         dset.attrs.update(hdf5.spatial_attrs(tuple(volume.resolution), tuple(volume.offset)))
-        dset.attrs["tiling"] = json.dumps({"input": str(volume.path), "array": volume.array, "blend": blend,
+        dset.attrs["tiling"] = json.dumps({"input": volume.location, "array": volume.array, "blend": blend,
                                            "block_shape": list(block), "halo": list(halo)})
-
-
-def _predict(volume: Volume, fn: Callable, b: Block, pad: str) -> np.ndarray:
-    result = np.asarray(fn(volume.read_block(b, pad=pad)))
-    if result.shape[:3] != b.read_shape or result.ndim != 3:
-        raise ConfigError(f"tiled inference: fn returned shape {result.shape} for an input of {b.read_shape}; "
-                          "a same-size 3D output is expected")
-    return result
 
 
 def _crop_cast(b: Block, prediction: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -457,12 +452,10 @@ def predictions(volume: Volume, fn: Callable, blocks: list[Block], todo: list[in
     """``(i, post(block i, fn(read region)))`` for each block in ``todo``: here in order, or on the
     workers of ``client`` in the order they finish."""
     if client is not None:
-        from emdata.access.cluster import predict_on_cluster
-
         yield from predict_on_cluster(client, volume, fn, blocks, todo, pad, post)
         return
     for i in todo:
-        yield i, post(blocks[i], _predict(volume, fn, blocks[i], pad))
+        yield i, post(blocks[i], predict_block(volume, fn, blocks[i], pad))
 
 
 def _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch, client=None) -> None:
