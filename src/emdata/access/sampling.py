@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdata.errors import AccessError, ConfigError
-from emdata.access.blocks import parse_triple
+from emdata.access.blocks import parse_triple, triple
 from emdata.access.deprecation import Alias
 from emdata.access.volume import Volume
 
@@ -145,7 +145,7 @@ class RandomPatches:
         if min_foreground > 0 and label is None:
             raise ConfigError("min_foreground needs a label name")
         self.label_name = label
-        self.label = None
+        self.label: Volume | None = None
         if label is not None:  # shares the volume's open file: a patch's image and label are one version
             if label not in volume.label_names:
                 raise ConfigError(f"{volume.name}: no label {label!r} (labels: {', '.join(volume.label_names) or 'none'})")
@@ -157,19 +157,23 @@ class RandomPatches:
         if self.need > 0:
             self._prepare_label_bounds()
 
+    def _label(self) -> Volume:
+        assert self.label is not None, "only label-aware sampling asks for the label"
+        return self.label
+
     def _axes(self, align: bool) -> list[_AxisSpans]:
         return [_AxisSpans(*_axis_candidates(size, patch, grid, jitter, align), patch, chunk)
                 for size, patch, grid, jitter, chunk in zip(self.volume.shape, self.patch_shape, self.volume.chunks,
-                                                            self.jitter, self.label.chunks)]
+                                                            self.jitter, self._label().chunks)]
 
     def _prepare_label_bounds(self) -> None:
         """Bound every drawable origin's foreground; keep the distribution over those that can pass."""
         # Through the label's storage: the statistics of the very version its voxels come from.
-        counts = self.label.chunk_foreground()
+        counts = self._label().chunk_foreground()
         if counts is None:
             raise ConfigError(f"{self.volume.name}: no per-chunk statistics for label {self.label_name!r}; "
                               "re-run `emdata normalize` to write them")
-        bound = _ForegroundBound(counts, self.label.chunks, self.patch_shape)
+        bound = _ForegroundBound(counts, self._label().chunks, self.patch_shape)
         size, shape = np.prod(self.patch_shape), "x".join(map(str, self.patch_shape))
         anywhere = int(bound.over(self._axes(False)).max())
         if anywhere < self.need:
@@ -199,23 +203,23 @@ class RandomPatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _propose(self, rng: np.random.Generator) -> tuple[int, ...]:
+    def _propose(self, rng: np.random.Generator) -> tuple[int, int, int]:
         """A candidate origin: with a foreground minimum, only one the per-chunk bound allows."""
         limits = [s - p for s, p in zip(self.volume.shape, self.patch_shape)]
         if self._draw is not None:
             # A span combination by its probability among the feasible ones, then an origin inside it.
             feasible, cdf, shape, axes = self._draw
             pick = feasible[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(feasible) - 1)]
-            return tuple(axis.draw(int(group), rng.random())
-                         for axis, group in zip(axes, np.unravel_index(pick, shape)))
+            return triple(axis.draw(int(group), rng.random())
+                          for axis, group in zip(axes, np.unravel_index(pick, shape)))
         if self.align:
             origin = []
             for limit, chunk, jitter in zip(limits, self.volume.chunks, self.jitter):
                 grid = rng.integers(0, limit // chunk + 1) * chunk
                 shift = rng.integers(-jitter, jitter + 1) if jitter else 0
                 origin.append(int(np.clip(grid + shift, 0, limit)))
-            return tuple(origin)
-        return tuple(int(rng.integers(0, limit + 1)) for limit in limits)
+            return triple(origin)
+        return triple(int(rng.integers(0, limit + 1)) for limit in limits)
 
     def origin(self, index: int, epoch: int | None = None) -> tuple[int, int, int]:
         """The origin of patch ``index`` (deterministic for seed, epoch, index).
@@ -232,7 +236,7 @@ class RandomPatches:
         best = 0
         for _ in range(self.max_tries):
             origin = self._propose(rng)
-            fg = int(np.count_nonzero(self.label.read(origin, self.patch_shape)))
+            fg = int(np.count_nonzero(self._label().read(origin, self.patch_shape)))
             if fg >= self.need:
                 return origin
             best = max(best, fg)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from emdata.access.blocks import Block, block_grid, parse_triple
+from emdata.access.blocks import Block, block_grid, parse_triple, triple
 from emdata.access.cluster import predict_on_cluster
 from emdata.access.padding import PAD_MODES
 from emdata.access.predict import predict_block
@@ -384,7 +384,7 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
         raise ConfigError(f"pad must be one of {', '.join(PAD_MODES)}, got {pad!r}")
     out_path = Path(out_path)
     dtype = np.dtype(dtype)
-    block = tuple(min(b, n) for b, n in zip(parse_triple(block_shape, "block_shape", 1), volume.shape))
+    block = triple(min(b, n) for b, n in zip(parse_triple(block_shape, "block_shape", 1), volume.shape))
     halo = parse_triple(halo, "halo", 0)
     blocks = list(block_grid(volume.shape, block, halo=halo, fit="pad"))
     partial = out_path.with_name(f".{out_path.name}.partial")
@@ -428,7 +428,7 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
     return out_path
 
 
-def _create_output(path: Path, volume: Volume, name: str, block: tuple[int, ...], dtype: np.dtype, blend: str,
+def _create_output(path: Path, volume: Volume, name: str, block: tuple[int, int, int], dtype: np.dtype, blend: str,
                    halo: tuple[int, ...]) -> None:
     import h5py
 
@@ -509,7 +509,7 @@ def _run_blend(volume, fn, blocks, done, scratch, target, dtype, pad, blend, blo
                     in_window = tuple(slice(l - r, h - r) for l, h, r in zip(lo, hi, w.read_start))
                     in_block = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, b.write_start))
                     wt = weights[in_window]
-                    total[in_block] += wt * windows[(j, *in_window)]
+                    total[in_block] += wt * windows[(j,) + in_window]
                     weight[in_block] += wt
         target[b.write] = _cast(total / weight, dtype)
         target.file.flush()

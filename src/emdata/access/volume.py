@@ -268,12 +268,11 @@ def _geometry(given: Any, stored: Any, what: str, planar: bool, name: str, where
     except (TypeError, ValueError):
         values = None
     sizes = (2, 3) if planar else (3,)
-    problem = None
     if values is None or values.size not in sizes:
         problem = f"{source} {what} {raw!r} is not {' or '.join(map(str, sizes))} numbers"
     elif not np.all(np.isfinite(values)) or (positive and not np.all(values > 0)):
         problem = f"{source} {what} {values.tolist()} nm is not {'positive and ' if positive else ''}finite"
-    if problem is None:
+    else:
         return _three(values, 1.0 if positive else 0.0)
     if given is not None:
         raise ConfigError(f"{name}: {where}: {problem}; pass {what}=(z, y, x) in nm")
