@@ -88,3 +88,15 @@ def test_type_checkers_see_the_public_api(tmp_path) -> None:
     assert "emdata.access.sampling.RandomPatches" in revealed[2]
     assert "-> pathlib.Path" in revealed[3] and "-> emdata.access.collection.Collection" in revealed[4]
     assert not any(r == '"Any"' for r in revealed)
+
+
+def test_a_raw_volume_reads_between_start_and_stop_and_its_old_name_warns() -> None:
+    """``RawVolume.read(start, stop)`` was the same verb as ``Volume.read(start, shape)`` with another
+    meaning: it is ``read_between`` now, and the old name still means start and stop."""
+    from emdata.formats.raw import ArrayVolume
+
+    data = np.arange(4 * 5 * 6, dtype=np.uint16).reshape(4, 5, 6)
+    vol = ArrayVolume(data)
+    np.testing.assert_array_equal(vol.read_between((1, 2, 3), (3, 4, 6)), data[1:3, 2:4, 3:6])
+    with pytest.warns(DeprecationWarning, match=r"use read_between\(start, stop\)"):
+        np.testing.assert_array_equal(vol.read((1, 2, 3), (3, 4, 6)), data[1:3, 2:4, 3:6])
