@@ -91,7 +91,7 @@ def test_samplers_tiling_and_torch_run_the_same_code_on_either_storage(files, tm
     from emdata.access.sampling import GridPatches, RandomPatches
     from emdata.access.tiling import run_tiled
 
-    h5, index, raw, label = files
+    h5, index, _, _ = files
     vol, local = remote(h5, index), Volume(h5)
     both = [RandomPatches(v, (5, 9, 11), label="blobs", min_foreground=0.3, seed=2, length=5) for v in (vol, local)]
     grids = [GridPatches(v, (8, 16, 16), overlap=(2, 3, 4), label="blobs") for v in (vol, local)]
