@@ -104,7 +104,7 @@ class MemmapPatches:
     """
 
     def __init__(self, npy: Path, sampler: RandomPatches) -> None:
-        self.npy, self.sampler, self.patch, self.mm = npy, sampler, sampler.patch, None
+        self.npy, self.sampler, self.patch, self.mm = npy, sampler, sampler.patch_shape, None
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -198,14 +198,15 @@ def paired(times: dict[str, list], slow: str, fast: str) -> float:
 
 def bare_blocks(ids: list[int]) -> None:
     """The workers' share of tiled inference and nothing else: read, model, crop (no Dask, no output)."""
-    from emdata.access.tiling import _crop_cast, _predict
+    from emdata.access.predict import predict_block
+    from emdata.access.tiling import _crop_cast
     from emdata.access.volume import Volume
 
     volume = Volume(WORK / "tiled-input.h5")
     blocks = list(volume.blocks(TILED["block_shape"], halo=TILED["halo"]))
     model = functools.partial(gaussian, sigma=2.0)
     for i in ids:
-        _crop_cast(blocks[i], _predict(volume, model, blocks[i], "reflect"), np.dtype(np.float32))
+        _crop_cast(blocks[i], predict_block(volume, model, blocks[i], "reflect"), np.dtype(np.float32))
 
 
 def part_tiled(args) -> None:
@@ -306,7 +307,7 @@ def big_file(folder: Path, name: str, shape) -> tuple[Path, Path]:
 
 
 def part_remote(args) -> None:
-    from emdata.access.volume import open_dataset
+    from emdata.access.open import open_dataset
     from emdata.testing.dvc import dvc, git, offline_env
     from emdata.testing.s3 import SeaweedS3
 

@@ -40,6 +40,7 @@ SLOW_TESTS = {  # (module, test name without parameters): subprocess- or worker-
     ("test_chunk_index", "test_a_large_sparse_file_opens_without_walking_its_chunks"),
     ("test_normalize_distributed", "test_killed_worker_and_killed_client"),  # worker processes, kill -9
     ("test_access_trust", "test_set_epoch_reaches_persistent_workers"),  # DataLoader worker processes
+    ("test_access_api", "test_type_checkers_see_the_public_api"),  # mypy: ~30 s without its cache
 }
 
 

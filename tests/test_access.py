@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from emdata.access.blocks import block_grid
-from emdata.access.volume import Volume, open_dataset
+from emdata.access.open import open_dataset
+from emdata.access.volume import Volume
 from emdata.errors import AccessError, ConfigError, NotBuiltError
 from emdata.testing.volumes import blob_labels, coordinate_volume, write_canonical
 
@@ -212,7 +213,7 @@ def test_compressed_files_read_in_a_fresh_process(tmp_path, vol_array) -> None:
     for compression in ("zstd", "blosc-lz4"):
         path = write_canonical(tmp_path / f"{compression}.h5", vol_array, compression=compression)
         code = ("import sys, numpy as np; from emdata.access.volume import Volume; "
-                f"v = Volume({str(path)!r}); assert v._open().chunkmap is None; "
+                f"v = Volume({str(path)!r}); assert v.storage.handle(v.array).chunkmap is None; "
                 "print(int(v[:, :, :].astype(np.int64).sum()))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert int(out) == int(vol_array.astype(np.int64).sum())

@@ -232,7 +232,7 @@ def test_run_tiled_does_not_resume_with_a_model_differing_outside_its_state_dict
     assert model_a.state_dict().keys() == model_b.state_dict().keys()
     assert all((model_a.state_dict()[k] == model_b.state_dict()[k]).all() for k in model_a.state_dict())
     calls = {"n": 0, "stop": None}
-    predict = tiling._predict
+    predict = tiling.predict_block
 
     def counted(volume, fn, block, pad):
         if calls["stop"] is not None and calls["n"] >= calls["stop"]:
@@ -240,7 +240,7 @@ def test_run_tiled_does_not_resume_with_a_model_differing_outside_its_state_dict
         calls["n"] += 1
         return predict(volume, fn, block, pad)
 
-    monkeypatch.setattr(tiling, "_predict", counted)
+    monkeypatch.setattr(tiling, "predict_block", counted)
     out = tmp_path / "pred.h5"
 
     def run(model, stop=None) -> int:
@@ -258,21 +258,30 @@ def test_run_tiled_does_not_resume_with_a_model_differing_outside_its_state_dict
     assert run(_torch_model(*a)) == TILE_BLOCKS - 5  # an equal model (a new object) resumes
 
 
-def test_a_label_sampler_on_a_remote_volume_says_it_needs_the_file(tmp_path) -> None:
-    """Per-chunk label statistics are read from the HDF5 file, which a remote volume does not open."""
+def test_a_label_sampler_on_a_remote_volume_reads_the_statistics_from_the_remote(tmp_path) -> None:
+    """Per-chunk label statistics come through the storage: a remote volume reads their extent
+    by range, so min_foreground draws the same patches as on the local file."""
     import fsspec
 
     from emdata.h5 import chunk_index
-    from emdata.access.remote import RangeReader, RemoteIndex, RemoteVolume, Transfer
+    from emdata.access.remote import RangeReader, RemoteIndex, RemoteStorage, Transfer
 
-    raw, label = _version(1)
+    raw, _ = _version(1)
+    label = np.zeros(SHAPE, np.uint8)
+    label[2:9, 4:20, 6:30] = 1  # foreground in one corner: the bound rules most origins out
     h5 = write_canonical(tmp_path / "r.h5", raw, labels={"mito": label}, chunks=(4, 8, 8))
     chunk_index.write(h5, tmp_path / "r.chunks", file_name="r.h5", file_sha256="0" * 64)
     fs, transfer = fsspec.filesystem("file"), Transfer()
     readers = [RangeReader(fs, str(p), p.stat().st_size, f"file://{p}", "r", transfer)
                for p in (h5, tmp_path / "r.chunks")]
-    vol = RemoteVolume(RemoteIndex(readers[1]), readers[0], name="r")
-    assert vol.labels["mito"][0, 0, 0] == 1 and vol.resolution.tolist() == [5.0, 5.0, 5.0]
-    with pytest.raises(ConfigError, match="needs the HDF5 file itself") as info:
-        RandomPatches(vol, (3, 5, 7), label="mito", min_foreground=0.5)
+    vol = Volume(RemoteStorage(RemoteIndex(readers[1]), readers[0]), name="r")
+    assert vol.path is None and vol.labels["mito"][2, 4, 6] == 1 and vol.resolution.tolist() == [5.0, 5.0, 5.0]
+    np.testing.assert_array_equal(vol.labels["mito"].chunk_foreground(), Volume(h5).labels["mito"].chunk_foreground())
+    remote = RandomPatches(vol, (3, 5, 7), label="mito", min_foreground=0.5, seed=4, length=6)
+    local = RandomPatches(Volume(h5), (3, 5, 7), label="mito", min_foreground=0.5, seed=4, length=6)
+    for a, b in zip(remote, local):
+        assert a.origin == b.origin and np.count_nonzero(a.label) >= 0.5 * a.label.size
+        np.testing.assert_array_equal(a.raw, b.raw)
+    with pytest.raises(ConfigError, match="no 13x27x35 patch can have") as info:  # 22% of the volume is mito
+        RandomPatches(vol, SHAPE, label="mito", min_foreground=0.5)
     assert "\n" not in str(info.value)

@@ -75,7 +75,7 @@ def test_the_local_fast_path_uses_a_matching_index_only(make_project, server, ep
         moved.write_bytes(h5.read_bytes())
         assert local_table(moved, "raw", f["raw"], explicit=stale) is None  # the spot check rejects it
     vol = Volume(h5)
-    handle = vol._open()
+    handle = vol.storage.handle(vol.array)
     assert handle.chunkmap is not None
     np.testing.assert_array_equal(vol[:], epfl_replica.arrays["volumedata.tif"])
 
@@ -108,7 +108,7 @@ box = vol.read((1000, 2000, 3000), (64, 64, 64))
 vol.read((4000, 100, 4000), (70, 70, 70))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"rss_growth": rss() - before, "peak": peak, "base": before,
-                  "fast": vol._open().chunkmap is not None, "zeros": int(np.count_nonzero(box)) == 0}))
+                  "fast": vol.storage.handle(vol.array).chunkmap is not None, "zeros": int(np.count_nonzero(box)) == 0}))
 """
 
 

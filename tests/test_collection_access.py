@@ -67,18 +67,26 @@ def test_paired_patches_are_aligned_and_only_from_images_with_the_target(built) 
     cfg, cases = built
     expected = cases["lightmycells_study_1"].expected
     col = Collection(cfg.processed_path("lightmycells_study_1"))
-    sampler = PairedPatches(col, inputs="BF", target="Mitochondria", shape=(20, 24), seed=7, length=40)
+    sampler = PairedPatches(col, inputs="BF", target="Mitochondria", patch_shape=(20, 24), seed=7, length=40)
     assert {c.image for c in sampler.candidates} == {"3", "11"}  # image 12 has no Mitochondria
     seen = set()
     for i in range(len(sampler)):
         p = sampler[i]
-        (y, x), (h, w) = p.origin, (20, 24)
+        (z, y, x), (h, w) = p.origin, (20, 24)  # ZYX, as every Patch: a 2D image is one Z plane
+        assert z == 0 and sampler.origin(i) == p.origin and sampler.locate(i) == (p.image, p.input, p.origin)
         np.testing.assert_array_equal(p.raw, expected[f"images/{p.image}/{p.input}"][y:y + h, x:x + w])
         np.testing.assert_array_equal(p.label, expected[f"images/{p.image}/targets/Mitochondria"][y:y + h, x:x + w])
         seen.add((p.image, p.input))
     assert {image for image, _ in seen} == {"3", "11"} and len(seen) >= 4  # several planes of several images
-    again = PairedPatches(col, inputs="BF", target="Mitochondria", shape=(20, 24), seed=7, length=40)
-    assert all(again.origin(i)[1:] == sampler.origin(i)[1:] for i in range(40))
+    again = PairedPatches(col, "BF", "Mitochondria", (20, 24), seed=7, length=40)
+    assert all(again.locate(i) == sampler.locate(i) for i in range(40))
+    with pytest.warns(DeprecationWarning, match="shape= is deprecated, use patch_shape="):
+        old = PairedPatches(col, inputs="BF", target="Mitochondria", shape=(20, 24), seed=7, length=40)
+    assert old.patch_shape == (20, 24) and all(old.locate(i) == sampler.locate(i) for i in range(40))
+    with pytest.warns(DeprecationWarning, match=r"\.shape is deprecated"):
+        assert old.shape == (20, 24)
+    with pytest.raises(TypeError, match="pass patch_shape= only"):
+        PairedPatches(col, patch_shape=(20, 24), shape=(20, 24))
 
 
 def test_paired_patches_fail_at_construction_when_nothing_can_be_drawn(built) -> None:
@@ -87,11 +95,11 @@ def test_paired_patches_fail_at_construction_when_nothing_can_be_drawn(built) ->
     cfg, _ = built
     col = Collection(cfg.processed_path("lightmycells_study_2"))
     with pytest.raises(ConfigError, match=r"0 of 2 images have targets/Mitochondria.*targets present: Actin, Nucleus"):
-        PairedPatches(col, inputs="PC", target="Mitochondria", shape=(16, 16))
+        PairedPatches(col, inputs="PC", target="Mitochondria", patch_shape=(16, 16))
     with pytest.raises(ConfigError, match=r"1 of 2 images have targets/Tubulin \(0 without such inputs, 1 smaller"):
-        PairedPatches(col, inputs="PC", target="Tubulin", shape=(64, 64))
+        PairedPatches(col, inputs="PC", target="Tubulin", patch_shape=(64, 64))
     with pytest.raises(ConfigError, match=r"\(1 without such inputs"):
-        PairedPatches(col, inputs="BF", target="Tubulin", shape=(8, 8))
+        PairedPatches(col, inputs="BF", target="Tubulin", patch_shape=(8, 8))
 
 
 @pytest.mark.torch
@@ -105,7 +113,7 @@ def test_paired_patches_with_two_dataloader_workers_equal_one_process(built) -> 
     cfg, _ = built
     col = Collection(cfg.processed_path("lightmycells_study_1"))
     col.read("3", "inputs/BF_z0", (0, 0), (4, 4))  # an open handle in the parent: workers must not share it
-    dataset = PatchDataset(PairedPatches(col, inputs="BF", target="Nucleus", shape=(16, 16), seed=3, length=24))
+    dataset = PatchDataset(PairedPatches(col, inputs="BF", target="Nucleus", patch_shape=(16, 16), seed=3, length=24))
     local = [dataset[i] for i in range(len(dataset))]
     loader = DataLoader(dataset, batch_size=4, num_workers=2, shuffle=False)
     batches = list(loader)

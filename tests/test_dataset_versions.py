@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emdata.access.volume import Volume, open_dataset
+from emdata.access.open import open_dataset
+from emdata.access.volume import Volume
 from emdata.testing.volumes import coordinate_volume, write_canonical
 
 SHAPE = (19, 37, 47)

@@ -92,7 +92,7 @@ def test_a_tagged_release_is_consumed_by_pull_import_and_open_dataset(producer, 
     import h5py
     import numpy as np
 
-    from emdata.access.volume import open_dataset
+    from emdata.access.open import open_dataset
 
     repo, env = producer
     dvc(["repro", "normalize@epfl_mito_train"], repo, env)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import yaml
 
-from emdata.access.remote import RemoteVolume
-from emdata.access.volume import open_dataset
+from emdata.access.remote import RemoteStorage
+from emdata.access.open import open_dataset
 from emdata.h5.chunk_index import ChunkIndex, to_kerchunk
 from emdata.testing.demo import replica_repository
 from emdata.errors import NotBuiltError
@@ -85,7 +85,8 @@ def test_remote_rois_equal_the_local_file(aws, compression) -> None:
     rev = f"v-{compression}"
     remote = open_dataset("epfl_hippocampus", rev=rev, repo=aws["repo"], remote="s3")
     local = local_copy(aws, "epfl_hippocampus", rev)
-    assert isinstance(remote, RemoteVolume) and remote.url.startswith("s3://emdata-dvc/cache/files/md5/")
+    assert isinstance(remote.storage, RemoteStorage) and remote.path is None
+    assert remote.location.startswith("s3://emdata-dvc/cache/files/md5/")
     assert (remote.shape, remote.dtype, remote.chunks) == (local.shape, local.dtype, local.chunks)
     np.testing.assert_array_equal(remote.resolution, local.resolution)
     assert remote.metadata["array"]["array_sha256"] == local.metadata["array"]["array_sha256"]
@@ -131,7 +132,7 @@ def test_kerchunk_references_point_at_the_chunks(aws) -> None:
     rev = "v-none"
     remote = open_dataset("epfl_hippocampus", rev=rev, repo=aws["repo"], remote="s3")
     local = local_copy(aws, "epfl_hippocampus", rev)
-    refs = to_kerchunk(remote._remote_index.index, local.path.as_uri())
+    refs = to_kerchunk(remote.storage.index.index, local.path.as_uri())
     assert len([k for k in refs["refs"] if k.startswith("raw/") and not k.startswith("raw/.")]) == 3 * 3 * 4
     fs = fsspec.filesystem("reference", fo=refs)
     chunk = np.frombuffer(fs.cat("raw/1.2.3"), np.uint8).reshape(8, 16, 16)

@@ -1,4 +1,4 @@
-"""RemoteVolume's reads, in process: the chunk index and the HDF5 behind any fsspec filesystem.
+"""Reads through RemoteStorage, in process: the chunk index and the HDF5 behind any fsspec filesystem.
 
 The DVC + S3 path (open_remote on a pushed repository) is covered in test_remote_access (slow
 tier); here the same reader runs on fsspec's local filesystem, so every ROI is compared with h5py
@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from emdata.access.remote import RangeReader, RemoteIndex, RemoteVolume, Transfer
+from emdata.access.remote import RangeReader, RemoteIndex, RemoteStorage, Transfer
 from emdata.access.volume import Volume
 from emdata.h5.chunk_index import write as write_index
 from emdata.testing.volumes import blob_labels, coordinate_volume, write_canonical
@@ -32,11 +32,11 @@ def files(request, tmp_path):
     return h5, index, raw, label
 
 
-def remote(h5, index, array: str = "raw") -> RemoteVolume:
+def remote(h5, index, array: str = "raw") -> Volume:
     fs, transfer = fsspec.filesystem("file"), Transfer()
     data = RangeReader(fs, str(h5), h5.stat().st_size, h5.as_uri(), "toy", transfer)
     idx = RangeReader(fs, str(index), index.stat().st_size, index.as_uri(), "toy", transfer)
-    return RemoteVolume(RemoteIndex(idx), data, array, name="toy")
+    return Volume(RemoteStorage(RemoteIndex(idx), data), array, name="toy")
 
 
 def test_rois_labels_and_geometry_equal_the_local_file(files) -> None:
@@ -82,3 +82,29 @@ def test_pickles_to_a_reader_of_the_same_voxels(files) -> None:
     h5, index, raw, _ = files
     again = pickle.loads(pickle.dumps(remote(h5, index)))
     np.testing.assert_array_equal(again.read((0, 0, 0), SHAPE), raw)
+
+
+def test_samplers_tiling_and_torch_run_the_same_code_on_either_storage(files, tmp_path) -> None:
+    """Nothing behind the storage's back: every consumer of a Volume gets the same voxels remotely."""
+    import h5py
+
+    from emdata.access.sampling import GridPatches, RandomPatches
+    from emdata.access.tiling import run_tiled
+
+    h5, index, _, _ = files
+    vol, local = remote(h5, index), Volume(h5)
+    both = [RandomPatches(v, (5, 9, 11), label="blobs", min_foreground=0.3, seed=2, length=5) for v in (vol, local)]
+    grids = [GridPatches(v, (8, 16, 16), overlap=(2, 3, 4), label="blobs") for v in (vol, local)]
+    for a, b in [*zip(*both), *zip(*grids)]:
+        assert a.origin == b.origin
+        np.testing.assert_array_equal(a.raw, b.raw)
+        np.testing.assert_array_equal(a.label, b.label)
+    outputs = [run_tiled(v, lambda x: x.astype(np.float32) / 2, tmp_path / f"{i}.h5", block_shape=(8, 16, 16),
+                         halo=(2, 3, 4), blend="gaussian") for i, v in enumerate((vol, local))]
+    with h5py.File(outputs[0]) as r, h5py.File(outputs[1]) as l:
+        np.testing.assert_array_equal(r["prediction"][()], l["prediction"][()])
+    torch = pytest.importorskip("torch")
+    from emdata.access.torch import PatchDataset
+
+    items = [PatchDataset(s)[3] for s in both]
+    assert all(torch.equal(items[0][k], items[1][k]) for k in ("raw", "label", "origin"))

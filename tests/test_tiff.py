@@ -16,7 +16,7 @@ def test_pages_are_z_rows_are_y(tmp_path) -> None:
     with TiffStack(write_tiff_stack(tmp_path / "v.tif", vol), "ds") as stack:
         assert stack.shape == (7, 11, 19) and stack.dtype == np.uint8
         np.testing.assert_array_equal(stack[2:5], vol[2:5])
-        np.testing.assert_array_equal(stack.read((1, 2, 3), (6, 9, 17)), vol[1:6, 2:9, 3:17])
+        np.testing.assert_array_equal(stack.read_between((1, 2, 3), (6, 9, 17)), vol[1:6, 2:9, 3:17])
         np.testing.assert_array_equal(stack[3, 1:4, -5:], vol[3, 1:4, -5:])
 
 

@@ -42,7 +42,7 @@ def raw(volume) -> np.ndarray:
 def counted(monkeypatch):
     """Count model calls, and interrupt after ``stop_after`` of them, without touching the model itself."""
     state = {"calls": 0, "stop_after": None}
-    predict = tiling._predict
+    predict = tiling.predict_block
 
     def wrapper(volume, fn, b, pad):
         if state["stop_after"] is not None and state["calls"] >= state["stop_after"]:
@@ -50,7 +50,7 @@ def counted(monkeypatch):
         state["calls"] += 1
         return predict(volume, fn, b, pad)
 
-    monkeypatch.setattr(tiling, "_predict", wrapper)
+    monkeypatch.setattr(tiling, "predict_block", wrapper)
     return state
 
 
@@ -290,7 +290,7 @@ def test_interrupted_tiled_run_resumes_without_recomputing(odd_volume, odd_raw, 
 
     raw = odd_raw
     calls = []
-    predict = tiling._predict
+    predict = tiling.predict_block
 
     class Interrupted(Exception):
         pass
@@ -301,13 +301,13 @@ def test_interrupted_tiled_run_resumes_without_recomputing(odd_volume, odd_raw, 
         calls.append(1)
         return predict(odd_volume, fn, b, pad)
 
-    monkeypatch.setattr(tiling, "_predict", interrupt_after_five)
+    monkeypatch.setattr(tiling, "predict_block", interrupt_after_five)
     out_path = tmp_path / "p.h5"
     with pytest.raises(Interrupted):
         run_tiled(odd_volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
     assert not out_path.exists()
     second = []
-    monkeypatch.setattr(tiling, "_predict", lambda *args: second.append(1) or predict(*args))
+    monkeypatch.setattr(tiling, "predict_block", lambda *args: second.append(1) or predict(*args))
     run_tiled(odd_volume, _twice, out_path, block_shape=(8, 16, 16), halo=(1, 2, 2), blend=blend)
     total = 4 * 3 * 4
     assert len(second) == total - 5

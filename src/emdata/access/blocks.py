@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from emdata.errors import ConfigError
 
 FITS = ("pad", "shrink")
+Triple = tuple[int, int, int]
+
+
+def triple(values: Iterable[int]) -> Triple:
+    """Three integers (z, y, x) as a typed triple."""
+    z, y, x = values
+    return int(z), int(y), int(x)
 
 
 @dataclass(frozen=True)
@@ -36,15 +43,16 @@ class Block:
 
     @property
     def write(self) -> tuple[slice, slice, slice]:
-        return tuple(slice(a, b) for a, b in zip(self.write_start, self.write_stop))
+        (z0, y0, x0), (z1, y1, x1) = self.write_start, self.write_stop
+        return slice(z0, z1), slice(y0, y1), slice(x0, x1)
 
     @property
     def read_shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.read_start, self.read_stop))
+        return triple(b - a for a, b in zip(self.read_start, self.read_stop))
 
     @property
     def write_shape(self) -> tuple[int, int, int]:
-        return tuple(b - a for a, b in zip(self.write_start, self.write_stop))
+        return triple(b - a for a, b in zip(self.write_start, self.write_stop))
 
     def crop(self, output: np.ndarray) -> np.ndarray:
         """The write region of an array that covers this block's read region (trailing axes kept)."""
@@ -78,7 +86,7 @@ def block_grid(shape: tuple[int, ...], block_shape: int | tuple[int, ...], *, ha
         else:
             r0 = tuple(max(0, a - h) for a, h in zip(w0, margin))
             r1 = tuple(min(s, b + h) for b, h, s in zip(w1, margin, shape))
-        yield Block(index, w0, w1, r0, r1)
+        yield Block(triple(index), triple(w0), triple(w1), triple(r0), triple(r1))
 
 
 def count_blocks(shape: tuple[int, ...], block_shape: int | tuple[int, ...]) -> int:

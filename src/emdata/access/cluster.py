@@ -1,11 +1,11 @@
 """Tiled inference on a Dask distributed cluster: ``run_tiled(..., client=distributed.Client)``.
 
 The workers read each block's window from the volume (a :class:`~emdata.access.volume.Volume`
-pickles without its file handle and reopens the file on the worker, so the file must be at the
-same path there, e.g. on a shared file system; a remote volume reads from its DVC remote) and
-call the model; this process receives the predictions and writes them, with the same ledger,
-blending and output file as a single-process run (:mod:`emdata.access.tiling`), so the result
-is the same array.
+pickles with its storage but without open files: a local file is opened again on the worker, so
+it must be at the same path there, e.g. on a shared file system; a remote one reads from its DVC
+remote) and call the model (:func:`emdata.access.predict.predict_block`); this process receives
+the predictions and writes them, with the same ledger, blending and output file as a
+single-process run (:mod:`emdata.access.tiling`), so the result is the same array.
 
 Predictions come straight from the workers (``gather(direct=True)``) unless the client was
 created with ``direct_to_workers=False``. The model and the volume are sent to every worker once (``scatter(broadcast=True)``); at most
@@ -19,30 +19,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from asyncio import TimeoutError as AsyncioTimeout  # before Python 3.11, not the builtin one
 from collections import deque
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from emdata.errors import ClusterError, EmdataError
 from emdata.access.blocks import Block
+from emdata.access.predict import predict_and_post
+from emdata.errors import ClusterError, EmdataError
 
 log = logging.getLogger(__name__)
-
-
-def _predict_block(volume: Any, fn: Callable, block: Block, pad: str, post: Callable) -> np.ndarray:
-    from emdata.access.tiling import _predict
-
-    return post(block, _predict(volume, fn, block, pad))
 
 
 def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Block], todo: list[int], pad: str,
                        post: Callable[[Block, np.ndarray], np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
     """``(i, prediction)`` for each block in ``todo``, in the order the workers finish them."""
-    from asyncio import TimeoutError as AsyncioTimeout  # before Python 3.11, not the builtin one
-    from concurrent.futures import CancelledError
-    from concurrent.futures import TimeoutError as FuturesTimeout
-
     from distributed import KilledWorker, as_completed
     from distributed.comm.core import CommClosedError
 
@@ -69,7 +63,7 @@ def predict_on_cluster(client: Any, volume: Any, fn: Callable, blocks: list[Bloc
 
     def submit() -> None:
         i = queue.popleft()
-        future = client.submit(_predict_block, shared_volume, shared_fn, blocks[i], pad, post,
+        future = client.submit(predict_and_post, shared_volume, shared_fn, blocks[i], pad, post,
                                key=f"emdata-tiled-{tag}-{i}", retries=2)
         owner[future.key] = i
         pending.add(future)

@@ -10,7 +10,7 @@ table (docs/architecture.md, "collections")::
     bf = col.open("1", "inputs/BF_z0")   # a Volume: 2D images are one Z plane, dims "YX"
     boxes = col.table_of("W_E4_12", "annotations/boxes")   # a well's boxes, as a structured array
 
-``PairedPatches(col, inputs="BF", target="Mitochondria", shape=(256, 256), seed=0)`` draws aligned
+``PairedPatches(col, inputs="BF", target="Mitochondria", patch_shape=(256, 256), seed=0)`` draws aligned
 (input, target) patches only from images that have that target: patch ``i`` of epoch ``e`` comes
 from ``numpy.random.default_rng([seed, e, i])`` (the image, with probability proportional to its
 number of patch positions; one of its input planes; the position), so it is the same in any process
@@ -28,21 +28,23 @@ from typing import Any
 
 import numpy as np
 
+from emdata.access.deprecation import Alias, pick
+from emdata.access.local import LocalStorage
+from emdata.access.open import dataset_path
+from emdata.access.sampling import Patch
+from emdata.access.volume import Volume
 from emdata.errors import AccessError, ConfigError, NotBuiltError
 from emdata.h5 import hdf5
-from emdata.access.sampling import Patch
-from emdata.access.volume import Volume, dataset_path
+from emdata.h5.collection import TABLE, array_to_rows, image_arrays, is_collection
 
 
 class Collection:
     """The images of one collection HDF5 (read-only, fork- and pickle-safe)."""
 
     def __init__(self, path: str | os.PathLike, *, name: str | None = None) -> None:
-        from emdata.h5.collection import TABLE, array_to_rows, image_arrays, is_collection
-
         self.path = Path(path)
         self.name = name or self.path.stem
-        self._handle: tuple[int, Any, dict[str, Any]] | None = None
+        self.storage = LocalStorage(self.path, name=self.name)  # one open file per process, for every image
         with hdf5.open_read(self.path) as f:
             if not is_collection(f):
                 raise NotBuiltError(f"{self.path} is not a collection (it holds one volume); use emdata.open_dataset")
@@ -71,7 +73,7 @@ class Collection:
         """One array as a :class:`Volume` (a 2D image has shape (1, Y, X) and ``dims == "YX"``)."""
         if path not in self.paths(image):
             raise AccessError(f"{self.name}: image {image!r} has no {path!r} (it has {', '.join(self.paths(image))})")
-        return Volume(self.path, f"images/{image}/{path}", name=f"{self.name}:{image}/{path}")
+        return Volume(self.storage, f"images/{image}/{path}", name=f"{self.name}:{image}/{path}")
 
     def table_of(self, image: str, name: str) -> np.ndarray | None:
         """A table stored with one image (e.g. ``annotations/boxes``), or None if it has none."""
@@ -79,42 +81,22 @@ class Collection:
             dset = f.get(f"images/{image}/{name}")
             return None if dset is None else dset[()]
 
-    # -- fast patch reads for samplers: one handle per process, chunk maps built on first use --
-
-    def _dataset(self, name: str) -> tuple[Any, Any]:
-        handle = self._handle
-        if handle is None or handle[0] != os.getpid():
-            handle = (os.getpid(), hdf5.open_read(self.path), {})
-            self._handle = handle
-        cache = handle[2]
-        if name not in cache:
-            dset = handle[1][name]
-            cache[name] = (dset, hdf5.ChunkMap.build(dset))
-        return cache[name]
+    # -- patch reads for samplers, through the one storage -------------------------------------
 
     def read(self, image: str, path: str, start: tuple[int, int], shape: tuple[int, int], *,
              frame: int = 0) -> np.ndarray:
-        """A (Y, X) box of a 2D image (or of ``frame`` of a series), inside the image."""
-        dset, chunkmap = self._dataset(f"images/{image}/{path}")
+        """A (Y, X) box ``[start, start + shape)`` of a 2D image (or of ``frame`` of a series), inside it."""
+        array = f"images/{image}/{path}"
+        stored = self.storage.describe(array, f"{self.name}:{image}/{path}").stored_shape
         y0, x0 = (int(v) for v in start)
         y1, x1 = y0 + int(shape[0]), x0 + int(shape[1])
-        plane = dset.ndim == 2
-        if not (0 <= y0 < y1 <= dset.shape[-2] and 0 <= x0 < x1 <= dset.shape[-1]):
-            raise AccessError(f"{self.name}: box {y0}..{y1} x {x0}..{x1} is outside {image}/{path} {dset.shape}")
-        z = 0 if plane else int(frame)
-        if chunkmap is not None:
-            return chunkmap.read((z, y0, x0), (z + 1, y1, x1))[0]
-        return dset[y0:y1, x0:x1] if plane else dset[z, y0:y1, x0:x1]
+        if not (0 <= y0 < y1 <= stored[-2] and 0 <= x0 < x1 <= stored[-1]):
+            raise AccessError(f"{self.name}: box {y0}..{y1} x {x0}..{x1} is outside {image}/{path} {stored}")
+        z = 0 if len(stored) == 2 else int(frame)
+        return self.storage.read_box(array, (z, y0, x0), (z + 1, y1, x1))[0]
 
     def close(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None and handle[0] == os.getpid():
-            handle[1].close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_handle"] = None  # the receiver (a DataLoader worker) opens its own
-        return state
+        self.storage.close()
 
     def __enter__(self) -> "Collection":
         return self
@@ -135,7 +117,12 @@ def open_collection(name: str | os.PathLike, *, rev: str | None = None, repo: st
 
 @dataclass
 class PairedPatch(Patch):
-    """An aligned (input, target) pair: ``raw`` is the input patch, ``label`` the target patch."""
+    """An aligned (input, target) pair: ``raw`` is the input patch, ``label`` the target patch, both (Y, X).
+
+    ``origin`` is (z, y, x) as for every :class:`~emdata.access.sampling.Patch`: the first voxel in
+    the image's Volume (``col.open(image, path)``, where a 2D image is one Z plane), so z is 0.
+    (Before, it was (y, x).)
+    """
 
     image: str = ""
     input: str = ""  # the input plane it came from, e.g. "inputs/BF_z2"
@@ -146,7 +133,7 @@ class _Candidate:
     image: str
     inputs: tuple[str, ...]
     target: str
-    shape: tuple[int, int]
+    shape: tuple[int, int]  # (y, x) of the image
 
 
 class PairedPatches:
@@ -156,29 +143,33 @@ class PairedPatches:
         collection: a :class:`Collection` (``open_collection(name)``).
         inputs: input modality (``"BF"``, ``"PC"``, ``"DIC"``) or several; any of its z planes is drawn.
         target: target name (``"Mitochondria"``, ...): ``targets/<target>`` must exist in an image.
-        shape: patch (y, x) in pixels.
+        patch_shape: patch (y, x) in pixels (``shape=`` is its deprecated name).
         seed: base seed; patch ``i`` of epoch ``e`` depends only on (seed, e, i).
         length: patches per epoch.
         z: only this focal plane (``inputs/<modality>_z<z>``); None draws among the image's planes.
 
     Raises:
         ConfigError: at construction, when no image has both the input and the target at least
-            ``shape`` large (the message says what the collection does have).
+            ``patch_shape`` large (the message says what the collection does have).
     """
 
+    shape = Alias("patch_shape")  # the old name, deprecated
+
     def __init__(self, collection: Collection, inputs: str | tuple[str, ...] = "BF", target: str = "Mitochondria",
-                 shape: int | tuple[int, int] = (256, 256), *, seed: int = 0, length: int = 1000,
-                 z: int | None = None) -> None:
+                 patch_shape: int | tuple[int, int] | None = None, *, seed: int = 0, length: int = 1000,
+                 z: int | None = None, shape: int | tuple[int, int] | None = None) -> None:
         self.collection = collection
         self.modalities = (inputs,) if isinstance(inputs, str) else tuple(inputs)
         self.target = target
-        self.shape = (int(shape), int(shape)) if isinstance(shape, int) else tuple(int(v) for v in shape)
-        if len(self.shape) != 2 or min(self.shape) < 1:
-            raise ConfigError(f"PairedPatches: shape must be (y, x) positive integers, got {shape!r}")
+        size = pick("PairedPatches", "shape", shape, "patch_shape", patch_shape, (256, 256))
+        self.patch_shape: tuple[int, int] = ((int(size), int(size)) if isinstance(size, int)  # type: ignore[assignment]
+                                             else tuple(int(v) for v in size))
+        if len(self.patch_shape) != 2 or min(self.patch_shape) < 1:
+            raise ConfigError(f"PairedPatches: patch_shape must be (y, x) positive integers, got {size!r}")
         self.seed, self.length, self.epoch = int(seed), int(length), 0
         self.z = z
         self.candidates = self._candidates()
-        sizes = np.array([(c.shape[0] - self.shape[0] + 1) * (c.shape[1] - self.shape[1] + 1)
+        sizes = np.array([(c.shape[0] - self.patch_shape[0] + 1) * (c.shape[1] - self.patch_shape[1] + 1)
                           for c in self.candidates], np.float64)
         self._cdf = np.cumsum(sizes) / sizes.sum()
 
@@ -200,7 +191,7 @@ class PairedPatches:
             shape = col.shapes[f"{image}/{target}"][-2:]
             if any(col.shapes[f"{image}/{p}"][-2:] != shape for p in inputs):
                 raise AccessError(f"{col.name}: image {image}: inputs and {target} differ in shape")
-            if shape[0] < self.shape[0] or shape[1] < self.shape[1]:
+            if shape[0] < self.patch_shape[0] or shape[1] < self.patch_shape[1]:
                 too_small += 1
                 continue
             out.append(_Candidate(image, inputs, target, shape))
@@ -209,7 +200,7 @@ class PairedPatches:
             have = sorted({p for image in col.images for p in col.paths(image) if p.startswith("targets/")})
             raise ConfigError(
                 f"{col.name}: no image has both {'/'.join(self.modalities)}{plane} inputs and {target} at least "
-                f"{self.shape[0]} x {self.shape[1]}: {with_target} of {len(col.images)} images have {target} "
+                f"{self.patch_shape[0]} x {self.patch_shape[1]}: {with_target} of {len(col.images)} images have {target} "
                 f"({no_input} without such inputs, {too_small} smaller than the patch); targets present: "
                 f"{', '.join(t[8:] for t in have) or 'none'}")
         return out
@@ -220,23 +211,28 @@ class PairedPatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def origin(self, index: int, epoch: int | None = None) -> tuple[_Candidate, str, tuple[int, int]]:
-        """Image, input plane and (y, x) origin of patch ``index`` (deterministic for seed, epoch, index)."""
+    def locate(self, index: int, epoch: int | None = None) -> tuple[str, str, tuple[int, int, int]]:
+        """Image, input plane and (z, y, x) origin of patch ``index`` (deterministic for seed, epoch, index)."""
         if not 0 <= index < self.length:
             raise AccessError(f"patch index {index} is outside 0..{self.length - 1}")
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
-        pick = min(int(np.searchsorted(self._cdf, rng.random(), side="right")), len(self.candidates) - 1)
-        cand = self.candidates[pick]
+        drawn = min(int(np.searchsorted(self._cdf, rng.random(), side="right")), len(self.candidates) - 1)
+        cand = self.candidates[drawn]
         plane = cand.inputs[int(rng.integers(0, len(cand.inputs)))]
-        y = int(rng.integers(0, cand.shape[0] - self.shape[0] + 1))
-        x = int(rng.integers(0, cand.shape[1] - self.shape[1] + 1))
-        return cand, plane, (y, x)
+        y = int(rng.integers(0, cand.shape[0] - self.patch_shape[0] + 1))
+        x = int(rng.integers(0, cand.shape[1] - self.patch_shape[1] + 1))
+        return cand.image, plane, (0, y, x)
+
+    def origin(self, index: int, epoch: int | None = None) -> tuple[int, int, int]:
+        """The (z, y, x) origin of patch ``index``, as ``RandomPatches.origin`` (its image: ``locate``)."""
+        return self.locate(index, epoch)[2]
 
     def __getitem__(self, index: int) -> PairedPatch:
-        cand, plane, origin = self.origin(int(index))
-        col = self.collection
-        return PairedPatch(origin=origin, raw=col.read(cand.image, plane, origin, self.shape),  # type: ignore[arg-type]
-                           label=col.read(cand.image, cand.target, origin, self.shape), image=cand.image, input=plane)
+        image, plane, origin = self.locate(int(index))
+        col, yx = self.collection, origin[1:]
+        return PairedPatch(origin=origin, raw=col.read(image, plane, yx, self.patch_shape),
+                           label=col.read(image, f"targets/{self.target}", yx, self.patch_shape), image=image,
+                           input=plane)
 
     def __iter__(self):
         return (self[i] for i in range(self.length))

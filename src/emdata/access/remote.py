@@ -1,38 +1,37 @@
-"""ROI reads straight from a DVC remote: ``open_dataset(name, rev=..., remote="s3")``.
+"""``RemoteStorage``: an emdata HDF5 read in place from a DVC remote, by byte ranges.
 
-No ``dvc pull``: DVC's own API says which object holds ``data/processed/<name>.h5`` at ``rev``
-(its md5 in ``dvc.lock``) and where the remote keeps it (the content-addressed layout,
-``<remote url>/files/md5/<first 2 hex>/<rest>`` for DVC 3, with the remote's configured
-endpoint and credentials). The chunk-offset index that normalize wrote beside the metadata
-record (``data/metadata/<name>.chunks``, :mod:`emdata.h5.chunk_index`, pushed with the HDF5) says
-where each chunk lies in that object, so a read fetches only the chunks the ROI touches, with
-HTTP range requests through the remote's fsspec filesystem (s3fs for S3), concurrently, and
-adjacent chunks in one request. Compressed chunks are decoded by HDF5's own filter pipeline
-(hdf5plugin), as h5py would decode them (:class:`emdata.h5.chunks.ChunkDecoder`).
+Where the file and its chunk-offset index lie in the remote is resolved by
+:func:`emdata.access.versions.remote_storage` (DVC's API: the md5 in ``dvc.lock`` at a rev, the
+remote's content-addressed layout, endpoint and credentials). The index that normalize wrote
+beside the metadata record (``data/metadata/<name>.chunks``, :mod:`emdata.h5.chunk_index`, pushed
+with the HDF5) says where each chunk lies, so a read fetches only the chunks a box touches, with
+range requests through the remote's fsspec filesystem (s3fs for S3), concurrently, and adjacent
+chunks in one request. Compressed chunks are decoded by HDF5's own filter pipeline (hdf5plugin),
+as h5py would decode them (:class:`emdata.h5.chunks.ChunkDecoder`). Per-chunk label statistics
+(for samplers' ``min_foreground``) are one contiguous extent the index also records.
 
-The result is a :class:`RemoteVolume`, a :class:`~emdata.access.volume.Volume` with the same
-reading API (slicing, ``read``, ``read_roi``, ``blocks``, ``to_dask``, labels, metadata);
-``transfer`` counts the requests and bytes it made. The index tables are read in pages on
-demand (the whole index at once when it is small), so opening a 1 TB-class file fetches a
-few KB and never builds one Python object per chunk.
+A :class:`~emdata.access.volume.Volume` on this storage has the whole reading API (slicing,
+``read``, ``read_roi``, ``blocks``, ``to_dask``, labels, metadata, samplers, tiled inference);
+``transfer`` counts the requests and bytes it made. The index tables are read in pages on demand
+(the whole index at once when it is small), so opening a 1 TB-class file fetches a few KB and
+never builds one Python object per chunk.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emdata.h5.chunk_index import ENTRY, PREFIX, ArrayIndex, ChunkIndex, IndexFormatError, index_path_for
-from emdata.errors import ConfigError, FetchError, NotBuiltError
+from emdata.access.storage import ArrayInfo
+from emdata.errors import ConfigError, FetchError
 from emdata.h5 import hdf5
+from emdata.h5.chunk_index import ENTRY, PREFIX, ArrayIndex, ChunkIndex
 from emdata.h5.chunks import ChunkDecoder
-from emdata.access.volume import Volume, _geometry
 
 HEAD_BYTES = 1 << 20  # an index up to this size is read whole at open
 PAGE_ENTRIES = 4096  # index table entries per page read on demand (64 KiB)
@@ -153,81 +152,73 @@ class RemoteIndex:
                             ENTRY)
 
 
-class RemoteVolume(Volume):
-    """One array of an emdata HDF5 that stays in a DVC remote; reads fetch only the chunks they touch."""
+class RemoteStorage:
+    """One emdata HDF5 that stays in a DVC remote: reads fetch only the chunks they touch.
 
-    def __init__(self, index: RemoteIndex, data: RangeReader, array: str = hdf5.RAW, *, name: str) -> None:
-        # Volume.__init__ opens a local file; everything it sets comes from the index instead.
-        if array not in index.index.arrays:
-            raise ConfigError(f"{name}: the file has no array /{array}")
-        a = index.index.arrays[array]
-        self._remote_index, self._data = index, data
-        self._array_index = a
-        self.path = Path(data.url)  # for messages and dask names; never opened
-        self.url = data.url
-        self.array = array
-        self.name = name
-        self.index = None
-        self._handle = None
-        self.shape = tuple(a.shape)  # type: ignore[assignment]
-        self.dtype = a.dtype
-        self.chunks = tuple(a.chunks)
-        self.attrs = dict(a.attrs)
-        if "resolution" not in self.attrs:
-            raise ConfigError(f"{name}: /{array} records no resolution")
-        planar = len(self.shape) == 2 or "z" not in str(self.attrs.get("axes", "zyx")).lower()
-        where = f"{self.url}:/{array}"
-        self.resolution = _geometry(None, self.attrs["resolution"], "resolution", planar, self, where, positive=True)
-        self.offset = _geometry(None, self.attrs.get("offset", (0.0, 0.0, 0.0)), "offset", planar, self, where,
-                                positive=False)
-        self.label_names = sorted(n.split("/", 1)[1] for n in index.index.arrays
-                                  if n.startswith(hdf5.LABELS + "/")) if array == hdf5.RAW else []
-        self._decoder = ChunkDecoder(a.dtype, a.chunks, a.compression, a.compression_level)
+    ``index`` is the file's chunk-offset index (read from the remote too), ``data`` the file's bytes.
+    """
+
+    path: Path | None = None  # no local file: nothing may open one behind this storage's back
+
+    def __init__(self, index: RemoteIndex, data: RangeReader) -> None:
+        self.index, self.data = index, data
+        self.name = data.dataset
+        self.location = data.url
+        self._decoders: dict[str, ChunkDecoder] = {}
+
+    def __repr__(self) -> str:
+        return f"RemoteStorage({self.location!r})"
 
     @property
     def transfer(self) -> Transfer:
-        return self._data.transfer
+        """Requests and bytes fetched so far (index and chunks)."""
+        return self.data.transfer
+
+    def describe(self, array: str, name: str) -> ArrayInfo:
+        a = self.index.index.arrays.get(array)
+        if a is None:
+            raise ConfigError(f"{name}: the file has no array /{array}")
+        labels = sorted(n.split("/", 1)[1] for n in self.index.index.arrays if n.startswith(hdf5.LABELS + "/"))
+        return ArrayInfo(tuple(a.shape), a.dtype, tuple(a.chunks), dict(a.attrs),
+                         tuple(labels) if array == hdf5.RAW else ())
+
+    def root_attrs(self, array: str) -> dict[str, Any]:
+        return self.index.index.root_attrs
 
     def identity(self) -> str:
-        return self.url
+        return self.location
 
     def close(self) -> None:
-        pass
+        pass  # nothing stays open: every read is its own requests
 
-    def _open(self) -> Any:
-        """There is no local file: what needs one (a sampler's per-chunk label statistics) says so."""
-        raise ConfigError(f"{self.name}: this needs the HDF5 file itself (e.g. min_foreground reads per-chunk label "
-                          f"statistics), which a remote volume does not open; `dvc pull` it and open it without remote=")
+    def chunk_foreground(self, label: str) -> np.ndarray | None:
+        """The label's per-chunk statistics: one contiguous extent of the file, read in one request."""
+        extent = self.index.index.contiguous.get(f"{hdf5.LABEL_STATS}/{label}/chunk_foreground")
+        if extent is None:
+            return None
+        blob = self.data.read([(int(extent["offset"]), int(extent["offset"]) + int(extent["size"]))])[0]
+        return np.frombuffer(blob, np.dtype(extent["dtype"])).reshape(extent["shape"]).copy()
 
-    def __repr__(self) -> str:
-        return (f"RemoteVolume({self.name!r}, /{self.array}, shape={self.shape}, dtype={self.dtype}, "
-                f"url={self.url!r})")
-
-    @property
-    def labels(self) -> dict[str, "Volume"]:
-        return {n: RemoteVolume(self._remote_index, self._data, f"{hdf5.LABELS}/{n}", name=f"{self.name}:{n}")
-                for n in self.label_names}
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        from emdata.access.volume import file_metadata
-
-        return file_metadata(self._remote_index.index.root_attrs, self.attrs)
-
-    def chunk_ranges(self, start: tuple[int, ...], stop: tuple[int, ...]) -> tuple[list, np.ndarray]:
+    def chunk_ranges(self, array: str, start: tuple[int, ...], stop: tuple[int, ...]) -> tuple[list, np.ndarray]:
         """The chunk grid indices a box touches and their index rows (for planning and accounting)."""
-        a = self._array_index
+        a = self.index.index.arrays[array]
         axes = [np.arange(s // c, (e - 1) // c + 1) for s, e, c in zip(start, stop, a.chunks)]
         ks = [tuple(int(v) for v in k) for k in np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)]
         flats = np.array([a.flat(k) for k in ks], np.int64)
-        return ks, self._remote_index.rows(a, flats)
+        return ks, self.index.rows(a, flats)
 
-    def _read_box(self, start: Any, stop: Any) -> np.ndarray:
+    def _decoder(self, a: ArrayIndex) -> ChunkDecoder:
+        decoder = self._decoders.get(a.name)
+        if decoder is None:
+            decoder = self._decoders[a.name] = ChunkDecoder(a.dtype, a.chunks, a.compression, a.compression_level)
+        return decoder
+
+    def read_box(self, array: str, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
         start = tuple(int(v) for v in start)
         stop = tuple(int(v) for v in stop)
-        a = self._array_index
-        out = np.empty(tuple(b - s for s, b in zip(start, stop)), self.dtype)
-        ks, rows = self.chunk_ranges(start, stop)
+        a = self.index.index.arrays[array]
+        out = np.empty(tuple(b - s for s, b in zip(start, stop)), a.dtype)
+        ks, rows = self.chunk_ranges(array, start, stop)
         stored = [i for i in range(len(ks)) if rows[i]["size"]]
         order = sorted(stored, key=lambda i: int(rows[i]["offset"]))
         requests: list[tuple[int, int]] = []
@@ -241,11 +232,12 @@ class RemoteVolume(Volume):
                 requests.append((first, end))
                 members.append([i])
         payloads: dict[int, memoryview] = {}
-        for (base, _), group, blob in zip(requests, members, self._data.read(requests, chunk_payload=True)):
+        for (base, _), group, blob in zip(requests, members, self.data.read(requests, chunk_payload=True)):
             view = memoryview(blob)
             for i in group:
                 o = int(rows[i]["offset"]) - base
                 payloads[i] = view[o:o + int(rows[i]["size"])]
+        decoder = self._decoder(a)
         for i, k in enumerate(ks):
             chunk_start = [kk * c for kk, c in zip(k, a.chunks)]
             lo = [max(s, cs) for s, cs in zip(start, chunk_start)]
@@ -254,92 +246,6 @@ class RemoteVolume(Volume):
             if i not in payloads:
                 out[dst] = a.fill_value  # never written: HDF5 returns the fill value
                 continue
-            block = self._decoder.decode(payloads[i], int(rows[i]["mask"]))
+            block = decoder.decode(payloads[i], int(rows[i]["mask"]))
             out[dst] = block[tuple(slice(l - cs, h - cs) for l, h, cs in zip(lo, hi, chunk_start))]
         return out
-
-
-def _remote_fs(odb: Any) -> Any:
-    """The fsspec filesystem under a DVC object database (s3fs for S3 remotes)."""
-    fs = getattr(odb.fs, "fs", None)
-    return fs if fs is not None and hasattr(fs, "cat_ranges") else odb.fs
-
-
-def open_remote(name: str, *, rev: str | None = None, repo: str | os.PathLike | None = None, remote: str = "s3",
-                label: str | None = None, remote_config: dict[str, Any] | None = None) -> RemoteVolume:
-    """``data/processed/<name>.h5`` at ``rev`` of ``repo``, read in place from the DVC remote ``remote``.
-
-    ``remote`` names a remote of the repository's DVC config (``remote_config`` adds or overrides
-    its settings, e.g. ``{"endpointurl": ...}`` for a clone without ``.dvc/config.local``).
-    """
-    from dvc.repo import Repo
-
-    from emdata.params.layout import find_root, processed_relpath
-
-    rel = processed_relpath(name)
-    rel_index = str(PurePosixPath(index_path_for(Path(f"data/metadata/{name}.json"))))
-    if repo is None:
-        repo_str = str(find_root())
-    else:
-        repo_str = str(Path(repo).resolve()) if Path(repo).exists() else str(repo)
-    where = f"{rel} at rev {rev!r} of {repo_str}"
-    try:
-        r = Repo.open(repo_str, rev=rev, uninitialized=False, subrepos=False, remote=remote,
-                      remote_config=remote_config)
-    except Exception as exc:  # noqa: BLE001 - dvc raises many kinds; one line
-        raise NotBuiltError(f"{name}: cannot open {repo_str} at rev {rev!r} ({type(exc).__name__}: {exc})") from exc
-    try:
-        try:
-            odb = r.cloud.get_remote_odb(remote, "open_dataset")
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"{name}: no usable DVC remote {remote!r} in {repo_str} ({type(exc).__name__}: "
-                              f"{exc}); name a remote from `dvc remote list`") from exc
-        objects = {}
-        for path in (rel, rel_index):
-            try:
-                info = r.dvcfs.info(path)
-            except FileNotFoundError:
-                info = None
-            dvc_info = (info or {}).get("dvc_info") or {}
-            md5 = (info or {}).get("md5") or dvc_info.get("md5")
-            objects[path] = (md5, int(dvc_info.get("size") or (info or {}).get("size") or 0))
-        if not objects[rel][0]:
-            raise NotBuiltError(f"{name}: {where} is not tracked by DVC; run normalize and `dvc push` there")
-        if not objects[rel_index][0]:
-            raise NotBuiltError(f"{name}: {where} has no chunk-offset index ({rel_index}, written by normalize "
-                                f"since chunk indexes exist), so it cannot be read in place; `dvc pull {rel}` "
-                                f"(or open_dataset({name!r}, rev=...) without remote=) and read the local copy")
-    finally:
-        r.close()
-    fs = _remote_fs(odb)
-    transfer = Transfer()
-    readers = {}
-    for path, (md5, size) in objects.items():
-        obj = odb.oid_to_path(md5)
-        url = f"{odb.fs.protocol if isinstance(odb.fs.protocol, str) else odb.fs.protocol[0]}://{obj}"
-        try:
-            actual = int(fs.size(obj))
-        except FileNotFoundError:
-            raise NotBuiltError(f"{name}: {path} (md5 {md5}) is not in the remote {remote!r} at {url}; "
-                                f"push it there (`dvc push -r {remote}`) or `dvc pull {rel}`") from None
-        except Exception as exc:  # noqa: BLE001
-            raise FetchError(name, url, f"cannot reach the remote ({type(exc).__name__}: {exc})",
-                             "check the remote's endpoint and credentials") from exc
-        if size and actual != size:
-            raise FetchError(name, url, f"the remote object has {actual} bytes, DVC records {size}",
-                             "push the file again")
-        readers[path] = RangeReader(fs, obj, actual, url, name, transfer)
-    try:
-        index = RemoteIndex(readers[rel_index])
-    except IndexFormatError as exc:
-        raise NotBuiltError(f"{name}: {rel_index} is not a chunk index this version reads ({exc}); "
-                            f"`dvc pull {rel}` and read the local copy") from exc
-    if index.index.file.get("size") != readers[rel].size:
-        raise FetchError(name, readers[rel].url, "the chunk index describes another file (sizes differ)",
-                         f"`dvc pull {rel}` instead")
-    volume = RemoteVolume(index, readers[rel], hdf5.RAW, name=name)
-    if label is None:
-        return volume
-    if label not in volume.label_names:
-        raise ConfigError(f"{name}: no label {label!r} (labels: {', '.join(volume.label_names) or 'none'})")
-    return RemoteVolume(index, readers[rel], f"{hdf5.LABELS}/{label}", name=f"{name}:{label}")

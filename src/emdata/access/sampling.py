@@ -21,13 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from emdata.errors import AccessError, ConfigError
-from emdata.h5 import hdf5
-from emdata.access.blocks import parse_triple
+from emdata.access.blocks import parse_triple, triple
+from emdata.access.deprecation import Alias
 from emdata.access.volume import Volume
 
 
 @dataclass
 class Patch:
+    """One sampled patch: ``origin`` is its first voxel (z, y, x) in the volume it was cut from."""
+
     origin: tuple[int, int, int]
     raw: np.ndarray
     label: np.ndarray | None = None
@@ -75,7 +77,7 @@ class _ForegroundBound:
 
     def __init__(self, counts: np.ndarray, chunks: tuple[int, ...], patch: tuple[int, ...]) -> None:
         self.chunks = chunks
-        self.patch = patch
+        self.patch_shape = patch
         table = np.zeros(tuple(n + 1 for n in counts.shape), np.int64)
         table[1:, 1:, 1:] = counts.cumsum(0).cumsum(1).cumsum(2)
         self.table = table
@@ -96,7 +98,7 @@ class _ForegroundBound:
 
     def of_origin(self, origin: tuple[int, ...]) -> int:
         lo = tuple(np.int64(o // c) for o, c in zip(origin, self.chunks))
-        hi = tuple(np.int64((o + p - 1) // c) for o, p, c in zip(origin, self.patch, self.chunks))
+        hi = tuple(np.int64((o + p - 1) // c) for o, p, c in zip(origin, self.patch_shape, self.chunks))
         return int(self.box_sum(lo, hi))
 
 
@@ -124,13 +126,15 @@ class RandomPatches:
         AccessError: from ``origin``/``[]``, when ``max_tries`` exact checks all fall short.
     """
 
+    patch = Alias("patch_shape")  # the old name, deprecated
+
     def __init__(self, volume: Volume, patch_shape: int | tuple[int, ...], *, seed: int = 0, length: int = 1000,
                  label: str | None = None, min_foreground: float = 0.0, align_to_chunks: bool = False,
                  jitter: int | tuple[int, ...] = 0, max_tries: int = 200) -> None:
         self.volume = volume
-        self.patch = parse_triple(patch_shape, "patch_shape", 1)
-        if any(p > s for p, s in zip(self.patch, volume.shape)):
-            raise ConfigError(f"{volume.name}: patch {self.patch} is larger than the volume {volume.shape}")
+        self.patch_shape = parse_triple(patch_shape, "patch_shape", 1)
+        if any(p > s for p, s in zip(self.patch_shape, volume.shape)):
+            raise ConfigError(f"{volume.name}: patch {self.patch_shape} is larger than the volume {volume.shape}")
         self.seed, self.length, self.epoch = int(seed), int(length), 0
         self.align, self.jitter = bool(align_to_chunks), parse_triple(jitter, "jitter", 0)
         self.max_tries = int(max_tries)
@@ -141,33 +145,36 @@ class RandomPatches:
         if min_foreground > 0 and label is None:
             raise ConfigError("min_foreground needs a label name")
         self.label_name = label
-        self.label = None
+        self.label: Volume | None = None
         if label is not None:  # shares the volume's open file: a patch's image and label are one version
             if label not in volume.label_names:
                 raise ConfigError(f"{volume.name}: no label {label!r} (labels: {', '.join(volume.label_names) or 'none'})")
             self.label = volume.labels[label]
         self.min_foreground = float(min_foreground)
-        self.need = int(np.ceil(self.min_foreground * np.prod(self.patch) - 1e-9))
+        self.need = int(np.ceil(self.min_foreground * np.prod(self.patch_shape) - 1e-9))
         self._bound: _ForegroundBound | None = None
         self._draw: tuple[np.ndarray, np.ndarray, tuple[int, ...], list[_AxisSpans]] | None = None
         if self.need > 0:
             self._prepare_label_bounds()
 
+    def _label(self) -> Volume:
+        assert self.label is not None, "only label-aware sampling asks for the label"
+        return self.label
+
     def _axes(self, align: bool) -> list[_AxisSpans]:
         return [_AxisSpans(*_axis_candidates(size, patch, grid, jitter, align), patch, chunk)
-                for size, patch, grid, jitter, chunk in zip(self.volume.shape, self.patch, self.volume.chunks,
-                                                            self.jitter, self.label.chunks)]
+                for size, patch, grid, jitter, chunk in zip(self.volume.shape, self.patch_shape, self.volume.chunks,
+                                                            self.jitter, self._label().chunks)]
 
     def _prepare_label_bounds(self) -> None:
         """Bound every drawable origin's foreground; keep the distribution over those that can pass."""
-        # Through the label's open file: the statistics of the very version its voxels come from.
-        stats = self.label._open().file.get(f"{hdf5.LABEL_STATS}/{self.label_name}/chunk_foreground")
-        if stats is None:
+        # Through the label's storage: the statistics of the very version its voxels come from.
+        counts = self._label().chunk_foreground()
+        if counts is None:
             raise ConfigError(f"{self.volume.name}: no per-chunk statistics for label {self.label_name!r}; "
                               "re-run `emdata normalize` to write them")
-        counts = stats[()]
-        bound = _ForegroundBound(counts, self.label.chunks, self.patch)
-        size, shape = np.prod(self.patch), "x".join(map(str, self.patch))
+        bound = _ForegroundBound(counts, self._label().chunks, self.patch_shape)
+        size, shape = np.prod(self.patch_shape), "x".join(map(str, self.patch_shape))
         anywhere = int(bound.over(self._axes(False)).max())
         if anywhere < self.need:
             raise ConfigError(
@@ -196,23 +203,23 @@ class RandomPatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _propose(self, rng: np.random.Generator) -> tuple[int, ...]:
+    def _propose(self, rng: np.random.Generator) -> tuple[int, int, int]:
         """A candidate origin: with a foreground minimum, only one the per-chunk bound allows."""
-        limits = [s - p for s, p in zip(self.volume.shape, self.patch)]
+        limits = [s - p for s, p in zip(self.volume.shape, self.patch_shape)]
         if self._draw is not None:
             # A span combination by its probability among the feasible ones, then an origin inside it.
             feasible, cdf, shape, axes = self._draw
             pick = feasible[min(int(np.searchsorted(cdf, rng.random(), side="right")), len(feasible) - 1)]
-            return tuple(axis.draw(int(group), rng.random())
-                         for axis, group in zip(axes, np.unravel_index(pick, shape)))
+            return triple(axis.draw(int(group), rng.random())
+                          for axis, group in zip(axes, np.unravel_index(pick, shape)))
         if self.align:
             origin = []
             for limit, chunk, jitter in zip(limits, self.volume.chunks, self.jitter):
                 grid = rng.integers(0, limit // chunk + 1) * chunk
                 shift = rng.integers(-jitter, jitter + 1) if jitter else 0
                 origin.append(int(np.clip(grid + shift, 0, limit)))
-            return tuple(origin)
-        return tuple(int(rng.integers(0, limit + 1)) for limit in limits)
+            return triple(origin)
+        return triple(int(rng.integers(0, limit + 1)) for limit in limits)
 
     def origin(self, index: int, epoch: int | None = None) -> tuple[int, int, int]:
         """The origin of patch ``index`` (deterministic for seed, epoch, index).
@@ -229,21 +236,21 @@ class RandomPatches:
         best = 0
         for _ in range(self.max_tries):
             origin = self._propose(rng)
-            fg = int(np.count_nonzero(self.label.read(origin, self.patch)))
+            fg = int(np.count_nonzero(self._label().read(origin, self.patch_shape)))
             if fg >= self.need:
                 return origin
             best = max(best, fg)
         aligned = "; or set align_to_chunks=False" if self.align else ""
         raise AccessError(
-            f"{self.volume.name}: no {'x'.join(map(str, self.patch))} patch with >= {self.min_foreground:.1%} "
+            f"{self.volume.name}: no {'x'.join(map(str, self.patch_shape))} patch with >= {self.min_foreground:.1%} "
             f"{self.label_name} found in {self.max_tries} tries (patch {index}, epoch {epoch}; every try passed the "
-            f"per-chunk bound, the best had {best / np.prod(self.patch):.1%}): such patches are rare, lower "
+            f"per-chunk bound, the best had {best / np.prod(self.patch_shape):.1%}): such patches are rare, lower "
             f"min_foreground, enlarge patch_shape or raise max_tries{aligned}")
 
     def __getitem__(self, index: int) -> Patch:
         origin = self.origin(index)
-        raw = self.volume.read(origin, self.patch)
-        label = self.label.read(origin, self.patch) if self.label is not None else None
+        raw = self.volume.read(origin, self.patch_shape)
+        label = self.label.read(origin, self.patch_shape) if self.label is not None else None
         return Patch(origin, raw, label)
 
     def __iter__(self):
@@ -254,21 +261,24 @@ class GridPatches:
     """Sliding-window patches covering the whole volume, with ``overlap`` voxels between neighbours.
 
     The last window on each axis is moved back to end at the border, so every patch is full-size
-    and inside the volume. For validation and evaluation.
+    and inside the volume. For validation and evaluation. ``patch_shape`` and ``overlap`` are in
+    voxels (z, y, x); a patch's ``origin`` is its first voxel.
     """
+
+    patch = Alias("patch_shape")  # the old name, deprecated
 
     def __init__(self, volume: Volume, patch_shape: int | tuple[int, ...], *, overlap: int | tuple[int, ...] = 0,
                  label: str | None = None) -> None:
         self.volume = volume
-        self.patch = parse_triple(patch_shape, "patch_shape", 1)
+        self.patch_shape = parse_triple(patch_shape, "patch_shape", 1)
         self.overlap = parse_triple(overlap, "overlap", 0)
-        if any(o >= p for o, p in zip(self.overlap, self.patch)):
-            raise ConfigError(f"overlap {self.overlap} must be smaller than the patch {self.patch}")
-        if any(p > s for p, s in zip(self.patch, volume.shape)):
-            raise ConfigError(f"{volume.name}: patch {self.patch} is larger than the volume {volume.shape}")
+        if any(o >= p for o, p in zip(self.overlap, self.patch_shape)):
+            raise ConfigError(f"overlap {self.overlap} must be smaller than the patch {self.patch_shape}")
+        if any(p > s for p, s in zip(self.patch_shape, volume.shape)):
+            raise ConfigError(f"{volume.name}: patch {self.patch_shape} is larger than the volume {volume.shape}")
         self.label = volume.labels[label] if label is not None else None
         self.starts = []
-        for size, patch, overlap in zip(volume.shape, self.patch, self.overlap):
+        for size, patch, overlap in zip(volume.shape, self.patch_shape, self.overlap):
             starts = list(range(0, size - patch + 1, patch - overlap))
             if starts[-1] != size - patch:
                 starts.append(size - patch)
@@ -285,8 +295,8 @@ class GridPatches:
 
     def __getitem__(self, index: int) -> Patch:
         origin = self.origin(index)
-        label = self.label.read(origin, self.patch) if self.label is not None else None
-        return Patch(origin, self.volume.read(origin, self.patch), label)
+        label = self.label.read(origin, self.patch_shape) if self.label is not None else None
+        return Patch(origin, self.volume.read(origin, self.patch_shape), label)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

@@ -11,6 +11,7 @@ it does not (a plain TIFF); :mod:`emdata.core.geometry` reconciles it with param
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,12 +43,21 @@ class RawVolume:
         """Voxels ``[start, stop)`` (inside the volume), C-contiguous, shape ``stop - start``."""
         raise NotImplementedError
 
-    def read(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
-        """:meth:`read_box` after checking the box lies inside the volume."""
+    def read_between(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        """Voxels ``[start, stop)``: :meth:`read_box` after checking the box lies inside the volume.
+
+        ``stop`` is one past the last voxel (not a shape, as in ``emdata.Volume.read(start, shape)``).
+        """
         start3, stop3 = check_box(start, stop, self.shape, self.dataset)
         if any(b == a for a, b in zip(start3, stop3)):
             return np.empty(tuple(b - a for a, b in zip(start3, stop3)), self.dtype)
         return self.read_box(start3, stop3)
+
+    def read(self, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+        """Deprecated: :meth:`read_between` (same arguments); ``Volume.read`` takes a shape instead."""
+        warnings.warn("RawVolume.read(start, stop) is deprecated, use read_between(start, stop) (same meaning; "
+                      "emdata.Volume.read takes a shape)", DeprecationWarning, stacklevel=2)
+        return self.read_between(start, stop)
 
     def native_metadata(self) -> dict[str, Any]:
         """What the format says about itself (tags, attributes), JSON-safe; empty by default."""
@@ -65,7 +75,7 @@ class RawVolume:
     def __getitem__(self, index: Any) -> np.ndarray:
         """numpy-style basic indexing (integers, unit-step slices, Ellipsis) in voxels."""
         start, stop, squeeze = basic_box(index, self.shape, self.dataset)
-        data = self.read(tuple(start), tuple(stop))
+        data = self.read_between(tuple(start), tuple(stop))
         return data.squeeze(axis=squeeze) if squeeze else data
 
 

@@ -77,7 +77,7 @@ class TiffSeries(RawVolume):
             h, w = self.shapes[i]
             if y0 < h and x0 < w:
                 out[k, : min(y1, h) - y0, : min(x1, w) - x0] = \
-                    self._stack(i).read((0, y0, x0), (1, min(y1, h), min(x1, w)))[0]
+                    self._stack(i).read_between((0, y0, x0), (1, min(y1, h), min(x1, w)))[0]
         return out
 
     def close(self) -> None:

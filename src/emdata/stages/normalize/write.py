@@ -125,7 +125,7 @@ def finish_array(dset: Any, attrs: dict[str, Any], array_sha256: str, statistics
 def read_tile(volume: RawVolume, box: Box, dtype: np.dtype, desc: str) -> np.ndarray:
     """A box of the source in the output dtype; a reader returning the wrong shape is a FormatError."""
     start, stop = box
-    data = volume.read(start, stop)
+    data = volume.read_between(start, stop)
     want = tuple(b - a for a, b in zip(start, stop))
     if data.shape != want:
         raise FormatError(getattr(volume, "dataset", "?"), desc, f"read {data.shape} for the box {start}..{stop}, "
