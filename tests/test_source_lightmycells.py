@@ -240,4 +240,4 @@ def test_without_a_pixel_size_params_must_give_it(lmc, tmp_path) -> None:
     root = _project(tmp_path / "p", {"s": lightmycells_dataset(lmc.share_url, 1)})
     item = CollectionItem("1", "inputs/BF_z0", lambda: None, (3, 4), np.dtype("u2"))  # type: ignore[arg-type, return-value]
     with pytest.raises(ConfigError, match=r"datasets.s.voxel_size_nm: the source does not report it"):
-        item_geometry(load_config(root), "s", item)
+        item_geometry(resolve_dataset(load_config(root), "s"), item)

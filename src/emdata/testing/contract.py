@@ -159,9 +159,9 @@ def _resolved_voxel_size(case: SourceCase) -> tuple[float, ...]:
     ds = resolve_dataset(case.cfg, case.key)
     if ds.layout == "collection":
         with ds.module.open_collection(ds.source, ds.paths.raw, case.key) as coll:
-            return item_geometry(case.cfg, case.key, coll.items[0]).voxel_size_nm
+            return item_geometry(ds, coll.items[0]).voxel_size_nm
     with ds.module.open_volume(ds.source, ds.paths.raw, case.key) as volume:
-        return dataset_geometry(case.cfg, case.key, volume).voxel_size_nm
+        return dataset_geometry(ds, volume).voxel_size_nm
 
 
 def _assert_landed(case: SourceCase, url_path: str) -> None:

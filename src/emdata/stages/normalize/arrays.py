@@ -14,7 +14,7 @@ from emdata.core.geometry import same_geometry
 from emdata.errors import ConfigError, FormatError
 from emdata.formats.raw import MappedVolume, RawVolume
 from emdata.params.config import Config
-from emdata.sources.dataset import resolve_dataset
+from emdata.sources.dataset import Dataset
 
 
 def check_labels(key: str, volume: RawVolume, labels: dict[str, RawVolume], params_voxel: Any = None) -> None:
@@ -45,11 +45,11 @@ def map_label_values(key: str, labels: dict[str, RawVolume],
     return {name: MappedVolume(lab, values[name]) if name in values else lab for name, lab in labels.items()}
 
 
-def open_arrays(stack: ExitStack, cfg: Config, key: str, source: Any, raw: Path) -> tuple[RawVolume, dict[str, RawVolume]]:
+def open_arrays(stack: ExitStack, ds: Dataset) -> tuple[RawVolume, dict[str, RawVolume]]:
     """The source's image and labels (label value maps applied), checked to lie on one grid."""
-    ds = resolve_dataset(cfg, key)
-    volume = stack.enter_context(source.open_volume(ds.source, raw, key))
-    open_labels = getattr(source, "open_labels", None)
+    key, raw = ds.key, ds.paths.raw
+    volume = stack.enter_context(ds.module.open_volume(ds.source, raw, key))
+    open_labels = getattr(ds.module, "open_labels", None)
     labels = {n: stack.enter_context(v) for n, v in (open_labels(ds.source, raw, key) if open_labels else {}).items()}
     check_labels(key, volume, labels, ds.voxel_size_nm)
     return volume, map_label_values(key, labels, ds.label_values)

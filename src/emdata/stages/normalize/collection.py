@@ -47,7 +47,7 @@ from emdata.sources.fetch.record import FetchRecord
 from emdata.stages.normalize.header import root_attrs, source_metadata, write_header
 from emdata.stages.normalize.publish import publish
 from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
-from emdata.sources.dataset import resolve_dataset
+from emdata.sources.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ class _Silent:
         pass
 
 
-def item_geometry(cfg: Config, key: str, item: CollectionItem) -> Geometry:
+def item_geometry(ds: Dataset, item: CollectionItem) -> Geometry:
     """Pixel size and offset of one item (one entry per spatial axis of ``item.axes``)."""
-    ds = resolve_dataset(cfg, key)
+    key = ds.key
     n = len(spatial_axes(item.axes))
     # geometry's rules work per axis, for any number of axes (typed for volumes' three)
     params_voxel: Any = tuple(ds.voxel_size_nm[-n:]) if ds.voxel_size_nm else None
@@ -121,29 +121,29 @@ def _table_with_geometry(table: list[dict[str, Any]], items: list[CollectionItem
     return rows
 
 
-def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path) -> Path:
+def normalize_collection(cfg: Config, ds: Dataset, record: FetchRecord, out: Path) -> Path:
     """Write ``out`` (through a temporary file) from a collection source; publish it with its record."""
-    ds = resolve_dataset(cfg, key)
+    key, raw = ds.key, ds.paths.raw
     params = cfg.normalize
     tmp = temporary_path(out)
     warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
     try:
-        with source.open_collection(ds.source, raw, key) as coll:
+        with ds.module.open_collection(ds.source, raw, key) as coll:
             coll.check()
             if not coll.items:
                 raise FormatError(key, str(raw), "the collection holds no images",
                                   f"check data/raw/{key} and the source params")
             warm.start()
-            geometries = {item.name: item_geometry(cfg, key, item) for item in coll.items}
+            geometries = {item.name: item_geometry(ds, item) for item in coll.items}
             check_free_space(key, out, coll.items, params.compression)
-            native, description = source_metadata(cfg, key, source, raw)
+            native, description = source_metadata(ds)
             table = _table_with_geometry(coll.table, coll.items, geometries)
             origin = Geometry((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), _merged_origin(list(geometries.values())))
             with hdf5.create(tmp, key) as f, \
                     Progress(len(coll.items), f"{key}: {len(coll.items)} arrays", unit="arrays") as progress:
                 # one update: a volume's source_urls list would not fit an attribute for thousands of files
-                write_header(f, {**root_attrs(cfg, key, record, origin, description),
-                                 **_collection_root_attrs(cfg, key, record, len(table))}, record, native)
+                write_header(f, {**root_attrs(cfg, ds, record, origin, description),
+                                 **_collection_root_attrs(cfg, ds, record, len(table))}, record, native)
                 for item in coll.items:
                     _write_item(f, key, item, geometries[item.name], cfg)
                     progress.update(1)
@@ -165,7 +165,7 @@ def normalize_collection(cfg: Config, key: str, source: Any, raw: Path, record: 
     return out
 
 
-def _collection_root_attrs(cfg: Config, key: str, record: FetchRecord, n_images: int) -> dict[str, Any]:
+def _collection_root_attrs(cfg: Config, ds: Dataset, record: FetchRecord, n_images: int) -> dict[str, Any]:
     """What differs from a volume's root attributes: layout, short URL and checksum lists, params.
 
     Files of an archive or an import folder are recorded as ``<archive or folder URL>#<member>``;
@@ -173,7 +173,6 @@ def _collection_root_attrs(cfg: Config, key: str, record: FetchRecord, n_images:
     checksums of what was transferred as a whole (``extra["sources"]``). Every file's URL, size
     and sha256 stay in ``/provenance/source_record``.
     """
-    ds = resolve_dataset(cfg, key)
     urls = sorted({f.url.split("#", 1)[0] for f in record.files.values()})
     whole = {s["url"]: s.get("sha256") for s in record.extra.get("sources", []) if isinstance(s, dict)}
     checksums = whole or {f.url: f.sha256 for f in record.files.values() if "#" not in f.url}

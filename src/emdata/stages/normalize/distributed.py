@@ -52,7 +52,7 @@ from emdata.stages.codedeps import fingerprint as code_fingerprint
 from emdata.stages.normalize.arrays import open_arrays
 from emdata.stages.normalize.ledger import Ledger, ledger_dir, slug
 from emdata.stages.normalize.write import chunk_counts, create_array, finish_array, hash_boxes, output_dtype, read_tile
-from emdata.sources.dataset import resolve_dataset
+from emdata.sources.dataset import Dataset, resolve_dataset
 
 log = logging.getLogger(__name__)
 SCHEDULER_ENV = "EMDATA_SCHEDULER"
@@ -72,10 +72,9 @@ def _worker_arrays(root: str, key: str, fingerprint: str) -> dict[str, RawVolume
         hit = _OPEN.get(ident)
     if hit is not None:
         return hit[1]
-    cfg = load_config(Path(root))
-    ds = resolve_dataset(cfg, key)
+    ds = resolve_dataset(load_config(Path(root)), key)  # another process: it resolves for itself
     stack = ExitStack()
-    volume, labels = open_arrays(stack, cfg, key, ds.module, ds.paths.raw)
+    volume, labels = open_arrays(stack, ds)
     arrays = {hdf5.RAW: volume, **{f"{hdf5.LABELS}/{n}": lab for n, lab in labels.items()}}
     with _OPEN_LOCK:
         for other in [k for k in _OPEN if k[3] == ident[3] and k != ident]:  # an older run's handles
@@ -110,11 +109,10 @@ def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, ch
 # -- the client side: one writer ----------------------------------------------------------------
 
 
-def fingerprint(cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> str:
+def fingerprint(cfg: Any, ds: Dataset, record: Any, arrays: dict[str, RawVolume]) -> str:
     """What the staged tiles depend on: inputs, every byte-deciding setting, the tiling and the code."""
-    ds = resolve_dataset(cfg, key)
     return json.dumps({
-        "dataset": key, "source_record": record.to_dict(), "params": json_safe(ds.raw_params),
+        "dataset": ds.key, "source_record": record.to_dict(), "params": json_safe(ds.raw_params),
         "normalize": cfg.normalize.to_dict(), "budget": cfg.normalize.memory_budget,
         "arrays": {n: [list(map(int, v.shape)), output_dtype(v.dtype).str] for n, v in arrays.items()},
         "code": code_fingerprint(ds.source_kind, "normalize")["modules"],
@@ -149,9 +147,9 @@ class DistributedWriter:
     calling it places one array. normalize drops the ledger once the output is published.
     """
 
-    def __init__(self, scheduler: str, cfg: Any, key: str, record: Any, arrays: dict[str, RawVolume]) -> None:
+    def __init__(self, scheduler: str, cfg: Any, ds: Dataset, record: Any, arrays: dict[str, RawVolume]) -> None:
         self.address = scheduler
-        self.cfg, self.key = cfg, key
+        self.cfg, self.key = cfg, ds.key
         self.arrays = arrays
         params = cfg.normalize
         self.compression, self.level = params.compression, params.compression_level
@@ -161,7 +159,7 @@ class DistributedWriter:
             dtype = output_dtype(vol.dtype)
             chunk = hdf5.chunk_shape(params.chunks, shape)
             self.plans[name] = (chunk, plan_tiles(shape, chunk, dtype.itemsize, params.memory_budget))
-        self.fingerprint = fingerprint(cfg, key, record, arrays)
+        self.fingerprint = fingerprint(cfg, ds, record, arrays)
         self.ledger: Ledger | None = None
         self.client: Any = None
         self._cond = threading.Condition()

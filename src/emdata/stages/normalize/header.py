@@ -17,7 +17,7 @@ from emdata.formats.raw import json_safe
 from emdata.h5 import hdf5
 from emdata.params.config import Config
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
-from emdata.sources.dataset import resolve_dataset
+from emdata.sources.dataset import Dataset
 
 MAX_SOURCE_ENTRIES = 64  # root attributes live in the object header (64 KiB in all): keep the lists bounded
 
@@ -59,15 +59,14 @@ def _manifest_sha256(items: list[tuple[str, FetchedFile]]) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
+def root_attrs(cfg: Config, ds: Dataset, record: FetchRecord, geometry: Geometry,
                description: dict[str, Any]) -> dict[str, Any]:
     """The root attributes of a dataset's HDF5, in the order they are written."""
-    ds = resolve_dataset(cfg, key)
     entries = source_entries(record.files)
     return {
         "emdata_version": __version__,
         "format_version": hdf5.FORMAT_VERSION,
-        "dataset": key,
+        "dataset": ds.key,
         "title": ds.title,
         "license": ds.license,
         "citation": ds.citation,
@@ -84,12 +83,12 @@ def root_attrs(cfg: Config, key: str, record: FetchRecord, geometry: Geometry,
     }
 
 
-def source_metadata(cfg: Config, key: str, source: Any, raw: Path) -> tuple[Any, dict[str, Any]]:
+def source_metadata(ds: Dataset) -> tuple[Any, dict[str, Any]]:
     """The source's native metadata (for ``/provenance``) and its description (a root attribute)."""
-    params = resolve_dataset(cfg, key).source
-    native = json_safe(source.read_metadata(params, raw, key))
-    describe = getattr(source, "describe", None)
-    return native, (json_safe(describe(params, raw, key)) if describe else {})
+    params, raw = ds.source, ds.paths.raw
+    native = json_safe(ds.module.read_metadata(params, raw, ds.key))
+    describe = getattr(ds.module, "describe", None)
+    return native, (json_safe(describe(params, raw, ds.key)) if describe else {})
 
 
 def write_header(f: Any, attrs: dict[str, Any], record: FetchRecord, native: Any) -> None:

@@ -35,15 +35,14 @@ from emdata.stages.normalize.header import root_attrs, source_metadata, write_he
 from emdata.stages.normalize.publish import publish
 from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
 from emdata.stages.workspace import refuse_dataset_links, remove_stale_temporaries
-from emdata.sources.dataset import resolve_dataset
+from emdata.sources.dataset import Dataset, resolve_dataset
 
 log = logging.getLogger(__name__)
 
 
-def dataset_geometry(cfg: Config, key: str, volume: RawVolume) -> Geometry:
+def dataset_geometry(ds: Dataset, volume: RawVolume) -> Geometry:
     """The voxel size and offset the HDF5 records: the source's, overridden by params.yaml."""
-    ds = resolve_dataset(cfg, key)
-    return resolve(key, params_voxel=ds.voxel_size_nm, params_offset=ds.offset_nm,
+    return resolve(ds.key, params_voxel=ds.voxel_size_nm, params_offset=ds.offset_nm,
                    source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust)
 
 
@@ -54,8 +53,7 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
     the cluster's workers and this process places them (:mod:`emdata.stages.normalize.distributed`);
     the file is byte-identical either way.
     """
-    ds = resolve_dataset(cfg, key)
-    source = ds.module
+    ds = resolve_dataset(cfg, key)  # once: everything below takes the resolved dataset
     raw = ds.paths.raw
     refuse_dataset_links(ds.paths, "normalize")  # as fetch does, before the lock file or any folder is created
     out = cfg.processed_path(key)
@@ -71,30 +69,30 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
         if ds.layout == "collection":  # many images with a table: its own writer
             if scheduler:
                 raise ConfigError(f"{key}: --scheduler is for single volumes; collections normalize in one process")
-            return normalize_collection(cfg, key, source, raw, record, out)
-        return _normalize_locked(cfg, key, source, raw, record, out, scheduler=scheduler)
+            return normalize_collection(cfg, ds, record, out)
+        return _normalize_locked(cfg, ds, record, out, scheduler=scheduler)
 
 
-def _normalize_locked(cfg: Config, key: str, source: Any, raw: Path, record: FetchRecord, out: Path, *,
+def _normalize_locked(cfg: Config, ds: Dataset, record: FetchRecord, out: Path, *,
                       scheduler: str | None = None) -> Path:
-    ds = resolve_dataset(cfg, key)
+    key = ds.key
     tmp = temporary_path(out)
     warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
     try:
         with ExitStack() as stack:
-            volume, labels = open_arrays(stack, cfg, key, source, raw)
+            volume, labels = open_arrays(stack, ds)
             write: Callable[..., dict[str, Any]] = write_volume
             if scheduler:  # the cluster reads and encodes; this process places the chunks
                 arrays = {hdf5.RAW: volume, **{f"{hdf5.LABELS}/{n}": lab for n, lab in labels.items()}}
-                write = stack.enter_context(DistributedWriter(scheduler, cfg, key, record, arrays))
+                write = stack.enter_context(DistributedWriter(scheduler, cfg, ds, record, arrays))
             elif int(np.prod(volume.shape)) > 1 << 16:  # small volumes count with np.bincount instead
                 warm.start()
             check_free_space(key, out, [volume, *labels.values()], params.compression)
-            geometry = dataset_geometry(cfg, key, volume)
-            native, description = source_metadata(cfg, key, source, raw)
+            geometry = dataset_geometry(ds, volume)
+            native, description = source_metadata(ds)
             with hdf5.create(tmp, key) as f:
-                write_header(f, root_attrs(cfg, key, record, geometry, description), record, native)
+                write_header(f, root_attrs(cfg, ds, record, geometry, description), record, native)
                 common: dict[str, Any] = dict(chunks=params.chunks, compression=params.compression, level=params.compression_level,
                               attrs=hdf5.spatial_attrs(geometry.voxel_size_nm, geometry.offset_nm),
                               budget=params.memory_budget)
