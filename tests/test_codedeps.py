@@ -50,7 +50,7 @@ def _is_module(name: str) -> bool:
 
 
 # Transports and helpers whose bytes are checked (sizes, hashes), not readers that decide output bytes.
-TRANSPORTS = ("emdata.transport.http", "emdata.transport.s3", "emdata.core.digest", "emdata.core.atomic")
+TRANSPORTS = ("emdata.transport.client", "emdata.transport.s3", "emdata.core.digest", "emdata.core.atomic")
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from emdata.params.config import load_config
-from emdata.transport.http import sha256_file
+from emdata.core.digest import sha256_file
 from emdata.testing.empiar import (
     ACCESSION,
     DATA_PATH,

@@ -33,7 +33,8 @@ import pytest
 
 from emdata.params.config import Config
 from emdata.errors import IntegrityError
-from emdata.transport.http import HttpClient, RetryPolicy
+from emdata.transport.client import HttpClient
+from emdata.transport.retry import RetryPolicy
 
 FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, connect_timeout=2, read_timeout=5)
 
