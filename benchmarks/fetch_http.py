@@ -19,6 +19,15 @@ run pays for the write-back or discards that an earlier one left behind.
     python benchmarks/fetch_http.py --gib 1 --repeat 3
 
 Prints MB/s for both and the ratio curl time / emdata time (1.0 = as fast as curl).
+
+To compare versions of the code in the same run, name each source tree with ``--src LABEL=PATH``
+(repeatable; default: this checkout's ``src``); every round then times curl and each tree in turn.
+An older commit's tree is one ``git archive <commit> src | tar -x -C <folder>`` away. ``--plain``
+adds a copy of this checkout's ``src`` whose ``transport/sink.py`` is ``benchmarks/plain_sink.py``
+(write and hash one buffer after the other on one thread, fsync at the end): the baseline that
+decides whether the O_DIRECT sink earns its keep.
+
+    python benchmarks/fetch_http.py --gib 1 --repeat 5 --src before=/tmp/old/src --src after=src --plain
 """
 
 from __future__ import annotations
@@ -167,6 +176,38 @@ def run_curl(url: str, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def source_trees(specs: list[str]) -> dict[str, Path]:
+    """``LABEL=PATH`` -> {label: path}; none given: this checkout's src as "emdata"."""
+    trees: dict[str, Path] = {}
+    for spec in specs or [f"emdata={REPO / 'src'}"]:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not (Path(path) / "emdata" / "__init__.py").is_file():
+            sys.exit(f"--src {spec!r}: expected LABEL=PATH with PATH/emdata/__init__.py")
+        trees[label] = Path(path).resolve()
+    return trees
+
+
+def plain_tree(src: Path) -> Path:
+    """A copy of ``src`` with benchmarks/plain_sink.py as transport/sink.py."""
+    tree = WORK / "plain" / "src"
+    shutil.rmtree(tree.parent, ignore_errors=True)
+    shutil.copytree(src, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(HERE / "plain_sink.py", tree / "emdata" / "transport" / "sink.py")
+    return tree
+
+
+def child_env(src: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
+    env.pop("EMDATA_DEBUG", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules load from their bytecode cache
+    return env
+
+
+def spread(times: list[float]) -> str:
+    return f"{min(times):.2f}-{max(times):.2f} s"
+
+
 def run_emdata(project: Path, env: dict[str, str], key: str, name: str, size: int) -> float:
     shutil.rmtree(project / "data" / "raw", ignore_errors=True)  # also data/raw/.partial
     settle()
@@ -184,7 +225,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="file size in GiB (default 1)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, alternating (best counts)")
+    parser.add_argument("--src", action="append", default=[], metavar="LABEL=PATH",
+                        help="a source tree to time (repeatable; default: this checkout's src)")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time this checkout with benchmarks/plain_sink.py as its sink")
     args = parser.parse_args()
+    trees = source_trees(args.src)
+    if args.plain:
+        trees["plain"] = plain_tree(REPO / "src")
 
     nginx = find_nginx()
     if nginx is None:
@@ -206,33 +254,36 @@ def main() -> None:
     project = WORK / "project"
     make_project(project, port, {"bench": ("big.bin", size, sha256),
                                  "tiny": ("tiny.bin", len(tiny), hashlib.sha256(tiny).hexdigest())})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    env.pop("EMDATA_DEBUG", None)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: modules load from their bytecode cache
-    print(f"nginx {nginx} on 127.0.0.1:{port}; {size} bytes; emdata from {REPO / 'src'}", flush=True)
-    run_emdata(project, env, "tiny", "tiny.bin", len(tiny))  # warm-up, writes the bytecode cache
+    envs = {label: child_env(src) for label, src in trees.items()}
+    print(f"nginx {nginx} on 127.0.0.1:{port}; {size} bytes; "
+          + ", ".join(f"{label}: {src}" for label, src in trees.items()), flush=True)
+    for env in envs.values():
+        run_emdata(project, env, "tiny", "tiny.bin", len(tiny))  # warm-up, writes the bytecode cache
 
-    curl_times, emdata_times, startup_times = [], [], []
+    curl_times: list[float] = []
+    times: dict[str, list[float]] = {label: [] for label in trees}
+    startup: dict[str, list[float]] = {label: [] for label in trees}
     for i in range(args.repeat):
         curl_times.append(run_curl(url, WORK / "curl.out"))
-        emdata_times.append(run_emdata(project, env, "bench", "big.bin", size))
-        startup_times.append(run_emdata(project, env, "tiny", "tiny.bin", len(tiny)))
-        print(f"run {i + 1}: curl {curl_times[-1]:.2f} s, emdata {emdata_times[-1]:.2f} s "
-              f"(emdata fetch of a 4 KiB file: {startup_times[-1]:.2f} s)", flush=True)
+        line = f"run {i + 1}: curl {curl_times[-1]:.2f} s"
+        for label, env in envs.items():
+            times[label].append(run_emdata(project, env, "bench", "big.bin", size))
+            startup[label].append(run_emdata(project, env, "tiny", "tiny.bin", len(tiny)))
+            line += f", {label} {times[label][-1]:.2f} s (4 KiB: {startup[label][-1]:.2f} s)"
+        print(line, flush=True)
     (WORK / "curl.out").unlink(missing_ok=True)
     shutil.rmtree(project / "data", ignore_errors=True)
 
-    curl_best, emdata_best, startup = min(curl_times), min(emdata_times), min(startup_times)
     mb = size / 1e6
-    print(f"curl:   best {curl_best:.2f} s  {mb / curl_best:6.0f} MB/s")
-    print(f"emdata: best {emdata_best:.2f} s  {mb / emdata_best:6.0f} MB/s"
-          "  (CLI start-up, sha256, fsync and rename included)")
-    print(f"ratio curl_time / emdata_time: {curl_best / emdata_best:.2f}")
-    transfer = emdata_best - startup
-    if transfer > 0:
-        print(f"  of which the CLI's fixed cost (a 4 KiB fetch) is {startup:.2f} s; without it emdata moves "
-              f"{mb / transfer:.0f} MB/s, ratio {curl_best / transfer:.2f}")
+    curl_best = min(curl_times)
+    print(f"curl: best {curl_best:.2f} s {mb / curl_best:6.0f} MB/s (all runs {spread(curl_times)})")
+    for label in trees:
+        best, fixed = min(times[label]), min(startup[label])
+        print(f"{label}: best {best:.2f} s {mb / best:6.0f} MB/s (all runs {spread(times[label])}; CLI start-up, "
+              f"sha256, fsync and rename included); ratio curl_time / emdata_time {curl_best / best:.2f}")
+        if best > fixed:
+            print(f"  of which the CLI's fixed cost (a 4 KiB fetch) is {fixed:.2f} s; without it {mb / (best - fixed):.0f} "
+                  f"MB/s, ratio {curl_best / (best - fixed):.2f}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ import sys, time, shutil, resource
 sys.path.insert(0, {src!r})
 from emdata.params.config import load_config
 from emdata.stages.fetch import fetch_dataset
-import emdata.sources.ome_zarr_s3, emdata.transport.s3, emdata.transport.http, tensorstore, s3fs  # imports are not the transfer
+import emdata.sources.ome_zarr_s3, emdata.transport.s3, emdata.transport.client, tensorstore, s3fs  # imports are not the transfer
 cfg = load_config({project!r})
 shutil.rmtree(cfg.raw_dir("bench"), ignore_errors=True)
 shutil.rmtree(cfg.partial_dir("bench"), ignore_errors=True)

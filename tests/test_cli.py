@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emdata.transport.http import sha256_file
+from emdata.core.digest import sha256_file
 
 
 def emdata(cwd: Path, *args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from emdata.testing.demo import replica_repository
-from emdata.transport.http import sha256_file
+from emdata.core.digest import sha256_file
 from emdata.testing.dvc import dvc, git, offline_env
 from tests.conftest import REPO
 

@@ -51,7 +51,7 @@ import yaml
 from requests.models import DEFAULT_REDIRECT_LIMIT
 
 from emdata.testing.epfl import EPFL_PATH, FOLDER, LABEL_VALUES, build_epfl_replica, epfl_datasets
-from emdata.transport.http import RetryPolicy
+from emdata.transport.retry import RetryPolicy
 from emdata.testing.http_server import ReplicaServer
 from emdata.testing.volumes import coordinate_volume, write_tiff_stack
 

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from emdata.errors import FetchError, IntegrityError
-from emdata.transport.http import HttpClient, RetryPolicy, parse_retry_after, write_validator
+from emdata.transport.client import HttpClient
+from emdata.transport.download import write_validator
+from emdata.transport.headers import parse_retry_after
+from emdata.transport.retry import RetryPolicy
 from emdata.testing.http_server import ReplicaServer
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, connect_timeout=2, read_timeout=5)
@@ -175,7 +178,7 @@ def test_a_route_can_be_cut_like_a_file(srv) -> None:
 
 
 def test_requests_carry_emdata_user_agent(srv) -> None:
-    from emdata.transport.http import USER_AGENT
+    from emdata.transport.client import USER_AGENT
 
     client().head(srv.url + "/d/file.bin")
     assert srv.requests_for("/d/file.bin")[-1].headers["User-Agent"] == USER_AGENT

@@ -20,8 +20,10 @@ from typing import Any, Callable, ClassVar
 import pytest
 
 from emdata.errors import ConfigError, FetchError, IntegrityError
-from emdata.transport import http as emhttp
-from emdata.transport.http import HttpClient, RetryPolicy
+from emdata.transport import sink
+from emdata.transport.client import HttpClient
+from emdata.transport.download import ResumableDownload, write_validator
+from emdata.transport.retry import RetryPolicy
 from emdata.testing.http_server import ReplicaServer
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, connect_timeout=2, read_timeout=5)
@@ -159,7 +161,7 @@ def test_huge_content_length_fails_before_the_body(rogue, tmp_path, write_sizes)
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
 def test_endless_body_stops_at_the_pin(rogue, tmp_path, monkeypatch, write_sizes, chunked) -> None:
     url, routes, _ = rogue
-    monkeypatch.setattr(emhttp, "RECV_BUFFER", 2 * emhttp.ALIGN)  # several writes before the pin
+    monkeypatch.setattr(sink, "RECV_BUFFER", 2 * sink.ALIGN)  # several writes before the pin
 
     def endless(h: _Rogue) -> None:
         h.head(200, {"Transfer-Encoding": "chunked"} if chunked else {"Connection": "close"})
@@ -182,7 +184,7 @@ def test_content_range_total_must_match_the_pin(rogue, tmp_path, write_sizes) ->
 
     routes["/r"] = lying_range
     (tmp_path / "f.part").write_bytes(b"p" * 1000)  # an earlier run's bytes: the request is a resume
-    emhttp.write_validator(tmp_path / "f.part", url + "/r", '"v1"')
+    write_validator(tmp_path / "f.part", url + "/r", '"v1"')
     with pytest.raises(IntegrityError, match="pins 24000") as err:
         client().download(url + "/r", tmp_path / "f", size=PIN)
     assert "ds: " in one_line(err.value)
@@ -238,16 +240,16 @@ def test_symlink_planted_after_the_check_is_not_followed(srv, tmp_path, monkeypa
     outside = tmp_path / "outside.txt"
     outside.write_bytes(b"precious")
     part = tmp_path / "f.part"
-    real = HttpClient._part_size
+    real = ResumableDownload._part_size
 
-    def racing(self: HttpClient, url: str, path: Path) -> int:
-        size = real(self, url, path)
+    def racing(self: ResumableDownload) -> int:
+        size, path = real(self), self.part
         if not path.is_symlink():
             path.unlink(missing_ok=True)
             path.symlink_to(outside)
         return size
 
-    monkeypatch.setattr(HttpClient, "_part_size", racing)
+    monkeypatch.setattr(ResumableDownload, "_part_size", racing)
     with pytest.raises(FetchError, match="symbolic link"):
         client().download(srv.url + "/d/file.bin", tmp_path / "f")
     assert outside.read_bytes() == b"precious" and part.is_symlink()
@@ -473,9 +475,9 @@ def test_failed_fsync_is_a_fetch_error(srv, tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page-cache"])
 def test_small_buffers_drops_and_resumes_hash_correctly(srv, tmp_path, monkeypatch, direct) -> None:
     """Many buffers per file, cut connections, unaligned resumes: size and sha256 still right."""
-    monkeypatch.setattr(emhttp, "RECV_BUFFER", 3 * emhttp.ALIGN)
-    monkeypatch.setattr(emhttp, "DIRECT_IO", direct)
-    monkeypatch.setattr(emhttp, "FLUSH_EVERY", 20_000)
+    monkeypatch.setattr(sink, "RECV_BUFFER", 3 * sink.ALIGN)
+    monkeypatch.setattr(sink, "DIRECT_IO", direct)
+    monkeypatch.setattr(sink, "FLUSH_EVERY", 20_000)
     srv.drop_after("/d/file.bin", 7_777, times=2)
     result = client().download(srv.url + "/d/file.bin", tmp_path / "f", size=len(DATA), sha256=SHA)
     assert result.path.read_bytes() == DATA and result.sha256 == SHA and result.requests == 3
@@ -490,7 +492,7 @@ def served_validator(url: str) -> str:
 
 def test_resume_across_runs_hashes_the_earlier_prefix(srv, tmp_path) -> None:
     (tmp_path / "f.part").write_bytes(DATA[:50_001])
-    emhttp.write_validator(tmp_path / "f.part", srv.url + "/d/file.bin", served_validator(srv.url + "/d/file.bin"))
+    write_validator(tmp_path / "f.part", srv.url + "/d/file.bin", served_validator(srv.url + "/d/file.bin"))
     srv.clear_log()
     result = client().download(srv.url + "/d/file.bin", tmp_path / "f", sha256=SHA)
     assert result.sha256 == SHA and result.path.read_bytes() == DATA
@@ -499,7 +501,7 @@ def test_resume_across_runs_hashes_the_earlier_prefix(srv, tmp_path) -> None:
 
 def test_complete_part_from_an_earlier_run_is_hashed_from_disk(srv, tmp_path) -> None:
     (tmp_path / "f.part").write_bytes(DATA)
-    emhttp.write_validator(tmp_path / "f.part", srv.url + "/d/file.bin", served_validator(srv.url + "/d/file.bin"))
+    write_validator(tmp_path / "f.part", srv.url + "/d/file.bin", served_validator(srv.url + "/d/file.bin"))
     srv.clear_log()
     result = client().download(srv.url + "/d/file.bin", tmp_path / "f", size=len(DATA), sha256=SHA)
     assert result.sha256 == SHA and srv.requests[0].status == 416

@@ -19,8 +19,10 @@ import pytest
 
 from emdata.errors import ConfigError, FetchError, FormatError, IntegrityError
 from emdata.sources.fetch.context import FetchContext, workers_from_env
-from emdata.transport import http as emhttp
-from emdata.transport.http import HttpClient, RetryPolicy
+from emdata.transport import headers
+from emdata.transport.client import HttpClient
+from emdata.transport.download import write_validator
+from emdata.transport.retry import RetryPolicy
 from emdata.core.numbers import ascii_decimal, ascii_int
 
 SIZE = 50_021  # odd, several receive reads
@@ -266,7 +268,7 @@ def test_weak_etag_falls_back_to_last_modified(server, tmp_path) -> None:
 
 def test_validator_of_another_url_is_not_trusted(server, tmp_path) -> None:
     (tmp_path / "f.part").write_bytes(OLD[:30_000])
-    emhttp.write_validator(tmp_path / "f.part", server.url + "/elsewhere", '"v1"')
+    write_validator(tmp_path / "f.part", server.url + "/elsewhere", '"v1"')
     client().download(server.url + "/file", tmp_path / "f", size=SIZE)
     assert [g.get("Range") for g in server.gets()] == [None]
 
@@ -362,15 +364,15 @@ def test_ascii_decimal(text, number) -> None:
 
 
 def test_non_ascii_numbers_on_the_wire_are_ignored_not_a_crash() -> None:
-    assert emhttp.parse_retry_after("²") is None and emhttp.parse_retry_after("١٢") is None
-    assert emhttp.parse_retry_after(" 3 ") == 3.0
-    assert emhttp._content_range("bytes ²-9/10") is None and emhttp._content_range("bytes 0-9/١٠") is None
-    assert emhttp._content_range("bytes 5-9/10") == (5, 10)
+    assert headers.parse_retry_after("²") is None and headers.parse_retry_after("١٢") is None
+    assert headers.parse_retry_after(" 3 ") == 3.0
+    assert headers.content_range("bytes ²-9/10") is None and headers.content_range("bytes 0-9/١٠") is None
+    assert headers.content_range("bytes 5-9/10") == (5, 10)
 
     class R:
         headers = {"Content-Length": "²"}
 
-    assert emhttp._content_length(R()) is None  # type: ignore[arg-type]
+    assert headers.content_length(R()) is None  # type: ignore[arg-type]
 
 
 def test_non_ascii_content_length_from_a_server_is_no_crash(server, tmp_path) -> None:
@@ -540,7 +542,7 @@ def test_plan_says_new_for_a_part_that_fetch_will_restart(tmp_path) -> None:
     spec = RemoteFile("f.bin", "http://127.0.0.1:9/f.bin", SIZE, None)
     (tmp_path / "f.bin.part").write_bytes(OLD[:1000])
     assert (plan_files(ctx, [spec])[0].state, plan_files(ctx, [spec])[0].to_transfer) == ("new", SIZE)
-    emhttp.write_validator(tmp_path / "f.bin.part", spec.url, '"v1"')
+    write_validator(tmp_path / "f.bin.part", spec.url, '"v1"')
     assert (plan_files(ctx, [spec])[0].state, plan_files(ctx, [spec])[0].to_transfer) == ("resume", SIZE - 1000)
 
 

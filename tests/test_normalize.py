@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from emdata.errors import FormatError, NotBuiltError
-from emdata.transport.http import sha256_file
+from emdata.core.digest import sha256_file
 from emdata.h5.metadata import build_record, write_record
 from emdata.stages.normalize.volume import normalize_dataset
 from emdata.stages.fetch import fetch_dataset, verify_dataset

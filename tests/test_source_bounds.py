@@ -37,7 +37,7 @@ def _project(tmp_path: Path, entries: dict[str, Any]) -> Config:
 
 
 def _fetch(cfg: Config, key: str) -> Any:
-    from emdata.transport.http import HttpClient
+    from emdata.transport.client import HttpClient
     from emdata.stages.fetch import fetch_dataset
 
     return fetch_dataset(cfg, key, http_factory=lambda: HttpClient(key, policy=FAST_RETRIES, sleep=lambda s: None))

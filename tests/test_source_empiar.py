@@ -20,7 +20,7 @@ import yaml
 
 from emdata.params.config import load_config
 from emdata.sources.dataset import resolve_dataset
-from emdata.transport.http import sha256_file
+from emdata.core.digest import sha256_file
 from emdata.testing.empiar import (
     ACCESSION,
     DATA_PATH,

@@ -20,7 +20,7 @@ import yaml
 from emdata.params.config import Config, load_config
 from emdata.sources.dataset import resolve_dataset
 from emdata.errors import FetchError, FormatError
-from emdata.transport.http import sha256_file
+from emdata.core.digest import sha256_file
 from emdata.testing.contract import FAST_RETRIES, CoreContract, HttpContract, SourceCase
 from emdata.testing.idr import (
     DATASET_ID,
@@ -61,7 +61,7 @@ def fetch(cfg: Config, key: str = KEY):
 
 
 def client_for_key(key: str):
-    from emdata.transport.http import HttpClient
+    from emdata.transport.client import HttpClient
 
     return HttpClient(key, policy=FAST_RETRIES, sleep=lambda s: None, seed=0)
 
@@ -321,7 +321,7 @@ def test_render_route_resumes_tile_by_tile_and_stops_after_a_failed_tile(idr, tm
     from collections import Counter
 
     import h5py
-    from emdata.transport.http import HttpClient
+    from emdata.transport.client import HttpClient
 
     workers, attempts = 4, FAST_RETRIES.attempts
     monkeypatch.setenv("EMDATA_FETCH_WORKERS", str(workers))

@@ -25,7 +25,8 @@ from emdata.params.config import load_config
 from emdata.sources.dataset import resolve_dataset
 from emdata.errors import ConfigError
 from emdata.sources.fetch.record import FetchedFile
-from emdata.transport.http import RetryPolicy, sha256_file
+from emdata.core.digest import sha256_file
+from emdata.transport.retry import RetryPolicy
 from emdata.testing.precomputed import (
     DEMO_CROP,
     FINE_OFFSET,
@@ -320,7 +321,7 @@ def test_plan_after_an_interrupted_fetch_marks_finished_blocks_done(running, tmp
     from emdata.errors import FetchError
     from emdata.stages.fetch import fetch_dataset, plan_dataset
     from emdata.testing.contract import FAST_RETRIES
-    from emdata.transport.http import HttpClient
+    from emdata.transport.client import HttpClient
 
     case = running.cases()[0]
     cfg = project(tmp_path, {case.key: case.dataset})
@@ -340,7 +341,7 @@ def test_blocks_of_another_crop_are_not_resumed(running, tmp_path) -> None:
     import h5py
 
     from emdata.errors import FetchError
-    from emdata.transport.http import HttpClient
+    from emdata.transport.client import HttpClient
     from emdata.stages.normalize.volume import normalize_dataset
     from emdata.stages.fetch import fetch_dataset
     from emdata.testing.contract import FAST_RETRIES

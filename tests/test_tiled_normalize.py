@@ -74,7 +74,7 @@ def test_tiles_respect_the_budget_and_are_chunk_aligned(shape) -> None:
 
 def test_reading_a_tiff_box_does_not_import_the_network_or_the_registry() -> None:
     code = ("import sys, emdata.formats.tiff, emdata.formats.raw, emdata.core.geometry; "
-            "print(sorted(m for m in ('requests', 'urllib3', 'emdata.sources', 'emdata.transport.http') if m in sys.modules))")
+            "print(sorted(m for m in ('requests', 'urllib3', 'emdata.sources', 'emdata.transport.client') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -40,7 +40,8 @@ from emdata.sources.fetch.record import FetchRecord
 from emdata.stages.fetch import fetch_dataset
 from emdata.stages.normalize.collection import item_geometry
 from emdata.stages.normalize.volume import dataset_geometry, normalize_dataset
-from emdata.transport.http import HttpClient, RetryPolicy
+from emdata.transport.client import HttpClient
+from emdata.transport.retry import RetryPolicy
 
 FAST_RETRIES = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05, connect_timeout=2, read_timeout=5)
 

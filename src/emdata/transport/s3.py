@@ -7,33 +7,74 @@ backoff for SlowDown/5xx and dropped connections, from the fetch context's retry
 missing object is ``None``, not an error. Listings go through s3fs/botocore (ListObjectsV2, paged),
 because tensorstore lists keys without sizes and ETags. Every failure is a one-line FetchError
 naming the dataset and the ``s3://bucket/key``. Requests are counted in ``ctx.other_requests``.
+
+``ctx`` is whatever fetch the folder serves (:class:`S3Context`: the fetch context is one); this
+layer knows nothing of sources.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Iterable, Protocol, TypeVar
 
 from emdata.errors import FetchError
+from emdata.transport.retry import RetryPolicy
 
-if TYPE_CHECKING:
-    from emdata.sources.fetch.context import FetchContext
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class S3Context(Protocol):
+    """What an S3 folder needs from the fetch it serves."""
+
+    dataset: str
+    policy: RetryPolicy | None  # None: RetryPolicy.from_env()
+    other_requests: int  # the folder adds each request it sends
+
+    def tensorstore_context(self) -> dict[str, Any]:
+        """A tensorstore ``context`` spec with the fetch's retry and concurrency bounds."""
+        ...
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T], *, cancel: threading.Event | None = None) -> list[R]:
+        """``fn`` over ``items`` on the fetch's bounded worker pool (a source lists a folder's rows on it)."""
+        ...
+
+
+def anonymous_filesystem(dataset: str, policy: RetryPolicy, *, endpoint_url: str | None = None,
+                         region: str | None = None) -> Any:
+    """An anonymous (unsigned) s3fs filesystem with bounded retries and timeouts."""
+    try:
+        import s3fs
+    except ImportError as exc:  # pragma: no cover - s3fs comes with dvc-s3
+        raise FetchError(dataset, endpoint_url or "s3", "s3fs is not installed",
+                         "pip install s3fs (it comes with dvc-s3)") from exc
+    client_kwargs: dict[str, Any] = {}
+    if region:
+        client_kwargs["region_name"] = region
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    # botocore's max_attempts counts retries; total_max_attempts counts tries. s3fs has its own
+    # retry loop on top (5 by default), which would multiply the two: keep only botocore's.
+    config = {"retries": {"total_max_attempts": policy.attempts, "mode": "standard"},
+              "connect_timeout": policy.connect_timeout, "read_timeout": policy.read_timeout}
+    fs = s3fs.S3FileSystem(anon=True, client_kwargs=client_kwargs, config_kwargs=config,
+                           skip_instance_cache=True)
+    fs.retries = 1
+    return fs
 
 
 class S3Folder:
     """The objects under ``s3://<bucket>/<prefix>/``, addressed by keys relative to it."""
 
-    def __init__(self, ctx: "FetchContext", *, bucket: str, prefix: str, region: str,
+    def __init__(self, ctx: S3Context, *, bucket: str, prefix: str, region: str,
                  endpoint: str | None = None, requests_in_flight: int | None = None) -> None:
-        from emdata.transport.http import RetryPolicy
-
         self.ctx, self.bucket, self.prefix = ctx, bucket, prefix.strip("/")
         self.region, self.endpoint = region, endpoint
         # Small objects are latency-bound: a few requests per worker keep the link busy while the
         # workers write and hash (default: the context's bound, one per worker).
         self.requests_in_flight = requests_in_flight
-        policy = ctx.policy or RetryPolicy.from_env()
+        self.policy = policy = ctx.policy or RetryPolicy.from_env()
         # tensorstore has no request timeout of its own: bound each operation (tries x (connect + read + backoff)).
         self.timeout = policy.attempts * (policy.connect_timeout + policy.read_timeout + policy.max_delay)
         self._kv: Any = None
@@ -131,7 +172,8 @@ class S3Folder:
     def _filesystem(self) -> Any:
         with self._fs_lock:
             if self._fs is None:
-                fs = self.ctx.s3(endpoint_url=self.endpoint, region=self.region)
+                fs = anonymous_filesystem(self.ctx.dataset, self.policy, endpoint_url=self.endpoint,
+                                          region=self.region)
                 fs.connect()  # the botocore client, without a request
                 self._fs = fs
             return self._fs

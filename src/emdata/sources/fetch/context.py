@@ -1,10 +1,11 @@
 """What ``plan`` and ``fetch`` of every source receive: one transport-neutral fetch context.
 
 It carries the dataset, the folder to write into (``data/raw/.partial/<ds>/``, kept across
-interruptions so the next run resumes), the retry policy, and lazily built transports: an HTTP
-client (:mod:`emdata.transport.http`), an anonymous S3 filesystem (s3fs, as DVC itself uses), and the
-bounded-retry context for tensorstore. Work on many files or chunks goes through :meth:`map`, a
-bounded worker pool. Nothing here knows a source: a source asks for the transport it needs.
+interruptions so the next run resumes), the retry policy, a lazily built HTTP client
+(:mod:`emdata.transport.client`), and the bounded-retry context for tensorstore (an S3 source
+builds its :class:`emdata.transport.s3.S3Folder` over this context). Work on many files or
+chunks goes through :meth:`map`, a bounded worker pool. Nothing here knows a source: a source
+asks for the transport it needs.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from emdata.core.numbers import ascii_int
 from emdata.core.progress import Progress
 from emdata.errors import Cancelled, ConfigError, FetchError
 from emdata.formats.raw import json_safe
 from emdata.sources.fetch.record import FetchedFile, FetchRecord, plain_spec, safe_relpath
-
-if TYPE_CHECKING:  # imported lazily: plan/fetch of an S3 source never loads requests, and vice versa
-    from emdata.transport.http import HttpClient, RetryPolicy
+from emdata.transport.client import HttpClient
+from emdata.transport.retry import RetryPolicy
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,10 +37,10 @@ class FetchContext:
     kind: str
     spec: dict[str, Any]
     dest: Path  # where fetch writes: the partial folder, renamed into data/raw/<ds> when complete
-    policy: "RetryPolicy | None" = None
+    policy: RetryPolicy | None = None
     workers: int = DEFAULT_WORKERS
-    http_factory: Callable[[], "HttpClient"] | None = None  # tests inject fast-retry clients here
-    _http: "HttpClient | None" = field(default=None, repr=False)
+    http_factory: Callable[[], HttpClient] | None = None  # tests inject fast-retry clients here
+    _http: HttpClient | None = field(default=None, repr=False)
     other_requests: int = 0  # requests a source sent through its own transport (S3, tensorstore)
     _folders: set[Path] = field(default_factory=set, repr=False)  # folders path() made and checked
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -48,7 +48,7 @@ class FetchContext:
     # -- transports ---------------------------------------------------------------------------
 
     @property
-    def http(self) -> "HttpClient":
+    def http(self) -> HttpClient:
         """The dataset's HTTP client (one session, one retry policy), built on first use.
 
         Under a lock: the workers of :meth:`map` may ask at once, and two clients would each count
@@ -58,8 +58,6 @@ class FetchContext:
                 if self.http_factory is not None:
                     self._http = self.http_factory()
                 else:
-                    from emdata.transport.http import HttpClient
-
                     self._http = HttpClient(self.dataset, policy=self.policy)  # None: RetryPolicy.from_env()
             return self._http
 
@@ -68,39 +66,13 @@ class FetchContext:
         """Requests sent so far: through the HTTP client, plus those a source counted in ``other_requests``."""
         return (self._http.requests if self._http is not None else 0) + self.other_requests
 
-    def s3(self, *, endpoint_url: str | None = None, region: str | None = None) -> Any:
-        """An anonymous (unsigned) s3fs filesystem with bounded retries and timeouts."""
-        try:
-            import s3fs
-        except ImportError as exc:  # pragma: no cover - s3fs comes with dvc-s3
-            raise FetchError(self.dataset, endpoint_url or "s3", "s3fs is not installed",
-                             "pip install s3fs (it comes with dvc-s3)") from exc
-        from emdata.transport.http import RetryPolicy
-
-        policy = self.policy or RetryPolicy.from_env()
-        client_kwargs: dict[str, Any] = {}
-        if region:
-            client_kwargs["region_name"] = region
-        if endpoint_url:
-            client_kwargs["endpoint_url"] = endpoint_url
-        # botocore's max_attempts counts retries; total_max_attempts counts tries. s3fs has its own
-        # retry loop on top (5 by default), which would multiply the two: keep only botocore's.
-        config = {"retries": {"total_max_attempts": policy.attempts, "mode": "standard"},
-                  "connect_timeout": policy.connect_timeout, "read_timeout": policy.read_timeout}
-        fs = s3fs.S3FileSystem(anon=True, client_kwargs=client_kwargs, config_kwargs=config,
-                               skip_instance_cache=True)
-        fs.retries = 1
-        return fs
-
     @property
-    def retry_policy(self) -> "RetryPolicy":
+    def retry_policy(self) -> RetryPolicy:
         """This fetch's retry policy: the explicit one, else the (injected) HTTP client's, else the environment's."""
         if self.policy is not None:
             return self.policy
         if self.http_factory is not None or self._http is not None:
             return self.http.policy
-        from emdata.transport.http import RetryPolicy
-
         return RetryPolicy.from_env()
 
     def tensorstore_context(self) -> dict[str, Any]:
