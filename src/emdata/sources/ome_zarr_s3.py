@@ -219,7 +219,8 @@ def _chunks(params: Params, sel: Selection, bucket: S3Folder, *,
     present, absent = [], {}
     for name, array in sel.arrays.items():
         wanted = array.chunk_keys(sel.box)
-        present += [_Chunk(name, k, listed[k][0], f"{params.local_root}/{k}", bucket.url(k)) for k in wanted if k in listed]
+        present += [_Chunk(name, k, listed[k][0], f"{params.local_root}/{k}", bucket.url(k))
+                    for k in wanted if k in listed]
         absent[name] = [k for k in wanted if k not in listed]
     return present, absent, len(prefixes)
 
@@ -270,7 +271,8 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     files.update(copy_objects(ctx, chunks, start, desc="chunk objects", unit="chunk",
                               window=READS_PER_WORKER * max(1, ctx.workers)))
     arrays = {name: {"array": params.url(a.key), "chunks": len([c for c in chunks if c.array == name]),
-                     "absent_chunks": absent[name], "bytes": sum(files[c.relpath].size for c in chunks if c.array == name)}
+                     "absent_chunks": absent[name],
+                     "bytes": sum(files[c.relpath].size for c in chunks if c.array == name)}
               for name, a in sel.arrays.items()}
     sources = {}  # one digest per array over its objects (.zarray too), kept in the record
     for a in sel.arrays.values():
