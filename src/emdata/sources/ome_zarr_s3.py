@@ -50,12 +50,11 @@ from emdata.params.config import KEY_PATTERN, Section, as_str, as_triple, as_url
 from emdata.errors import ConfigError, FetchError
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
-from emdata.core.atomic import write_bytes_atomic
 from emdata.formats.ome_zarr import Selection, local_selection, metadata_keys, select
 from emdata.formats.raw import RawVolume
 from emdata.formats.zarr import ZarrVolume
 from emdata.sources.fetch.files import FilePlan
-from emdata.sources.fetch.objects import copy_objects, journalled
+from emdata.sources.fetch.objects import copy_objects, journalled, store_object
 from emdata.transport.s3 import S3Folder
 
 KIND = "ome_zarr_s3"
@@ -252,8 +251,7 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     chunks, absent, _ = _chunks(params, sel, bucket, sizes=False)
     files: dict[str, FetchedFile] = {}
     for key, data in sorted(sel.objects.items()):
-        write_bytes_atomic(ctx.path(f"{params.local_root}/{key}"), data, dataset=ctx.dataset)
-        files[f"{params.local_root}/{key}"] = FetchedFile(bucket.url(key), len(data), hashlib.sha256(data).hexdigest())
+        files[f"{params.local_root}/{key}"] = store_object(ctx, f"{params.local_root}/{key}", bucket.url(key), data)
 
     def start(chunk: _Chunk) -> Callable[[], bytes]:
         future = bucket.read_async(chunk.key)  # a window of reads in flight while workers write and hash

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 KIND = "precomputed"
 READERS = ("emdata.formats.precomputed",)
 DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
+FETCHERS = ("emdata.sources.fetch.crop",)  # where the crop lies and how its blocks are stored
 
 ScaleRef = Union[str, float, tuple[float, float, float]]
 IntTriple = tuple[int, int, int]

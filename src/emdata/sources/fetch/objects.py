@@ -135,11 +135,9 @@ def copy_objects(ctx: FetchContext, objects: Sequence[W], start: Callable[[W], R
             todo = [obj for obj in objects if obj.relpath not in kept]
 
             def store(obj: W, read: Read) -> FetchedFile:
-                data = read()
-                write_bytes_atomic(ctx.path(obj.relpath), data, dataset=ctx.dataset)
-                digest = hashlib.sha256(data).hexdigest()
-                journal.add(obj.relpath, len(data), digest)
-                return FetchedFile(obj.url, len(data), digest)
+                stored = store_object(ctx, obj.relpath, obj.url, read())
+                journal.add(obj.relpath, stored.size, stored.sha256 or "")
+                return stored
 
             copied = _in_window(ctx, todo, start, store, window or max(1, ctx.workers), cancel or threading.Event(),
                                 progress.update)
@@ -147,6 +145,12 @@ def copy_objects(ctx: FetchContext, objects: Sequence[W], start: Callable[[W], R
         journal.close()
     path.unlink()  # complete: the raw folder holds the record, not the journal
     return {obj.relpath: kept.get(obj.relpath) or copied[obj.relpath] for obj in objects}
+
+
+def store_object(ctx: FetchContext, relpath: str, url: str, data: bytes) -> FetchedFile:
+    """Write one object that is already in memory into the partial folder (atomically); what the record keeps."""
+    write_bytes_atomic(ctx.path(relpath), data, dataset=ctx.dataset)
+    return FetchedFile(url, len(data), hashlib.sha256(data).hexdigest())
 
 
 def _kept(ctx: FetchContext, entries: dict[str, tuple[int, str]], objects: Sequence[W]) -> dict[str, FetchedFile]:
