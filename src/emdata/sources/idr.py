@@ -26,13 +26,15 @@ answers under ``omero/`` in the raw folder. Then the pixels, by one of two route
 
 Where the render route decodes: not during fetch. The tiles are kept as served
 (``render/z<z>/y<y>_x<x>.png``), each with its URL, size and sha256 in the fetch record, which
-is what a raw folder is everywhere else (``emdata verify`` re-hashes them). A tile is written
-atomically once it has passed its header check, so an interrupted fetch resumes tile by tile
-for free, and fetch decides no voxel bytes (``DECODES_ON_FETCH = False``): a change to the PNG
-decoding (:mod:`emdata.formats.png`) re-runs normalize only. The PNGs are decoded when normalize reads
-a box. The price: greyscale arrives as RGB PNG, about 1.5 times the voxels on disk for noisy EM
-(measured on the replica); decoding during fetch into a plain stack would need its own ledger of
-finished tiles to resume, and its bytes could no longer be checked against what the server sent.
+is what a raw folder is everywhere else (``emdata verify`` re-hashes them). Tiles go through
+the object copy every array source shares (:mod:`emdata.sources.fetch.objects`): a tile is
+written atomically once it has passed its header check and journalled with its sha256, so an
+interrupted fetch resumes tile by tile, keeping only tiles that still hash as journalled. Fetch
+decides no voxel bytes (``DECODES_ON_FETCH = False``): a change to the PNG decoding
+(:mod:`emdata.formats.png`) re-runs normalize only. The PNGs are decoded when normalize reads a
+box. The price: greyscale arrives as RGB PNG, about 1.5 times the voxels on disk for noisy EM
+(measured on the replica); decoding during fetch into a plain stack would mean its bytes could no
+longer be checked against what the server sent.
 
 Geometry: the voxel size comes from OMERO's physical sizes (units converted to nm); on the
 original route it is cross-checked against the ImageJ tags (``XResolution``/``YResolution`` in

@@ -15,9 +15,10 @@ specifies, and are not fetched. Requests are unsigned (no credentials are looked
 needed; no instance-metadata probe). Objects and the chunk listing of ``fetch`` go through
 tensorstore's ``s3`` key-value store (bounded retries with backoff for SlowDown/5xx and dropped
 connections, concurrent, C++ fast); ``plan`` lists through s3fs/botocore, which gives sizes.
-Each chunk is written under a temporary name, renamed, and journalled with its sha256, so an
-interrupted fetch resumes without requesting finished chunks again (a kept chunk must still hash
-as journalled). ``plan`` reads only metadata and listings and reports chunk counts and bytes.
+Chunks go through the object copy every array source shares (:mod:`emdata.sources.fetch.objects`:
+a window of reads in flight; each chunk written under a temporary name, renamed, and journalled
+with its sha256), so an interrupted fetch resumes without requesting finished chunks again (a
+kept chunk must still hash as journalled). Which chunks and what geometry: :mod:`emdata.formats.ome_zarr`. ``plan`` reads only metadata and listings and reports chunk counts and bytes.
 
 Cite (OpenOrganelle): Heinrich et al., Nature 2021, doi:10.1038/s41586-021-03977-3; Xu et al.,
 Nature 2021, doi:10.1038/s41586-021-03992-4. Licence CC-BY-4.0.

@@ -6,8 +6,8 @@ encoding. Voxels are read through tensorstore's ``neuroglancer_precomputed`` dri
 HTTP key-value store (public GCS needs no credentials this way), with the fetch context's
 bounded retries; its X, Y, Z order becomes Z, Y, X once, in :mod:`emdata.formats.precomputed`.
 
-The crop: ``crop_size`` voxels of the chosen ``scale``. With ``roi_start`` in params the crop
-starts there. Otherwise a seeded search draws starts on the scale's chunk grid inside its bounds
+The crop (:mod:`emdata.sources.fetch.crop`): ``crop_size`` voxels of the chosen ``scale``. With
+``roi_start`` in params the crop starts there. Otherwise a seeded search draws starts on the scale's chunk grid inside its bounds
 (``voxel_offset`` .. ``voxel_offset + size``; on the grid, so no chunk is read twice) and screens
 each on a coarse scale: a candidate is accepted when at least ``tissue.min_fraction`` of the
 coarse voxels it covers are non-zero (missing chunks are zero, as in neuroglancer), after at
@@ -16,8 +16,10 @@ every candidate's tissue fraction and the layer's ``info`` are recorded in ``sou
 (``extra``) and in the metadata record (native metadata and description).
 
 ``fetch`` writes the decoded crop into ``data/raw/<ds>/crop.zarr`` (zarr v2, one uncompressed
-chunk file per block of ``block`` voxels) block by block: memory holds a few blocks, never the
-crop, and an interrupted fetch resumes from the blocks not yet written. ``plan`` reports the
+chunk file per block of ``block`` voxels) block by block, through the object copy every array
+source shares (:mod:`emdata.sources.fetch.objects`): memory holds a few blocks, never the crop,
+and an interrupted fetch keeps the blocks it journalled for this very crop that still hash as
+journalled and reads only the others. ``plan`` reports the
 scale, the ROI, the chunks and shards it touches and the bytes it would transfer (estimated from
 HEAD requests on the shards, or on a sample of the chunks).
 
