@@ -1,6 +1,5 @@
 """core.atomic: the one write-then-rename (atomic_output) and the hashing stream writer."""
 import os, pytest
-from pathlib import Path
 from emdata.core.atomic import atomic_output, write_stream, temporary_path
 from emdata.errors import OutputError
 

@@ -117,8 +117,8 @@ def test_real_params_use_the_real_idr_and_ebi_urls() -> None:
     assert (src.dataset_id, src.pixels, src.paper_doi) == (10740, "original", "10.1126/sciadv.aba8811")
     # 278-byte header, 184 strips of 775 × 1121, 183 IFDs of 162 bytes (SOURCES.md §5.3)
     assert src.original.size == 278 + 184 * 775 * 1121 + 183 * 162
-    first = tiles((184, 775, 1121), src.tile_size)[0]
-    assert first.url(src) == ("https://idr.openmicroscopy.org/webgateway/render_image_region/9846137/0/0/"
+    first = tiles(src, (184, 775, 1121))[0]
+    assert first.url == ("https://idr.openmicroscopy.org/webgateway/render_image_region/9846137/0/0/"
                               f"?region=0,0,{min(src.tile_size, 1121)},{min(src.tile_size, 775)}"
                               "&c=1%7C0:255$FFFFFF&m=g&format=png&q=1"
                               "&maps=%5B%7B%22inverted%22:%7B%22enabled%22:false%7D%7D%5D")

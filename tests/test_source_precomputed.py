@@ -24,6 +24,7 @@ import yaml
 from emdata.params.config import load_config
 from emdata.sources.dataset import resolve_dataset
 from emdata.errors import ConfigError
+from emdata.sources.fetch.objects import JOURNAL
 from emdata.sources.fetch.record import FetchedFile
 from emdata.core.digest import sha256_file
 from emdata.transport.retry import RetryPolicy
@@ -354,14 +355,19 @@ def test_blocks_of_another_crop_are_not_resumed(running, tmp_path) -> None:
         fetch_dataset(cfg, case.key, http_factory=fast)
     running.server.faults.fail.clear()
     partial = cfg.partial_dir(case.key)
-    marker = json.loads((partial / ".crop.json").read_text())
+    journal = partial / JOURNAL
+    header, *lines = journal.read_text().splitlines()
     left = [p for p in (partial / "crop.zarr").iterdir() if not p.name.startswith(".")]
-    assert left
+    assert left and len(lines) == len(left)  # every block written is journalled
     for path in left:  # stands for another crop's voxels: resuming them would show in the output
         path.write_bytes(bytes(path.stat().st_size))
-    (partial / ".crop.json").write_text(json.dumps({**marker, "start_zyx": [0, 0, 0]}))  # as if another crop
+    other = json.loads(header)
+    other["identity"]["start_zyx"] = [0, 0, 0]  # as if another crop
+    fix = [json.dumps({**json.loads(line), "sha256": sha256_file(partial / json.loads(line)["relpath"])})
+           for line in lines]  # the blocks' own hashes: only the crop differs
+    journal.write_text("\n".join([json.dumps(other), *fix]) + "\n")
     fetch_dataset(cfg, case.key, http_factory=fast)
-    assert not (cfg.raw_dir(case.key) / ".crop.json").exists()
+    assert not (cfg.raw_dir(case.key) / JOURNAL).exists()
     with h5py.File(normalize_dataset(cfg, case.key)) as f:
         np.testing.assert_array_equal(f["raw"][()], case.expected["raw"])
 

@@ -1,19 +1,80 @@
-"""How normalize cuts a volume into boxes that fit a memory budget.
+"""Boxes of voxels and the regular grids that cut a volume into them: the one box type of the package.
 
-Writes go in chunk-aligned *tiles*: one chunk deep in Z (every write covers whole chunks, so
-HDF5 never reads back what it wrote) and as wide in Y and X as the budget allows. When a whole
-chunk-deep slab fits, a tile is the slab, and the slabs in Z order are also the volume in C order,
-so the voxel sha256 is fed from the same reads. When it does not fit (a 5500 x 5496 section
-with 64-deep chunks is 1.9 GB), the tiles are narrower and the sha256, which must see the voxels
-in C order, gets its own pass over *hash boxes*: whole planes, or bands of rows of one plane.
+A :class:`Box` is ``[start, stop)`` in Z, Y, X. It is a named pair, so code that unpacks
+``start, stop = box`` or stores it as JSON (two lists) sees the same plain pair as before. A
+:class:`Grid` cuts a shape into steps of ``step`` voxels in C order (Z slowest), the last cell of
+each axis clipped to the shape: normalize's tiles, a precomputed crop's blocks and IDR's render
+tiles are all cells of one.
+
+How normalize cuts a volume into boxes that fit a memory budget (:func:`plan_tiles`): writes go in
+chunk-aligned *tiles*: one chunk deep in Z (every write covers whole chunks, so HDF5 never reads
+back what it wrote) and as wide in Y and X as the budget allows. When a whole chunk-deep slab
+fits, a tile is the slab, and the slabs in Z order are also the volume in C order, so the voxel
+sha256 is fed from the same reads. When it does not fit (a 5500 x 5496 section with 64-deep chunks
+is 1.9 GB), the tiles are narrower and the sha256, which must see the voxels in C order, gets its
+own pass over *hash boxes*: whole planes, or bands of rows of one plane.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
-Box = tuple[tuple[int, int, int], tuple[int, int, int]]
+IntTriple = tuple[int, int, int]
 IN_FLIGHT = 4  # tiles alive at once: being read, being written, being hashed, HDF5's copy of one
+
+
+class Box(NamedTuple):
+    """Voxels ``[start, stop)``, Z, Y, X."""
+
+    start: IntTriple
+    stop: IntTriple
+
+    @property
+    def shape(self) -> IntTriple:
+        return tuple(b - a for a, b in zip(self.start, self.stop))  # type: ignore[return-value]
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.shape)
+
+    def shifted(self, by: IntTriple) -> Box:
+        """The same box ``by`` voxels further (a crop's block in the coordinates of the whole scale)."""
+        start, stop = (tuple(a + d for a, d in zip(corner, by)) for corner in self)
+        return Box(start, stop)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``shape`` cut into cells of ``step`` voxels, C order; the last cell of an axis ends at the shape."""
+
+    shape: IntTriple
+    step: IntTriple
+
+    @property
+    def counts(self) -> IntTriple:
+        """Cells per axis."""
+        return tuple(-(-n // s) for n, s in zip(self.shape, self.step))  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return math.prod(self.counts)
+
+    def cells(self) -> list[tuple[IntTriple, Box]]:
+        """(index, box) of every cell, Z slowest."""
+        out = []
+        for index in itertools.product(*(range(c) for c in self.counts)):
+            start = tuple(i * s for i, s in zip(index, self.step))
+            stop = tuple(min(a + s, n) for a, s, n in zip(start, self.step, self.shape))
+            out.append((index, Box(start, stop)))  # type: ignore[arg-type]
+        return out  # type: ignore[return-value]
+
+    def boxes(self) -> list[Box]:
+        return [box for _, box in self.cells()]
+
+
+# -- normalize's tiles ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -27,10 +88,6 @@ class TilePlan:
         return self.hash_boxes is None
 
 
-def _steps(size: int, step: int) -> list[tuple[int, int]]:
-    return [(a, min(size, a + step)) for a in range(0, size, step)]
-
-
 def plan_tiles(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, budget: int) -> TilePlan:
     """Tiles of at most ``budget / IN_FLIGHT`` bytes (never less than one chunk)."""
     z, y, x = shape
@@ -38,20 +95,17 @@ def plan_tiles(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, b
     limit = max(1, budget // IN_FLIGHT)
     slab = cz * y * x * itemsize
     if slab <= limit:
-        tiles = [((z0, 0, 0), (z1, y, x)) for z0, z1 in _steps(z, cz)]
-        return TilePlan(tiles, None, slab)
+        return TilePlan(Grid((z, y, x), (cz, y, x)).boxes(), None, slab)
     row_chunks = cz * cy * x * itemsize  # one chunk row across the full width
     if row_chunks <= limit:
         ty, tx = cy * max(1, limit // row_chunks), x
     else:
         ty = cy
         tx = min(x, cx * max(1, limit // (cz * cy * cx * itemsize)))
-    tiles = [((z0, y0, x0), (z1, y1, x1)) for z0, z1 in _steps(z, cz) for y0, y1 in _steps(y, ty)
-             for x0, x1 in _steps(x, tx)]
+    tiles = Grid((z, y, x), (cz, ty, tx)).boxes()
     plane = y * x * itemsize
     if plane <= limit:
-        hash_boxes = [((z0, 0, 0), (z1, y, x)) for z0, z1 in _steps(z, max(1, limit // plane))]
+        hash_boxes = Grid((z, y, x), (max(1, limit // plane), y, x)).boxes()
     else:
-        rows = max(1, limit // (x * itemsize))
-        hash_boxes = [((k, y0, 0), (k + 1, y1, x)) for k in range(z) for y0, y1 in _steps(y, rows)]
+        hash_boxes = Grid((z, y, x), (1, max(1, limit // (x * itemsize)), x)).boxes()
     return TilePlan(tiles, hash_boxes, ty * tx * cz * itemsize)

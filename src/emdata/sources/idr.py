@@ -26,13 +26,15 @@ answers under ``omero/`` in the raw folder. Then the pixels, by one of two route
 
 Where the render route decodes: not during fetch. The tiles are kept as served
 (``render/z<z>/y<y>_x<x>.png``), each with its URL, size and sha256 in the fetch record, which
-is what a raw folder is everywhere else (``emdata verify`` re-hashes them). A tile is written
-atomically once it has passed its header check, so an interrupted fetch resumes tile by tile
-for free, and fetch decides no voxel bytes (``DECODES_ON_FETCH = False``): a change to the PNG
-decoding (:mod:`emdata.formats.png`) re-runs normalize only. The PNGs are decoded when normalize reads
-a box. The price: greyscale arrives as RGB PNG, about 1.5 times the voxels on disk for noisy EM
-(measured on the replica); decoding during fetch into a plain stack would need its own ledger of
-finished tiles to resume, and its bytes could no longer be checked against what the server sent.
+is what a raw folder is everywhere else (``emdata verify`` re-hashes them). Tiles go through
+the object copy every array source shares (:mod:`emdata.sources.fetch.objects`): a tile is
+written atomically once it has passed its header check and journalled with its sha256, so an
+interrupted fetch resumes tile by tile, keeping only tiles that still hash as journalled. Fetch
+decides no voxel bytes (``DECODES_ON_FETCH = False``): a change to the PNG decoding
+(:mod:`emdata.formats.png`) re-runs normalize only. The PNGs are decoded when normalize reads a
+box. The price: greyscale arrives as RGB PNG, about 1.5 times the voxels on disk for noisy EM
+(measured on the replica); decoding during fetch into a plain stack would mean its bytes could no
+longer be checked against what the server sent.
 
 Geometry: the voxel size comes from OMERO's physical sizes (units converted to nm); on the
 original route it is cross-checked against the ImageJ tags (``XResolution``/``YResolution`` in
@@ -64,16 +66,12 @@ params.yaml::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any, Callable
 
 from emdata.params.schema import (
     Section,
@@ -89,18 +87,19 @@ from emdata.params.schema import (
 from emdata.errors import FetchError, FormatError
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
-from emdata.core.geometry import same_geometry
-from emdata.core.atomic import write_bytes_atomic
-from emdata.core.digest import sha256_file
-from emdata.formats.png import header_problem
-from emdata.formats.raw import IntTriple, RawVolume, Triple
+from emdata.core.boxes import Grid
+from emdata.formats.imagej import imagej_info
+from emdata.formats.omero import Pixels, check_tiff, list_page, open_tiff, parse_pixels, voxel_size
+from emdata.formats.png import PngTiles, header_problem
+from emdata.formats.raw import IntTriple, RawVolume
+from emdata.formats.tiff import TiffStack
 from emdata.sources.fetch.files import FilePlan, RemoteFile, as_remote_file, fetch_files, in_folder, plan_files
-
-if TYPE_CHECKING:
-    from emdata.formats.tiff import TiffStack
+from emdata.sources.fetch.objects import copy_objects, journalled, store_object
 
 KIND = "idr"
-READERS = ("emdata.formats.tiff", "emdata.formats.imagej", "emdata.formats.png")  # code that decides the normalized bytes
+# Code that decides the normalized bytes; OMERO's answers parsed by formats.omero also decide the fetch record.
+READERS = ("emdata.formats.tiff", "emdata.formats.imagej", "emdata.formats.png", "emdata.formats.omero")
+FETCHERS = ("emdata.formats.omero",)
 DECODES_ON_FETCH = False  # render tiles are stored as served and decoded by normalize (see above)
 
 ROUTES = ("original", "render")
@@ -112,10 +111,6 @@ JSON_MAX = 16 << 20
 # The grey 0-255 window: for uint8 the identity, so the PNG holds the stored values.
 RENDER_QUERY = {"c": "1|0:255$FFFFFF", "m": "g", "format": "png", "q": "1",
                 "maps": json.dumps([{"inverted": {"enabled": False}}], separators=(",", ":"))}
-LENGTH_NM = {"PICOMETER": 1e-3, "ANGSTROM": 0.1, "NANOMETER": 1.0, "MICROMETER": 1e3, "MILLIMETER": 1e6,
-             "CENTIMETER": 1e7, "DECIMETER": 1e8, "METER": 1e9}
-PIXEL_TYPES = {"int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4", "uint32": "u4",
-               "float": "f4", "double": "f8"}
 
 
 # -- params -------------------------------------------------------------------------------------
@@ -172,60 +167,6 @@ def parse_params(sec: Section) -> Params:
 # -- what OMERO says ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pixels:
-    """The parts of OMERO's Image that decide the volume."""
-
-    shape: IntTriple  # z, y, x
-    channels: int
-    timepoints: int
-    pixel_type: str
-    voxel_size_nm: Triple | None  # z, y, x; None when OMERO lacks one of them
-
-    @property
-    def dtype(self) -> np.dtype | None:
-        code = PIXEL_TYPES.get(self.pixel_type)
-        return np.dtype(code) if code else None
-
-    def describe(self) -> str:
-        return f"{' × '.join(map(str, self.shape))} {self.pixel_type}"
-
-
-def _image_object(dataset: str, url: str, answer: Any) -> dict[str, Any]:
-    """The Image in ``{"data": {...}}`` or ``{"data": [{...}]}`` (OMERO's docs show both)."""
-    data = answer.get("data") if isinstance(answer, dict) else None
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    if not isinstance(data, dict) or not isinstance(data.get("Pixels"), dict):
-        raise FormatError(dataset, url, "the answer holds no Image with Pixels (expected {\"data\": {...}})",
-                          "check source.omero_url and source.image_id in params.yaml")
-    return data
-
-
-def _length_nm(value: Any) -> float | None:
-    """An OMERO length (``{"Value": 0.02, "Unit": "MICROMETER", "Symbol": "µm"}``) in nm."""
-    if not isinstance(value, dict) or not isinstance(value.get("Value"), (int, float)):
-        return None
-    factor = LENGTH_NM.get(str(value.get("Unit", "")).upper())
-    number = float(value["Value"])
-    if factor is None or not math.isfinite(number) or number <= 0:
-        return None
-    return number * factor
-
-
-def parse_pixels(dataset: str, url: str, image: dict[str, Any]) -> Pixels:
-    px = image["Pixels"]
-    try:
-        sizes = [int(px[f"Size{a}"]) for a in "ZYXCT"]
-        pixel_type = str(px["Type"]["value"] if isinstance(px["Type"], dict) else px["Type"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise FormatError(dataset, url, f"the Image's Pixels lack {exc} (SizeX/Y/Z/C/T and Type are expected)",
-                          "check source.omero_url in params.yaml") from exc
-    lengths = [_length_nm(px.get(f"PhysicalSize{a}")) for a in "ZYX"]
-    voxel = None if None in lengths else tuple(lengths)
-    return Pixels(tuple(sizes[:3]), sizes[3], sizes[4], pixel_type, voxel)  # type: ignore[arg-type]
-
-
 def _get_json(params: Params, ctx: FetchContext, url: str, what: str) -> Any:
     try:
         return ctx.http.get_json(url, max_bytes=JSON_MAX)
@@ -237,9 +178,8 @@ def _get_json(params: Params, ctx: FetchContext, url: str, what: str) -> Any:
 
 
 def _store_json(ctx: FetchContext, relpath: str, url: str, data: Any) -> FetchedFile:
-    body = (json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    write_bytes_atomic(ctx.path(relpath), body)
-    return FetchedFile(url, len(body), hashlib.sha256(body).hexdigest())
+    return store_object(ctx, relpath, url, (json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False)
+                                            + "\n").encode("utf-8"))
 
 
 def _dataset_images(params: Params, ctx: FetchContext) -> tuple[str, list[dict[str, Any]]]:
@@ -255,20 +195,9 @@ def _dataset_images(params: Params, ctx: FetchContext) -> tuple[str, list[dict[s
     while True:
         url = f"{base}?{urllib.parse.urlencode({'limit': PAGE_LIMIT, 'offset': offset})}"
         answer = _get_json(params, ctx, url, f"dataset {params.dataset_id}")
-        page = answer.get("data") if isinstance(answer, dict) else None
-        meta = answer.get("meta") if isinstance(answer, dict) else None
-        total = meta.get("totalCount") if isinstance(meta, dict) else None
-        if not isinstance(page, list) or not isinstance(total, int) or isinstance(total, bool):
-            raise FormatError(ctx.dataset, url, "the answer is not an OMERO list ({\"data\": [...], \"meta\": {...}})",
-                              "check source.omero_url in params.yaml")
-        new = {img.get("@id"): img for img in page if isinstance(img, dict) and img.get("@id") not in images}
-        if not new and offset < total:
-            what = "is empty" if not page else "repeats images listed before (the server ignores offset?)"
-            raise FormatError(ctx.dataset, url, f"dataset {params.dataset_id}'s image list {what}: {len(images)} "
-                              f"images listed of the {total} its totalCount says", "try again later; if it "
-                              "persists, the OMERO server's listing is broken: check source.omero_url in params.yaml")
+        new, total, length = list_page(answer, url, images, offset, f"dataset {params.dataset_id}", ctx.dataset)
         images.update(new)
-        offset += len(page)
+        offset += length
         if offset >= total:
             return base, list(images.values())
 
@@ -277,8 +206,7 @@ def _fetch_omero(params: Params, ctx: FetchContext) -> tuple[dict[str, FetchedFi
     """The image's API answers, checked and kept under ``omero/``; the Pixels they describe."""
     files = {}
     answer = _get_json(params, ctx, params.image_url, f"image {params.image_id}")
-    image = _image_object(ctx.dataset, params.image_url, answer)
-    pixels = parse_pixels(ctx.dataset, params.image_url, image)
+    pixels = parse_pixels(ctx.dataset, params.image_url, answer)
     if pixels.channels != 1 or pixels.timepoints != 1:
         raise FormatError(ctx.dataset, params.image_url, f"image {params.image_id} has {pixels.channels} channels "
                           f"and {pixels.timepoints} time points; only single-channel, single-time-point "
@@ -309,36 +237,10 @@ def _load_json(raw: Path, relpath: str, dataset: str) -> Any:
 
 def _pixels_from_raw(params: Params, raw: Path, dataset: str) -> Pixels:
     answer = _load_json(raw, IMAGE_JSON, dataset)
-    return parse_pixels(dataset, str(raw / IMAGE_JSON), _image_object(dataset, str(raw / IMAGE_JSON), answer))
+    return parse_pixels(dataset, str(raw / IMAGE_JSON), answer)
 
 
 # -- the original route ---------------------------------------------------------------------------
-
-
-def check_tiff(dataset: str, where: str, path: Path, pixels: Pixels, image_url: str) -> None:
-    """The TIFF holds every plane the API counts, in the API's shape and pixel type, else FormatError."""
-    from emdata.formats.imagej import imagej_info
-    from emdata.formats.tiff import TiffStack
-
-    expected = pixels.dtype
-    if expected is None:
-        raise FormatError(dataset, image_url, f"OMERO pixel type {pixels.pixel_type!r} is not supported",
-                          "choose another image id")
-    with TiffStack(path, dataset) as stack:  # a file tifffile cannot parse fails here, naming it
-        info = imagej_info(path, dataset)
-        size = path.stat().st_size
-        if info["contiguous"] and info["first_strip_offset"] is not None:
-            # tifffile shortens an ImageJ stack whose data end early: count the bytes against OMERO's planes.
-            need = info["first_strip_offset"] + int(np.prod(pixels.shape)) * expected.itemsize
-            if size < need:
-                raise FormatError(dataset, where, f"the file holds {size} bytes but the {pixels.shape[0]} planes "
-                                  f"OMERO counts need {need}; it is truncated", "the file on the server may be "
-                                  "damaged; try again later or use pixels: render")
-        got = f"{' × '.join(map(str, stack.shape))} {stack.dtype.name}"
-        if tuple(stack.shape) != pixels.shape or stack.dtype != expected:
-            raise FormatError(dataset, where, f"the TIFF is {got} but OMERO image {image_url} is {pixels.describe()}",
-                              "check source.image_id and source.original in params.yaml (they must name "
-                              "the same image)")
 
 
 def _fetch_original(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str, FetchedFile]:
@@ -361,26 +263,23 @@ def _fetch_original(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[s
 
 @dataclass(frozen=True)
 class Tile:
-    z: int
-    y: int
-    x: int
-    h: int
-    w: int
+    """One rendered tile of a plane: where it goes in the raw folder and the URL that renders it."""
 
-    @property
-    def relpath(self) -> str:
-        return _tile_path(self.z, self.y, self.x)
-
-    def url(self, params: Params) -> str:
-        query = {"region": f"{self.x},{self.y},{self.w},{self.h}", **RENDER_QUERY}
-        path = params.api(f"webgateway/render_image_region/{params.image_id}/{self.z}/0/")
-        return f"{path}?{urllib.parse.urlencode(query, safe=',:$')}"
+    relpath: str
+    url: str
+    height: int
+    width: int
 
 
-def tiles(shape: IntTriple, size: int) -> list[Tile]:
-    depth, height, width = shape
-    return [Tile(z, y, x, min(size, height - y), min(size, width - x))
-            for z in range(depth) for y in range(0, height, size) for x in range(0, width, size)]
+def tiles(params: Params, shape: IntTriple) -> list[Tile]:
+    """The render tiles of every plane, plane by plane, rows then columns (edge tiles narrower)."""
+    out = []
+    for _, box in Grid(shape, (1, params.tile_size, params.tile_size)).cells():
+        (z, y, x), (_, h, w) = box.start, box.shape
+        query = urllib.parse.urlencode({"region": f"{x},{y},{w},{h}", **RENDER_QUERY}, safe=",:$")
+        path = params.api(f"webgateway/render_image_region/{params.image_id}/{z}/0/")
+        out.append(Tile(_tile_path(z, y, x), f"{path}?{query}", h, w))
+    return out
 
 
 def _refuse_lossy(params: Params, dataset: str, pixels: Pixels) -> None:
@@ -391,32 +290,25 @@ def _refuse_lossy(params: Params, dataset: str, pixels: Pixels) -> None:
 
 
 def _fetch_tiles(params: Params, ctx: FetchContext, pixels: Pixels) -> dict[str, FetchedFile]:
+    """Every tile as served, through the shared object copy (resumed tile by tile)."""
     _refuse_lossy(params, ctx.dataset, pixels)
-    todo = tiles(pixels.shape, params.tile_size)
-    progress = ctx.progress(len(todo), "render tiles", unit="tile")
-    # Once one tile has failed for good, the others stop retrying and no new one starts (ctx.map).
-    cancel = threading.Event()
+    cancel = threading.Event()  # once one tile has failed for good, the others stop retrying
 
-    def one(tile: Tile) -> tuple[str, FetchedFile]:
-        url = tile.url(params)
-        target = ctx.path(tile.relpath)
-        if target.is_file():  # written by an earlier, interrupted fetch after its check
-            progress.update(1)
-            return tile.relpath, FetchedFile(url, target.stat().st_size, sha256_file(target))
-        data = ctx.http.get_bytes(url, max_bytes=tile.w * tile.h * 3 + (1 << 16), accept="image/png",
-                                  cancel=cancel)
-        problem = header_problem(data, tile.w, tile.h)
-        if problem:  # plain OMERO.web answers JPEG whatever format says; other encodings are lossy
-            raise FormatError(ctx.dataset, url, f"{problem} (a lossless PNG tile was asked for)",
-                              "use pixels: original, or an OMERO server that renders PNG (omero-ms-image-region)")
-        write_bytes_atomic(target, data)
-        progress.update(1)
-        return tile.relpath, FetchedFile(url, len(data), hashlib.sha256(data).hexdigest())
+    def start(tile: Tile) -> Callable[[], bytes]:
+        return lambda: _tile_bytes(ctx, tile, cancel)
 
-    try:
-        return dict(ctx.map(one, todo, cancel=cancel))
-    finally:
-        progress.close()
+    return copy_objects(ctx, tiles(params, pixels.shape), start, desc="render tiles", unit="tile", cancel=cancel)
+
+
+def _tile_bytes(ctx: FetchContext, tile: Tile, cancel: threading.Event) -> bytes:
+    """A tile's PNG, refused unless it is a lossless PNG of the asked size."""
+    data = ctx.http.get_bytes(tile.url, max_bytes=tile.width * tile.height * 3 + (1 << 16), accept="image/png",
+                              cancel=cancel)
+    problem = header_problem(data, tile.width, tile.height)
+    if problem:  # plain OMERO.web answers JPEG whatever format says; other encodings are lossy
+        raise FormatError(ctx.dataset, tile.url, f"{problem} (a lossless PNG tile was asked for)",
+                          "use pixels: original, or an OMERO server that renders PNG (omero-ms-image-region)")
+    return data
 
 
 def _tile_path(z: int, y: int, x: int) -> str:
@@ -433,12 +325,13 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
         assert params.original is not None
         return plans + plan_files(ctx, [params.original])
     answer = _get_json(params, ctx, params.image_url, f"image {params.image_id}")
-    pixels = parse_pixels(ctx.dataset, params.image_url, _image_object(ctx.dataset, params.image_url, answer))
+    pixels = parse_pixels(ctx.dataset, params.image_url, answer)
     _refuse_lossy(params, ctx.dataset, pixels)
-    todo = tiles(pixels.shape, params.tile_size)
-    left = [t for t in todo if not (ctx.dest / t.relpath).is_file()]
+    todo = tiles(params, pixels.shape)
+    finished = journalled(ctx)
+    left = [t for t in todo if t.relpath not in finished]
     state = "new" if len(left) == len(todo) else "resume" if left else "done"
-    return plans + [FilePlan(f"render/ ({len(todo)} PNG tiles)", todo[0].url(params) if todo else params.image_url,
+    return plans + [FilePlan(f"render/ ({len(todo)} PNG tiles)", todo[0].url if todo else params.image_url,
                              None, None, len(left), state)]
 
 
@@ -455,57 +348,13 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     return ctx.record(files, extra)
 
 
-def _voxel_size(params: Params, pixels: Pixels, info: dict[str, Any] | None,
-                dataset: str, where: str) -> tuple[Triple | None, str]:
-    """OMERO's voxel size, cross-checked against the ImageJ tags; and where it came from."""
-    from emdata.formats.imagej import voxel_size_nm
-
-    omero = pixels.voxel_size_nm
-    imagej = voxel_size_nm(info) if info is not None else None
-    if imagej is None:
-        return omero, "omero" if omero else "none"
-    if omero is None:
-        if imagej[0] is None:
-            return None, "none"
-        return (imagej[0], imagej[1], imagej[2]), "imagej (OMERO has none)"
-    axes = [i for i in range(3) if imagej[i] is not None]
-    mine = tuple(omero[i] for i in axes)
-    theirs = tuple(float(imagej[i]) for i in axes)  # type: ignore[arg-type]
-    if same_geometry(mine, theirs):  # type: ignore[arg-type]
-        return omero, "omero (ImageJ tags agree)"
-    if params.geometry_from == "omero":
-        return omero, "omero (ImageJ tags differ, geometry_from: omero)"
-    if params.geometry_from == "imagej" and imagej[0] is not None:
-        return (imagej[0], imagej[1], imagej[2]), "imagej (OMERO differs, geometry_from: imagej)"
-    raise FormatError(dataset, where, f"OMERO says the voxel size is {_fmt(omero)} nm but the ImageJ tags say "
-                      f"{_fmt(imagej)} nm", f"set datasets.{dataset}.source.geometry_from to omero or imagej")
-
-
-def _fmt(values: tuple[float | None, ...]) -> str:
-    return "[" + ", ".join("?" if v is None else f"{v:g}" for v in values) + "]"
-
-
 def open_volume(params: Params, raw: Path, dataset: str) -> RawVolume:
     pixels = _pixels_from_raw(params, raw, dataset)
     if params.pixels == "render":
-        from emdata.formats.png import PngTiles
-
         return PngTiles(raw, dataset, pixels.shape, params.tile_size, _tile_path,
                         voxel_size_nm=pixels.voxel_size_nm, offset_nm=(0.0, 0.0, 0.0))
-    from emdata.formats.imagej import imagej_info
-    from emdata.formats.tiff import TiffStack
-
     assert params.original is not None
-    path = raw / params.original.name
-    check_tiff(dataset, str(path), path, pixels, params.image_url)
-    stack: TiffStack = TiffStack(path, dataset)
-    try:
-        stack.voxel_size_nm, _ = _voxel_size(params, pixels, imagej_info(path, dataset), dataset, str(path))
-        stack.offset_nm = (0.0, 0.0, 0.0)
-    except BaseException:
-        stack.close()
-        raise
-    return stack
+    return open_tiff(raw / params.original.name, pixels, params.image_url, params.geometry_from, dataset)
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
@@ -514,9 +363,6 @@ def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
              for name in (IMAGE_JSON, IMGDATA_JSON, DATASET_JSON) if (raw / name).is_file()}
     out: dict[str, Any] = {"omero": omero}
     if params.pixels == "original":
-        from emdata.formats.imagej import imagej_info
-        from emdata.formats.tiff import TiffStack
-
         assert params.original is not None
         path = raw / params.original.name
         with TiffStack(path, dataset) as stack:
@@ -528,12 +374,10 @@ def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
 
 def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     """Names from OMERO (image, dataset, project, IDR study), the route, where the voxel size came from."""
-    from emdata.formats.imagej import imagej_info
-
     meta = _load_json(raw, IMGDATA_JSON, dataset).get("meta") or {}
     pixels = _pixels_from_raw(params, raw, dataset)
     info = imagej_info(raw / params.original.name, dataset) if params.pixels == "original" and params.original else None
-    _, origin = _voxel_size(params, pixels, info, dataset, str(raw))
+    _, origin = voxel_size(pixels, info, params.geometry_from, dataset, str(raw))
     project = meta.get("projectName")
     out = {
         "omero_image_id": params.image_id,

@@ -6,8 +6,8 @@ encoding. Voxels are read through tensorstore's ``neuroglancer_precomputed`` dri
 HTTP key-value store (public GCS needs no credentials this way), with the fetch context's
 bounded retries; its X, Y, Z order becomes Z, Y, X once, in :mod:`emdata.formats.precomputed`.
 
-The crop: ``crop_size`` voxels of the chosen ``scale``. With ``roi_start`` in params the crop
-starts there. Otherwise a seeded search draws starts on the scale's chunk grid inside its bounds
+The crop (:mod:`emdata.sources.fetch.crop`): ``crop_size`` voxels of the chosen ``scale``. With
+``roi_start`` in params the crop starts there. Otherwise a seeded search draws starts on the scale's chunk grid inside its bounds
 (``voxel_offset`` .. ``voxel_offset + size``; on the grid, so no chunk is read twice) and screens
 each on a coarse scale: a candidate is accepted when at least ``tissue.min_fraction`` of the
 coarse voxels it covers are non-zero (missing chunks are zero, as in neuroglancer), after at
@@ -16,8 +16,10 @@ every candidate's tissue fraction and the layer's ``info`` are recorded in ``sou
 (``extra``) and in the metadata record (native metadata and description).
 
 ``fetch`` writes the decoded crop into ``data/raw/<ds>/crop.zarr`` (zarr v2, one uncompressed
-chunk file per block of ``block`` voxels) block by block: memory holds a few blocks, never the
-crop, and an interrupted fetch resumes from the blocks not yet written. ``plan`` reports the
+chunk file per block of ``block`` voxels) block by block, through the object copy every array
+source shares (:mod:`emdata.sources.fetch.objects`): memory holds a few blocks, never the crop,
+and an interrupted fetch keeps the blocks it journalled for this very crop that still hash as
+journalled and reads only the others. ``plan`` reports the
 scale, the ROI, the chunks and shards it touches and the bytes it would transfer (estimated from
 HEAD requests on the shards, or on a sample of the chunks).
 
@@ -36,14 +38,12 @@ params.yaml::
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import math
-import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -60,27 +60,24 @@ from emdata.params.schema import (
 )
 from emdata.errors import ConfigError, FormatError, refetch_hint
 from emdata.sources.fetch.context import FetchContext
-from emdata.sources.fetch.record import FetchedFile, FetchRecord, plain_spec
-from emdata.core.atomic import write_json_atomic
-from emdata.core.digest import sha256_file
+from emdata.sources.fetch.record import FetchRecord
+from emdata.core.boxes import Box
+from emdata.formats.precomputed import (STORE, CropVolume, Layer, Scale, http_requests_started, open_scale, parse_info,
+                                        read)
 from emdata.sources.fetch.files import FilePlan
-
-if TYPE_CHECKING:
-    from emdata.formats.precomputed import CropVolume, Layer, Scale
+from emdata.sources.fetch.crop import Crop, choose_crop, copy_crop, crop_blocks, finished_blocks, screening_scale
 
 log = logging.getLogger(__name__)
 
 KIND = "precomputed"
 READERS = ("emdata.formats.precomputed",)
 DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
+FETCHERS = ("emdata.sources.fetch.crop",)  # where the crop lies and how its blocks are stored
 
 ScaleRef = Union[str, float, tuple[float, float, float]]
 IntTriple = tuple[int, int, int]
-MIN_SPAN = 8  # the default screening scale still spans this many voxels of the crop per axis
-MAX_SCREEN_VOXELS = 1 << 26  # one candidate's screening box
 MAX_TRIES = 10_000
 HEAD_SAMPLE = 16  # chunks probed to estimate the bytes of an unsharded scale
-CROP_MARKER = ".crop.json"  # in the partial folder while a fetch is under way: which crop its blocks belong to
 
 
 # -- params -------------------------------------------------------------------------------------
@@ -161,17 +158,9 @@ def parse_params(sec: Section) -> Params:
 
 
 @dataclass
-class Crop:
-    start: IntTriple  # absolute voxels of the scale, Z, Y, X
-    stop: IntTriple
-    chosen_by: str  # "roi_start" or "search"
-    search: dict[str, Any] | None = None
-
-
-@dataclass
 class Prepared:
-    layer: "Layer"
-    scale: "Scale"
+    layer: Layer
+    scale: Scale
     crop: Crop
     block: IntTriple
     timeout: float
@@ -195,14 +184,7 @@ def _context(ctx: FetchContext) -> dict[str, Any]:
             "cache_pool": {"total_bytes_limit": 64 << 20}}
 
 
-def read_layer(params: Params, ctx: FetchContext) -> "Layer":
-    from emdata.formats.precomputed import parse_info
-
-    info = ctx.http.get_json(f"{params.url}/info")
-    return parse_info(info, ctx.dataset, params.url)
-
-
-def find_scale(layer: "Layer", wanted: ScaleRef, path: str) -> "Scale":
+def find_scale(layer: Layer, wanted: ScaleRef, path: str) -> Scale:
     """The scale a params value names (key, or resolution within 1 %); a ConfigError lists the others."""
     for scale in layer.scales:
         if isinstance(wanted, str):
@@ -217,107 +199,20 @@ def find_scale(layer: "Layer", wanted: ScaleRef, path: str) -> "Scale":
                       f"(resolutions z, y, x in nm; scales: {have})")
 
 
-def screening_scale(params: Params, layer: "Layer", scale: "Scale") -> "Scale":
-    if params.tissue.scale is not None:
-        return find_scale(layer, params.tissue.scale, f"{params.path}.tissue.scale")
-    extent = [c * r for c, r in zip(params.crop_size, scale.resolution)]
-    coarser = [s for s in layer.scales
-               if all(rc >= r * 0.99 for rc, r in zip(s.resolution, scale.resolution))
-               and all(e / rc >= MIN_SPAN for e, rc in zip(extent, s.resolution))]
-    return max(coarser, key=lambda s: (math.prod(s.resolution), -s.index), default=scale)
-
-
-def _coarse_box(start: IntTriple, stop: IntTriple, scale: "Scale", screen: "Scale") -> tuple[IntTriple, IntTriple]:
-    """The voxels of ``screen`` that cover the box ``[start, stop)`` of ``scale`` (clipped to ``screen``)."""
-    lo = [math.floor(a * r / rc + 1e-9) for a, r, rc in zip(start, scale.resolution, screen.resolution)]
-    hi = [math.ceil(b * r / rc - 1e-9) for b, r, rc in zip(stop, scale.resolution, screen.resolution)]
-    lo = [min(max(v, o), e) for v, o, e in zip(lo, screen.voxel_offset, screen.stop)]
-    hi = [min(max(v, a), e) for v, a, e in zip(hi, lo, screen.stop)]
-    return tuple(lo), tuple(hi)  # type: ignore[return-value]
-
-
-def choose_crop(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale",
-                context: dict[str, Any], timeout: float) -> Crop:
-    crop = params.crop_size
-    lo, hi = scale.voxel_offset, scale.stop
-    if any(c > s for c, s in zip(crop, scale.size)):
-        raise ConfigError(f"params.yaml: {params.path}.crop_size: {list(crop)} (z, y, x) is larger than scale "
-                          f"{scale.key} of {layer.url} ({list(scale.size)} voxels, z, y, x)")
-    if params.roi_start is not None:
-        start = params.roi_start
-        stop = tuple(a + c for a, c in zip(start, crop))
-        if any(a < o for a, o in zip(start, lo)) or any(b > e for b, e in zip(stop, hi)):
-            raise ConfigError(f"params.yaml: {params.path}.roi_start: the crop {list(start)}..{list(stop)} (z, y, x) "
-                              f"leaves scale {scale.key} of {layer.url}, whose voxels are {list(lo)}..{list(hi)}")
-        return Crop(start, stop, "roi_start")  # type: ignore[arg-type]
-    return _search(params, ctx, layer, scale, context, timeout)
-
-
-def _search(params: Params, ctx: FetchContext, layer: "Layer", scale: "Scale", context: dict[str, Any],
-            timeout: float) -> Crop:
-    from emdata.formats.precomputed import open_scale
-
-    crop, tissue = params.crop_size, params.tissue
-    screen = screening_scale(params, layer, scale)
-    positions = np.array([(s - c) // ch + 1 for s, c, ch in zip(scale.size, crop, scale.chunk)], dtype=np.int64)
-    rng = np.random.default_rng(params.seed)
-    store = open_scale(layer, screen, context, ctx.dataset, timeout)
-    seen: dict[IntTriple, float] = {}
-    candidates = []
-    for _ in range(tissue.max_tries):
-        steps = rng.integers(0, positions)
-        start: IntTriple = tuple(int(o + ch * k) for o, ch, k in zip(scale.voxel_offset, scale.chunk, steps))  # type: ignore[assignment]
-        stop: IntTriple = tuple(a + c for a, c in zip(start, crop))  # type: ignore[assignment]
-        if start not in seen:
-            seen[start] = _tissue_fraction(store, start, stop, scale, screen, params, layer, ctx)
-        fraction = seen[start]
-        candidates.append({"start_zyx": list(start), "fraction": fraction})
-        if fraction >= tissue.min_fraction:
-            search = {"seed": params.seed, "tries": len(candidates), "min_fraction": tissue.min_fraction,
-                      "max_tries": tissue.max_tries, "screening_scale": screen.key, "fraction": fraction,
-                      "candidates": candidates}
-            log.info("%s: crop %s..%s (z, y, x) of scale %s after %s: %.1f%% of the %s voxels are non-zero",
-                     ctx.dataset, list(start), list(stop), scale.key, _tries(len(candidates)), 100 * fraction,
-                     screen.key)
-            return Crop(start, stop, "search", search)
-    best = max(candidates, key=lambda c: float(c["fraction"]))  # type: ignore[arg-type]
-    raise ConfigError(f"params.yaml: {params.path}.tissue: none of {len(candidates)} random {list(crop)} crops "
-                      f"(seed {params.seed}) of {layer.url} scale {scale.key} has {tissue.min_fraction:.0%} non-zero "
-                      f"voxels at scale {screen.key} (best: {best['fraction']:.1%} at {best['start_zyx']}); lower "
-                      "tissue.min_fraction, raise tissue.max_tries, change the seed or give roi_start")
-
-
-def _tries(n: int) -> str:
-    return f"{n} try" if n == 1 else f"{n} tries"
-
-
-def _tissue_fraction(store: Any, start: IntTriple, stop: IntTriple, scale: "Scale", screen: "Scale",
-                     params: Params, layer: "Layer", ctx: FetchContext) -> float:
-    from emdata.formats.precomputed import read
-
-    lo, hi = _coarse_box(start, stop, scale, screen)
-    count = math.prod(b - a for a, b in zip(lo, hi))
-    if count == 0:
-        return 0.0
-    if count > MAX_SCREEN_VOXELS:
-        raise ConfigError(f"params.yaml: {params.path}.tissue.scale: screening a crop at scale {screen.key} reads "
-                          f"{count} voxels per candidate; choose a coarser scale of {layer.url}")
-    data = read(store, lo, hi, ctx.dataset, f"{layer.url}/{screen.key}", _timeout(ctx))
-    return round(float(np.count_nonzero(data)) / count, 6)
-
-
-def default_block(scale: "Scale", crop: IntTriple) -> IntTriple:
-    """One chunk deep and 4 x 4 chunks wide (64 x 256 x 256 for 64^3 chunks), at most the crop."""
-    want = (scale.chunk[0], 4 * scale.chunk[1], 4 * scale.chunk[2])
-    return tuple(min(w, c) for w, c in zip(want, crop))  # type: ignore[return-value]
-
-
 def prepare(params: Params, ctx: FetchContext) -> Prepared:
-    layer = read_layer(params, ctx)
+    layer = parse_info(ctx.http.get_json(f"{params.url}/info"), ctx.dataset, params.url)
     scale = find_scale(layer, params.scale, f"{params.path}.scale")
     timeout, context = _timeout(ctx), _context(ctx)
-    crop = choose_crop(params, ctx, layer, scale, context, timeout)
-    block = params.block or default_block(scale, params.crop_size)
+
+    def screen() -> tuple[Scale, Callable[[Box], np.ndarray]]:
+        chosen = (find_scale(layer, params.tissue.scale, f"{params.path}.tissue.scale") if params.tissue.scale
+                  is not None else screening_scale(layer.scales, scale, params.crop_size))
+        store = open_scale(layer, chosen, context, ctx.dataset, timeout)
+        return chosen, lambda box: read(store, *box, ctx.dataset, f"{layer.url}/{chosen.key}", timeout)
+
+    crop = choose_crop(params, scale, layer.url, screen, ctx.dataset)
+    # One chunk deep and 4 x 4 chunks wide (64 x 256 x 256 for 64^3 chunks) unless params say; at most the crop.
+    block = params.block or (scale.chunk[0], 4 * scale.chunk[1], 4 * scale.chunk[2])
     block = tuple(min(b, c) for b, c in zip(block, params.crop_size))  # type: ignore[assignment]
     return Prepared(layer, scale, crop, block, timeout, context)
 
@@ -340,43 +235,27 @@ def _extra(p: Prepared, params: Params) -> dict[str, Any]:
 
 
 def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
-    from emdata.formats.precomputed import STORE
-
     p = prepare(params, ctx)
     scale, crop = p.scale, p.crop
     chunks = scale.chunks_in(crop.start, crop.stop)
     per_chunk, how, shards = _bytes_per_chunk(p, chunks, ctx)
-    itemsize = p.layer.dtype.itemsize
     rows = []
-    folder = ctx.dest / STORE
-    resumable = _read_json(ctx.dest / ".spec.json") == plain_spec(ctx.spec)  # the partial fetch is of these params
-    for key, a, b in _boxes(params.crop_size, p.block):
-        start = tuple(c + x for c, x in zip(crop.start, a))
-        stop = tuple(c + x for c, x in zip(crop.start, b))
-        touched = scale.chunks_in(start, stop)  # type: ignore[arg-type]
-        done = resumable and (folder / key).is_file()
+    finished = finished_blocks(ctx, crop, scale.key, p.block)
+    for block in crop_blocks(crop, p.block, p.scale_url):
+        touched = scale.chunks_in(*block.box.shifted(crop.start))
+        done = block.relpath in finished
         wire = 0 if done else int(sum(per_chunk(pos) for pos in touched))
-        rows.append(FilePlan(f"{STORE}/{key}", p.scale_url, math.prod(y - x for x, y in zip(a, b)) * itemsize,
+        rows.append(FilePlan(block.relpath, p.scale_url, block.box.voxels * p.layer.dtype.itemsize,
                              wire, 0 if done else len(touched), "done" if done else "new"))
-    how_chosen = ("roi_start from params" if crop.chosen_by == "roi_start" else
-                  f"seed {params.seed}, {_tries((crop.search or {}).get('tries', 0))}, "
-                  f"{100 * (crop.search or {}).get('fraction', 0):.1f}% non-zero at {(crop.search or {}).get('screening_scale')}")
     log.info("%s: %s scale %s; ROI z %d..%d, y %d..%d, x %d..%d voxels (%s); offset %s nm", ctx.dataset, p.layer.url,
              scale.label(), crop.start[0], crop.stop[0], crop.start[1], crop.stop[1], crop.start[2], crop.stop[2],
-             how_chosen, [a * r for a, r in zip(crop.start, scale.resolution)])
+             crop.how_chosen(), [a * r for a, r in zip(crop.start, scale.resolution)])
     shard_text = f" in {len(shards)} shard(s) ({', '.join(shards[:6])}{', ...' if len(shards) > 6 else ''})" if shards else ""
     log.info("%s: %d chunk(s) of %s voxels (z, y, x)%s; about %.1f MiB on the wire (%s), %.1f MiB decoded, "
              "%d block(s) of %s", ctx.dataset, len(chunks), "x".join(map(str, scale.chunk)), shard_text,
              sum(r.to_transfer or 0 for r in rows) / 2**20, how,
-             math.prod(params.crop_size) * itemsize / 2**20, len(rows), "x".join(map(str, p.block)))
+             math.prod(params.crop_size) * p.layer.dtype.itemsize / 2**20, len(rows), "x".join(map(str, p.block)))
     return rows
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _bytes_per_chunk(p: Prepared, chunks: list[IntTriple], ctx: FetchContext) -> tuple[Any, str, list[str]]:
@@ -405,22 +284,8 @@ def _bytes_per_chunk(p: Prepared, chunks: list[IntTriple], ctx: FetchContext) ->
     return (lambda pos: mean), f"mean of {len(found_sizes)} sampled chunk(s)", []
 
 
-def _boxes(shape: IntTriple, block: IntTriple) -> list[tuple[str, IntTriple, IntTriple]]:
-    grid = [range(-(-s // b)) for s, b in zip(shape, block)]
-    out = []
-    for i in grid[0]:
-        for j in grid[1]:
-            for k in grid[2]:
-                start = (i * block[0], j * block[1], k * block[2])
-                stop = tuple(min(a + b, s) for a, b, s in zip(start, block, shape))
-                out.append((f"{i}.{j}.{k}", start, stop))
-    return out  # type: ignore[return-value]
-
-
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     """The seeded crop, block by block (resumable); tensorstore's requests count in the fetch's."""
-    from emdata.formats.precomputed import http_requests_started
-
     before = http_requests_started()
     try:
         return _fetch(params, ctx)
@@ -429,47 +294,10 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
 
 def _fetch(params: Params, ctx: FetchContext) -> FetchRecord:
-    from emdata.formats.precomputed import STORE, CropStore, open_scale, read
-
     p = prepare(params, ctx)
-    # Blocks left by an interrupted run are kept only if they belong to this very crop (the search
-    # is deterministic, but the server's coarse data could have changed in between).
-    marker = ctx.path(CROP_MARKER)
-    crop_id = {"scale": p.scale.key, "start_zyx": list(p.crop.start), "block_zyx": list(p.block)}
-    if _read_json(marker) != crop_id:
-        shutil.rmtree(ctx.dest / STORE, ignore_errors=True)
-        write_json_atomic(marker, crop_id)
-    folder = ctx.path(f"{STORE}/.zarray").parent
-    store = CropStore(folder, params.crop_size, p.block, p.layer.dtype, ctx.dataset)
-    todo = [(key, a, b) for key, a, b in _boxes(params.crop_size, p.block) if not store.done(key)]
-    if todo:
-        remote = open_scale(p.layer, p.scale, p.context, ctx.dataset, p.timeout)
-        itemsize = p.layer.dtype.itemsize
-        total = sum(math.prod(y - x for x, y in zip(a, b)) for _, a, b in todo) * itemsize
-        failed = threading.Event()
-        lock = threading.Lock()
-        with ctx.progress(total, f"crop {p.scale.key}, {len(todo)} block(s)") as bar:
-            def one(item: tuple[str, IntTriple, IntTriple]) -> None:
-                if failed.is_set():  # stop early: the first error is what the user sees
-                    return
-                _, a, b = item
-                start = tuple(c + x for c, x in zip(p.crop.start, a))
-                stop = tuple(c + x for c, x in zip(p.crop.start, b))
-                try:
-                    data = read(remote, start, stop, ctx.dataset, p.scale_url, p.timeout)  # type: ignore[arg-type]
-                    store.write(a, b, data.astype(store.dtype, copy=False))
-                except BaseException:
-                    failed.set()
-                    raise
-                with lock:
-                    bar.update(data.nbytes)
-
-            ctx.map(one, todo)
-    files = {}
-    for rel in store.files():
-        path = ctx.dest / rel
-        files[rel] = FetchedFile(p.scale_url, path.stat().st_size, sha256_file(path))
-    marker.unlink()
+    remote = functools.cache(lambda: open_scale(p.layer, p.scale, p.context, ctx.dataset, p.timeout))  # if needed
+    files = copy_crop(ctx, p.crop, p.scale.key, p.block, p.layer.dtype, p.scale_url,
+                      lambda box: read(remote(), *box, ctx.dataset, p.scale_url, p.timeout))
     return ctx.record(files, _extra(p, params))
 
 
@@ -482,9 +310,7 @@ def _record_extra(raw: Path, dataset: str) -> dict[str, Any]:
     return extra
 
 
-def open_volume(params: Params, raw: Path, dataset: str) -> "CropVolume":
-    from emdata.formats.precomputed import STORE, CropVolume
-
+def open_volume(params: Params, raw: Path, dataset: str) -> CropVolume:
     extra = _record_extra(raw, dataset)
     res = tuple(float(v) for v in extra["scale"]["resolution_nm_zyx"])
     offset = tuple(float(v) for v in extra["roi"]["offset_nm_zyx"])

@@ -7,13 +7,11 @@ Opened by the single-process writer and, on a cluster, by each worker
 from __future__ import annotations
 
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from emdata.core.geometry import same_geometry
 from emdata.errors import ConfigError, FormatError
 from emdata.formats.raw import MappedVolume, RawVolume
-from emdata.params.config import Config
 from emdata.sources.dataset import Dataset
 
 
