@@ -5,7 +5,8 @@ exception that escapes a command becomes one line ``emdata: error: ...`` and a n
 an EmdataError as its own message (which names the dataset), anything else (a file-system error,
 a bug) prefixed by the command's name; set ``EMDATA_DEBUG=1`` to see the traceback instead.
 Ctrl-C exits 130 with one line. Each command resolves its dataset once (:func:`emdata.sources.dataset.resolve_dataset`)
-and hands it down.
+and hands it down. Commands import their stage when they run (the one place an emdata module is
+imported inside a function), so ``--help`` and a typo answer without loading numpy, h5py or requests.
 """
 
 from __future__ import annotations
@@ -23,16 +24,8 @@ import click
 import typer
 
 from emdata.errors import ConfigError, EmdataError
-from emdata.h5.metadata import read_record
 from emdata.params.config import Config, load_config
 from emdata.sources.dataset import Dataset, registered_kinds, resolve_all, resolve_dataset
-from emdata.stages import codedeps
-from emdata.stages.fetch import dataset_state, fetch_dataset, plan_dataset, verify_dataset
-from emdata.stages.inputs import write_inputs
-from emdata.stages.normalize.volume import normalize_dataset
-from emdata.stages.summarize import human_bytes
-from emdata.stages.summarize import summarize as summarize_all
-from emdata.testing.demo import run_demo
 
 app = typer.Typer(
     help="Public 3D EM volumes -> versioned, ML-ready HDF5. Stages of dvc.yaml call these commands.",
@@ -69,6 +62,8 @@ def _config() -> Config:
 
 
 def _size(n: Optional[int]) -> str:
+    from emdata.stages.summarize import human_bytes
+
     return "-" if n is None else human_bytes(n)
 
 
@@ -79,6 +74,8 @@ def _problems(resolved: dict[str, Dataset | ConfigError]) -> dict[str, ConfigErr
 @app.command("list")
 def list_datasets() -> None:
     """Datasets in params.yaml and what exists locally (fetched, normalized, sizes)."""
+    from emdata.stages.fetch import dataset_state
+
     cfg = _config()
     resolved = resolve_all(cfg.datasets, cfg)
     problems = _problems(resolved)
@@ -104,6 +101,8 @@ def list_datasets() -> None:
 @app.command()
 def check() -> None:
     """Validate every dataset in params.yaml and the code fingerprints dvc.yaml depends on."""
+    from emdata.stages import codedeps
+
     cfg = _config()
     problems = _problems(resolve_all(cfg.datasets, cfg))
     for key, problem in problems.items():
@@ -125,6 +124,8 @@ def check() -> None:
 @app.command("code-deps")
 def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the stale fingerprint files.")) -> None:
     """Fingerprints of the code that decides each kind's bytes (pipeline/code/, used by dvc.yaml)."""
+    from emdata.stages import codedeps
+
     cfg = _config()
     kinds = registered_kinds(cfg)
     if write:
@@ -141,6 +142,8 @@ def code_deps(write: bool = typer.Option(False, "--write", help="Rewrite the sta
 @app.command()
 def inputs() -> None:
     """Write data/inputs/<dataset>.json: the state of sources DVC cannot see (local imports)."""
+    from emdata.stages.inputs import write_inputs
+
     changed = write_inputs(_config())
     for key in sorted(k for k, c in changed.items() if c):
         typer.echo(f"{key}: source inputs changed")
@@ -150,6 +153,8 @@ def inputs() -> None:
 @app.command()
 def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """What `fetch` would transfer: files (or chunk objects), bytes and requests; downloads no data."""
+    from emdata.stages.fetch import plan_dataset
+
     plans = plan_dataset(_config(), dataset)
     total = 0
     for p in plans:
@@ -164,6 +169,8 @@ def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."))
 @app.command()
 def fetch(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Download a dataset's source files into data/raw/<dataset> (resumable, verified, atomic)."""
+    from emdata.stages.fetch import fetch_dataset
+
     result = fetch_dataset(_config(), dataset)
     typer.echo(f"{dataset}: {'up to date' if result.up_to_date else 'fetched'} in {result.raw_dir}")
 
@@ -177,6 +184,8 @@ def normalize(
              "process writes; the file is byte-identical. Env: EMDATA_SCHEDULER."),
 ) -> None:
     """Convert data/raw/<dataset> into data/processed/<dataset>.h5 and its metadata record."""
+    from emdata.stages.normalize.volume import normalize_dataset
+
     cfg = _config()
     out = normalize_dataset(cfg, dataset, scheduler=scheduler or None)
     typer.echo(f"{dataset}: wrote {out} and {cfg.record_path(dataset)}")
@@ -185,6 +194,8 @@ def normalize(
 @app.command()
 def summarize() -> None:
     """Write data/metadata.csv, METADATA_SUMMARY.md and thumbnails from the metadata records."""
+    from emdata.stages.summarize import summarize as summarize_all
+
     for path in summarize_all(_config()):
         typer.echo(f"wrote {path}")
 
@@ -193,6 +204,9 @@ def summarize() -> None:
 def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
          as_json: bool = typer.Option(False, "--json", help="Print the whole metadata record as JSON.")) -> None:
     """Describe a dataset: its record if normalized, else its configuration and local state."""
+    from emdata.h5.metadata import read_record
+    from emdata.stages.fetch import dataset_state
+
     cfg = _config()
     ds = resolve_dataset(cfg, dataset)
     if not ds.paths.record.is_file():
@@ -223,6 +237,8 @@ def info(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."),
 @app.command()
 def verify(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """Re-hash the fetched raw files (if present), the HDF5 file and its voxels against their records."""
+    from emdata.stages.fetch import verify_dataset
+
     for what, digest in verify_dataset(_config(), dataset, raw=True):
         typer.echo(f"ok  {what}  {digest}")
 
@@ -233,6 +249,8 @@ def demo(
     keep: bool = typer.Option(False, help="Keep the demo folder and print its path."),
 ) -> None:
     """The whole job offline: replicas, dvc repro, push to a local S3, fresh clone, pull, verify."""
+    from emdata.testing.demo import run_demo
+
     run_demo(_config().root, workdir=workdir, keep=keep)
 
 
