@@ -45,6 +45,8 @@ NOT_OUTPUT = {
     "emdata.stages.imports": "reads imports for these fingerprints",
     "emdata.transport.header_deadline": "a time limit for a response's headers: it decides when a request "
                                         "fails and is retried, never which bytes arrive",
+    "emdata.transport.retry": "how often and how long to retry: decides whether a fetch succeeds, not its bytes",
+    "emdata.transport.failures": "turns a failure into a one-line reason; errors are not outputs",
 }
 COLLECTION_WRITER = "emdata.stages.normalize.collection"
 
