@@ -1442,7 +1442,7 @@ for _ in range(40):
     wrong += int(not np.array_equal(vol[box], expected[box]))
 whole = bool(np.array_equal(vol[:, :, :], expected))
 print(json.dumps({"wrong": wrong, "whole": whole, "hdf5": h5py.version.hdf5_version,
-                  "chunkmap": vol._open().chunkmap is not None}))
+                  "chunkmap": vol.storage.handle(vol.array).chunkmap is not None}))
 """
 
 
