@@ -108,3 +108,4 @@ def test_group_digests_are_checked_against_the_recorded_files_and_their_bytes(tm
     edited = FetchRecord("d", "toy", {}, files, {"array_digests": {**groups, "s3://b/c/ab": "0" * 64}})
     (problem,) = group_problems(edited, on_disk)
     assert problem.startswith("s3://b/c/ab: ") and "0" * 64 in problem and "\n" not in problem
+    assert len(group_problems(FetchRecord("d", "toy", {}, files, {"array_digests": ["x"]}), on_disk)) == 1

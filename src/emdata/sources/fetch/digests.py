@@ -50,10 +50,11 @@ def group_problems(record: FetchRecord, on_disk: Mapping[str, str | None]) -> li
     Each is recomputed from the record's per-file sha256 (a mismatch: the record was edited) and
     from ``on_disk``, the sha256 of each file as it is now (a mismatch: a file of the group changed).
     """
-    if not isinstance(record.extra.get(GROUPS, {}), dict):
+    groups = record.extra.get(GROUPS, {})
+    if not isinstance(groups, dict):
         return [f"extra.{GROUPS} is not a mapping of URL to group digest (source.json was edited after the fetch)"]
     found = []
-    for url, recorded in sorted(recorded_groups(record).items()):
+    for url, recorded in sorted(groups.items()):
         members = files_under(record.files, url)
         as_recorded = group_digest(members.items())
         if as_recorded != recorded:
