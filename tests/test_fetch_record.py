@@ -75,3 +75,37 @@ def test_hash_state_rehashes_only_files_whose_stat_changed(tmp_path, monkeypatch
     hashed.clear()
     assert fetched(folder, spec, state=fr.HashState(state_path)) is not None
     assert sorted(hashed) == ["a.bin", "c.bin"]
+
+
+def test_a_group_digest_is_the_sha256_of_its_files_sorted_lines() -> None:
+    import hashlib
+
+    from emdata.sources.fetch.digests import group_digest
+
+    files = {"z/s0/1.0": FetchedFile("s3://b/c/s0/1.0", 7, "bb"), "z/s0/.zarray": FetchedFile("s3://b/c/s0/.zarray", 3, "aa")}
+    lines = "z/s0/.zarray 3 aa\nz/s0/1.0 7 bb\n"
+    assert group_digest(files.items()) == hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_group_digests_are_checked_against_the_recorded_files_and_their_bytes(tmp_path) -> None:
+    """A record's ``array_digests``: the group of each URL is the files whose URL lies under it."""
+    import hashlib
+
+    from emdata.sources.fetch.digests import group_digests, group_problems
+
+    data = {"z/a/0": b"alpha", "z/a/.zarray": b"{}", "z/ab/0": b"beta"}
+    files = {rel: FetchedFile(f"s3://b/c/{rel[2:]}", len(v), hashlib.sha256(v).hexdigest()) for rel, v in data.items()}
+    groups = group_digests(files, ["s3://b/c/a", "s3://b/c/ab"])
+    assert groups["s3://b/c/a"] != groups["s3://b/c/ab"]  # "a" is not a folder of "ab/0"
+    record = FetchRecord("d", "toy", {}, files, {"array_digests": groups})
+    on_disk = {rel: f.sha256 for rel, f in files.items()}
+    assert group_problems(record, on_disk) == []
+
+    changed = {**on_disk, "z/a/0": hashlib.sha256(b"alphx").hexdigest()}
+    (problem,) = group_problems(record, changed)
+    assert problem.startswith("s3://b/c/a: ") and "z/a/0" in problem and "\n" not in problem
+
+    edited = FetchRecord("d", "toy", {}, files, {"array_digests": {**groups, "s3://b/c/ab": "0" * 64}})
+    (problem,) = group_problems(edited, on_disk)
+    assert problem.startswith("s3://b/c/ab: ") and "0" * 64 in problem and "\n" not in problem
+    assert len(group_problems(FetchRecord("d", "toy", {}, files, {"array_digests": ["x"]}), on_disk)) == 1

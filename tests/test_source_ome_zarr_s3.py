@@ -419,3 +419,43 @@ def test_a_damaged_chunk_left_by_an_interrupted_fetch_is_fetched_again(omz, proj
     assert case.files[kept[0]] in refetched and case.fault_path in refetched
     assert not {case.files[rel] for rel in kept[1:]} & refetched
     assert (project.raw_dir(KEY) / kept[0]).read_bytes() == omz.server.object_bytes(case.files[kept[0]])
+
+
+def _verify_raw(cfg, key: str):
+    from emdata.stages.fetch import verify_raw
+
+    return verify_raw(resolve_dataset(cfg, key))
+
+
+def test_verify_names_the_array_whose_chunk_changed_on_disk(omz, project) -> None:
+    from emdata.errors import IntegrityError
+
+    _fetch(project, KEY)
+    raw = project.raw_dir(KEY)
+    arrays = json.loads((raw / "source.json").read_text())["extra"]["arrays"]
+    passed = dict(_verify_raw(project, KEY))
+    assert all(f"raw {a['array']} group sha256" in passed for a in arrays.values())
+    label = arrays["labels/nucleus"]["array"]
+    chunk = next(rel for rel in sorted(_cases(omz)[KEY].files) if "/nuc/s0/" in rel and "/." not in rel)
+    data = bytearray((raw / chunk).read_bytes())
+    data[-1] ^= 1  # same size: only a digest can tell
+    (raw / chunk).write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as err:
+        _verify_raw(project, KEY)
+    message = str(err.value)
+    assert f"{label}: " in message and chunk in message and "\n" not in message
+
+
+def test_verify_fails_when_the_records_array_digest_was_edited(omz, project) -> None:
+    from emdata.errors import IntegrityError
+
+    _fetch(project, KEY)
+    path = project.raw_dir(KEY) / "source.json"
+    record = json.loads(path.read_text())
+    raw_array = record["extra"]["arrays"]["raw"]["array"]
+    record["extra"]["array_digests"][raw_array] = "0" * 64
+    path.write_text(json.dumps(record))
+    with pytest.raises(IntegrityError) as err:
+        _verify_raw(project, KEY)
+    message = str(err.value)
+    assert f"{raw_array}: " in message and "0" * 64 in message and "\n" not in message

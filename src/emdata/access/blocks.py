@@ -1,10 +1,10 @@
 """Exact block coverings of a volume, with a halo and a border policy.
 
-Write regions are the tiles of a grid of ``block_shape`` starting at voxel 0, clipped to the
-volume: they are disjoint and their union is the volume. The read region of a block is its tile
-grown by ``halo`` on every side. Two border policies:
+Write regions are the cells of a :class:`~emdata.core.boxes.Grid` of ``block_shape`` starting at
+voxel 0, clipped to the volume: they are disjoint and their union is the volume. The read region
+of a block is its cell grown by ``halo`` on every side. Two border policies:
 
-- ``fit="pad"``: the read region is always ``block_shape + 2 * halo`` voxels (the tile is not
+- ``fit="pad"``: the read region is always ``block_shape + 2 * halo`` voxels (the cell is not
   clipped for reading); the parts outside the volume are filled when read (``Volume.read_block``
   pads with ``reflect`` by default, or any ``numpy.pad`` mode). Networks get a constant shape.
 - ``fit="shrink"``: the read region is clipped to the volume; no padding, smaller arrays at the
@@ -15,12 +15,12 @@ grown by ``halo`` on every side. Two border policies:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from emdata.core.boxes import Grid
 from emdata.errors import ConfigError
 
 FITS = ("pad", "shrink")
@@ -76,10 +76,7 @@ def block_grid(shape: tuple[int, ...], block_shape: int | tuple[int, ...], *, ha
     margin = parse_triple(halo, "halo", 0)
     if fit not in FITS:
         raise ConfigError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-    counts = [-(-s // b) for s, b in zip(shape, block)]
-    for index in itertools.product(*(range(c) for c in counts)):
-        w0 = tuple(i * b for i, b in zip(index, block))
-        w1 = tuple(min(a + b, s) for a, b, s in zip(w0, block, shape))
+    for index, (w0, w1) in Grid(triple(shape[:3]), block):  # the write regions: the grid's cells
         if fit == "pad":
             r0 = tuple(a - h for a, h in zip(w0, margin))
             r1 = tuple(a + b + h for a, b, h in zip(w0, block, margin))
@@ -90,5 +87,4 @@ def block_grid(shape: tuple[int, ...], block_shape: int | tuple[int, ...], *, ha
 
 
 def count_blocks(shape: tuple[int, ...], block_shape: int | tuple[int, ...]) -> int:
-    block = parse_triple(block_shape, "block_shape", 1)
-    return int(np.prod([-(-s // b) for s, b in zip(shape, block)]))
+    return len(Grid(triple(shape[:3]), parse_triple(block_shape, "block_shape", 1)))

@@ -3,8 +3,9 @@
 A :class:`Box` is ``[start, stop)`` in Z, Y, X. It is a named pair, so code that unpacks
 ``start, stop = box`` or stores it as JSON (two lists) sees the same plain pair as before. A
 :class:`Grid` cuts a shape into steps of ``step`` voxels in C order (Z slowest), the last cell of
-each axis clipped to the shape: normalize's tiles, a precomputed crop's blocks and IDR's render
-tiles are all cells of one.
+each axis clipped to the shape: normalize's tiles, a precomputed crop's blocks, IDR's render
+tiles and the access blocks are all cells of one, and the chunks a box touches in a zarr array or
+a precomputed scale are its :meth:`Grid.touched` cells.
 
 How normalize cuts a volume into boxes that fit a memory budget (:func:`plan_tiles`): writes go in
 chunk-aligned *tiles*: one chunk deep in Z (every write covers whole chunks, so HDF5 never reads
@@ -20,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 IntTriple = tuple[int, int, int]
 IN_FLIGHT = 4  # tiles alive at once: being read, being written, being hashed, HDF5's copy of one
@@ -61,17 +62,29 @@ class Grid:
     def __len__(self) -> int:
         return math.prod(self.counts)
 
+    def __iter__(self) -> Iterator[tuple[IntTriple, Box]]:
+        """(index, box) of every cell, Z slowest, made one at a time (a fine grid of a big volume is long)."""
+        for index in itertools.product(*(range(c) for c in self.counts)):
+            yield index, self.cell(index)  # type: ignore[misc]
+
+    def cell(self, index: IntTriple) -> Box:
+        """The box of the cell at ``index``."""
+        start = tuple(i * s for i, s in zip(index, self.step))
+        stop = tuple(min(a + s, n) for a, s, n in zip(start, self.step, self.shape))
+        return Box(start, stop)  # type: ignore[arg-type]
+
     def cells(self) -> list[tuple[IntTriple, Box]]:
         """(index, box) of every cell, Z slowest."""
-        out = []
-        for index in itertools.product(*(range(c) for c in self.counts)):
-            start = tuple(i * s for i, s in zip(index, self.step))
-            stop = tuple(min(a + s, n) for a, s, n in zip(start, self.step, self.shape))
-            out.append((index, Box(start, stop)))  # type: ignore[arg-type]
-        return out  # type: ignore[return-value]
+        return list(self)
 
     def boxes(self) -> list[Box]:
-        return [box for _, box in self.cells()]
+        return [box for _, box in self]
+
+    def touched(self, box: Box) -> list[IntTriple]:
+        """Indices of the cells ``box`` overlaps, Z slowest (the chunks a read of ``box`` needs);
+        the parts of ``box`` outside the shape touch no cell."""
+        ranges = [range(max(0, a // s), min(c, -(-b // s))) for a, b, s, c in zip(*box, self.step, self.counts)]
+        return list(itertools.product(*ranges))  # type: ignore[arg-type]
 
 
 # -- normalize's tiles ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emdata.core import geometry
+from emdata.core.boxes import Box, Grid
 from emdata.errors import FormatError
 import numpy as np
 
@@ -26,7 +27,6 @@ GRID_TOLERANCE = 1e-6  # relative to the voxel size: service floats such as 11.8
 SPACE = ("z", "y", "x")
 COMPRESSORS = ("zstd", "blosc", "gzip", "zlib", "bz2")  # what tensorstore's zarr driver decodes
 Triple = tuple[float, float, float]
-Box = tuple[tuple[int, int, int], tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,21 @@ class ArrayInfo:
     def space_shape(self) -> tuple[int, int, int]:
         return tuple(self.shape[self.lead:])  # type: ignore[return-value]
 
+    @property
+    def chunk_grid(self) -> Grid:
+        """The chunks of the Z, Y, X axes."""
+        return Grid(self.space_shape, self.chunks[self.lead:])  # type: ignore[arg-type]
+
     def chunk_rows(self, box: Box) -> list[tuple[int, ...]]:
         """Indices of the chunks ``box`` touches along the leading axes and Z (one listing prefix each)."""
-        (z0, _, _), (z1, _, _) = box
-        cz = self.chunks[self.lead]
-        return [(0,) * self.lead + (k,) for k in range(z0 // cz, (z1 - 1) // cz + 1)]
+        rows = sorted({z for z, _, _ in self.chunk_grid.touched(box)})
+        return [(0,) * self.lead + (z,) for z in rows]
 
     def chunk_keys(self, box: Box) -> list[str]:
-        start, stop = box
-        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, self.chunks[self.lead:])]
+        """The keys of the chunks ``box`` touches, C order."""
         lead = ["0"] * self.lead
-        return [f"{self.key}/" + self.separator.join([*lead, str(i), str(j), str(k)])
-                for i in ranges[0] for j in ranges[1] for k in ranges[2]]
+        return [f"{self.key}/" + self.separator.join([*lead, *map(str, index)])
+                for index in self.chunk_grid.touched(box)]
 
     def row_prefix(self, row: tuple[int, ...]) -> str:
         return f"{self.key}/" + self.separator.join(str(i) for i in row) + self.separator

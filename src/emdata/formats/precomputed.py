@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from emdata.core.boxes import Box, Grid
 from emdata.errors import FetchError, FormatError, IntegrityError, SourceError, refetch_hint
 from emdata.formats.raw import IntTriple, RawVolume, Triple
 
@@ -93,11 +94,8 @@ class Scale:
 
     def chunks_in(self, start: IntTriple, stop: IntTriple) -> list[IntTriple]:
         """Grid positions (Z, Y, X) of the chunks a box ``[start, stop)`` (absolute voxels) touches."""
-        ranges = []
-        for a, b, o, c, n in zip(start, stop, self.voxel_offset, self.chunk, self.grid):
-            lo, hi = max(0, (a - o) // c), min(n, -(-(b - o) // c))
-            ranges.append(range(lo, hi))
-        return [(z, y, x) for z in ranges[0] for y in ranges[1] for x in ranges[2]]
+        origin = tuple(-o for o in self.voxel_offset)  # the chunk grid starts at the voxel offset
+        return Grid(self.size, self.chunk).touched(Box(start, stop).shifted(origin))  # type: ignore[arg-type]
 
     def chunk_name(self, pos: IntTriple) -> str:
         """The unsharded object name of a chunk: ``x0-x1_y0-y1_z0-z1`` (ends clipped to the scale)."""

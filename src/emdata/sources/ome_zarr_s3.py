@@ -40,7 +40,6 @@ params.yaml::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from emdata.params.schema import (
 )
 from emdata.errors import FetchError
 from emdata.sources.fetch.context import FetchContext
+from emdata.sources.fetch.digests import GROUPS, group_digests
 from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
 from emdata.formats.ome_zarr import Selection, local_selection, metadata_keys, select
 from emdata.formats.raw import RawVolume
@@ -255,14 +255,9 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
                      "absent_chunks": absent[name],
                      "bytes": sum(files[c.relpath].size for c in chunks if c.array == name)}
               for name, a in sel.arrays.items()}
-    sources = {}  # one digest per array over its objects (.zarray too), kept in the record
-    for a in sel.arrays.values():
-        lines = "".join(f"{k} {f.size} {f.sha256}\n" for k, f in sorted(files.items())
-                        if k.startswith(f"{params.local_root}/{a.key}/"))
-        sources[params.url(a.key)] = hashlib.sha256(lines.encode()).hexdigest()
     extra = {"endpoint": params.endpoint, "region": params.region, "level": params.level,
              "roi_voxels": {"start": list(sel.box.start), "stop": list(sel.box.stop)}, "arrays": arrays,
-             "array_digests": sources}
+             GROUPS: group_digests(files, [params.url(a.key) for a in sel.arrays.values()])}  # per array: .zarray + chunks
     return ctx.record(files, extra)
 
 

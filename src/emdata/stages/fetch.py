@@ -20,7 +20,15 @@ from emdata.params.config import Config
 from emdata.sources.dataset import Dataset, resolve_dataset
 from emdata.sources.fetch.context import FetchContext, workers_from_env
 from emdata.sources.fetch.files import FilePlan
-from emdata.sources.fetch.record import FetchRecord, HashState, fetched, plain_spec, require_fetched
+from emdata.sources.fetch.digests import group_problems, recorded_groups
+from emdata.sources.fetch.record import (
+    FetchRecord,
+    HashState,
+    fetched,
+    plain_spec,
+    raw_integrity_error,
+    require_fetched,
+)
 from emdata.stages.workspace import (
     SPEC_MARKER,
     drop_unfinished,
@@ -152,10 +160,17 @@ def dataset_state(ds: Dataset) -> dict[str, Any]:
 
 
 def verify_raw(ds: Dataset) -> list[tuple[str, str]]:
-    """Re-hash the fetched raw files against their fetch record."""
-    record = require_fetched(ds.paths.raw, ds.key, ds.source.to_dict(), hashes=True,
-                             state=HashState(ds.paths.hash_state))
-    return [(f"raw {name} sha256", f.sha256 or "-") for name, f in sorted(record.files.items())]
+    """Re-hash the fetched raw files against their fetch record, and recompute each group digest the
+    record holds (:mod:`emdata.sources.fetch.digests`) from its recorded files and from their bytes."""
+    folder, state = ds.paths.raw, HashState(ds.paths.hash_state)
+    record = require_fetched(folder, ds.key, ds.source.to_dict())  # the record, its params, every file's size
+    problems = record.problems(folder, hashes=True, state=state)  # every file hashed once; state keeps the sha256
+    on_disk = {name: state.verified(name, folder / name) for name in record.files}
+    problems = group_problems(record, on_disk) + problems  # first the array (or group) a changed file is in
+    if problems:
+        raise raw_integrity_error(ds.key, folder, problems)
+    return ([(f"raw {name} sha256", f.sha256 or "-") for name, f in sorted(record.files.items())]
+            + [(f"raw {url} group sha256", digest) for url, digest in sorted(recorded_groups(record).items())])
 
 
 def verify_dataset(cfg: Config, key: str, *, raw: bool = False) -> list[tuple[str, str]]:

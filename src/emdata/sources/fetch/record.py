@@ -206,6 +206,11 @@ def require_fetched(folder: Path, key: str, spec: dict[str, Any], *, hashes: boo
                             f"run `emdata fetch {key}` (or `dvc repro fetch@{key}`)")
     problems = record.problems(folder, hashes=hashes, state=state)
     if problems:
-        raise IntegrityError(key, str(folder), "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
-                             f"run `emdata fetch {key}` to fetch it again, or `dvc checkout data/raw/{key}`")
+        raise raw_integrity_error(key, folder, problems)
     return record
+
+
+def raw_integrity_error(key: str, folder: Path, problems: list[str]) -> IntegrityError:
+    """The one-line error for what is wrong with a raw folder (its first three problems)."""
+    return IntegrityError(key, str(folder), "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+                          f"run `emdata fetch {key}` to fetch it again, or `dvc checkout data/raw/{key}`")

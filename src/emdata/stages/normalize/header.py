@@ -6,7 +6,6 @@ see :mod:`emdata.stages.normalize.collection`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -15,6 +14,7 @@ from emdata.core.geometry import Geometry
 from emdata.formats.raw import json_safe
 from emdata.h5 import hdf5
 from emdata.params.config import Config
+from emdata.sources.fetch.digests import group_digest
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
 from emdata.sources.dataset import Dataset
 
@@ -26,7 +26,7 @@ def source_entries(files: dict[str, FetchedFile]) -> dict[str, str | None]:
 
     One entry per distinct URL, in the order of the files' relative paths: the file's sha256, or,
     when one URL stands for several local files (a decoded chunk store), the sha256 of their
-    manifest (a ``relpath size sha256`` line per file, sorted). Beyond 64 URLs (a copy of
+    group digest (:mod:`emdata.sources.fetch.digests`). Beyond 64 URLs (a copy of
     thousands of objects), URLs are folded into their parent folders until they fit. The full
     per-file list is always in ``/provenance/source_record``.
     """
@@ -40,7 +40,7 @@ def source_entries(files: dict[str, FetchedFile]) -> dict[str, str | None]:
         if len(folded) == len(groups):
             break
         groups = folded
-    return {url: items[0][1].sha256 if len(items) == 1 else _manifest_sha256(items) for url, items in groups.items()}
+    return {url: items[0][1].sha256 if len(items) == 1 else group_digest(items) for url, items in groups.items()}
 
 
 def _parent_url(url: str) -> str:
@@ -51,11 +51,6 @@ def _parent_url(url: str) -> str:
     if not sep or not slash or parts == [""]:
         return url
     return f"{head}://{host}/" + "".join(p + "/" for p in parts[:-1])
-
-
-def _manifest_sha256(items: list[tuple[str, FetchedFile]]) -> str:
-    lines = sorted(f"{rel} {f.size} {f.sha256}\n" for rel, f in items)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def root_attrs(cfg: Config, ds: Dataset, record: FetchRecord, geometry: Geometry,
