@@ -13,7 +13,7 @@ import pytest
 
 from emdata.errors import Cancelled, FetchError
 from emdata.sources.fetch.context import FetchContext
-from emdata.sources.fetch.objects import JOURNAL, copy_objects, journalled
+from emdata.sources.fetch.objects import JOURNAL, LEGACY_JOURNALS, copy_objects, journalled
 
 
 @dataclass(frozen=True)
@@ -136,3 +136,19 @@ def test_the_first_real_failure_is_raised_not_a_cancelled_one(tmp_path) -> None:
     assert not isinstance(failed.value, Cancelled) and cancel.is_set()
     assert not any((ctx.dest / o.relpath).exists() for o in OBJECTS[4:])  # nothing started after it
     assert json.loads((ctx.dest / JOURNAL).read_text().splitlines()[0])["spec"] == {"kind": "test", "n": 1}
+
+
+def test_journals_of_earlier_versions_are_removed_when_a_copy_starts(tmp_path) -> None:
+    """An older emdata's partial folder (ome_zarr_s3's chunk journal, precomputed's .crop.json) would
+    otherwise be published into data/raw with the files, listed nowhere."""
+    ctx, log = context(tmp_path), []
+    ctx.dest.mkdir(parents=True)
+    assert set(LEGACY_JOURNALS) == {".emdata-chunks.jsonl", ".crop.json"}
+    for name in LEGACY_JOURNALS:
+        (ctx.dest / name).write_text('{"an": "older journal"}\n')
+    with pytest.raises(FetchError):  # the copy is interrupted: the old journals are gone all the same
+        copy_objects(ctx, OBJECTS, reader(log, fail={"a/0.bin"}), desc="objects")
+    assert not any((ctx.dest / name).exists() for name in LEGACY_JOURNALS)
+    copy_objects(ctx, OBJECTS, reader(log), desc="objects")
+    left = sorted(p.relative_to(ctx.dest).as_posix() for p in ctx.dest.rglob("*") if p.is_file())
+    assert left == sorted(o.relpath for o in OBJECTS)

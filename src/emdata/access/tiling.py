@@ -12,7 +12,8 @@ The output dataset has chunks equal to ``block_shape`` and each block writes who
 the input's resolution and offset. Work is resumable: a ledger of finished blocks lives in a
 scratch file beside the output (``<out>.tiling.h5``; it also holds the window predictions of the
 blend modes), so a rerun after an interruption computes only the missing blocks. The output is
-written as ``.<name>.partial`` and renamed when complete; the scratch file is then removed.
+written as ``.<name>.partial`` and, when complete, flushed and renamed (:func:`emdata.core.atomic.commit`);
+the scratch file is then removed.
 
 The ledger is keyed by the input, the settings and the *model*, so a rerun with a different model
 starts over instead of keeping the old model's blocks: the model is recognised by ``model_id=``
@@ -39,6 +40,7 @@ from emdata.access.model_identity import model_identity
 from emdata.access.padding import PAD_MODES
 from emdata.access.predict import predict_block
 from emdata.access.volume import Volume
+from emdata.core.atomic import commit
 from emdata.core.progress import Progress
 from emdata.errors import ConfigError
 from emdata.h5 import hdf5
@@ -130,6 +132,8 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
     block = triple(min(b, n) for b, n in zip(parse_triple(block_shape, "block_shape", 1), volume.shape))
     halo = parse_triple(halo, "halo", 0)
     blocks = list(block_grid(volume.shape, block, halo=halo, fit="pad"))
+    # Not core.atomic's temporary: a resumable output the next run (another pid) continues, so its
+    # name has no pid and an error keeps it; only its final flush and rename are core.atomic's.
     partial = out_path.with_name(f".{out_path.name}.partial")
     scratch_path = out_path.with_name(out_path.name + ".tiling.h5")
     fingerprint = _fingerprint(volume, block, halo, blend, dtype, pad, model_identity(fn, model_id))
@@ -166,7 +170,7 @@ def run_tiled(volume: Volume, fn: Callable[[np.ndarray], np.ndarray], out_path: 
                 _run_crop(volume, fn, blocks, done, target, dtype, pad, scratch, client)
             else:
                 _run_blend(volume, fn, blocks, done, scratch, target, dtype, pad, blend, block, halo, client)
-    os.replace(partial, out_path)
+    commit(partial, out_path)
     scratch_path.unlink()
     return out_path
 

@@ -10,12 +10,11 @@ DVC is imported only here, when a version is asked for.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from emdata.access.remote import RangeReader, RemoteIndex, RemoteStorage, Transfer
-from emdata.core.atomic import temporary_path
+from emdata.core.atomic import write_stream
 from emdata.errors import ConfigError, FetchError, NotBuiltError
 from emdata.h5.chunk_index import IndexFormatError, index_path_for
 from emdata.params.layout import find_root, processed_relpath
@@ -43,14 +42,8 @@ def fetch_version(name: str, *, rev: str | None, repo: str | os.PathLike | None,
         target = cache / f"{name}.h5"
         if target.is_file():
             return target
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(target)
-        try:
-            with fs.open(rel, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with fs.open(rel, "rb") as src:
+            write_stream(target, iter(lambda: src.read(8 << 20), b""))
     except NotBuiltError:
         raise
     except Exception as exc:

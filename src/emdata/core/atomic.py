@@ -1,8 +1,16 @@
-"""Atomic small-file writes: a temporary sibling, then a rename, so readers never see half a file.
+"""The one atomic write: a temporary sibling, flushed to disk, then renamed; removed on any error.
 
-A temporary is named ``.<name>.<pid>.tmp`` beside its file. A run killed between the write and
-the rename leaves it behind; the next run of the same dataset removes it under the dataset's
-lock (:func:`stale_temporaries`). A failed write (full disk...) names the dataset and the file.
+A temporary is named ``.<name>.<pid>.tmp`` beside its file (:func:`temporary_path`). A run killed
+between the write and the rename leaves it behind; the next run of the same dataset removes it
+under the dataset's lock (:func:`stale_temporaries`, :func:`stale_temporaries_in`). A failed write
+(full disk...) names the dataset and the final file, never the temporary.
+
+- :func:`atomic_output`: the context manager every writer that fills a file itself uses (HDF5,
+  streams, extracted members); :func:`write_bytes_atomic`, :func:`write_json_atomic` and
+  :func:`write_stream` are it for bytes already in memory, JSON and a stream of blocks.
+- :func:`commit` (flush, rename, name the failure) and :func:`discard` (remove, never raise) are
+  its two halves, for a writer that must rename several files in one order (normalize's publish)
+  or keeps a resumable partial file under a name without a pid (a download's ``.part``).
 """
 
 from __future__ import annotations
@@ -19,6 +27,10 @@ from typing import Any
 
 from emdata.errors import OutputError
 
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp")  # any file's temporary: .<name>.<pid>.tmp
+
 
 def temporary_path(path: Path) -> Path:
     """This process's temporary for ``path``."""
@@ -32,12 +44,19 @@ def stale_temporaries(path: Path) -> list[Path]:
         names = os.listdir(path.parent)
     except OSError:
         return []
+    return sorted(path.parent / name for name in names if _of_another_process(pattern.fullmatch(name)))
+
+
+def stale_temporaries_in(folder: Path) -> list[Path]:
+    """Temporaries of any file under ``folder`` (its whole tree) left by other (killed) processes."""
     found = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if match and int(match.group(1)) != os.getpid():
-            found.append(path.parent / name)
+    for dirpath, _, names in os.walk(folder):
+        found += [Path(dirpath) / name for name in names if _of_another_process(_TEMPORARY.fullmatch(name))]
     return sorted(found)
+
+
+def _of_another_process(match: re.Match[str] | None) -> bool:
+    return match is not None and int(match.group(1)) != os.getpid()
 
 
 def json_bytes(data: Any) -> bytes:
@@ -55,7 +74,7 @@ def write_new(path: Path, data: bytes, *, dataset: str | None = None, final: Pat
         with open(path, "wb") as fh:
             fh.write(data)
     except OSError as exc:
-        path.unlink(missing_ok=True)
+        discard(path)
         raise write_error(exc, final or path, dataset) from exc
 
 
@@ -69,20 +88,9 @@ def write_error(exc: OSError, path: Path, dataset: str | None) -> Exception:
                        else "check the folder and its permissions and run again")
 
 
-def write_bytes_atomic(path: Path, data: bytes, *, dataset: str | None = None) -> None:
-    tmp = temporary_path(path)
-    try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise write_error(exc, path, dataset) from exc
+def write_bytes_atomic(path: Path, data: bytes, *, dataset: str | None = None, fsync: bool = True) -> None:
+    with atomic_output(path, dataset=dataset, fsync=fsync) as tmp:
         write_new(tmp, data, dataset=dataset, final=path)
-        try:
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise write_error(exc, path, dataset) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any, *, dataset: str | None = None) -> None:
@@ -98,18 +106,41 @@ def atomic_output(path: Path, *, dataset: str | None = None, fsync: bool = True)
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)  # a killed process with the same pid, or a planted link
         except OSError as exc:
             raise write_error(exc, path, dataset) from exc
         yield tmp
-        try:
-            if fsync:
-                _fsync(tmp)
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise write_error(exc, path, dataset) from exc
+        commit(tmp, path, dataset=dataset, fsync=fsync)
     finally:
-        with suppress(OSError):  # never hide the error that brought us here
-            tmp.unlink(missing_ok=True)
+        discard(tmp)
+
+
+def commit(tmp: Path, path: Path, *, dataset: str | None = None, fsync: bool = True) -> None:
+    """Flush ``tmp`` to disk and rename it over ``path``; a failure names the dataset and ``path``.
+
+    Flushed first so that a power cut never leaves ``path`` renamed but its bytes unwritten.
+    """
+    try:
+        if fsync:
+            sync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(exc, path, dataset) from exc
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file's bytes to disk (opened without following a symbolic link)."""
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary if it is there; never raises, so the error that brought us here stays the one raised."""
+    with suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def write_stream(path: Path, blocks: Iterable[bytes], *, dataset: str | None = None) -> tuple[int, str]:
@@ -130,11 +161,3 @@ def write_stream(path: Path, blocks: Iterable[bytes], *, dataset: str | None = N
                     raise write_error(exc, path, dataset) from exc
                 size += len(block)
     return size, digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -9,9 +9,10 @@
 - Chunk and shard arithmetic for ``plan`` (:meth:`Scale.chunks_in`, :meth:`Scale.shard_of`):
   unsharded chunk names ``x0-x1_y0-y1_z0-z1``, sharded ``<hex>.shard`` from the compressed Morton
   code and the sharding hash (neuroglancer ``sharded.md``).
-- :class:`CropStore` writes a decoded crop as a local zarr v2 array, one uncompressed chunk file
-  per block (so a block is written once, atomically, and a fetch resumes block by block), and
-  :class:`CropVolume` is the lazy Z, Y, X :class:`~emdata.formats.raw.RawVolume` normalize reads from it.
+- :class:`CropStore` creates the local zarr v2 array of a decoded crop, one uncompressed chunk
+  file per block (the shared object copy writes each block once, atomically, and a fetch resumes
+  block by block), and :class:`CropVolume` is the lazy Z, Y, X
+  :class:`~emdata.formats.raw.RawVolume` normalize reads from it.
 
 Missing chunks of a precomputed layer are the fill value 0, as neuroglancer shows them.
 """
@@ -292,33 +293,19 @@ def local_spec(folder: Path, *, create: bool = False, shape: IntTriple | None = 
 
 
 class CropStore:
-    """A crop being written: zarr v2, one uncompressed chunk file per block, Z, Y, X.
+    """The local zarr v2 store of a crop, created empty: its ``.zarray`` (uncompressed chunks, Z, Y, X).
 
     Uncompressed, so the files are a function of the voxel values alone (the raw folder, its
     checksums and the HDF5 provenance do not change with the zstd version); EM hardly compresses.
-    A chunk file appears only when its block is complete (tensorstore writes a temporary file and
-    renames it), so an existing file is a finished block and a fetch resumes from the others.
+    Its chunk files are written by the shared object copy (:mod:`emdata.sources.fetch.objects`),
+    each atomically through :mod:`emdata.core.atomic`, not by tensorstore.
     """
 
     def __init__(self, folder: Path, shape: IntTriple, block: IntTriple, dtype: np.dtype, dataset: str) -> None:
         ts = tensorstore(dataset)
         self.folder = folder
-        self.shape = shape
-        self.block = block
         self.dtype = np.dtype(dtype)
-        self.array = ts.open(local_spec(folder, create=True, shape=shape, block=block, dtype=dtype)).result()
-
-    def done(self, key: str) -> bool:
-        return (self.folder / key).is_file()
-
-    def write(self, start: IntTriple, stop: IntTriple, data: np.ndarray) -> None:
-        self.array[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].write(data).result()
-
-    def files(self) -> list[str]:
-        """Relative paths (to the raw folder) of the store's files, sorted; leftovers of killed writes go."""
-        for stale in self.folder.glob("*.__lock"):
-            stale.unlink(missing_ok=True)
-        return sorted(f"{STORE}/{p.name}" for p in self.folder.iterdir() if p.is_file())
+        ts.open(local_spec(folder, create=True, shape=shape, block=block, dtype=dtype)).result()  # writes .zarray
 
 
 class CropVolume(RawVolume):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from emdata.core.atomic import write_json_atomic
+from emdata.core.atomic import temporary_path, write_json_atomic
 from emdata.core.digest import sha256_file
 from emdata.errors import EmdataError, IntegrityError, NotBuiltError
 from emdata.h5 import hdf5
@@ -126,9 +126,13 @@ def _read_json(path: Path) -> Any:
 
 
 def _replace_dir(new: Path, final: Path) -> None:
+    """Rename the complete partial folder to ``final``, in two renames: a folder cannot be renamed over
+    one that holds files. The old folder steps aside under core.atomic's temporary name for ``final``,
+    so if this process is killed between the renames, the next run of the dataset removes it
+    (stages.workspace.remove_stale_temporaries)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    old = new.with_name(new.name + ".old")
-    if old.exists():
+    old = temporary_path(final)
+    if old.exists():  # a killed process of the same pid
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)

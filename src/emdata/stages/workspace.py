@@ -3,15 +3,21 @@
 - No folder between the repository and them may be a symbolic link: each command checks the
   folders it writes before it creates anything (the lock file included), so nothing is written
   through a link.
-- Temporaries of an earlier run that was killed (``.<name>.<pid>.tmp``, see :mod:`emdata.core.atomic`)
-  are removed by the next run of the same dataset, under its lock, so they neither pile up nor
-  get published into ``data/raw/<dataset>``.
+- What a killed run was writing is removed by the next run of the same dataset, under its lock,
+  so it neither piles up nor gets published into ``data/raw/<dataset>``: the temporaries
+  (``.<name>.<pid>.tmp``, see :mod:`emdata.core.atomic`) of the files below
+  (:func:`remove_stale_temporaries`; the raw folder's old copy that fetch moves aside while it
+  publishes is one), and, in a partial fetch that is complete, every file its record does not list
+  that is a temporary, a download in progress or tensorstore's lock file (:func:`drop_unfinished`).
+  The staged tiles of a distributed normalize clean their own folder
+  (:class:`emdata.stages.normalize.ledger.Ledger`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from emdata.core.atomic import stale_temporaries
@@ -22,7 +28,9 @@ from emdata.sources.fetch.record import RECORD_NAME
 
 log = logging.getLogger(__name__)
 SPEC_MARKER = ".spec.json"  # the params a partial fetch was started with (stages.fetch.fetch_dataset)
-UNFINISHED = (".tmp", ".part")  # a temporary or a download in progress
+# In a partial fetch: a temporary (core.atomic's, or an older emdata's <name>.tmp), a download in
+# progress and the note of its version (transport.download), tensorstore's temporary (.__lock).
+UNFINISHED = (".tmp", ".part", ".part.validator", ".__lock")
 
 
 def refuse_links(key: str, root: Path, paths: list[Path]) -> None:
@@ -52,21 +60,35 @@ def refuse_dataset_links(paths: DatasetPaths, command: str) -> None:
 
 
 def written_files(paths: DatasetPaths) -> list[Path]:
-    """Files fetch and normalize write atomically for a dataset (each through ``.<name>.<pid>.tmp``)."""
+    """What fetch and normalize replace atomically for a dataset (each through ``.<name>.<pid>.tmp``):
+    files, and the raw folder (its old copy steps aside under that name while fetch publishes)."""
     return [paths.partial / RECORD_NAME, paths.partial / SPEC_MARKER, paths.hash_state, paths.input_stamp,
-            paths.record, index_path_for(paths.record), paths.processed]
+            paths.record, index_path_for(paths.record), paths.processed, paths.raw]
+
+
+def legacy_leftovers(paths: DatasetPaths) -> list[Path]:
+    """What a killed run of an older emdata may have left: the raw folder's old copy, ``.partial/<key>.old``."""
+    return [paths.partial.with_name(paths.key + ".old")]
 
 
 def remove_stale_temporaries(paths: DatasetPaths) -> None:
     """Temporaries that killed runs of a dataset left beside its files (call it holding the dataset's lock)."""
-    for path in written_files(paths):
-        for old in stale_temporaries(path):
-            log.info("removing %s, left by an interrupted run", old)
-            old.unlink(missing_ok=True)
+    stale = [old for path in written_files(paths) for old in stale_temporaries(path)]
+    for old in stale + [p for p in legacy_leftovers(paths) if os.path.lexists(p)]:
+        log.info("removing %s, left by an interrupted run", old)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """A file, or a folder (never followed if it is a link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def drop_unfinished(folder: Path, keep: set[str]) -> None:
-    """Remove ``*.tmp`` and ``*.part`` files under a complete partial fetch that its record does not list.
+    """Remove unfinished files (:data:`UNFINISHED`) under a complete partial fetch that its record does not list.
 
     A run killed while writing leaves them; a later run that completes the fetch does not need them,
     and they must not be published into ``data/raw/<dataset>`` with the fetched files.

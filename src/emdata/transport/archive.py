@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from emdata.errors import FetchError, FormatError
+from emdata.core.atomic import atomic_output, write_error
+from emdata.errors import EmdataError, FormatError
 
 BLOCK = 1 << 20
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -75,8 +76,9 @@ def extract_tar(archive: Path, dest_of: Callable[[str], Path], *, dataset: str, 
     """Extract the members ``accept`` maps to a relative path (``dest_of(relpath)`` gives the file).
 
     Raises FormatError naming ``url`` and the member for an unsafe member, a cap exceeded, or a
-    damaged or truncated archive; files already extracted stay in the destination folder (the
-    caller's partial folder) and are never published.
+    damaged or truncated archive, and OutputError naming the file for a failed write (full disk);
+    files already extracted stay in the destination folder (the caller's partial folder) and are
+    never published.
     """
     hint = hint or "the archive is not what the service normally serves; do not extract it by hand"
     out = Extracted()
@@ -115,13 +117,9 @@ def extract_tar(archive: Path, dest_of: Callable[[str], Path], *, dataset: str, 
                     continue
                 if rel in out.files:
                     raise fail(name, f"refused: a second member lands on {rel!r}")
-                out.files[rel] = _copy(tar, member, dest_of(rel), fail)
-    except FormatError:
+                out.files[rel] = _copy(tar, member, dest_of(rel), dataset, fail)
+    except EmdataError:  # a refused member, or core.atomic's OutputError for a failed write
         raise
-    except _WriteFailed as exc:
-        cause = exc.__cause__
-        raise FetchError(dataset, str(exc), f"cannot write an extracted file ({cause})",
-                         "check the free space and permissions of data/raw, then run the same command again") from cause
     except (tarfile.TarError, EOFError, zlib.error, OSError, ValueError) as exc:
         last = f" (after {out.members} members)" if out.members else ""
         raise ArchiveDamaged(dataset, url, f"the archive is damaged or truncated{last}: {type(exc).__name__}: {exc}",
@@ -130,41 +128,31 @@ def extract_tar(archive: Path, dest_of: Callable[[str], Path], *, dataset: str, 
     return out
 
 
-def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path,
+def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, dataset: str,
           fail: Callable[[str, str], FormatError]) -> tuple[int, str]:
-    """Copy one member into ``target`` (through ``<target>.tmp``; links are never followed)."""
+    """Copy one member into ``target`` through core.atomic's temporary (opened without following a link).
+
+    A failed write (full disk...) is core.atomic's OutputError naming ``target``; an error of the
+    archive itself (truncated, damaged) passes through for :func:`extract_tar` to report.
+    """
     source = tar.extractfile(member)
     if source is None:
         raise fail(member.name, "refused: the member has no data")
-    tmp = target.with_name(target.name + ".tmp")
     sha = hashlib.sha256()
     size = 0
-    try:
+    with atomic_output(target, dataset=dataset) as tmp:
         try:
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644)
-            sink = os.fdopen(fd, "wb")
+            sink = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644), "wb")
         except OSError as exc:
-            raise _WriteFailed(str(tmp)) from exc
+            raise write_error(exc, target, dataset) from exc
         with sink:
-            while True:
-                block = source.read(BLOCK)
-                if not block:
-                    break
+            while block := source.read(BLOCK):
                 sha.update(block)
                 try:
                     sink.write(block)
                 except OSError as exc:
-                    raise _WriteFailed(str(tmp)) from exc
+                    raise write_error(exc, target, dataset) from exc
                 size += len(block)
         if size != member.size:
             raise EOFError(f"member {member.name!r} ends after {size} of {member.size} bytes")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return size, sha.hexdigest()
-
-
-class _WriteFailed(Exception):
-    """Writing an extracted file failed (disk full, permissions): not the archive's fault."""

@@ -12,6 +12,11 @@ server sent none, or an older emdata wrote it) is never resumed: it starts over 
 The finished file is checked against the size the server announced and the size and sha256
 pinned in params.yaml, then flushed to disk and renamed into place.
 
+``.part`` is not a temporary of :mod:`emdata.core.atomic` (``.<name>.<pid>.tmp``, removed on any
+error): it is a resumable partial download, kept when a download fails so that a later run,
+another process, continues it, so its name has no pid. Only its flush is core.atomic's
+(:func:`~emdata.core.atomic.sync_file`); a fetch that completes without it drops it.
+
 Safety: nothing is written past the pinned size (or, unpinned, the announced one): a
 ``Content-Length`` or ``Content-Range`` that disagrees with it fails before the body is read, and
 an endless body stops at the limit. ``.part`` is opened without following symbolic links, and a
@@ -40,7 +45,7 @@ from typing import Any, Callable, Protocol
 
 import requests
 
-from emdata.core.atomic import write_bytes_atomic
+from emdata.core.atomic import sync_file, write_bytes_atomic
 from emdata.core.progress import Progress
 from emdata.errors import FetchError, IntegrityError
 from emdata.transport.failures import network_problem
@@ -198,11 +203,7 @@ class ResumableDownload:
     def _sync_and_rename(self) -> None:
         part, dest = self.part, self.dest
         try:
-            fd = os.open(part, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_file(part)
             if dest.is_symlink():
                 raise symlink_error(self.dataset, self.url, dest)
             # Before the rename: a stray validator would travel into data/raw with the folder.

@@ -11,6 +11,11 @@ as the file grows.
 Why not one plain loop (write, hash, fsync at the end; ``benchmarks/plain_sink.py``): for 1 GiB
 from nginx on loopback, ``benchmarks/fetch_http.py`` measured it at 0.25-0.44x curl's speed and
 this sink at 0.75-1.30x, in the same runs (benchmarks/README.md, "fetch_http").
+
+Why it writes ``.part`` itself and not through :func:`emdata.core.atomic.atomic_output`: a
+``.part`` is a resumable partial download, not a temporary. It outlives a failed attempt and the
+process (a later run resumes it by ``Range``), so its name has no pid and an error keeps it;
+:mod:`emdata.transport.download` flushes and renames it when it is complete and verified.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from emdata.core.atomic import write_stream
 from emdata.errors import FetchError, FormatError
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile
@@ -145,19 +146,9 @@ class LocalTree:
         return zf.open(f.member) if zf is not None else open(self.root / f.member, "rb")
 
     def _copy(self, f: LocalFile, zf: zipfile.ZipFile | None, target: Path) -> tuple[int, str]:
-        sha = hashlib.sha256()
-        size = 0
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.unlink(missing_ok=True)
         try:
-            with self._open(f, zf) as src, open(tmp, "xb") as dst:
-                for block in iter(lambda: src.read(BLOCK), b""):
-                    sha.update(block)
-                    dst.write(block)
-                    size += len(block)
-            os.replace(tmp, target)
+            with self._open(f, zf) as src:
+                return write_stream(target, iter(lambda: src.read(BLOCK), b""))
         except (OSError, zipfile.BadZipFile) as exc:
-            tmp.unlink(missing_ok=True)
             raise FetchError(self.dataset, f"{self.root}#{f.member}", f"cannot be copied ({exc})",
                              "check the source files and the free space, then run fetch again") from exc
-        return size, sha.hexdigest()

@@ -12,13 +12,16 @@ in the raw folder, where it comes from) and how to start reading one; the copy d
   first failure in object order is raised (never the :class:`~emdata.errors.Cancelled` of one it
   stopped).
 - **Atomic.** Each object is written under a temporary name and renamed
-  (:func:`emdata.core.atomic.write_bytes_atomic`), so a file with its final name is complete.
+  (:func:`emdata.core.atomic.write_bytes_atomic`), so a file with its final name is complete. It
+  is not flushed to disk one by one (thousands of small objects): a resume re-hashes every
+  journalled file and writes the others again, so one a power cut left short is never kept.
 - **Journal.** After the rename, one JSON line (path, size, sha256) is appended to the journal in
   the partial folder, whose first line says what is being copied (the fetch spec and the source's
   ``identity``, e.g. which crop). A resumed copy of the same identity keeps an object only if its
   file still has the journalled size and sha256; any other (damaged, unjournalled, of another
   identity) is fetched again. A line cut by a kill is ignored. The journal is removed when the
-  copy is complete, so it is never published with the files.
+  copy is complete, so it is never published with the files. The journals of earlier emdata
+  versions (:data:`LEGACY_JOURNALS`) go when a copy starts, for the same reason.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, plain_spec
 
 JOURNAL = ".emdata-objects.jsonl"  # in the partial folder while a copy is under way
+# Resume notes of earlier versions (ome_zarr_s3's chunk journal, precomputed's crop note): this
+# copy never reads them, and one left in a partial folder would be published into data/raw unlisted.
+LEGACY_JOURNALS = (".emdata-chunks.jsonl", ".crop.json")
 
 
 class Wanted(Protocol):
@@ -127,6 +133,8 @@ def copy_objects(ctx: FetchContext, objects: Sequence[W], start: Callable[[W], R
     objects in flight (default: the context's workers).
     """
     path = ctx.dest / name
+    for legacy in LEGACY_JOURNALS:
+        (ctx.dest / legacy).unlink(missing_ok=True)
     journal = _Journal(path, _header(ctx, identity), ctx.dataset)
     try:
         with ctx.progress(len(objects), desc, unit=unit) as progress:
@@ -149,7 +157,7 @@ def copy_objects(ctx: FetchContext, objects: Sequence[W], start: Callable[[W], R
 
 def store_object(ctx: FetchContext, relpath: str, url: str, data: bytes) -> FetchedFile:
     """Write one object that is already in memory into the partial folder (atomically); what the record keeps."""
-    write_bytes_atomic(ctx.path(relpath), data, dataset=ctx.dataset)
+    write_bytes_atomic(ctx.path(relpath), data, dataset=ctx.dataset, fsync=False)  # see "Atomic" above
     return FetchedFile(url, len(data), hashlib.sha256(data).hexdigest())
 
 

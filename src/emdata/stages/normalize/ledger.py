@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from emdata.core.atomic import temporary_path
+from emdata.core.atomic import stale_temporaries_in, write_bytes_atomic
 from emdata.h5.chunks import EncodedChunk
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,11 @@ class Ledger:
                     staged = self.staged(entry["array"], entry["tile"])
                     if staged.is_file() and staged.stat().st_size == entry["bytes"]:
                         self.done[(entry["array"], entry["tile"])] = entry
+        for old in stale_temporaries_in(folder):  # tiles a killed run was writing (we hold the dataset's lock)
+            old.unlink(missing_ok=True)
         (folder / "blocks").mkdir(parents=True, exist_ok=True)
         if not self.path.is_file():
-            self.path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+            write_bytes_atomic(self.path, (json.dumps({"fingerprint": fingerprint}) + "\n").encode())
         self._lock = threading.Lock()
 
     def staged(self, array: str, tile: int) -> Path:
@@ -96,12 +98,7 @@ class Ledger:
 
     def stage(self, array: str, tile: int, result: dict[str, Any]) -> None:
         data = pack_block(result)
-        path = self.staged(array, tile)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(path)
-        with open(tmp, "wb") as fh:  # renamed when complete: a killed process leaves no half tile
-            fh.write(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(self.staged(array, tile), data)  # a killed process leaves no half tile
         entry = {"array": array, "tile": tile, "bytes": len(data), "run": self.run,
                  "worker": result.get("worker"), "seconds": round(float(result.get("seconds", 0.0)), 4)}
         with self._lock, open(self.path, "a") as fh:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from emdata.core.atomic import json_bytes, temporary_path, write_error, write_new
+from emdata.core.atomic import commit, discard, json_bytes, temporary_path, write_error, write_new
 from emdata.h5 import chunk_index
 from emdata.h5.metadata import build_record
 from emdata.params.config import Config
@@ -23,6 +22,8 @@ def publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     record = build_record(cfg, key, tmp)
     record_path = cfg.record_path(key)
     index_path = chunk_index.index_path_for(record_path)
+    # Three files renamed in one order, so not three atomic_output blocks (those would rename each
+    # file when its block ends): the temporaries, the flush-and-rename and the cleanup are core.atomic's.
     staged, staged_index = temporary_path(record_path), temporary_path(index_path)
     try:
         try:
@@ -33,9 +34,9 @@ def publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
         write_new(staged_index, chunk_index.build(tmp, file_name=out.name, file_sha256=record["file_sha256"]),
                   dataset=key, final=index_path)
         record_path.unlink(missing_ok=True)
-        os.replace(tmp, out)
-        os.replace(staged_index, index_path)
-        os.replace(staged, record_path)
+        commit(tmp, out, dataset=key)
+        commit(staged_index, index_path, dataset=key)
+        commit(staged, record_path, dataset=key)
     finally:
-        staged.unlink(missing_ok=True)
-        staged_index.unlink(missing_ok=True)
+        discard(staged)
+        discard(staged_index)
