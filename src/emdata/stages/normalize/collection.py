@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from emdata.core.atomic import temporary_path
 from emdata.core.geometry import Geometry, pick
 from emdata.core.progress import Progress
 from emdata.errors import FormatError
@@ -45,8 +43,8 @@ from emdata.h5.collection import (
 from emdata.params.config import Config
 from emdata.sources.fetch.record import FetchRecord
 from emdata.stages.normalize.header import root_attrs, source_metadata, write_header
-from emdata.stages.normalize.publish import publish
-from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
+from emdata.stages.normalize.publish import publish, staged
+from emdata.stages.normalize.write import KernelWarmer, check_free_space, write_volume
 from emdata.sources.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -125,9 +123,7 @@ def normalize_collection(cfg: Config, ds: Dataset, record: FetchRecord, out: Pat
     """Write ``out`` (through a temporary file) from a collection source; publish it with its record."""
     key, raw = ds.key, ds.paths.raw
     params = cfg.normalize
-    tmp = temporary_path(out)
-    warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
-    try:
+    with staged(out) as tmp, KernelWarmer() as warm:
         with ds.module.open_collection(ds.source, raw, key) as coll:
             coll.check()
             if not coll.items:
@@ -155,12 +151,6 @@ def normalize_collection(cfg: Config, ds: Dataset, record: FetchRecord, out: Pat
                     f.create_dataset(name, data=array)
             _check_written(tmp, key, coll.items, len(table))
         publish(cfg, key, tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if warm.is_alive():
-            warm.join()
     log.info("%s: wrote %s and %s", key, out, cfg.record_path(key))
     return out
 

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from emdata.core.atomic import commit, discard, json_bytes, temporary_path, write_error, write_new
 from emdata.h5 import chunk_index
 from emdata.h5.metadata import build_record
 from emdata.params.config import Config
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """This process's temporary for ``out``: removed when anything fails before :func:`publish`
+    gives it the final name (so an interrupted normalize never leaves a file that looks done)."""
+    tmp = temporary_path(out)
+    try:
+        yield tmp
+    except BaseException:
+        discard(tmp)
+        raise
 
 
 def publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from emdata.core.atomic import temporary_path
 from emdata.core.geometry import Geometry, resolve
 from emdata.core.lock import dataset_lock
 from emdata.errors import ConfigError, FormatError
@@ -32,8 +30,8 @@ from emdata.stages.normalize.collection import normalize_collection
 from emdata.stages.normalize.distributed import DistributedWriter
 from emdata.stages.normalize.ledger import discard_ledger
 from emdata.stages.normalize.header import root_attrs, source_metadata, write_header
-from emdata.stages.normalize.publish import publish
-from emdata.stages.normalize.write import check_free_space, warm_kernels, write_volume
+from emdata.stages.normalize.publish import publish, staged
+from emdata.stages.normalize.write import KernelWarmer, check_free_space, write_volume
 from emdata.stages.workspace import refuse_dataset_links, remove_stale_temporaries
 from emdata.sources.dataset import Dataset, resolve_dataset
 
@@ -76,10 +74,8 @@ def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) ->
 def _normalize_locked(cfg: Config, ds: Dataset, record: FetchRecord, out: Path, *,
                       scheduler: str | None = None) -> Path:
     key = ds.key
-    tmp = temporary_path(out)
-    warm = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
     params = cfg.normalize
-    try:
+    with staged(out) as tmp, KernelWarmer() as warm:
         with ExitStack() as stack:
             volume, labels = open_arrays(stack, ds)
             write: Callable[..., dict[str, Any]] = write_volume
@@ -108,12 +104,6 @@ def _normalize_locked(cfg: Config, ds: Dataset, record: FetchRecord, out: Path, 
         publish(cfg, key, tmp, out)
         # Tiles staged by a distributed run are kept until the output is published.
         discard_ledger(cfg, key, keep_log=bool(scheduler))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        if warm.is_alive():
-            warm.join()
     log.info("%s: wrote %s and %s", key, out, cfg.record_path(key))
     return out
 

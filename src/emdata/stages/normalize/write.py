@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -198,6 +199,23 @@ def write_volume(group: Any, name: str, volume: RawVolume, *, chunks: tuple[int,
     finish_array(dset, attrs, array_sha256, statistics)
     return {"array_sha256": array_sha256, "statistics": statistics, "foreground": digest.foreground,
             "tiles": len(plan.tiles), "one_pass": plan.one_pass}
+
+
+class KernelWarmer:
+    """Loads the histogram kernel on a thread of its own once started; joined when the block ends."""
+
+    def __init__(self) -> None:
+        self._thread = threading.Thread(target=warm_kernels, name="emdata-warm", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def __enter__(self) -> "KernelWarmer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def warm_kernels() -> None:
