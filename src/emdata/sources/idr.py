@@ -89,15 +89,8 @@ from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
 from emdata.core.boxes import Grid
 from emdata.formats.imagej import imagej_info
-from emdata.formats.omero import (
-    GEOMETRY_CANDIDATES as OMERO_CANDIDATES,
-    Pixels,
-    check_tiff,
-    list_page,
-    open_tiff,
-    parse_pixels,
-    voxel_size,
-)
+from emdata.formats import omero
+from emdata.formats.omero import Pixels, check_tiff, list_page, open_tiff, parse_pixels, voxel_size
 from emdata.formats.png import PngTiles, header_problem
 from emdata.formats.raw import IntTriple, RawVolume
 from emdata.formats.tiff import TiffStack
@@ -111,7 +104,7 @@ FETCHERS = ("emdata.formats.omero",)
 DECODES_ON_FETCH = False  # render tiles are stored as served and decoded by normalize (see above)
 
 ROUTES = ("original", "render")
-GEOMETRY_CANDIDATES = OMERO_CANDIDATES  # omero | imagej: names geometry_trust also takes (sources.dataset)
+GEOMETRY_CANDIDATES = omero.GEOMETRY_CANDIDATES  # omero | imagej: names geometry_trust also takes (sources.dataset)
 DEFAULT_TILE = 512  # best of 256-1121 in benchmarks/idr_routes.py here
 IMAGE_JSON, IMGDATA_JSON, DATASET_JSON = "omero/image.json", "omero/imgData.json", "omero/dataset.json"
 PAGE_LIMIT = 500  # OMERO's maxLimit; the server may cap it lower (its meta says)
