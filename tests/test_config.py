@@ -105,6 +105,22 @@ def test_voxel_size_may_come_from_the_source(tmp_path) -> None:
     assert ds.voxel_size_nm is None and ds.offset_nm is None and ds.geometry_trust == "source"
 
 
+@pytest.mark.parametrize("trust", ["dm3", "omero", "Params"])
+def test_geometry_trust_takes_the_candidate_names_of_the_dataset_source(tmp_path, trust) -> None:
+    cfg = _load(tmp_path, {"datasets": {"a": {**_dataset(), "geometry_trust": trust}}})
+    with pytest.raises(ConfigError, match=rf"^params.yaml: datasets.a.geometry_trust: expected one of params, source, "
+                                          rf"got '{trust}'$"):
+        resolve_dataset(cfg, "a")
+
+
+@pytest.mark.parametrize("old, value", [("pixel_size_trust", "api"), ("geometry_from", "omero")])
+def test_the_old_source_trust_keys_name_the_new_one(tmp_path, old, value) -> None:
+    cfg = _load(tmp_path, {"datasets": {"a": _dataset(**{old: value})}})
+    with pytest.raises(ConfigError, match=rf"^params.yaml: datasets.a.source.{old}: replaced by datasets.a.geometry_trust: "
+                                          rf"write `geometry_trust: {value}` in datasets.a instead \(one of params, source\)$"):
+        resolve_dataset(cfg, "a")
+
+
 def test_duplicate_keys_and_syntax_errors_are_one_line(tmp_path) -> None:
     (tmp_path / "params.yaml").write_text("datasets:\n  a:\n    title: t\n    title: u\n")
     with pytest.raises(ConfigError, match="duplicate key 'title'") as err:

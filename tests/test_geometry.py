@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from emdata.errors import ConfigError, FormatError
-from emdata.core.geometry import resolve
+from emdata.core.geometry import pick, resolve
 
 
 def _resolve(pv=None, po=None, sv=None, so=None, trust=None):
@@ -51,3 +51,47 @@ def test_offsets_near_zero_compare_against_the_voxel_size() -> None:
     assert _resolve(pv=(8, 8, 8), po=(0, 0, 0), so=(0.01, 0, 0)).offset_nm == (0, 0, 0)
     with pytest.raises(FormatError, match="offset_nm"):
         _resolve(pv=(8, 8, 8), po=(0, 0, 0), so=(16.0, 0, 0))
+
+
+# -- pick: one choice among named candidates ---------------------------------------------------------
+
+
+def test_pick_prefers_the_first_candidate_that_agrees_and_names_who_agrees() -> None:
+    assert pick("v", {"omero": (20.0, 20.0), "imagej": (20.1, 20.0)}, None, key="ds",
+                labels={"imagej": "ImageJ tags"}) == ((20.0, 20.0), "omero (ImageJ tags agree)", "omero")
+    assert pick("v", {"dm3": None, "api": (8.0, 8.0)}, None, key="ds") == ((8.0, 8.0), "api", "api")
+    assert pick("v", {"a": None, "b": None}, "a", key="ds") == (None, "none", None)
+
+
+def test_pick_refuses_a_disagreement_in_one_line_naming_geometry_trust_and_every_value() -> None:
+    with pytest.raises(FormatError) as err:
+        pick("voxel size", {"dm3": (8.0, 8.0), "api": (10.0, 10.0)}, None, key="ds", where="f.dm3",
+             labels={"dm3": "the DM3 calibration", "api": "the EMPIAR API"})
+    assert str(err.value) == ("ds: f.dm3: the DM3 calibration says [8, 8] nm but the EMPIAR API says [10, 10] nm; "
+                              "set datasets.ds.geometry_trust to dm3 or api")
+
+
+@pytest.mark.parametrize("trust, value", [("dm3", (8.0, 8.0)), ("api", (10.0, 10.0)), ("params", (8.0, 8.0))])
+def test_geometry_trust_picks_the_candidate_it_names(trust, value) -> None:
+    choice = pick("v", {"dm3": (8.0, 8.0), "api": (10.0, 10.0)}, trust, key="ds", trusted_by={"dm3": ("params",)})
+    other = "api differs" if choice.name == "dm3" else "dm3 differs"
+    assert choice == (value, f"{choice.name} ({other}, geometry_trust: {trust})", "dm3" if trust != "api" else "api")
+    with pytest.raises(FormatError, match="geometry_trust to dm3 or api"):  # "source" names neither
+        pick("v", {"dm3": (8.0, 8.0), "api": (10.0, 10.0)}, "source", key="ds")
+
+
+def test_a_source_candidate_trusted_makes_the_source_win_over_params() -> None:
+    g = resolve("ds", params_voxel=(10, 5, 5), params_offset=(0, 0, 0), source_voxel=(10, 5.2, 5),
+                source_offset=None, trust="api", source_names=("dm3", "api"))
+    assert g.voxel_size_nm == (10, 5.2, 5) and g.origin["voxel_size_nm"] == "source (params differ, geometry_trust: api)"
+
+
+def test_offsets_are_compared_in_voxels_of_the_chosen_size() -> None:
+    # 100000 vs 100800 nm is 0.8 % of the offset but 100 voxels of 8 nm: apart
+    with pytest.raises(FormatError, match=r"params.yaml says \[0, 100000\] nm but the source says \[0, 100800\] nm"):
+        pick("offset_nm", {"params": (0.0, 100000.0), "source": (0.0, 100800.0)}, None, key="ds", scale=(8.0, 8.0))
+    # 0.07 nm at 8 nm voxels is under 1 % of a voxel: the same grid, whatever the offset's size
+    near = pick("offset_nm", {"params": (0.0, 8e6), "source": (0.0, 8e6 + 0.07)}, None, key="ds", scale=(8.0, 8.0))
+    assert near.origin == "params (source agrees)"
+    with pytest.raises(FormatError):  # 0.07 nm is more than 1 % of a 4 nm voxel
+        pick("offset_nm", {"params": (0.0, 8e6), "source": (0.0, 8e6 + 0.07)}, None, key="ds", scale=(4.0, 4.0))

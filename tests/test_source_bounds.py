@@ -3,7 +3,7 @@
 An EMPIAR image count far above what the mirror lists, and an OMERO image list that ignores
 ``offset`` or ends early, are one error after a bounded number of requests (counted on the
 loopback replica), never a HEAD per claimed image or a loop until memory runs out. Changing
-EMPIAR's ``pixel_size_trust``, which only normalize reads, fetches nothing again.
+EMPIAR's ``geometry_trust``, which only normalize reads, fetches nothing again.
 """
 
 from __future__ import annotations
@@ -80,17 +80,17 @@ def test_empiar_sparse_series_sends_no_more_heads_than_the_count(empiar: Running
     assert 1 <= _heads(empiar) <= 13
 
 
-def test_changing_pixel_size_trust_fetches_nothing_and_renormalizes(empiar: RunningEmpiar, tmp_path: Path) -> None:
+def test_changing_geometry_trust_fetches_nothing_and_renormalizes(empiar: RunningEmpiar, tmp_path: Path) -> None:
     from emdata.stages.normalize.volume import normalize_dataset
 
     empiar.api_changes = {"pixel_width": 100.0, "pixel_height": 100.0}  # Å: 10 nm, the DM3 says 7.998 nm
-    cfg = _project(tmp_path, {EMPIAR_KEY: empiar_dataset(empiar.server.url, pixel_size_trust="dm3")})
+    cfg = _project(tmp_path, {EMPIAR_KEY: {**empiar_dataset(empiar.server.url), "geometry_trust": "dm3"}})
     _fetch(cfg, EMPIAR_KEY)
     with h5py.File(normalize_dataset(cfg, EMPIAR_KEY)) as f:
         np.testing.assert_allclose(f["raw"].attrs["resolution"], [50.0, PIXEL_NM, PIXEL_NM])
     raw_before = (cfg.raw_dir(EMPIAR_KEY) / "source.json").read_bytes()
     params = yaml.safe_load((cfg.root / "params.yaml").read_text())
-    params["datasets"][EMPIAR_KEY]["source"]["pixel_size_trust"] = "api"
+    params["datasets"][EMPIAR_KEY]["geometry_trust"] = "api"
     (cfg.root / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(cfg.root)
     empiar.server.clear_log()

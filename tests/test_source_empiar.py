@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from emdata.errors import ConfigError, FormatError
 from emdata.params.config import load_config
 from emdata.sources.dataset import resolve_dataset
 from emdata.core.digest import sha256_file
@@ -203,11 +204,49 @@ def test_z_spacing_is_the_record_slice_thickness_never_the_approach_value(make_p
 
 
 @pytest.mark.parametrize("trust, expected", [("dm3", PIXEL_NM), ("api", 10.0)])
-def test_pixel_size_trust_picks_the_side(make_project, empiar: RunningEmpiar, trust, expected) -> None:
+def test_geometry_trust_picks_the_pixel_size(make_project, empiar: RunningEmpiar, trust, expected) -> None:
     empiar.api_changes = {"pixel_width": 100.0, "pixel_height": 100.0}  # Å: 10 nm, the DM3 says 7.998 nm
-    cfg = project(make_project, empiar, pixel_size_trust=trust)
+    cfg = make_project({KEY: {**empiar_dataset(empiar.server.url), "geometry_trust": trust}})
     with h5py.File(build(cfg)) as f:
         np.testing.assert_allclose(f["raw"].attrs["resolution"], [50.0, expected, expected])
+        origin = json.loads(f.attrs["geometry_origin"])["voxel_size_nm"]
+    assert origin == "source"  # dm3 against api is the source's own choice; params said nothing
+    yx = json.loads(cfg.record_path(KEY).read_text())["native"]["voxel_size_from"]["yx"]
+    assert yx == {"dm3": "DM3 calibration", "api": "EMPIAR API pixel_height/pixel_width"}[trust]
+
+
+def test_a_pixel_size_disagreement_is_one_line_naming_geometry_trust_and_both_values(make_project, empiar) -> None:
+    empiar.api_changes = {"pixel_width": 100.0, "pixel_height": 100.0}
+    with pytest.raises(FormatError) as err:
+        build(project(make_project, empiar))
+    text = str(err.value)
+    assert "\n" not in text and "the DM3 calibration says [7.99825, 7.99825] nm but the EMPIAR API says [10, 10] nm" in text
+    assert f"set datasets.{KEY}.geometry_trust to dm3 or api" in text
+
+
+def test_params_voxel_size_with_geometry_trust_params_settles_a_pixel_size_disagreement(make_project, empiar) -> None:
+    empiar.api_changes = {"pixel_width": 100.0, "pixel_height": 100.0}
+    entry = {**empiar_dataset(empiar.server.url), "geometry_trust": "params", "voxel_size_nm": [50.0, 9.0, 9.0]}
+    with h5py.File(build(make_project({KEY: entry}))) as f:
+        np.testing.assert_allclose(f["raw"].attrs["resolution"], [50.0, 9.0, 9.0])
+    with pytest.raises(FormatError, match="geometry_trust to dm3 or api"):  # params without a voxel size settle nothing
+        build(make_project({KEY: {**empiar_dataset(empiar.server.url), "geometry_trust": "params"}}))
+
+
+@pytest.mark.parametrize("value", ["dm3", None])
+def test_the_old_pixel_size_trust_key_is_refused_with_the_new_one(make_project, empiar, value) -> None:
+    cfg = project(make_project, empiar, pixel_size_trust=value)
+    with pytest.raises(ConfigError) as err:
+        resolve_dataset(cfg, KEY)
+    text = str(err.value)
+    assert "\n" not in text and f"datasets.{KEY}.source.pixel_size_trust: replaced by datasets.{KEY}.geometry_trust" in text
+    assert ("`geometry_trust: dm3`" if value else "`geometry_trust`") in text and "params, source, dm3, api" in text
+
+
+def test_geometry_trust_takes_only_the_names_the_source_offers(make_project, empiar) -> None:
+    cfg = make_project({KEY: {**empiar_dataset(empiar.server.url), "geometry_trust": "omero"}})
+    with pytest.raises(ConfigError, match=rf"datasets.{KEY}.geometry_trust: expected one of params, source, dm3, api"):
+        resolve_dataset(cfg, KEY)
 
 
 def test_record_has_doi_licence_instrument_detector_and_native_metadata(make_project, empiar) -> None:
@@ -261,7 +300,7 @@ def _break(run: RunningEmpiar, fault: str) -> str:
         return f"{names[6]}: not a readable DM3/DM4 file"
     if fault == "pixel_mismatch":
         run.api_changes = {"pixel_width": 90.0, "pixel_height": 90.0}
-        return f"{names[0]}: the DM3 calibration gives 7.99825 nm pixels but the EMPIAR API says 90.0 Å"
+        return f"{names[0]}: the DM3 calibration says [7.99825, 7.99825] nm but the EMPIAR API says [9, 9] nm"
     raise AssertionError(fault)
 
 

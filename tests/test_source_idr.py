@@ -19,7 +19,7 @@ import yaml
 
 from emdata.params.config import Config, load_config
 from emdata.sources.dataset import resolve_dataset
-from emdata.errors import FetchError, FormatError
+from emdata.errors import ConfigError, FetchError, FormatError
 from emdata.core.digest import sha256_file
 from emdata.testing.contract import FAST_RETRIES, CoreContract, HttpContract, SourceCase
 from emdata.testing.idr import (
@@ -126,13 +126,15 @@ def test_real_params_use_the_real_idr_and_ebi_urls() -> None:
     assert ds.license.startswith("CC BY 4.0") and ds.doi == "10.17867/10000141" and ds.voxel_size_nm is None
 
 
-def test_paper_doi_and_geometry_switch_are_not_part_of_the_fetch_spec(idr, tmp_path) -> None:
+def test_paper_doi_and_geometry_trust_are_not_part_of_the_fetch_spec(idr, tmp_path) -> None:
     from emdata.sources.idr import parse_params
     from emdata.params.schema import Section
 
     entry = {k: v for k, v in idr_entry(idr.server.url)["source"].items() if k != "kind"}
     plain = parse_params(Section({**entry, "paper_doi": None}, "s")).to_dict()
-    assert parse_params(Section({**entry, "geometry_from": "imagej"}, "s")).to_dict() == plain
+    cfg = project(tmp_path, {KEY: {**idr_entry(idr.server.url), "geometry_trust": "imagej"}})
+    trusting = resolve_dataset(cfg, KEY).source
+    assert trusting.geometry_trust == "imagej" and trusting.to_dict() == plain
     assert "render" not in plain and plain["original"]["name"] == U2OS_XY
     render = parse_params(Section({**entry, "pixels": "render"}, "s")).to_dict()
     assert render["render"] == {"tile_size": 512} and "original" not in render
@@ -254,24 +256,55 @@ def test_file_names_with_spaces_and_plus_are_encoded(idr, tmp_path) -> None:
     assert [r.path for r in idr.server.requests if r.method == "GET" and r.path.endswith(".tif")] == [FOLDER + name]
 
 
-def test_omero_and_imagej_voxel_sizes_must_agree_unless_params_choose(idr, tmp_path) -> None:
+def test_omero_and_imagej_voxel_sizes_must_agree_unless_geometry_trust_chooses(idr, tmp_path) -> None:
     import h5py
 
     pixels = idr.replica.images[IMAGE_ID].pixels_override
     pixels["PhysicalSizeX"] = {"@type": "TBD#LengthI", "Unit": "NANOMETER", "Symbol": "nm", "Value": 30.0}
     cfg = project(tmp_path, {KEY: idr_entry(idr.server.url)})
     fetch(cfg)
-    with pytest.raises(FormatError, match=r"OMERO says the voxel size is \[20, 20, 30\] nm but the ImageJ tags "
-                                          r"say \[20, 20, 20\] nm.*geometry_from"):
+    with pytest.raises(FormatError) as err:
         normalize(cfg)
+    text = str(err.value)
+    assert "\n" not in text and "OMERO says [20, 20, 30] nm but ImageJ tags say [20, 20, 20] nm" in text
+    assert f"set datasets.{KEY}.geometry_trust to omero or imagej" in text
     for choice, expected in (("omero", [20.0, 20.0, 30.0]), ("imagej", [20.0, 20.0, 20.0])):
-        entry = idr_entry(idr.server.url)
-        entry["source"]["geometry_from"] = choice
-        cfg = project(tmp_path, {KEY: entry})
+        cfg = project(tmp_path, {KEY: {**idr_entry(idr.server.url), "geometry_trust": choice}})
         assert fetch(cfg).up_to_date  # not part of the fetch spec: nothing is fetched again
         with h5py.File(normalize(cfg)) as f:
             assert list(f["raw"].attrs["resolution"]) == expected
-            assert json.loads(f.attrs["description"])["voxel_size_from"].startswith(f"{choice} (")
+            assert json.loads(f.attrs["description"])["voxel_size_from"] == \
+                f"{choice} ({'ImageJ tags differ' if choice == 'omero' else 'OMERO differs'}, geometry_trust: {choice})"
+    # params' voxel size, trusted, overrides both (the source's own disagreement no longer matters)
+    entry = {**idr_entry(idr.server.url), "geometry_trust": "params", "voxel_size_nm": [20.0, 20.0, 25.0]}
+    with h5py.File(normalize(project(tmp_path, {KEY: entry}))) as f:
+        assert list(f["raw"].attrs["resolution"]) == [20.0, 20.0, 25.0]
+
+
+@pytest.mark.parametrize("value", ["imagej", None])
+def test_the_old_geometry_from_key_is_refused_with_the_new_one(idr, tmp_path, value) -> None:
+    entry = idr_entry(idr.server.url)
+    entry["source"]["geometry_from"] = value
+    with pytest.raises(ConfigError) as err:
+        resolve_dataset(project(tmp_path, {KEY: entry}), KEY)
+    text = str(err.value)
+    assert "\n" not in text and f"datasets.{KEY}.source.geometry_from: replaced by datasets.{KEY}.geometry_trust" in text
+    assert ("`geometry_trust: imagej`" if value else "`geometry_trust`") in text
+    assert "params, source, omero, imagej" in text
+
+
+def test_voxel_size_choice_without_spacing_and_without_omero_sizes() -> None:
+    from emdata.formats.omero import Pixels, voxel_size
+
+    tags = {"unit": "nm", "YResolution": [1, 20], "XResolution": [1, 20], "imagej": {}}  # no spacing: no z
+    with_omero = Pixels((2, 3, 4), 1, 1, "uint8", (30.0, 20.0, 20.1))
+    assert voxel_size(with_omero, tags, None, "d", "f") == ((30.0, 20.0, 20.1), "omero (ImageJ tags agree)")
+    assert voxel_size(with_omero, tags, "imagej", "d", "f") == ((30.0, 20.0, 20.1), "omero (ImageJ tags agree)")
+    assert voxel_size(Pixels((2, 3, 4), 1, 1, "uint8", None), tags, None, "d", "f") == (None, "none")
+    full = {**tags, "imagej": {"spacing": 30}}
+    assert voxel_size(Pixels((2, 3, 4), 1, 1, "uint8", None), full, None, "d", "f") == \
+        ((30.0, 20.0, 20.0), "imagej (OMERO has none)")
+    assert voxel_size(with_omero, None, None, "d", "f") == ((30.0, 20.0, 20.1), "omero")
 
 
 # -- the render route ------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Pure functions on the API's answers, no I/O but the TIFF's: sizes, pixel type an
 (units converted to nm) of an ``Image`` (``data`` may be an object or a one-element list, as
 OMERO's docs show both); :func:`check_tiff`, which compares a submitted TIFF with them before
 anything trusts it; and :func:`voxel_size`, OMERO's voxel size cross-checked against the TIFF's
-ImageJ tags (``XResolution``/``YResolution`` in pixels per unit, ``spacing``, ``unit``).
+ImageJ tags (``XResolution``/``YResolution`` in pixels per unit, ``spacing``, ``unit``): the
+candidates ``omero`` and ``imagej`` of :func:`emdata.core.geometry.pick`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from emdata.core.geometry import same_geometry
+from emdata.core.geometry import PARAMS, pick
 from emdata.errors import FormatError
 from emdata.formats.imagej import imagej_info, voxel_size_nm
 from emdata.formats.raw import IntTriple, Triple
@@ -24,6 +25,8 @@ from emdata.formats.tiff import TiffStack
 
 LENGTH_NM = {"PICOMETER": 1e-3, "ANGSTROM": 0.1, "NANOMETER": 1.0, "MICROMETER": 1e3, "MILLIMETER": 1e6,
              "CENTIMETER": 1e7, "DECIMETER": 1e8, "METER": 1e9}
+GEOMETRY_CANDIDATES = ("omero", "imagej")  # the voxel size, read twice (geometry_trust picks one)
+VOXEL_LABELS = {"omero": "OMERO", "imagej": "ImageJ tags"}  # as the provenance names them
 PIXEL_TYPES = {"int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4", "uint32": "u4",
                "float": "f4", "double": "f8"}
 
@@ -129,45 +132,33 @@ def check_tiff(dataset: str, where: str, path: Path, pixels: Pixels, image_url: 
                               "the same image)")
 
 
-def voxel_size(pixels: Pixels, info: dict[str, Any] | None, geometry_from: str | None,
+def voxel_size(pixels: Pixels, info: dict[str, Any] | None, trust: str | None,
                dataset: str, where: str) -> tuple[Triple | None, str]:
     """OMERO's voxel size, cross-checked against the ImageJ tags (``info``); and where it came from.
 
-    More than 1 % apart is a FormatError unless ``geometry_from`` (the source's params) says
-    which to trust, ``omero`` or ``imagej``.
+    More than 1 % apart is a FormatError unless ``trust`` (the dataset's ``geometry_trust``) names
+    ``omero`` or ``imagej``, or is ``params`` (passed only when params.yaml's voxel size overrides both).
+    Tags without ``spacing`` say nothing of z: OMERO's z completes them.
     """
     omero = pixels.voxel_size_nm
-    imagej = voxel_size_nm(info) if info is not None else None
-    if imagej is None:
-        return omero, "omero" if omero else "none"
-    if omero is None:
-        if imagej[0] is None:
-            return None, "none"
-        return (imagej[0], imagej[1], imagej[2]), "imagej (OMERO has none)"
-    axes = [i for i in range(3) if imagej[i] is not None]
-    mine = tuple(omero[i] for i in axes)
-    theirs = tuple(float(imagej[i]) for i in axes)  # type: ignore[arg-type]
-    if same_geometry(mine, theirs):  # type: ignore[arg-type]
-        return omero, "omero (ImageJ tags agree)"
-    if geometry_from == "omero":
-        return omero, "omero (ImageJ tags differ, geometry_from: omero)"
-    if geometry_from == "imagej" and imagej[0] is not None:
-        return (imagej[0], imagej[1], imagej[2]), "imagej (OMERO differs, geometry_from: imagej)"
-    raise FormatError(dataset, where, f"OMERO says the voxel size is {_fmt(omero)} nm but the ImageJ tags say "
-                      f"{_fmt(imagej)} nm", f"set datasets.{dataset}.source.geometry_from to omero or imagej")
+    tags = voxel_size_nm(info) if info is not None else None
+    imagej = None
+    if tags is not None and (tags[0] is not None or omero is not None):
+        imagej = (tags[0] if tags[0] is not None else omero[0], tags[1], tags[2])  # type: ignore[index]
+    choice = pick("voxel size", {"omero": omero, "imagej": imagej}, trust, key=dataset, labels=VOXEL_LABELS,
+                  trusted_by={"omero": (PARAMS,)}, where=where)
+    if choice.name == "imagej" and omero is None:
+        return choice.value, "imagej (OMERO has none)"
+    return choice.value, choice.origin
 
 
-def _fmt(values: tuple[float | None, ...]) -> str:
-    return "[" + ", ".join("?" if v is None else f"{v:g}" for v in values) + "]"
-
-
-def open_tiff(path: Path, pixels: Pixels, image_url: str, geometry_from: str | None, dataset: str) -> TiffStack:
+def open_tiff(path: Path, pixels: Pixels, image_url: str, trust: str | None, dataset: str) -> TiffStack:
     """The TIFF of an OMERO image, checked against it, with the voxel size :func:`voxel_size` chooses
     (OMERO images carry no translation: offset 0)."""
     check_tiff(dataset, str(path), path, pixels, image_url)
     stack = TiffStack(path, dataset)
     try:
-        stack.voxel_size_nm, _ = voxel_size(pixels, imagej_info(path, dataset), geometry_from, dataset, str(path))
+        stack.voxel_size_nm, _ = voxel_size(pixels, imagej_info(path, dataset), trust, dataset, str(path))
         stack.offset_nm = (0.0, 0.0, 0.0)
     except BaseException:
         stack.close()

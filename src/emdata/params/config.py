@@ -30,7 +30,6 @@ from emdata.params.schema import (
 )
 
 COMPRESSIONS = ("none", "zstd", "blosc-lz4")
-GEOMETRY_TRUST = ("params", "source")
 
 
 # --- the configuration -------------------------------------------------------------------------
@@ -79,7 +78,7 @@ class DatasetEntry:
     modality: str
     voxel_size_nm: tuple[float, float, float] | None  # an override; None: the source must say
     offset_nm: tuple[float, float, float] | None
-    geometry_trust: str | None  # which side wins when params and source disagree by > 1 %
+    geometry_trust: str | None  # the geometry candidate that wins a disagreement (checked by sources.dataset)
     source_kind: str
     raw_params: dict = field(repr=False, compare=False, default_factory=dict)
     label_values: dict[str, dict[int, int]] = field(default_factory=dict)  # label -> {native: stored}
@@ -171,7 +170,8 @@ def parse_entry(key: str, data: Any, section: str = "datasets") -> DatasetEntry:
         modality=sec.required("modality", as_str),
         voxel_size_nm=sec.optional("voxel_size_nm", as_triple(positive=True)),
         offset_nm=sec.optional("offset_nm", as_triple(positive=False)),
-        geometry_trust=sec.optional("geometry_trust", as_choice(GEOMETRY_TRUST)),
+        # its values are the candidate names the source offers: resolve_entry checks them
+        geometry_trust=sec.optional("geometry_trust", as_str),
         label_values=sec.optional("label_values", as_label_values, {}),
         accession=sec.optional("accession", as_str),
         doi=sec.optional("doi", as_str),

@@ -18,8 +18,9 @@ retina, SBF-SEM) is 16 DM3 files of one 5500 x 5496 uint8 section each, plus one
   :mod:`emdata.formats.dm3` (RosettaSciIO). Z spacing comes from the DM3 tag
   ``ImageTags.SBFSEM.Record.Slice thickness``, the in-plane pixel from the calibration (µm ->
   nm), cross-checked against the API's ``pixel_width`` (Å -> nm): more than 1 % apart is a
-  FormatError unless ``pixel_size_trust`` says ``dm3`` or ``api``. ``voxel_size_nm`` in the
-  dataset overrides all of it (``geometry_trust``).
+  FormatError unless the dataset's ``geometry_trust`` names ``dm3`` or ``api``
+  (:func:`emdata.core.geometry.pick`), or is ``params`` with ``voxel_size_nm`` given, which
+  overrides both. Changing it fetches nothing again: it is not part of the fetch spec.
 
 Licence: CC0 (every EMPIAR entry). Cite the entry DOI (10.6019/EMPIAR-11759) and its paper.
 
@@ -34,8 +35,6 @@ params.yaml::
       pattern: "*.dm3"                # the slices (fnmatch, names in base_url)
       extra_files: ["*.xml"]          # also fetched, not stacked
       include_folders: []             # e.g. [trakem2]: fetched whole, recursively
-      pixel_size_trust: null          # dm3 | api, when the two disagree by more than 1 % (normalize only:
-                                      # not part of the fetch spec, so changing it fetches nothing)
       pins: {NAME: {size: N, sha256: HEX}}
 """
 
@@ -46,17 +45,17 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emdata.core.atomic import write_bytes_atomic
+from emdata.core.geometry import PARAMS, pick
 from emdata.core.numbers import ascii_int
 from emdata.errors import ConfigError, FetchError, FormatError
 from emdata.formats.dm3 import Dm3Stack, natural_sorted
 from emdata.params.schema import (
     Section,
-    as_choice,
     as_folder_url,
     as_matching,
     as_str,
@@ -77,8 +76,9 @@ FETCHERS = ("emdata.sources.fetch.listing",)  # which files of the mirror are fe
 # reads pixels at the recorded offsets without importing the reader (it and the dask/pandas it
 # loads cost ~70 MiB of RSS) and a corrupt or ragged slice is refused before it is ever stored.
 DECODES_ON_FETCH = True
-TRUST = ("dm3", "api")
-TOLERANCE = 0.01
+GEOMETRY_CANDIDATES = ("dm3", "api")  # the pixel size, read twice (geometry_trust picks one)
+PIXEL_LABELS = {"dm3": "the DM3 calibration", "api": "the EMPIAR API"}
+API_PIXEL_FROM = "EMPIAR API pixel_height/pixel_width"
 ACCESSION = re.compile(r"EMPIAR-\d+")
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,15 @@ class Params:
     pattern: str = param(as_str)
     extra_files: tuple[str, ...] = param(as_str_list(), ())
     include_folders: tuple[str, ...] = param(as_relpaths, ())
-    pixel_size_trust: str | None = param(as_choice(TRUST), None)
     pins: dict[str, dict[str, Any]] = param(as_pins, {})
+    geometry_trust: str | None = field(default=None, compare=False)  # the dataset's, set by sources.dataset
 
     @property
     def entry_file(self) -> str:
         return f"{self.accession}.api.json"
 
     def to_dict(self) -> dict[str, Any]:
-        """The fetch spec: what decides the fetched bytes (not ``pixel_size_trust``, which only normalize reads)."""
+        """The fetch spec: what decides the fetched bytes (not ``geometry_trust``, which only normalize reads)."""
         return {"kind": KIND, "accession": self.accession, "api_url": self.api_url, "base_url": self.base_url,
                 "imageset": self.imageset, "pattern": self.pattern, "extra_files": list(self.extra_files),
                 "include_folders": list(self.include_folders),
@@ -283,31 +283,31 @@ def _fetched(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], D
 
 
 def open_volume(params: Params, raw: Path, dataset: str) -> Dm3Stack:
+    return _opened(params, raw, dataset)[1]
+
+
+def _opened(params: Params, raw: Path, dataset: str) -> tuple[dict[str, Any], Dm3Stack]:
+    """The stored API entry and the stack with its pixel size chosen (which its metadata names)."""
     entry, stack = _fetched(params, raw, dataset)
     imageset = select_imageset(entry, params.imageset, dataset, str(raw / params.entry_file))
-    _reconcile_pixel_size(params, stack, imageset, dataset)
-    return stack
+    _choose_pixel_size(params, stack, imageset, dataset)
+    return entry, stack
 
 
-def _reconcile_pixel_size(params: Params, stack: Dm3Stack, imageset: dict[str, Any], dataset: str) -> None:
-    """The DM3 calibration against the API's pixel size: > 1 % apart needs ``pixel_size_trust``."""
+def _choose_pixel_size(params: Params, stack: Dm3Stack, imageset: dict[str, Any], dataset: str) -> None:
+    """The DM3 calibration or the API's pixel size, by :func:`emdata.core.geometry.pick` (the DM3's first).
+
+    ``geometry_trust: params`` reaches here only with params' ``voxel_size_nm``, which overrides either.
+    """
     api = api_pixel_nm(imageset)
-    dm3 = stack.slices[0].pixel_nm
-    if api is None:
-        return
-    if dm3 is None or params.pixel_size_trust == "api":
-        stack.set_pixel_size(api, "EMPIAR API pixel_height/pixel_width")
-        return
-    apart = any(abs(a - b) > TOLERANCE * max(abs(a), abs(b)) for a, b in zip(api, dm3))
-    if apart and params.pixel_size_trust != "dm3":
-        raise FormatError(dataset, str(stack.slices[0].path),
-                          f"the DM3 calibration gives {dm3[1]:g} nm pixels but the EMPIAR API says "
-                          f"{imageset.get('pixel_width')} Å ({api[1]:g} nm), more than 1 % apart",
-                          f"set datasets.{dataset}.source.pixel_size_trust to dm3 or api")
+    choice = pick("pixel size", {"dm3": stack.slices[0].pixel_nm, "api": api}, params.geometry_trust,
+                  key=dataset, labels=PIXEL_LABELS, trusted_by={"dm3": (PARAMS,)}, where=str(stack.slices[0].path))
+    if choice.name == "api" and api is not None:
+        stack.set_pixel_size(api, API_PIXEL_FROM)
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
-    entry, stack = _fetched(params, raw, dataset)
+    entry, stack = _opened(params, raw, dataset)
     return {"empiar_entry": entry, **stack.native_metadata()}
 
 

@@ -39,13 +39,14 @@ longer be checked against what the server sent.
 Geometry: the voxel size comes from OMERO's physical sizes (units converted to nm); on the
 original route it is cross-checked against the ImageJ tags (``XResolution``/``YResolution`` in
 pixels per unit, ``spacing``, and ``unit``, whose ``\\u00B5m`` escape is decoded). More than 1 %
-apart is a FormatError unless ``geometry_from`` says which to trust (``omero`` or ``imagej``).
+apart is a FormatError unless the dataset's ``geometry_trust`` names ``omero`` or ``imagej`` (or is
+``params`` with ``voxel_size_nm`` given, which overrides both; :func:`emdata.core.geometry.pick`).
 OMERO images carry no translation: the grid starts at the first voxel, offset (0, 0, 0).
 
 Licence and DOIs come from params (``license``, ``doi``, ``citation``; ``source.paper_doi``);
 image, dataset and project names from OMERO (``describe``), the study's from the project's
-(IDR names projects ``<study>/<experiment>``). ``paper_doi`` and
-``geometry_from`` do not change what is fetched, so they are not part of the fetch spec.
+(IDR names projects ``<study>/<experiment>``). ``paper_doi`` and the dataset's
+``geometry_trust`` do not change what is fetched, so they are not part of the fetch spec.
 
 params.yaml::
 
@@ -61,7 +62,6 @@ params.yaml::
         size: 159884524
       render: {tile_size: 512}
       paper_doi: 10.1126/sciadv.aba8811
-      geometry_from: null            # omero | imagej: who wins a disagreement
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,6 +89,7 @@ from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchedFile, FetchRecord
 from emdata.core.boxes import Grid
 from emdata.formats.imagej import imagej_info
+from emdata.formats import omero
 from emdata.formats.omero import Pixels, check_tiff, list_page, open_tiff, parse_pixels, voxel_size
 from emdata.formats.png import PngTiles, header_problem
 from emdata.formats.raw import IntTriple, RawVolume
@@ -103,7 +104,7 @@ FETCHERS = ("emdata.formats.omero",)
 DECODES_ON_FETCH = False  # render tiles are stored as served and decoded by normalize (see above)
 
 ROUTES = ("original", "render")
-GEOMETRY_FROM = ("omero", "imagej")
+GEOMETRY_CANDIDATES = omero.GEOMETRY_CANDIDATES  # omero | imagej: names geometry_trust also takes (sources.dataset)
 DEFAULT_TILE = 512  # best of 256-1121 in benchmarks/idr_routes.py here
 IMAGE_JSON, IMGDATA_JSON, DATASET_JSON = "omero/image.json", "omero/imgData.json", "omero/dataset.json"
 PAGE_LIMIT = 500  # OMERO's maxLimit; the server may cap it lower (its meta says)
@@ -132,7 +133,7 @@ class Params:
     original: RemoteFile | None = param(as_original, None)  # required by the original route
     tile_size: int = param(as_int_range(16, 8192), DEFAULT_TILE, key="render.tile_size")
     paper_doi: str | None = param(as_str, None)  # descriptive (record only)
-    geometry_from: str | None = param(as_choice(GEOMETRY_FROM), None)  # decides a disagreement between OMERO and the ImageJ tags
+    geometry_trust: str | None = field(default=None, compare=False)  # the dataset's, set by sources.dataset
 
     def api(self, path: str) -> str:
         return urllib.parse.urljoin(self.omero_url, path)
@@ -146,7 +147,7 @@ class Params:
         return self.api(f"webclient/imgData/{self.image_id}/")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fetch spec: what decides the fetched bytes (not ``paper_doi`` or ``geometry_from``)."""
+        """The fetch spec: what decides the fetched bytes (not ``paper_doi`` or ``geometry_trust``)."""
         out: dict[str, Any] = {"kind": KIND, "omero_url": self.omero_url, "image_id": self.image_id,
                                "dataset_id": self.dataset_id, "pixels": self.pixels}
         if self.pixels == "original":
@@ -354,7 +355,7 @@ def open_volume(params: Params, raw: Path, dataset: str) -> RawVolume:
         return PngTiles(raw, dataset, pixels.shape, params.tile_size, _tile_path,
                         voxel_size_nm=pixels.voxel_size_nm, offset_nm=(0.0, 0.0, 0.0))
     assert params.original is not None
-    return open_tiff(raw / params.original.name, pixels, params.image_url, params.geometry_from, dataset)
+    return open_tiff(raw / params.original.name, pixels, params.image_url, params.geometry_trust, dataset)
 
 
 def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
@@ -377,7 +378,7 @@ def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
     meta = _load_json(raw, IMGDATA_JSON, dataset).get("meta") or {}
     pixels = _pixels_from_raw(params, raw, dataset)
     info = imagej_info(raw / params.original.name, dataset) if params.pixels == "original" and params.original else None
-    _, origin = voxel_size(pixels, info, params.geometry_from, dataset, str(raw))
+    _, origin = voxel_size(pixels, info, params.geometry_trust, dataset, str(raw))
     project = meta.get("projectName")
     out = {
         "omero_image_id": params.image_id,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from emdata.core.geometry import Geometry, pick
+from emdata.core.geometry import Geometry, override
 from emdata.core.progress import Progress
 from emdata.errors import FormatError
 from emdata.formats.raw import json_safe
@@ -66,13 +66,15 @@ def item_geometry(ds: Dataset, item: CollectionItem) -> Geometry:
     params_offset: Any = tuple(ds.offset_nm[-n:]) if ds.offset_nm else None
     source: Any = item.pixel_size_nm
     try:
-        voxel, voxel_from = pick("voxel_size_nm", key, params_voxel, source, ds.geometry_trust, None)
+        voxel = override("voxel_size_nm", key, params_voxel, source, ds.geometry_trust,
+                         source_names=ds.geometry_candidates)
         zero: Any = (0.0,) * n
-        offset, offset_from = pick("offset_nm", key, params_offset, zero, ds.geometry_trust, voxel)
+        offset = override("offset_nm", key, params_offset, zero, ds.geometry_trust, scale=voxel.value,
+                          source_names=ds.geometry_candidates)
     except FormatError as exc:  # name the image: a collection's images may disagree one by one
         raise FormatError(key, f"{exc.where} ({item.source or item.name})", exc.problem, exc.hint) from exc
-    return Geometry(tuple(float(v) for v in voxel), tuple(float(v) for v in offset),  # type: ignore[arg-type]
-                    {"voxel_size_nm": voxel_from, "offset_nm": offset_from.replace("source", "none (0)")})
+    return Geometry(tuple(float(v) for v in voxel.value), tuple(float(v) for v in offset.value),  # type: ignore[arg-type]
+                    {"voxel_size_nm": voxel.origin, "offset_nm": offset.origin.replace("source", "none (0)")})
 
 
 def _merged_origin(geometries: list[Geometry]) -> dict[str, str]:

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 def dataset_geometry(ds: Dataset, volume: RawVolume) -> Geometry:
     """The voxel size and offset the HDF5 records: the source's, overridden by params.yaml."""
     return resolve(ds.key, params_voxel=ds.voxel_size_nm, params_offset=ds.offset_nm,
-                   source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust)
+                   source_voxel=volume.voxel_size_nm, source_offset=volume.offset_nm, trust=ds.geometry_trust,
+                   source_names=ds.geometry_candidates)
 
 
 def normalize_dataset(cfg: Config, key: str, *, scheduler: str | None = None) -> Path:
