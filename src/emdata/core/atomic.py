@@ -148,8 +148,8 @@ def write_stream(path: Path, blocks: Iterable[bytes], *, dataset: str | None = N
     digest = hashlib.sha256()
     size = 0
     with atomic_output(path, dataset=dataset) as tmp:
-        try:
-            sink = open(tmp, "xb")
+        try:  # a new file, never through a link planted at the temporary's name
+            sink = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644), "wb")
         except OSError as exc:
             raise write_error(exc, path, dataset) from exc
         with sink:

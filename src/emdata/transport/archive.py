@@ -18,21 +18,17 @@ with safe names are neither written nor listed (folders are created as files nee
 
 from __future__ import annotations
 
-import hashlib
-import os
 import posixpath
 import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from emdata.core.atomic import atomic_output, write_error
+from emdata.core.atomic import write_stream
 from emdata.errors import EmdataError, FormatError
 
 BLOCK = 1 << 20
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class ArchiveDamaged(FormatError):
@@ -138,21 +134,13 @@ def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, dataset: 
     source = tar.extractfile(member)
     if source is None:
         raise fail(member.name, "refused: the member has no data")
-    sha = hashlib.sha256()
-    size = 0
-    with atomic_output(target, dataset=dataset) as tmp:
-        try:
-            sink = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o644), "wb")
-        except OSError as exc:
-            raise write_error(exc, target, dataset) from exc
-        with sink:
-            while block := source.read(BLOCK):
-                sha.update(block)
-                try:
-                    sink.write(block)
-                except OSError as exc:
-                    raise write_error(exc, target, dataset) from exc
-                size += len(block)
-        if size != member.size:
+
+    def blocks() -> Iterator[bytes]:
+        size = 0
+        while block := source.read(BLOCK):
+            size += len(block)
+            yield block
+        if size != member.size:  # raised inside write_stream: the temporary is removed, nothing published
             raise EOFError(f"member {member.name!r} ends after {size} of {member.size} bytes")
-    return size, sha.hexdigest()
+
+    return write_stream(target, blocks(), dataset=dataset)
