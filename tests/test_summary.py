@@ -20,8 +20,10 @@ def test_summary_is_deterministic_and_complete(epfl_project) -> None:
     second = {p: p.read_bytes() for p in summarize(cfg)}
     assert first == second
     names = sorted(p.name for p in first)
-    assert names == ["METADATA_SUMMARY.md", "epfl_hippocampus_xy.png", "epfl_hippocampus_xz.png",
-                     "epfl_mito_train_xy.png", "epfl_mito_train_xz.png", "metadata.csv"]
+    assert names == ["METADATA_SUMMARY.md", "epfl_hippocampus_histogram.png", "epfl_hippocampus_xy.png",
+                     "epfl_hippocampus_xz.png", "epfl_mito_train_histogram.png", "epfl_mito_train_mitochondria_xy.png",
+                     "epfl_mito_train_mitochondria_xz.png", "epfl_mito_train_xy.png", "epfl_mito_train_xz.png",
+                     "metadata.csv"]
     rows = list(csv.DictReader((cfg.root / "data" / "metadata.csv").open()))
     assert [r["dataset"] for r in rows] == ["epfl_hippocampus", "epfl_mito_train"]
     assert rows[1]["shape_zyx"] == "17x29x43" and rows[1]["labels"] == "mitochondria"

@@ -18,6 +18,7 @@ from emdata.h5 import hdf5
 from emdata.h5.collection import IMAGES, TABLE, array_to_rows, image_arrays
 from emdata.h5.metadata import central_slices, load_records, table_csv
 from emdata.params.config import Config
+from emdata.stages.overlays import histogram_png, label_census, label_sections, overlay_png, thumbnail_size
 
 SUMMARY_FILE = "METADATA_SUMMARY.md"
 THUMBNAIL_DIR = "thumbnails"
@@ -34,10 +35,7 @@ def _thumbnail_png(section: np.ndarray, pixel_hw: tuple[float, float], low: floa
     from PIL import Image
 
     img = Image.fromarray(_to_uint8(section, low, high))
-    height_nm, width_nm = section.shape[0] * pixel_hw[0], section.shape[1] * pixel_hw[1]
-    scale = THUMBNAIL_MAX / max(height_nm, width_nm)
-    size = (max(1, round(width_nm * scale)), max(1, round(height_nm * scale)))
-    img = img.resize(size, Image.Resampling.BOX)
+    img = img.resize(thumbnail_size(section.shape, pixel_hw, THUMBNAIL_MAX), Image.Resampling.BOX)
     buf = io.BytesIO()
     img.save(buf, format="PNG")  # Pillow writes no time chunk: deterministic bytes
     return buf.getvalue()
@@ -56,6 +54,14 @@ def write_thumbnails(cfg: Config, key: str, record: dict[str, Any]) -> list[str]
         name = f"{THUMBNAIL_DIR}/{key}_{suffix}.png"
         write_bytes_atomic(cfg.root / name, _thumbnail_png(section, pixel, low, high))
         names.append(name)
+    # Then the histogram of the sections' intensities, and per label (sorted) its XY and XZ overlays.
+    names.append(f"{THUMBNAIL_DIR}/{key}_histogram.png")
+    write_bytes_atomic(cfg.root / names[-1], histogram_png(np.concatenate([xy.ravel(), xz.ravel()]), (low, high)))
+    for label, sections in label_sections(cfg.processed_path(key)).items():
+        for suffix, section, lab, pixel in zip(("xy", "xz"), (xy, xz), sections, ((vy, vx), (vz, vx))):
+            names.append(f"{THUMBNAIL_DIR}/{key}_{label}_{suffix}.png")
+            png = overlay_png(_to_uint8(section, low, high), lab, thumbnail_size(section.shape, pixel, THUMBNAIL_MAX))
+            write_bytes_atomic(cfg.root / names[-1], png)
     return names
 
 
@@ -126,8 +132,13 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         for name, lab in sorted(r["labels"].items()):
             frac = 1 - lab["statistics"]["zero_fraction"]
             lines.append(f"- Label `{name}`: {lab['dtype']}, foreground fraction {frac:.4f}, voxels `{lab['array_sha256']}`")
-        xy, xz = thumbs[key]
-        lines += ["", f"Central XY section: ![{key} XY]({xy}) Central XZ section: ![{key} XZ]({xz})"]
+        xy, xz, histogram, *overlays = thumbs[key]
+        lines += ["", f"Central XY section: ![{key} XY]({xy}) Central XZ section: ![{key} XZ]({xz})"
+                  f" Intensities of both sections (display window shaded): ![{key} histogram]({histogram})"]
+        for name, (oxy, oxz) in zip(sorted(r["labels"]), zip(overlays[::2], overlays[1::2])):
+            census = label_census(cfg.processed_path(key), name)
+            lines += ["", f"Label `{name}` ({census}) over the same sections: ![{key} {name} XY]({oxy}) "
+                      f"![{key} {name} XZ]({oxz})"]
     return "\n".join(lines) + "\n"
 
 
