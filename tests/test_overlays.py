@@ -77,7 +77,7 @@ def test_label_sections_and_census_read_the_processed_file(tmp_path) -> None:
     with h5py.File(path, "w") as f:
         f.create_dataset("labels/cells", data=ids, chunks=(2, 6, 7))
         f.create_dataset("labels/mask", data=mask, chunks=(2, 3, 7))
-    assert label_census(path, "mask") == "2 classes (1, 3)"
+    assert label_census(path, "mask") == "2 classes: values 1, 3"
     assert label_census(path, "cells") == "3 objects"
     sections = label_sections(path)
     assert list(sections) == ["cells", "mask"]

@@ -137,7 +137,7 @@ def label_sections(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def label_census(path: Path, name: str) -> str:
-    """``"2 classes (1, 2)"`` or ``"1,234 objects"``: the distinct non-zero values, one chunk layer at a time."""
+    """``"2 classes: values 1, 2"`` or ``"1,234 objects"``: the distinct non-zero values, one chunk layer at a time."""
     with hdf5.open_read(path) as f:
         dset = f[f"{hdf5.LABELS}/{name}"]
         layer = dset.chunks[0] if dset.chunks else 1
@@ -149,4 +149,5 @@ def label_census(path: Path, name: str) -> str:
     if instance:
         return f"{values.size:,} object{'s' if values.size != 1 else ''}"
     shown = ", ".join(str(v) for v in values[:CLASSES_LISTED]) + (", ..." if values.size > CLASSES_LISTED else "")
-    return f"{values.size} class{'es' if values.size != 1 else ''}" + (f" ({shown})" if values.size else "")
+    plural = values.size != 1
+    return f"{values.size} class{'es' if plural else ''}" + (f": value{'s' if plural else ''} {shown}" if values.size else "")
