@@ -459,3 +459,41 @@ def test_verify_fails_when_the_records_array_digest_was_edited(omz, project) -> 
         _verify_raw(project, KEY)
     message = str(err.value)
     assert f"{raw_array}: " in message and "0" * 64 in message and "\n" not in message
+
+
+# -- label arrays chosen by name ------------------------------------------------------------------
+
+
+def test_plan_lists_the_label_arrays_and_another_one_is_fetched_by_name(omz, project) -> None:
+    import h5py
+
+    from emdata.stages.normalize.volume import normalize_dataset
+
+    proc = _cli(project, "plan", KEY)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("label arrays under"))
+    assert "recon-2/labels/: 2" in lines[at]
+    assert lines[at + 1].split() == ["-", replica.MITO] and lines[at + 2].split() == ["nucleus", replica.NUCLEUS]
+    cfg = _edit(project, KEY, labels={"mitochondria": replica.MITO})
+    _fetch(cfg, KEY)
+    (start, stop) = omz.box("s0", replica.CASES[KEY][1])
+    crop = tuple(slice(a, b) for a, b in zip(start, stop))
+    with h5py.File(normalize_dataset(cfg, KEY)) as f:
+        assert sorted(f["labels"]) == ["mitochondria"] and f["labels/mitochondria"].dtype == np.uint64
+        np.testing.assert_array_equal(f["labels/mitochondria"][()], omz.data["mito"]["s0"][crop])
+        np.testing.assert_array_equal(f["raw"][()], _cases(omz)[KEY].expected["raw"])
+
+
+def test_a_label_array_the_source_does_not_have_is_one_line_naming_those_it_has(omz, project) -> None:
+    from emdata.errors import ConfigError
+    from emdata.stages.fetch import plan_dataset
+
+    wrong = "recon-2/labels/inference/segmentations/er"
+    cfg = _edit(project, KEY, labels={"nucleus": replica.NUCLEUS, "er": wrong})
+    line = _assert_one_line_error(_cli(cfg, "fetch", KEY), f"datasets.{KEY}.source.labels.er", repr(wrong),
+                                  f"{replica.MITO}, {replica.NUCLEUS}")
+    assert "is not a label array" in line
+    with pytest.raises(ConfigError, match="it has: "):
+        plan_dataset(cfg, KEY, policy=FAST_RETRIES)
+    assert not cfg.raw_dir(KEY).exists()

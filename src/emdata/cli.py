@@ -153,9 +153,10 @@ def inputs() -> None:
 @app.command()
 def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml.")) -> None:
     """What `fetch` would transfer: files (or chunk objects), bytes and requests; downloads no data."""
-    from emdata.stages.fetch import plan_dataset
+    from emdata.stages.fetch import plan_dataset, plan_notes
 
-    plans = plan_dataset(_config(), dataset)
+    cfg = _config()
+    plans = plan_dataset(cfg, dataset)
     total = 0
     for p in plans:
         typer.echo(f"{p.state:<7} {p.name:<34} {_size(p.size):>10} to transfer {_size(p.to_transfer):>10} "
@@ -164,6 +165,8 @@ def plan(dataset: str = typer.Argument(..., help="Dataset key in params.yaml."))
     unknown = any(p.to_transfer is None for p in plans)
     typer.echo(f"{dataset}: {sum(p.files for p in plans)} file(s), {_size(total)}{' + unknown sizes' if unknown else ''} "
                f"to transfer, about {sum(p.requests for p in plans)} request(s) without retries")
+    for line in plan_notes(cfg, dataset):
+        typer.echo(line)
 
 
 @app.command()

@@ -20,6 +20,11 @@ a window of reads in flight; each chunk written under a temporary name, renamed,
 with its sha256), so an interrupted fetch resumes without requesting finished chunks again (a
 kept chunk must still hash as journalled). Which chunks and what geometry: :mod:`emdata.formats.ome_zarr`. ``plan`` reads only metadata and listings and reports chunk counts and bytes.
 
+Labels are chosen by name: ``labels`` maps the name the product gives a label (``/labels/<name>``)
+to a label array of the recon, any multiscale group under ``<recon>/labels/``. ``plan`` lists the
+ones the source has (:func:`label_arrays`: a delimiter listing of that group, reading each
+subgroup's ``multiscales``), and a path the source does not have is one line naming those it has.
+
 Cite (OpenOrganelle): Heinrich et al., Nature 2021, doi:10.1038/s41586-021-03977-3; Xu et al.,
 Nature 2021, doi:10.1038/s41586-021-03992-4. Licence CC-BY-4.0.
 
@@ -35,7 +40,7 @@ params.yaml::
       level: s0                                        # a dataset path of the multiscale
       roi: {start: [192, 1024, 1024], shape: [256, 512, 512]}   # voxels of that level (z, y, x)
       # roi_nm: {start: [...], shape: [...]}           # or nm, in the image's physical frame
-      labels: {nucleus: recon-2/labels/inference/segmentations/nuc}
+      labels: {nucleus: recon-2/labels/inference/segmentations/nuc}   # `emdata plan` lists the others
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from emdata.params.schema import (
     param,
     read_params,
 )
-from emdata.errors import FetchError
+from emdata.errors import ConfigError, FetchError
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.digests import GROUPS, group_digests
 from emdata.sources.fetch.record import FetchedFile, FetchRecord, safe_relpath
@@ -77,6 +82,8 @@ READS_PER_WORKER = 4  # chunk GETs in flight per worker (EMDATA_FETCH_WORKERS) w
 _BUCKET = re.compile(r"^(?!.*\.\.)[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # no ".." anywhere
 _LEVEL = re.compile(r"^[A-Za-z0-9_.-]+$")
 _REGION = re.compile(r"^[a-z0-9-]+$")
+LABEL_DEPTH = 4  # groups below the recon's labels/ group a listing enters (inference/segmentations/<array>)
+LABEL_GROUPS = 400  # groups a listing visits at most (a request each)
 Triple = tuple[float, float, float]
 
 
@@ -176,8 +183,51 @@ def _folder(params: Params, ctx: FetchContext) -> S3Folder:
                     requests_in_flight=READS_PER_WORKER * max(1, ctx.workers))
 
 
+def labels_root(image: str) -> str:
+    """The recon's label group: OpenOrganelle keeps ``<recon>/labels/`` beside ``<recon>/em/``, so it is
+    the first component of the image group plus ``/labels`` (for a one-component image, NGFF's own place)."""
+    return image.split("/", 1)[0] + "/labels"
+
+
+def _is_multiscale(data: bytes | None) -> bool:
+    try:
+        attrs = json.loads(data) if data is not None else None
+    except ValueError:
+        return False
+    return isinstance(attrs, dict) and isinstance(attrs.get("multiscales"), list)
+
+
+def label_arrays(params: Params, folder: S3Folder) -> list[str]:
+    """Container-relative paths of the multiscale groups under :func:`labels_root`, from the listing.
+
+    Breadth first, one delimiter listing per group and one ``.zattrs`` read per subgroup; a group
+    whose ``.zattrs`` has ``multiscales`` is a label array (its levels are not entered), any other
+    is entered, at most LABEL_DEPTH groups deep and LABEL_GROUPS groups in all.
+    """
+    found: list[str] = []
+    frontier, visited = [labels_root(params.image) + "/"], 0
+    for _ in range(LABEL_DEPTH):
+        groups = [g for part in folder.ctx.map(folder.folders, frontier) for g in part][:LABEL_GROUPS - visited]
+        visited += len(groups)
+        attrs = folder.get_many([f"{g}.zattrs" for g in groups])
+        found += [g.rstrip("/") for g in groups if _is_multiscale(attrs[f"{g}.zattrs"])]
+        frontier = [g for g in groups if not _is_multiscale(attrs[f"{g}.zattrs"])]
+        if not frontier or visited >= LABEL_GROUPS:
+            break
+    return sorted(found)
+
+
+def _unknown_label(params: Params, folder: S3Folder, dataset: str, name: str) -> ConfigError:
+    have = label_arrays(params, folder)
+    return ConfigError(f"params.yaml: datasets.{dataset}.source.labels.{name}: {params.labels[name]!r} is not a label "
+                       f"array of {params.url()} (it has: {', '.join(have) or 'none under ' + labels_root(params.image)})")
+
+
 def _remote_selection(params: Params, folder: S3Folder, dataset: str) -> Selection:
     def missing(key: str, what: str) -> Exception:
+        label = next((name for name, group in params.labels.items() if key == f"{group}/.zattrs"), None)
+        if label is not None:  # a label group the source does not have: say which ones it has
+            return _unknown_label(params, folder, dataset, label)
         return FetchError(dataset, folder.url(key), f"no such object in bucket {params.bucket}: {what}",
                           f"check container, image, level and labels in datasets.{dataset}.source "
                           "(paths inside the bucket)")
@@ -226,6 +276,14 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
                              sum(c.size for c in mine) - sum(c.size for c in done), len(mine) - len(done), state,
                              files=len(mine)))
     return rows
+
+
+def plan_notes(params: Params, ctx: FetchContext) -> list[str]:
+    """The label arrays the source has, each with the name params.yaml gives it (``-``: not chosen)."""
+    have = label_arrays(params, _folder(params, ctx))
+    names = {group: name for name, group in params.labels.items()}
+    return [f"label arrays under {params.url(labels_root(params.image))}/: {len(have)} "
+            "(choose with source.labels: {<name>: <path>})"] + [f"  {names.get(g, '-'):<12} {g}" for g in have]
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:

@@ -149,6 +149,15 @@ def plan_dataset(cfg: Config, key: str, http_factory: Callable[[], Any] | None =
     return ds.module.plan(ds.source, fetch_context(ds, http_factory, policy))
 
 
+def plan_notes(cfg: Config, key: str, policy: Any = None) -> list[str]:
+    """Lines a source adds to the plan of a fetch (its optional ``plan_notes``: e.g. the label arrays it has)."""
+    ds = resolve_dataset(cfg, key)
+    notes = getattr(ds.module, "plan_notes", None)
+    if notes is None or fetched(ds.paths.raw, ds.source.to_dict()) is not None:
+        return []
+    return list(notes(ds.source, fetch_context(ds, None, policy)))
+
+
 def dataset_state(ds: Dataset) -> dict[str, Any]:
     """What exists locally for one dataset (no network, no hashing)."""
     paths = ds.paths

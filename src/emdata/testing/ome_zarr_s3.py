@@ -1,7 +1,8 @@
 """Offline replica of OpenOrganelle's anonymous S3 bucket (``janelia-cosem-datasets``).
 
 The real key layout (``jrc_mus-nacc-2/jrc_mus-nacc-2.zarr/recon-2/em/fibsem-int16/s0 ... s8`` and
-the nucleus label pyramid ``recon-2/labels/inference/segmentations/nuc``), the real NGFF 0.4
+the nucleus label pyramid ``recon-2/labels/inference/segmentations/nuc``, plus a uint64 instance
+pyramid ``.../mito`` so a dataset can choose another label array), the real NGFF 0.4
 ``multiscales`` (the nine scales and translations exactly as the service writes them, floats such
 as ``11.840000000000002`` included) and zarr v2 ``.zarray`` documents (``<i2``, Zstd level 1,
 fill value 0, order C), holding a scaled-down generated int16 volume: odd, non-cubic shapes, a
@@ -43,6 +44,8 @@ REGION = "us-east-1"
 CONTAINER = "jrc_mus-nacc-2/jrc_mus-nacc-2.zarr"
 IMAGE = "recon-2/em/fibsem-int16"
 NUCLEUS = "recon-2/labels/inference/segmentations/nuc"
+MITO = "recon-2/labels/inference/segmentations/mito"  # a second label array: uint64 instance ids
+MITO_IDS = (2**40 + 17, 2**40 + 4099, 2**63 + 5)  # beyond uint32, one beyond int64
 # The service's own numbers (../shared/reference/openorganelle_jrc_mus-nacc-2_fibsem-int16.json).
 REAL_SCALES = [(2.96, 4.0, 4.0), (5.92, 8.0, 8.0), (11.840000000000002, 16.0, 16.0), (23.68, 32.0, 32.0),
                (47.36, 64.0, 64.0), (94.72, 128.0, 128.0), (189.44, 256.0, 256.0),
@@ -82,6 +85,24 @@ def multiscales(name: str) -> dict[str, Any]:
                              "datasets": datasets, "metadata": None, "name": name, "type": None, "version": "0.4"}]}
 
 
+def mitochondria(shape: tuple[int, int, int]) -> np.ndarray:
+    """A few elongated uint64 objects (instance labels, as CellMap's ``mito`` segmentations are)."""
+    rng = np.random.default_rng(11)
+    grid = np.indices(shape, dtype=np.float64)
+    ids = np.zeros(shape, np.uint64)
+    for object_id in MITO_IDS:
+        centre = [rng.uniform(0.2 * n, 0.8 * n) for n in shape]
+        radius = [max(1.5, n / f) for n, f in zip(shape, (4, 8, 3))]
+        ids[sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radius)) <= 1] = object_id
+    return ids
+
+
+def downsampled(volume: np.ndarray, s0_shape: tuple[int, int, int]) -> list[np.ndarray]:
+    """Every level of ``volume`` (s0): every 2^k-th voxel, cropped to the level's shape."""
+    return [np.ascontiguousarray(volume[::2 ** k, ::2 ** k, ::2 ** k][tuple(slice(0, n) for n in shape)])
+            for k, shape in enumerate(level_shapes(s0_shape))]
+
+
 def pyramid(variant: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Image (int16) and nucleus labels (uint8) at every level of a variant."""
     s0_shape, chunks, missing = VARIANTS[variant]
@@ -98,13 +119,7 @@ def pyramid(variant: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
         image = (em * 37 - 4200 - 1500 * labels.astype(np.int16)).astype(np.int16)  # signed, like the real EM
     box = tuple(slice(i * c, (i + 1) * c) for i, c in zip(missing, chunks))
     image[box] = 0  # all fill value: the service has no object for this chunk
-    images, masks = [], []
-    for k, shape in enumerate(level_shapes(s0_shape)):
-        step = 2 ** k
-        crop = tuple(slice(0, n) for n in shape)
-        images.append(np.ascontiguousarray(image[::step, ::step, ::step][crop]))
-        masks.append(np.ascontiguousarray(labels[::step, ::step, ::step][crop]))
-    return images, masks
+    return downsampled(image, s0_shape), downsampled(labels, s0_shape)
 
 
 def _write_array(folder: Path, data: np.ndarray, chunks: tuple[int, ...], separator: str) -> None:
@@ -126,16 +141,20 @@ def build_container(root: Path, variant: str) -> dict[str, Any]:
     chunks = VARIANTS[variant][1]
     base = root / BUCKET / CONTAINER
     groups = ["", "recon-2", "recon-2/em", IMAGE, "recon-2/labels", "recon-2/labels/inference",
-              "recon-2/labels/inference/segmentations", NUCLEUS]
+              "recon-2/labels/inference/segmentations", NUCLEUS, MITO]
     for group in groups:
         (base / group).mkdir(parents=True, exist_ok=True)
         (base / group / ".zgroup").write_text(json.dumps({"zarr_format": 2}, indent=4))
     (base / IMAGE / ".zattrs").write_text(json.dumps(multiscales(""), indent=4, sort_keys=True))
     (base / NUCLEUS / ".zattrs").write_text(json.dumps(multiscales("nuc"), indent=4, sort_keys=True))
-    for level, image, mask in zip(LEVELS, images, masks):
+    (base / MITO / ".zattrs").write_text(json.dumps(multiscales("mito"), indent=4, sort_keys=True))
+    mito = downsampled(mitochondria(VARIANTS[variant][0]), VARIANTS[variant][0])
+    for level, image, mask, ids in zip(LEVELS, images, masks, mito):
         _write_array(base / IMAGE / level, image, chunks, "/")
         _write_array(base / NUCLEUS / level, mask, chunks, ".")
-    return {"images": dict(zip(LEVELS, images)), "labels": dict(zip(LEVELS, masks)), "root": root / BUCKET}
+        _write_array(base / MITO / level, ids, chunks, "/")
+    return {"images": dict(zip(LEVELS, images)), "labels": dict(zip(LEVELS, masks)),
+            "mito": dict(zip(LEVELS, mito)), "root": root / BUCKET}
 
 
 _UPLOADED: dict[str, str] = {}  # backend endpoint -> digest of the objects it holds
@@ -235,7 +254,7 @@ class RunningOmeZarr:
         src = out["source"]
         if src.get("bucket") != BUCKET or src.get("container") != CONTAINER:
             raise EmdataError(f"demo: {key}: the OpenOrganelle replica serves s3://{BUCKET}/{CONTAINER} only")
-        groups = {IMAGE, NUCLEUS}
+        groups = {IMAGE, NUCLEUS, MITO}
         for group in [src.get("image"), *(src.get("labels") or {}).values()]:
             if group not in groups:
                 raise EmdataError(f"demo: {key}: the OpenOrganelle replica has no group {group!r}")

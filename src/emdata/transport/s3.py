@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Callable, Iterable, Protocol, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 
 from emdata.errors import FetchError
 from emdata.transport.retry import RetryPolicy
@@ -195,12 +195,25 @@ class S3Folder:
 
     def listing(self, prefix: str) -> dict[str, tuple[int, str]]:
         """Key -> (size, ETag) of every object whose key starts with ``prefix`` (ListObjectsV2, paged)."""
+        found: dict[str, tuple[int, str]] = {}
+        for page in self._pages(prefix):
+            for item in page.get("Contents", []):
+                found[item["Key"][len(self.prefix) + 1:]] = (int(item["Size"]), str(item.get("ETag", "")))
+        return found
+
+    def folders(self, prefix: str) -> list[str]:
+        """The keys' "folders" one level below ``prefix`` (which ends in ``/``): relative, each ending in ``/``."""
+        return sorted(p["Prefix"][len(self.prefix) + 1:] for page in self._pages(prefix, "/")
+                      for p in page.get("CommonPrefixes", []))
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        """The pages of a ListObjectsV2 of ``prefix`` (grouped at ``delimiter`` when given)."""
         fs = self._filesystem()
         full = f"{self.prefix}/{prefix}"
-        found: dict[str, tuple[int, str]] = {}
         token = None
         while True:
-            args = {"Bucket": self.bucket, "Prefix": full, **({"ContinuationToken": token} if token else {})}
+            args = {"Bucket": self.bucket, "Prefix": full, **({"ContinuationToken": token} if token else {}),
+                    **({"Delimiter": delimiter} if delimiter else {})}
             self._count()
             try:
                 page = fs.call_s3("list_objects_v2", **args)
@@ -208,8 +221,7 @@ class S3Folder:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
                 raise FetchError(self.ctx.dataset, f"s3://{self.bucket}/{full}", f"listing failed ({first})",
                                  "check the endpoint, region and bucket in params.yaml and the network") from exc
-            for item in page.get("Contents", []):
-                found[item["Key"][len(self.prefix) + 1:]] = (int(item["Size"]), str(item.get("ETag", "")))
+            yield page
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return found
+                return
