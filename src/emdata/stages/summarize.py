@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -19,12 +19,12 @@ from emdata.core.atomic import write_bytes_atomic
 from emdata.h5 import hdf5
 from emdata.h5.collection import IMAGES, TABLE, array_to_rows, image_arrays
 from emdata.h5.metadata import central_slices, load_records
-from emdata.stages.table import planned_shape, table_csv
 from emdata.params.config import Config, DatasetEntry
+from emdata.params.layout import TABLE_FILE
 from emdata.stages.croissant import DATASET_DIR, REPOSITORY_FILE, dataset_document, document_bytes, repository_document
+from emdata.stages.table import planned_shape, table_csv
 
 SUMMARY_FILE = "METADATA_SUMMARY.md"
-TABLE_FILE = "data/metadata.csv"
 THUMBNAIL_DIR = "thumbnails"
 THUMBNAIL_MAX = 384
 
@@ -73,7 +73,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _triple(values: list[float]) -> str:
+def _triple(values: Sequence[float]) -> str:
     return " × ".join(f"{v:g}" for v in values)
 
 
@@ -142,9 +142,9 @@ def _planned(ds: DatasetEntry) -> list[str]:
     shape = planned_shape(ds)
     parts = [f"shape (z, y, x) {_triple(shape)}"] if shape else []
     if ds.voxel_size_nm:
-        parts.append(f"voxel size {_triple(list(ds.voxel_size_nm))} nm")
+        parts.append(f"voxel size {_triple(ds.voxel_size_nm)} nm")
     if ds.offset_nm:
-        parts.append(f"offset {_triple(list(ds.offset_nm))} nm")
+        parts.append(f"offset {_triple(ds.offset_nm)} nm")
     return [f"- From params.yaml: {'; '.join(parts)}"] if parts else []
 
 
