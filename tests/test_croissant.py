@@ -86,3 +86,9 @@ def test_collection_croissant_has_a_record_per_image_array(tmp_path) -> None:
         assert {r["hdf5_path"]: tuple(r["shape"]) for r in rows} == {
             f"/{name}": f[name].shape for name in (f"images/{i}/inputs/{p}" for i in f["images"]
                                                    for p in f[f"images/{i}/inputs"])}
+
+
+def test_the_committed_repository_croissant_is_valid_and_lists_every_dataset() -> None:
+    root = Path(__file__).resolve().parents[1]
+    rows = _records(_load(root / REPOSITORY_FILE), "datasets")
+    assert [r["dataset"] for r in rows] == sorted(load_config(root).datasets)
