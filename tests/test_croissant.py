@@ -20,6 +20,8 @@ from emdata.stages.normalize.volume import normalize_dataset
 from emdata.stages.summarize import summarize
 
 mlc = pytest.importorskip("mlcroissant")
+# rdflib (under mlcroissant) warns about its own ConjunctiveGraph
+pytestmark = pytest.mark.filterwarnings("ignore:ConjunctiveGraph is deprecated:DeprecationWarning")
 
 
 def _load(path: Path):
