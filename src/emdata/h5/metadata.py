@@ -1,10 +1,8 @@
-"""One metadata record per dataset, built from the HDF5 itself, and the table of all records."""
+"""One metadata record per dataset, built from the HDF5 itself (the table of all records: stages.table)."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -21,11 +19,6 @@ from emdata.core.atomic import write_json_atomic
 from emdata.core.digest import sha256_file
 
 FILTER_NAMES = {1: "gzip", 2: "shuffle", 32001: "blosc", 32015: "zstd", 32004: "lz4", 32008: "bitshuffle"}
-TABLE_COLUMNS = [
-    "dataset", "title", "source_kind", "accession", "modality", "shape_zyx", "dtype", "voxel_size_nm_zyx",
-    "extent_nm_zyx", "offset_nm_zyx", "min", "max", "mean", "std", "p0.1", "p99.9", "zero_fraction",
-    "labels", "chunks", "compression", "bytes_on_disk", "file_sha256", "array_sha256", "license", "doi",
-]
 
 
 def hash_dataset(dset: Any) -> str:
@@ -250,67 +243,6 @@ def load_records(cfg: Config) -> dict[str, dict[str, Any]]:
         if path.is_file():
             records[key] = read_record(cfg, key)
     return records
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, (list, tuple)):
-        return "x".join(_fmt(v) for v in value)
-    return "" if value is None else str(value)
-
-
-def _collection_row(key: str, r: dict[str, Any]) -> dict[str, Any]:
-    """A collection's line of data/metadata.csv: counts and ranges over its images."""
-    roles = r["roles"]
-    arrays = list(r["arrays"].values())
-    pixels = sorted({v for a in arrays for v in (a.get("resolution") or [])[-2:]})
-    images = [a for name, a in r["arrays"].items() if "/labels/" not in name]
-    count = sum(roles[k]["pixels"] for k in roles if not k.startswith("labels/"))
-    mean = sum(roles[k]["mean"] * roles[k]["pixels"] for k in roles if not k.startswith("labels/")) / count \
-        if count else None
-    return {
-        "dataset": key, "title": r["title"], "source_kind": r["source_kind"], "accession": r["accession"],
-        "modality": r["modality"], "shape_zyx": f"{r['n_images']} images, {len(arrays)} arrays",
-        "dtype": " ".join(sorted({a["dtype"] for a in arrays})),
-        "voxel_size_nm_zyx": f"{pixels[0]:g}-{pixels[-1]:g}" if pixels else None, "extent_nm_zyx": None,
-        "offset_nm_zyx": None, "min": min((a["min"] for a in images), default=None),
-        "max": max((a["max"] for a in images), default=None), "mean": mean, "std": None, "p0.1": None,
-        "p99.9": None, "zero_fraction": None,
-        "labels": " ".join(sorted({k.split("/", 1)[1] for k in roles if k.startswith("labels/")})),
-        "chunks": arrays[0]["chunks"] if arrays else None, "compression": r.get("compression"),
-        "bytes_on_disk": r["bytes_on_disk"], "file_sha256": r["file_sha256"], "array_sha256": None,
-        "license": r["license"], "doi": r["doi"],
-    }
-
-
-def table_rows(records: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
-    rows = []
-    for key, r in records.items():
-        if r.get("layout") == "collection":
-            rows.append(_collection_row(key, r))
-            continue
-        stats = r["statistics"]
-        pct = stats.get("percentiles") or {}
-        rows.append({
-            "dataset": key, "title": r["title"], "source_kind": r["source_kind"], "accession": r["accession"],
-            "modality": r["modality"], "shape_zyx": r["shape"], "dtype": r["dtype"],
-            "voxel_size_nm_zyx": r["voxel_size_nm"], "extent_nm_zyx": r["extent_nm"], "offset_nm_zyx": r["offset_nm"],
-            "min": stats.get("min"), "max": stats.get("max"), "mean": stats.get("mean"), "std": stats.get("std"),
-            "p0.1": pct.get("p0.1"), "p99.9": pct.get("p99.9"), "zero_fraction": stats.get("zero_fraction"),
-            "labels": " ".join(sorted(r["labels"])), "chunks": r["chunks"], "compression": r["compression"],
-            "bytes_on_disk": r["bytes_on_disk"], "file_sha256": r["file_sha256"], "array_sha256": r["array_sha256"],
-            "license": r["license"], "doi": r["doi"],
-        })
-    return [{k: _fmt(v) for k, v in row.items()} for row in rows]
-
-
-def table_csv(records: dict[str, dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(table_rows(records))
-    return out.getvalue()
 
 
 def central_slices(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,9 @@ def find_root(start: Path | None = None) -> Path:
     )
 
 
+TABLE_FILE = "data/metadata.csv"  # one row per dataset: stages.table writes it, access.catalog reads it
+
+
 def processed_relpath(key: str) -> str:
     """Where normalize writes a dataset's HDF5, relative to the repository (dvc.yaml agrees)."""
     return f"data/processed/{key}.h5"

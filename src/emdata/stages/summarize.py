@@ -1,7 +1,9 @@
-"""``summarize``: data/metadata.csv, METADATA_SUMMARY.md and thumbnails, deterministically.
+"""``summarize``: data/metadata.csv, METADATA_SUMMARY.md, Croissant and thumbnails, deterministically.
 
-Everything is derived from the metadata records and the HDF5 files, with no timestamps, so the
-same inputs give byte-identical outputs (and git diffs show real changes only).
+Everything is derived from params.yaml, the metadata records and the HDF5 files, with no
+timestamps, so the same inputs give byte-identical outputs (and git diffs show real changes only).
+Every dataset in params.yaml has its line in the table and the summary, built or not, so the
+committed copies are current before anything is built (tests/test_summary.py checks them).
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from emdata.core.atomic import write_bytes_atomic
 from emdata.h5 import hdf5
 from emdata.h5.collection import IMAGES, TABLE, array_to_rows, image_arrays
-from emdata.h5.metadata import central_slices, load_records, table_csv
-from emdata.params.config import Config
+from emdata.h5.metadata import central_slices, load_records
+from emdata.params.config import Config, DatasetEntry
+from emdata.params.layout import TABLE_FILE
+from emdata.stages.croissant import DATASET_DIR, REPOSITORY_FILE, dataset_document, document_bytes, repository_document
+from emdata.stages.table import planned_shape, table_csv
 from emdata.stages.overlays import histogram_png, label_census, label_sections, overlay_png, thumbnail_size
 
 SUMMARY_FILE = "METADATA_SUMMARY.md"
@@ -74,7 +79,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _triple(values: list[float]) -> str:
+def _triple(values: Sequence[float]) -> str:
     return " × ".join(f"{v:g}" for v in values)
 
 
@@ -112,6 +117,7 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         lines.append(f"- Licence: {ds.license}")
         lines.append(f"- Citation: {ds.citation}")
         if r is None:
+            lines += _planned(ds)
             lines.append("- Not built yet: run `dvc repro` (or `dvc pull`) and then `emdata summarize`.")
             continue
         if r.get("layout") == "collection":
@@ -142,15 +148,38 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
     return "\n".join(lines) + "\n"
 
 
+def _planned(ds: DatasetEntry) -> list[str]:
+    """What params.yaml says of the geometry before a build."""
+    shape = planned_shape(ds)
+    parts = [f"shape (z, y, x) {_triple(shape)}"] if shape else []
+    if ds.voxel_size_nm:
+        parts.append(f"voxel size {_triple(ds.voxel_size_nm)} nm")
+    if ds.offset_nm:
+        parts.append(f"offset {_triple(ds.offset_nm)} nm")
+    return [f"- From params.yaml: {'; '.join(parts)}"] if parts else []
+
+
+def committed_outputs(cfg: Config, records: dict[str, dict[str, Any]],
+                      thumbs: dict[str, list[str]]) -> dict[str, bytes]:
+    """The outputs git tracks (relative path -> bytes): the table, the summary, the repository Croissant."""
+    return {TABLE_FILE: table_csv(cfg, records).encode(),
+            SUMMARY_FILE: render_markdown(cfg, records, thumbs).encode(),
+            REPOSITORY_FILE: document_bytes(repository_document(cfg, records))}
+
+
 def summarize(cfg: Config) -> list[Path]:
-    """Write the table, the thumbnails and METADATA_SUMMARY.md; return the paths written."""
+    """Write the table, the thumbnails, METADATA_SUMMARY.md and Croissant; return the paths written."""
     records = load_records(cfg)
-    csv_path = cfg.root / "data" / "metadata.csv"
-    write_bytes_atomic(csv_path, table_csv(records).encode())
     thumbs = {key: write_thumbnails(cfg, key, r) for key, r in records.items()}
-    md_path = cfg.root / SUMMARY_FILE
-    write_bytes_atomic(md_path, render_markdown(cfg, records, thumbs).encode())
-    return [csv_path, md_path, *(cfg.root / t for names in thumbs.values() for t in names)]
+    written = []
+    for name, data in committed_outputs(cfg, records, thumbs).items():
+        write_bytes_atomic(cfg.root / name, data)
+        written.append(cfg.root / name)
+    for key, r in records.items():  # per dataset: describes a built file, so only built ones
+        path = cfg.root / DATASET_DIR / f"{key}.json"
+        write_bytes_atomic(path, document_bytes(dataset_document(cfg.datasets[key], r)))
+        written.append(path)
+    return [*written, *(cfg.root / t for names in thumbs.values() for t in names)]
 
 
 # -- collections (many images with a table; emdata.h5.collection) -----------------------------------
