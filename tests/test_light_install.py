@@ -128,6 +128,9 @@ def test_pip_install_gives_the_read_api_with_numpy_h5py_and_hdf5plugin_only(tmp_
     assert len(report["errors"]) == 2
     for error in report["errors"]:
         assert "\n" not in error and error.startswith("toy: ") and error.endswith(PIPELINE_EXTRA)
+    cli = subprocess.run([light_python, "-m", "emdata", "list"], cwd=project, env=_clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert cli.returncode != 0 and cli.stderr.strip().endswith(PIPELINE_EXTRA) and len(cli.stderr.splitlines()) == 1
 
 
 def test_versions_without_dvc_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
