@@ -29,8 +29,8 @@ STAMP := $(VENV)/.emdata-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	@echo "installing emdata and its test extras into $(VENV) (log: $(VENV)/pip.log)"
-	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -c constraints.txt -e ".[dask,distributed,dm3,precomputed,test]" \
+	@echo "installing emdata with its pipeline and test extras into $(VENV) (log: $(VENV)/pip.log)"
+	@$(BIN)/python -m pip install $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH) -c constraints.txt -e ".[pipeline,dask,distributed,dm3,precomputed,test]" \
 		> $(VENV)/pip.log 2>&1 || { grep -v "^WARNING: Location" $(VENV)/pip.log | tail -40; exit 1; }
 	$(BIN)/python -c "import emdata, h5py, dvc" && touch $(STAMP)
 

@@ -23,6 +23,7 @@ SLOW_MODULES = {
     "test_disk_full",  # tmpfs mounts, CLI subprocesses
     "test_dvc_pipeline", "test_readme", "test_plugin_source", "test_remote_access",  # dvc + S3
     "test_tiled_distributed",  # Dask LocalClusters in every test
+    "test_light_install",  # builds a wheel and a fresh venv
 }
 SLOW_MARKERS = {"dvc", "s3"}
 SLOW_FIXTURES = {"cluster"}  # a Dask LocalCluster

@@ -1,4 +1,4 @@
-"""The README's Python example runs as written, in a repository built by `dvc repro`."""
+"""The README's Python examples (first screen and Python API) run as written, in a repository built by `dvc repro`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def readme_python() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def readme_first_screen_python() -> str:
+    """The six-line example before the first section."""
+    head = (REPO / "README.md").read_text().split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", head, re.S).group(1)
+
+
+def test_readme_first_screen_example_is_six_lines() -> None:
+    assert len(readme_first_screen_python().strip().splitlines()) == 6
+
+
 def test_readme_python_example_runs(tmp_path: Path) -> None:
     replica = build_epfl_replica(tmp_path / "www", volume_shape=(20, 30, 40), bench_shape=(96, 256, 320),
                                  coordinate=False)
@@ -46,7 +56,8 @@ def test_readme_python_example_runs(tmp_path: Path) -> None:
     git(["add", "-A"], repo, env)
     git(["commit", "-qm", "data"], repo, env)
     git(["tag", "v1.0"], repo, env)
-    script = readme_python() + "\nprint('README example ok', first.origin, roi.shape)\n"
+    script = (readme_first_screen_python() + "\nassert len(batch) == 8 and patch.shape == (32, 64, 64)\n"
+              + readme_python() + "\nprint('README example ok', first.origin, roi.shape)\n")
     env["EMDATA_CACHE"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -20,8 +20,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
-import typer
+try:
+    import click
+    import typer
+except ModuleNotFoundError as exc:  # the light, read-only install: the commands come with the extra
+    raise SystemExit(f"emdata: error: the command line needs {exc.name}, which the light install leaves out; "
+                     f"pip install 'emdata[pipeline]'") from None
 
 from emdata.errors import ConfigError, EmdataError
 from emdata.params.config import Config, load_config

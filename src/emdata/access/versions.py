@@ -4,11 +4,14 @@
 that rev, fetched once into a cache keyed by the file's DVC content hash (a moved branch never
 serves stale data); with ``remote=`` nothing is downloaded: DVC's API says which objects of the
 remote hold the file and its chunk-offset index, and a :class:`RemoteStorage` reads them by ranges.
-DVC is imported only here, when a version is asked for.
+DVC is imported only here, when a version is asked for; the light install (``pip install emdata``,
+without the ``pipeline`` extra) has no DVC, and asking it for a version is one line saying what to
+install.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -20,6 +23,20 @@ from emdata.h5.chunk_index import IndexFormatError, index_path_for
 from emdata.params.layout import find_root, processed_relpath
 
 
+PIPELINE_EXTRA = "pip install 'emdata[pipeline]'"
+
+
+def _dvc(module: str, name: str, option: str) -> Any:
+    """``module`` of DVC, or a ConfigError naming the extra that brings DVC."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "dvc":
+            raise
+        raise ConfigError(f"{name}: open_dataset(..., {option}=) reads versions through DVC, which this install "
+                          f"lacks; {PIPELINE_EXTRA}") from None
+
+
 def _repo_text(repo: str | os.PathLike) -> str:
     """A repository as DVC takes it: a resolved local path, or a Git URL as given."""
     return str(Path(repo).resolve()) if Path(repo).exists() else str(repo)
@@ -28,12 +45,11 @@ def _repo_text(repo: str | os.PathLike) -> str:
 def fetch_version(name: str, *, rev: str | None, repo: str | os.PathLike | None,
                   cache_dir: str | os.PathLike | None) -> Path:
     """Copy ``data/processed/<name>.h5`` at ``rev`` into a cache keyed by its DVC content hash."""
-    from dvc.api import DVCFileSystem
-
+    dvc_api = _dvc("dvc.api", name, "rev= or repo")
     repo_str = _repo_text(repo) if repo else None
     rel = processed_relpath(name)
     try:
-        fs = DVCFileSystem(repo_str, rev=rev)
+        fs = dvc_api.DVCFileSystem(repo_str, rev=rev)
         info = fs.info(rel)
         digest = info.get("md5") or (info.get("dvc_info") or {}).get("md5")
         if not digest:
@@ -65,15 +81,14 @@ def remote_storage(name: str, *, rev: str | None = None, repo: str | os.PathLike
     ``remote`` names a remote of the repository's DVC config (``remote_config`` adds or overrides
     its settings, e.g. ``{"endpointurl": ...}`` for a clone without ``.dvc/config.local``).
     """
-    from dvc.repo import Repo
-
+    dvc_repo = _dvc("dvc.repo", name, "remote")
     rel = processed_relpath(name)
     rel_index = str(PurePosixPath(index_path_for(Path(f"data/metadata/{name}.json"))))
     repo_str = str(find_root()) if repo is None else _repo_text(repo)
     where = f"{rel} at rev {rev!r} of {repo_str}"
     try:
-        r = Repo.open(repo_str, rev=rev, uninitialized=False, subrepos=False, remote=remote,
-                      remote_config=remote_config)
+        r = dvc_repo.Repo.open(repo_str, rev=rev, uninitialized=False, subrepos=False, remote=remote,
+                                 remote_config=remote_config)
     except Exception as exc:  # noqa: BLE001 - dvc raises many kinds; one line
         raise NotBuiltError(f"{name}: cannot open {repo_str} at rev {rev!r} ({type(exc).__name__}: {exc})") from exc
     try:

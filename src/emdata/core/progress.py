@@ -1,16 +1,30 @@
-"""Progress reporting: a tqdm bar on a terminal, a few plain log lines elsewhere (CI, DVC logs)."""
+"""Progress reporting: a tqdm bar on a terminal, a few plain log lines elsewhere (CI, DVC logs).
+
+tqdm comes with ``emdata[pipeline]``; without it (the light, read-only install) a terminal gets
+the log lines too.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger("emdata")
 
 
 def _interactive() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _tqdm() -> Any:
+    """tqdm's bar class, or None in the light install (no ``emdata[pipeline]``): then log lines only."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
 
 
 class Progress:
@@ -22,9 +36,8 @@ class Progress:
         self.done = 0
         self._next_quarter = 1
         self._bar = None
-        if _interactive():
-            from tqdm import tqdm
-
+        tqdm = _tqdm() if _interactive() else None
+        if tqdm is not None:
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
                              unit_divisor=1024, leave=False, dynamic_ncols=True)
 
