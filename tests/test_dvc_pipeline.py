@@ -69,6 +69,32 @@ def test_demo_pushes_and_pulls_identical_files(tmp_path: Path) -> None:
             assert sha256_file(clone / "data" / "processed" / f"{key}.h5") == digest
     objects = list((tmp_path / "demo" / "s3" / "data").rglob("*"))
     assert objects, "nothing reached the S3 server's storage"
+    _check_croissant(result["producer"], sorted(result["hashes"]))
+
+
+def _check_croissant(producer: Path, built: list[str]) -> None:
+    """Every Croissant file the demo's summarize wrote is valid for mlcroissant, and every record
+    of every array record set gives the shape and dtype of the HDF5 array it names."""
+    mlc = pytest.importorskip("mlcroissant")
+    import h5py
+
+    files = [producer / "data" / "croissant.json", *sorted((producer / "data" / "croissant").glob("*.json"))]
+    assert [p.stem for p in files[1:]] == built
+    checked = 0
+    for path in files:
+        doc = mlc.Dataset(jsonld=str(path))  # raises on an invalid file
+        if path.parent.name != "croissant":
+            continue
+        with h5py.File(producer / "data" / "processed" / f"{path.stem}.h5") as f:
+            for record_set in doc.metadata.record_sets:
+                for record in doc.records(record_set.name):
+                    row = {k.split("/", 1)[1]: v for k, v in record.items()}
+                    if "hdf5_path" not in row:
+                        continue
+                    array = f[row["hdf5_path"]]
+                    assert tuple(row["shape"]) == array.shape and row["dtype"] == str(array.dtype), row
+                    checked += 1
+    assert checked >= len(built)
 
 
 def test_downstream_repo_imports_one_hdf5(producer, tmp_path: Path) -> None:
