@@ -121,7 +121,7 @@ class InstanceStats:
                 "percentiles": None, "exact": True, "instances": True}
 
 
-def statistics_for(dtype: np.dtype, *, label: bool = False) -> "StreamingStats | InstanceStats":
+def statistics_for(dtype: np.dtype, *, label: bool = False) -> StreamingStats | InstanceStats:
     """The statistics an array gets: instance statistics for wide integer labels, else :class:`StreamingStats`
     (8- and 16-bit labels keep their exact histogram: class masks)."""
     return InstanceStats(dtype) if label and is_instance_label(dtype) else StreamingStats(dtype)

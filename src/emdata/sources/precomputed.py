@@ -78,13 +78,13 @@ from emdata.core.boxes import Box
 from emdata.formats.precomputed import (STORE, CropVolume, Layer, Scale, http_requests_started, open_scale, parse_info,
                                         read)
 from emdata.sources.fetch.files import FilePlan
-from emdata.sources.fetch.crop import (Crop, CropLayer, choose_crop, contains, copy_crop, crop_blocks, finished_blocks,
-                                       screening_scale)
+from emdata.formats.precomputed_labels import LabelGrid, check_crop_inside, label_grid, label_store, labels_inside
+from emdata.sources.fetch.crop import Crop, CropLayer, choose_crop, copy_crop, crop_blocks, finished_blocks, screening_scale
 
 log = logging.getLogger(__name__)
 
 KIND = "precomputed"
-READERS = ("emdata.formats.precomputed",)
+READERS = ("emdata.formats.precomputed", "emdata.formats.precomputed_labels")
 DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
 FETCHERS = ("emdata.sources.fetch.crop",)  # where the crop lies and how its blocks are stored
 
@@ -215,27 +215,6 @@ def parse_params(sec: Section) -> Params:
 # -- the layer, the scale, the crop --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LabelGrid:
-    """A label layer and its scale on the image's grid."""
-
-    name: str
-    layer: Layer
-    scale: Scale
-
-    @property
-    def store(self) -> str:
-        return label_store(self.name)
-
-    @property
-    def scale_url(self) -> str:
-        return f"{self.layer.url}/{self.scale.key}"
-
-
-def label_store(name: str) -> str:
-    return f"labels/{name}.zarr"
-
-
 @dataclass
 class Prepared:
     layer: Layer
@@ -283,43 +262,6 @@ def find_scale(layer: Layer, wanted: ScaleRef, path: str) -> Scale:
                       f"(resolutions z, y, x in nm; scales: {have})")
 
 
-def describe_grid(layer: Layer, scale: Scale) -> str:
-    res = " x ".join(f"{r:g}" for r in scale.resolution)
-    return (f"{layer.url} scale {scale.key} ({res} nm, voxels {list(scale.voxel_offset)}..{list(scale.stop)}, "
-            "z, y, x)")
-
-
-def bounds(scale: Scale) -> Box:
-    return Box(scale.voxel_offset, scale.stop)
-
-
-def label_grid(name: str, label: Layer, image: Layer, scale: Scale, dataset: str) -> LabelGrid:
-    """The label's scale at the image scale's resolution, or a one-line FormatError naming both grids."""
-    if np.dtype(label.data_type).kind not in "iu":
-        raise FormatError(dataset, f"{label.url}/info", f"label {name!r} has data_type {label.data_type}, not "
-                          "integer ids", "choose a segmentation layer")
-    for candidate in label.scales:
-        if all(abs(a - b) <= 1e-6 * max(a, b) for a, b in zip(candidate.resolution, scale.resolution)):
-            return LabelGrid(name, label, candidate)
-    have = "; ".join(describe_grid(label, s) for s in label.scales)
-    raise FormatError(dataset, f"{label.url}/info", f"label {name!r} has no scale on the image's grid "
-                      f"{describe_grid(image, scale)} (its grids: {have})",
-                      "choose a label layer with a scale at the image's resolution")
-
-
-def _labels_inside(grids: dict[str, LabelGrid], image: Layer, scale: Scale, size: IntTriple, dataset: str) -> Box:
-    """The voxels every layer holds; a FormatError naming both grids when the crop cannot fit in them."""
-    lo, hi = list(scale.voxel_offset), list(scale.stop)
-    for grid in grids.values():
-        lo = [max(a, b) for a, b in zip(lo, grid.scale.voxel_offset)]
-        hi = [min(a, b) for a, b in zip(hi, grid.scale.stop)]
-        if any(b - a < c for a, b, c in zip(lo, hi, size)):
-            raise FormatError(dataset, f"{grid.layer.url}/info", f"label {grid.name!r} on {describe_grid(grid.layer, grid.scale)} "
-                              f"and the image on {describe_grid(image, scale)} share no {list(size)} box",
-                              "choose a label layer covering the image, or a smaller crop_size")
-    return Box(tuple(lo), tuple(hi))  # type: ignore[arg-type]
-
-
 def prepare(params: Params, ctx: FetchContext) -> Prepared:
     layer = parse_info(ctx.http.get_json(f"{params.url}/info"), ctx.dataset, params.url)
     scale = find_scale(layer, params.scale, f"{params.path}.scale")
@@ -328,7 +270,7 @@ def prepare(params: Params, ctx: FetchContext) -> Prepared:
     for name, url in params.label_urls().items():
         label = parse_info(ctx.http.get_json(f"{url}/info"), ctx.dataset, url)
         grids[name] = label_grid(name, label, layer, scale, ctx.dataset)
-    inside = _labels_inside(grids, layer, scale, params.crop_size, ctx.dataset) if grids else None
+    inside = labels_inside(list(grids.values()), layer, scale, params.crop_size, ctx.dataset) if grids else None
 
     def screen() -> tuple[Scale, Callable[[Box], np.ndarray]]:
         chosen = (find_scale(layer, params.tissue.scale, f"{params.path}.tissue.scale") if params.tissue.scale
@@ -337,13 +279,8 @@ def prepare(params: Params, ctx: FetchContext) -> Prepared:
         return chosen, lambda box: read(store, *box, ctx.dataset, f"{layer.url}/{chosen.key}", timeout)
 
     crop = choose_crop(params, scale, layer.url, screen, ctx.dataset, inside=inside)
-    box = Box(crop.start, crop.stop)
     for grid in grids.values():  # a given roi_start is checked here (a search kept inside already)
-        if not contains(bounds(grid.scale), box):
-            raise FormatError(ctx.dataset, f"{grid.layer.url}/info", f"the crop {list(box.start)}..{list(box.stop)} "
-                              f"(z, y, x) of the image on {describe_grid(layer, scale)} leaves label {grid.name!r} "
-                              f"on {describe_grid(grid.layer, grid.scale)}",
-                              "choose roi_start inside both layers, or another label layer")
+        check_crop_inside(grid, layer, scale, Box(crop.start, crop.stop), ctx.dataset)
     # One chunk deep and 4 x 4 chunks wide (64 x 256 x 256 for 64^3 chunks) unless params say; at most the crop.
     block = params.block or (scale.chunk[0], 4 * scale.chunk[1], 4 * scale.chunk[2])
     block = tuple(min(b, c) for b, c in zip(block, params.crop_size))  # type: ignore[assignment]

@@ -33,6 +33,7 @@ from emdata.core.boxes import Box, Grid, IntTriple
 from emdata.core.digest import sha256_file
 from emdata.errors import ConfigError
 from emdata.formats.precomputed import STORE, CropStore
+from emdata.formats.precomputed_labels import contains
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.objects import copy_objects, journalled
 from emdata.sources.fetch.record import FetchedFile
@@ -150,10 +151,6 @@ def choose_crop(wanted: Wanted, scale: S, layer: str, screen: Screen[S], dataset
                               f"{list(scale.stop)}")
         return Crop(start, tuple(stop), "roi_start")  # type: ignore[arg-type]
     return _search(wanted, scale, layer, *screen(), dataset, inside)
-
-
-def contains(outer: Box, inner: Box) -> bool:
-    return all(a <= b for a, b in zip(outer.start, inner.start)) and all(b <= a for a, b in zip(outer.stop, inner.stop))
 
 
 def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box], np.ndarray], dataset: str,
