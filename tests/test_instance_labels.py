@@ -20,15 +20,17 @@ import yaml
 from emdata.access.sampling import GridPatches, RandomPatches
 from emdata.access.volume import Volume
 from emdata.core.stats import InstanceStats, StreamingStats, statistics_for
-from emdata.errors import AccessError, FormatError
+from emdata.errors import AccessError, FetchError, FormatError
+from emdata.formats.precomputed import parse_info
 from emdata.formats.raw import ArrayVolume
 from emdata.params.config import load_config
-from emdata.stages.fetch import fetch_dataset, verify_dataset
+from emdata.stages.fetch import fetch_dataset, plan_dataset, verify_dataset
 from emdata.stages.normalize.volume import normalize_dataset
 from emdata.stages.normalize.write import write_volume
 from emdata.testing.precomputed import (FINE_OFFSET, NEURON_IDS, REPLICA, SEGMENTATION_LAYER, SEGMENTATION_PATH,
                                         RunningPrecomputed, precomputed_dataset)
 from emdata.testing.volumes import coordinate_volume, write_canonical
+from emdata.transport.retry import RetryPolicy
 
 KEY = "hemibrain_em_crop"
 START = (FINE_OFFSET[0] + 25, FINE_OFFSET[1] + 31, FINE_OFFSET[2] + 37)
@@ -96,6 +98,45 @@ def test_verify_rehashes_the_uint64_labels(built) -> None:
     passed = dict(verify_dataset(cfg, KEY, raw=True))
     assert "/labels/neurons voxels sha256" in passed
     assert any(name.startswith("raw labels/neurons.zarr/") for name in passed)
+
+
+def test_plan_lists_the_label_blocks_from_the_segmentation(running, tmp_path) -> None:
+    cfg = project(tmp_path / "p", labelled(running))
+    rows = plan_dataset(cfg, KEY)
+    image = [r for r in rows if r.name.startswith("crop.zarr/")]
+    labels = [r for r in rows if r.name.startswith("labels/neurons.zarr/")]
+    assert image and len(labels) == len(image)
+    assert all(SEGMENTATION_PATH in r.url and r.size > 0 for r in labels)
+    assert sum(r.size for r in labels) == 8 * sum(r.size for r in image)  # uint64 ids beside uint8 EM
+    assert not cfg.raw_dir(KEY).exists()
+
+
+def test_a_failed_label_shard_keeps_the_finished_blocks_for_the_next_run(running, tmp_path) -> None:
+    """EM and label blocks are one journalled copy: a failure on a segmentation shard loses nothing."""
+    seg = parse_info(running.replica.segmentation_info, "t", "seg").scales[0]
+    shard = sorted({seg.shard_of(c) for c in seg.chunks_in(START, STOP)})[-1]
+    path = f"{SEGMENTATION_PATH}/8.0x8.0x8.0/{shard}"
+    cfg = project(tmp_path / "p", labelled(running))
+    running.server.fail(path, status=503, times=10**6)
+    try:
+        with pytest.raises(FetchError) as err:
+            fetch_dataset(cfg, KEY, policy=RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02,
+                                                        connect_timeout=2, read_timeout=5))
+    finally:
+        running.server.faults.fail.clear()
+    assert "\n" not in str(err.value) and shard in str(err.value)
+    partial = cfg.partial_dir(KEY)
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in partial.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.name != ".zarray"}
+    assert any("crop.zarr" in str(p) for p in kept), "no EM block was finished before the failure"
+    fetch_dataset(cfg, KEY)
+    raw = cfg.raw_dir(KEY)
+    for p, stamp in kept.items():
+        moved = raw / p.relative_to(partial)
+        assert (moved.stat().st_ino, moved.stat().st_mtime_ns) == stamp, moved
+    with h5py.File(normalize_dataset(cfg, KEY), "r") as f:
+        np.testing.assert_array_equal(f["labels/neurons"][()],
+                                      running.replica.decoded("8.0x8.0x8.0", START, STOP, segmentation=True))
 
 
 # -- acceptance 2: a label layer on another grid is one line naming both grids ---------------------
