@@ -70,7 +70,8 @@ def labels_inside(grids: list[LabelGrid], image: Layer, scale: Scale, size: IntT
         lo = [max(a, b) for a, b in zip(lo, grid.scale.voxel_offset)]
         hi = [min(a, b) for a, b in zip(hi, grid.scale.stop)]
         if any(b - a < c for a, b, c in zip(lo, hi, size)):
-            raise FormatError(dataset, f"{grid.layer.url}/info", f"label {grid.name!r} on {describe_grid(grid.layer, grid.scale)} "
+            raise FormatError(dataset, f"{grid.layer.url}/info",
+                              f"label {grid.name!r} on {describe_grid(grid.layer, grid.scale)} "
                               f"and the image on {describe_grid(image, scale)} share no {list(size)} box",
                               "choose a label layer covering the image, or a smaller crop_size")
     return Box(tuple(lo), tuple(hi))  # type: ignore[arg-type]

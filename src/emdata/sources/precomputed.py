@@ -79,7 +79,8 @@ from emdata.formats.precomputed import (STORE, CropVolume, Layer, Scale, http_re
                                         read)
 from emdata.sources.fetch.files import FilePlan
 from emdata.formats.precomputed_labels import LabelGrid, check_crop_inside, label_grid, label_store, labels_inside
-from emdata.sources.fetch.crop import Crop, CropLayer, choose_crop, copy_crop, crop_blocks, finished_blocks, screening_scale
+from emdata.sources.fetch.crop import (Crop, CropLayer, choose_crop, copy_crop, crop_blocks, finished_blocks,
+                                       screening_scale)
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +341,8 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
     log.info("%s: %d chunk(s) of %s voxels (z, y, x)%s; about %.1f MiB on the wire (%s), %.1f MiB decoded, "
              "%d block(s) of %s", ctx.dataset, len(chunks), "x".join(map(str, scale.chunk)), shard_text,
              sum(r.to_transfer or 0 for r in rows) / 2**20, how,
-             math.prod(params.crop_size) * p.layer.dtype.itemsize / 2**20, len(rows), "x".join(map(str, p.block)))
+             math.prod(params.crop_size) * p.layer.dtype.itemsize / 2**20, len(rows) // len(p.stores),
+             "x".join(map(str, p.block)))
     for grid in p.labels.values():
         log.info("%s: label %s from %s scale %s, the same box", ctx.dataset, grid.name, grid.layer.url,
                  grid.scale.label())
@@ -426,7 +428,8 @@ def open_labels(params: Params, raw: Path, dataset: str) -> dict[str, CropVolume
             raise FormatError(dataset, str(raw / "source.json"), f"the fetch record has no label {name!r}",
                               refetch_hint(dataset))
         res = tuple(float(v) for v in label["scale"]["resolution_nm_zyx"])
-        out[name] = CropVolume(raw / label_store(name), dataset, voxel_size_nm=res, offset_nm=offset)  # type: ignore[arg-type]
+        out[name] = CropVolume(raw / label_store(name), dataset, voxel_size_nm=res,  # type: ignore[arg-type]
+                               offset_nm=offset)  # type: ignore[arg-type]
     return out
 
 

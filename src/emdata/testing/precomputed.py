@@ -226,8 +226,8 @@ class RunningPrecomputed:
         key = "8.0x8.0x8.0"
         start, crop = (FINE_OFFSET[0] + 25, FINE_OFFSET[1] + 31, FINE_OFFSET[2] + 37), (29, 37, 45)
         stop = tuple(a + c for a, c in zip(start, crop))
-        dataset = precomputed_dataset(self.layer_url, scale=8, crop=crop, seed=None, roi_start=start, block=(16, 16, 32),
-                                      labels={"neurons": SEGMENTATION_LAYER})
+        dataset = precomputed_dataset(self.layer_url, scale=8, crop=crop, seed=None, roi_start=start,
+                                      block=(16, 16, 32), labels={"neurons": SEGMENTATION_LAYER})
         expected = {"raw": self.replica.decoded(key, start, stop),
                     "labels/neurons": self.replica.decoded(key, start, stop, segmentation=True)}
         out.append(ReplicaCase("hemibrain_em_crop", dataset, expected,

@@ -186,7 +186,8 @@ def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box
     within = f", {outside} of them outside the other layers' bounds {list(inside.start)}..{list(inside.stop)}" \
         if inside is not None and outside else ""
     raise ConfigError(f"params.yaml: {wanted.path}.tissue: none of {len(candidates)} random {list(size)} crops "
-                      f"(seed {wanted.seed}{within}) of {layer} scale {scale.key} has {tissue.min_fraction:.0%} non-zero "
+                      f"(seed {wanted.seed}{within}) of {layer} scale {scale.key} has {tissue.min_fraction:.0%} "
+                      "non-zero "
                       f"voxels at scale {screen.key} (best: {best['fraction']:.1%} at {best['start_zyx']}); lower "
                       "tissue.min_fraction, raise tissue.max_tries, change the seed or give roi_start")
 
@@ -217,7 +218,8 @@ class CropLayer:
 def crop_blocks(crop: Crop, block: IntTriple, url: str, store: str = STORE) -> list[CropBlock]:
     """The blocks of a crop, C order, named as zarr v2 chunk keys (``i.j.k``) of a local store."""
     size = Box(crop.start, crop.stop).shape
-    return [CropBlock(box, f"{store}/{'.'.join(map(str, index))}", url, store) for index, box in Grid(size, block).cells()]
+    return [CropBlock(box, f"{store}/{'.'.join(map(str, index))}", url, store)
+            for index, box in Grid(size, block).cells()]
 
 
 def _identity(crop: Crop, scale: str, block: IntTriple, stores: Sequence[str] = (STORE,)) -> dict[str, Any]:
