@@ -296,7 +296,7 @@ def test_plan_shows_scale_roi_chunks_shards_and_bytes_without_reading_voxels(run
     assert len(chunks) == int(shards.group(1)) and len(predicted) == int(shards.group(2)) > 1
     running.server.clear_log()
     fetch_dataset(cfg, case.key)
-    assert {r.path for r in running.server.requests if "/8.0x8.0x8.0/" in r.path} == predicted
+    assert {r.path for r in running.server.requests if r.path.startswith(f"{LAYER_PATH}/8.0x8.0x8.0/")} == predicted
 
 
 def test_murmurhash_shards_are_predicted_as_tensorstore_writes_them(running, tmp_path) -> None:

@@ -276,6 +276,7 @@ class GridPatches:
             raise ConfigError(f"overlap {self.overlap} must be smaller than the patch {self.patch_shape}")
         if any(p > s for p, s in zip(self.patch_shape, volume.shape)):
             raise ConfigError(f"{volume.name}: patch {self.patch_shape} is larger than the volume {volume.shape}")
+        self.label_name = label
         self.label = volume.labels[label] if label is not None else None
         self.starts = []
         for size, patch, overlap in zip(volume.shape, self.patch_shape, self.overlap):

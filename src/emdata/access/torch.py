@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from emdata.errors import ConfigError
+from emdata.errors import AccessError, ConfigError
 from emdata.access.sampling import GridPatches, Patch, RandomPatches
 
 #: Samples and batches up to this many bytes are pickled inline (through the worker's pipe);
@@ -111,6 +111,21 @@ def _tensor(array: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor if dtype is None else tensor.to(dtype)
 
 
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _label_tensor(label: np.ndarray, dtype: torch.dtype | None, where: str) -> torch.Tensor:
+    """A label patch as a tensor; uint64 instance ids become int64 (torch has no uint64 arithmetic: no
+    comparisons, indexing or losses), refused in one line when an id does not fit."""
+    if label.dtype.kind == "u" and label.dtype.itemsize == 8:
+        top = int(label.max()) if label.size else 0
+        if top > INT64_MAX:
+            raise AccessError(f"{where}: label id {top} is above the int64 maximum {INT64_MAX}, which torch cannot "
+                              "hold; use a transform and map the ids first")
+        label = np.ascontiguousarray(label, np.uint64).view(np.int64)  # native order, the same ids, no copy
+    return _tensor(label, dtype)
+
+
 def _check_dtype(value: Any, name: str) -> torch.dtype | None:
     if value is not None and not isinstance(value, torch.dtype):
         raise ConfigError(f"PatchDataset: {name} must be a torch dtype such as torch.float32, got {value!r}")
@@ -137,7 +152,8 @@ class PatchDataset(Dataset):
     ``dtype=torch.float32`` / ``label_dtype=torch.int64`` convert in the workers instead (what
     earlier versions always did; values are converted, never rescaled). torch >= 2.3 has uint16,
     uint32 and uint64 as limited dtypes: convert them before computing; older torch gets int32 or
-    int64 for them.
+    int64 for them. uint64 labels (instance ids such as hemibrain body ids) always come as int64
+    tensors with the same ids; an id above the int64 maximum is refused with one line.
 
     ``transform`` maps each :class:`Patch` (numpy arrays, native dtypes) to whatever the model
     needs, instead of the dict above (it cannot be combined with ``dtype``/``label_dtype``). Its
@@ -181,5 +197,6 @@ class PatchDataset(Dataset):
         item = Sample(raw=_tensor(patch.raw, self.dtype)[None],
                       origin=torch.tensor(patch.origin, dtype=torch.int64))
         if patch.label is not None:
-            item["label"] = _tensor(patch.label, self.label_dtype)[None]
+            where = f"{self.sampler.volume.name}: label {getattr(self.sampler, 'label_name', None) or ''}".rstrip()
+            item["label"] = _label_tensor(patch.label, self.label_dtype, where)[None]
         return item

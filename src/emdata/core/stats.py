@@ -4,6 +4,10 @@ Integer volumes up to 16 bits keep an exact histogram, so min, max, mean, std an
 (numpy's default ``linear`` method) come out as numpy would compute them on the whole array,
 with one slab of memory instead of numpy's 8x-the-volume temporaries. Wider or float dtypes get
 exact min/max/mean and a merged (Chan et al.) variance; their percentiles are not computed.
+Instance labels (an integer label wider than 16 bits, such as uint64 body ids) are ids, not
+intensities: they get the exact object count and background (zero) fraction from the set of ids
+seen (:class:`InstanceStats`), never a 2^64-bin histogram; memory grows with the objects, not the
+voxels.
 
 The histogram is counted by a small numba kernel (:mod:`emdata.core.kernels`): ``np.bincount`` runs
 at ~0.5 GB/s here and holds the GIL, so it stalled the whole normalize pipeline; the kernel
@@ -44,6 +48,83 @@ def _percentile_from_hist(values: np.ndarray, counts: np.ndarray, percent: float
     if gamma >= 0.5:
         return float(np.subtract(b, diff * (1 - gamma), dtype=np.float64)[0])
     return float(np.add(a, diff * gamma)[0])
+
+
+def is_instance_label(dtype: np.dtype) -> bool:
+    """Labels of this dtype hold object ids (too many values for a histogram): wider than 16 bits, integer."""
+    dtype = np.dtype(dtype)
+    return dtype.kind in "iu" and dtype.itemsize > 2
+
+
+def run_values(data: np.ndarray) -> np.ndarray:
+    """The values of a label block with runs of equal neighbours collapsed (ids come in long runs, so
+    ``np.unique`` then sorts a few values per object instead of every voxel)."""
+    flat = np.ascontiguousarray(data).reshape(-1)
+    if flat.size < 2:
+        return flat
+    keep = np.empty(flat.size, bool)
+    keep[0] = True
+    np.not_equal(flat[1:], flat[:-1], out=keep[1:])
+    return flat[keep]
+
+
+class InstanceStats:
+    """Exact statistics of instance labels: voxels, background (0) fraction, object count, min and max id.
+
+    The ids seen are kept as one sorted array (plus the not yet merged ones), so ``partial`` and
+    ``merge`` work across processes as :class:`StreamingStats` does; ids stay exact integers
+    (uint64 ids above 2^53 would not survive a float).
+    """
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self.zeros = 0
+        self.ids = np.zeros(0, self.dtype.newbyteorder("="))
+        self._pending: list[np.ndarray] = []
+        self._pending_size = 0
+
+    def update(self, data: np.ndarray) -> None:
+        self.merge(self.partial(data))
+
+    def partial(self, data: np.ndarray) -> dict[str, Any] | None:
+        """One block's voxel count, zeros and non-zero ids (a JSON-safe list of ints)."""
+        if data.size == 0:
+            return None
+        ids = np.unique(run_values(data))
+        return {"n": int(data.size), "zeros": int(data.size - np.count_nonzero(data)),
+                "ids": [int(v) for v in ids if v != 0]}
+
+    def merge(self, part: dict[str, Any] | None) -> None:
+        if part is None:
+            return
+        self.count += int(part["n"])
+        self.zeros += int(part["zeros"])
+        ids = np.asarray(part["ids"], self.ids.dtype)
+        self._pending.append(ids)
+        self._pending_size += ids.size
+        if self._pending_size > max(self.ids.size, 1 << 16):  # amortised: merge when the pending ids are many
+            self._compact()
+
+    def _compact(self) -> None:
+        if self._pending:
+            self.ids = np.unique(np.concatenate([self.ids, *self._pending]))
+            self._pending, self._pending_size = [], 0
+
+    def result(self) -> dict[str, Any]:
+        if self.count == 0:
+            return {"count": 0}
+        self._compact()
+        values = ([0] if self.zeros else []) + ([int(self.ids[0]), int(self.ids[-1])] if self.ids.size else [])
+        return {"count": self.count, "object_count": int(self.ids.size), "min": min(values), "max": max(values),
+                "zero_fraction": self.zeros / self.count, "background_fraction": self.zeros / self.count,
+                "percentiles": None, "exact": True, "instances": True}
+
+
+def statistics_for(dtype: np.dtype, *, label: bool = False) -> StreamingStats | InstanceStats:
+    """The statistics an array gets: instance statistics for wide integer labels, else :class:`StreamingStats`
+    (8- and 16-bit labels keep their exact histogram: class masks)."""
+    return InstanceStats(dtype) if label and is_instance_label(dtype) else StreamingStats(dtype)
 
 
 class StreamingStats:

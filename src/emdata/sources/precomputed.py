@@ -23,6 +23,16 @@ journalled and reads only the others. ``plan`` reports the
 scale, the ROI, the chunks and shards it touches and the bytes it would transfer (estimated from
 HEAD requests on the shards, or on a sample of the chunks).
 
+Labels (``labels: {<name>: {layer: <path>}}``): each is another precomputed layer (a neuron
+segmentation: uint64 body ids, ``compressed_segmentation``, sharded) read for exactly the EM
+crop's box into ``labels/<name>.zarr`` in the same journalled block copy, ids as they are. ``layer``
+is a full URL (as ``url``), or a path under the bucket of ``url``: its first path component, as in
+GCS's ``https://storage.googleapis.com/<bucket>/<path>`` (``v1.2/segmentation`` next to
+``emdata/clahe_yz/jpeg``); give a full URL for a layer in another bucket or on another host. The
+label must have a scale at the image scale's resolution (precomputed voxel coordinates are absolute,
+so voxel i of one is voxel i of the other), and the crop must lie inside both layers' bounds: a
+search only accepts such crops, and any other mismatch is a one-line FormatError naming both grids.
+
 params.yaml::
 
     source:
@@ -34,6 +44,7 @@ params.yaml::
       roi_start: null               # [z, y, x] voxels of the scale: a fixed crop, no search
       tissue: {min_fraction: 0.9, max_tries: 100, scale: null}  # scale: the screening scale
       block: null                   # [z, y, x] voxels per block (default: one chunk deep, 4 x 4 chunks)
+      labels: {neurons: {layer: v1.2/segmentation}}  # optional: label layers read for the same box
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -53,6 +65,7 @@ from emdata.params.schema import (
     as_fraction,
     as_int_range,
     as_int_triple,
+    as_named,
     as_str,
     config_error,
     param,
@@ -65,12 +78,14 @@ from emdata.core.boxes import Box
 from emdata.formats.precomputed import (STORE, CropVolume, Layer, Scale, http_requests_started, open_scale, parse_info,
                                         read)
 from emdata.sources.fetch.files import FilePlan
-from emdata.sources.fetch.crop import Crop, choose_crop, copy_crop, crop_blocks, finished_blocks, screening_scale
+from emdata.formats.precomputed_labels import LabelGrid, check_crop_inside, label_grid, label_store, labels_inside
+from emdata.sources.fetch.crop import (Crop, CropLayer, choose_crop, copy_crop, crop_blocks, finished_blocks,
+                                       screening_scale)
 
 log = logging.getLogger(__name__)
 
 KIND = "precomputed"
-READERS = ("emdata.formats.precomputed",)
+READERS = ("emdata.formats.precomputed", "emdata.formats.precomputed_labels")
 DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
 FETCHERS = ("emdata.sources.fetch.crop",)  # where the crop lies and how its blocks are stored
 
@@ -93,6 +108,25 @@ def as_layer_url(value: Any, path: str) -> str:
     if not text.startswith(("http://", "https://")) or "?" in text or "#" in text:
         raise config_error(path, f"expected the http(s) URL of a precomputed layer (or gs://bucket/path), got {value!r}")
     return text.rstrip("/")
+
+
+def as_layer_path(value: Any, path: str) -> str:
+    """A label layer: a full URL (as :func:`as_layer_url`) or a relative path under the image's bucket."""
+    text = as_str(value, path).strip()
+    if text.startswith(("precomputed://", "gs://", "http://", "https://")):
+        return as_layer_url(text, path)
+    parts = text.strip("/").split("/")
+    if text.startswith("/") or "?" in text or "#" in text or "://" in text or any(p in ("", ".", "..") for p in parts):
+        raise config_error(path, "expected a path under the bucket of source.url (such as 'v1.2/segmentation') or "
+                           f"a layer's full URL, got {value!r}")
+    return text.strip("/")
+
+
+def bucket_root(url: str) -> str | None:
+    """``scheme://host/<bucket>`` of a path-style layer URL, or None when the path has no bucket and layer."""
+    parts = urllib.parse.urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    return f"{parts.scheme}://{parts.netloc}/{segments[0]}" if len(segments) >= 2 else None
 
 
 def as_scale(value: Any, path: str) -> ScaleRef:
@@ -126,6 +160,14 @@ class Tissue:
 
 
 @dataclass(frozen=True)
+class LabelLayer:
+    layer: str = param(as_layer_path)  # a full URL, or a path under the bucket of ``url``
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer}
+
+
+@dataclass(frozen=True)
 class Params:
     url: str = param(as_layer_url)  # the layer folder (holding ``info``), no trailing slash
     scale: ScaleRef = param(as_scale)
@@ -134,12 +176,28 @@ class Params:
     roi_start: IntTriple | None = param(as_voxel_triple, None)
     tissue: Tissue = param(as_fields(Tissue), Tissue())
     block: IntTriple | None = param(as_int_triple, None)
+    labels: dict[str, LabelLayer] = param(as_named(as_fields(LabelLayer)), {})
     path: str = "datasets.?.source"  # where these params live, for messages (not part of the spec)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": KIND, "url": self.url, "scale": _scale_dict(self.scale), "crop_size": list(self.crop_size),
                 "seed": self.seed, "roi_start": None if self.roi_start is None else list(self.roi_start),
-                "tissue": self.tissue.to_dict(), "block": None if self.block is None else list(self.block)}
+                "tissue": self.tissue.to_dict(), "block": None if self.block is None else list(self.block),
+                **({"labels": {k: v.to_dict() for k, v in self.labels.items()}} if self.labels else {})}
+
+    def label_urls(self) -> dict[str, str]:
+        """name -> the label layer's URL (a relative ``layer`` resolved under the bucket of ``url``)."""
+        root = bucket_root(self.url)
+        out = {}
+        for name, spec in self.labels.items():
+            if spec.layer.startswith(("http://", "https://")):
+                out[name] = spec.layer
+            elif root is None:
+                raise config_error(f"{self.path}.labels.{name}.layer", f"source.url {self.url} has no bucket to put "
+                                   f"{spec.layer!r} under; give the label layer's full URL")
+            else:
+                out[name] = f"{root}/{spec.layer}"
+        return out
 
 
 def _scale_dict(scale: ScaleRef | None) -> Any:
@@ -151,6 +209,7 @@ def parse_params(sec: Section) -> Params:
     if params.roi_start is None and params.seed is None:
         raise config_error(sec.key_path("seed"), "missing required key (the random crop needs a seed; "
                            "or give roi_start for a fixed crop)")
+    params.label_urls()  # a relative layer needs a bucket: refused here, before any request
     return params
 
 
@@ -165,10 +224,15 @@ class Prepared:
     block: IntTriple
     timeout: float
     context: dict[str, Any]
+    labels: dict[str, LabelGrid]
 
     @property
     def scale_url(self) -> str:
         return f"{self.layer.url}/{self.scale.key}"
+
+    @property
+    def stores(self) -> list[str]:
+        return [STORE, *(grid.store for grid in self.labels.values())]
 
 
 def _timeout(ctx: FetchContext) -> float:
@@ -203,6 +267,11 @@ def prepare(params: Params, ctx: FetchContext) -> Prepared:
     layer = parse_info(ctx.http.get_json(f"{params.url}/info"), ctx.dataset, params.url)
     scale = find_scale(layer, params.scale, f"{params.path}.scale")
     timeout, context = _timeout(ctx), _context(ctx)
+    grids = {}
+    for name, url in params.label_urls().items():
+        label = parse_info(ctx.http.get_json(f"{url}/info"), ctx.dataset, url)
+        grids[name] = label_grid(name, label, layer, scale, ctx.dataset)
+    inside = labels_inside(list(grids.values()), layer, scale, params.crop_size, ctx.dataset) if grids else None
 
     def screen() -> tuple[Scale, Callable[[Box], np.ndarray]]:
         chosen = (find_scale(layer, params.tissue.scale, f"{params.path}.tissue.scale") if params.tissue.scale
@@ -210,11 +279,13 @@ def prepare(params: Params, ctx: FetchContext) -> Prepared:
         store = open_scale(layer, chosen, context, ctx.dataset, timeout)
         return chosen, lambda box: read(store, *box, ctx.dataset, f"{layer.url}/{chosen.key}", timeout)
 
-    crop = choose_crop(params, scale, layer.url, screen, ctx.dataset)
+    crop = choose_crop(params, scale, layer.url, screen, ctx.dataset, inside=inside)
+    for grid in grids.values():  # a given roi_start is checked here (a search kept inside already)
+        check_crop_inside(grid, layer, scale, Box(crop.start, crop.stop), ctx.dataset)
     # One chunk deep and 4 x 4 chunks wide (64 x 256 x 256 for 64^3 chunks) unless params say; at most the crop.
     block = params.block or (scale.chunk[0], 4 * scale.chunk[1], 4 * scale.chunk[2])
     block = tuple(min(b, c) for b, c in zip(block, params.crop_size))  # type: ignore[assignment]
-    return Prepared(layer, scale, crop, block, timeout, context)
+    return Prepared(layer, scale, crop, block, timeout, context, grids)
 
 
 def _extra(p: Prepared, params: Params) -> dict[str, Any]:
@@ -228,7 +299,17 @@ def _extra(p: Prepared, params: Params) -> dict[str, Any]:
                 "offset_nm_zyx": [a * r for a, r in zip(p.crop.start, s.resolution)], "chosen_by": p.crop.chosen_by},
         "search": p.crop.search,
         "store": {"path": "crop.zarr", "format": "zarr v2, uncompressed, C order", "block_zyx": list(p.block)},
+        **({"labels": {name: _label_extra(grid) for name, grid in p.labels.items()}} if p.labels else {}),
     }
+
+
+def _label_extra(grid: LabelGrid) -> dict[str, Any]:
+    s = grid.scale
+    return {"layer": {"url": grid.layer.url, "info": grid.layer.info},
+            "scale": {"key": s.key, "index": s.index, "resolution_nm_zyx": list(s.resolution), "size_zyx": list(s.size),
+                      "voxel_offset_zyx": list(s.voxel_offset), "chunk_zyx": list(s.chunk), "encoding": s.encoding,
+                      "sharding": s.sharding, "data_type": grid.layer.data_type},
+            "store": grid.store}
 
 
 # -- the verbs ----------------------------------------------------------------------------------
@@ -238,15 +319,21 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
     p = prepare(params, ctx)
     scale, crop = p.scale, p.crop
     chunks = scale.chunks_in(crop.start, crop.stop)
-    per_chunk, how, shards = _bytes_per_chunk(p, chunks, ctx)
-    rows = []
-    finished = finished_blocks(ctx, crop, scale.key, p.block)
-    for block in crop_blocks(crop, p.block, p.scale_url):
-        touched = scale.chunks_in(*block.box.shifted(crop.start))
-        done = block.relpath in finished
-        wire = 0 if done else int(sum(per_chunk(pos) for pos in touched))
-        rows.append(FilePlan(block.relpath, p.scale_url, block.box.voxels * p.layer.dtype.itemsize,
-                             wire, 0 if done else len(touched), "done" if done else "new"))
+    rows: list[FilePlan] = []
+    finished = finished_blocks(ctx, crop, scale.key, p.block, p.stores)
+    shards: list[str] = []
+    how = ""
+    for layer, lscale, url, store in [(p.layer, scale, p.scale_url, STORE),
+                                      *((g.layer, g.scale, g.scale_url, g.store) for g in p.labels.values())]:
+        per_chunk, how_here, shards_here = _bytes_per_chunk(lscale, url, lscale.chunks_in(crop.start, crop.stop), ctx)
+        if store == STORE:
+            how, shards = how_here, shards_here
+        for block in crop_blocks(crop, p.block, url, store):
+            touched = lscale.chunks_in(*block.box.shifted(crop.start))
+            done = block.relpath in finished
+            wire = 0 if done else int(sum(per_chunk(pos) for pos in touched))
+            rows.append(FilePlan(block.relpath, url, block.box.voxels * layer.dtype.itemsize,
+                                 wire, 0 if done else len(touched), "done" if done else "new"))
     log.info("%s: %s scale %s; ROI z %d..%d, y %d..%d, x %d..%d voxels (%s); offset %s nm", ctx.dataset, p.layer.url,
              scale.label(), crop.start[0], crop.stop[0], crop.start[1], crop.stop[1], crop.start[2], crop.stop[2],
              crop.how_chosen(), [a * r for a, r in zip(crop.start, scale.resolution)])
@@ -254,13 +341,17 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
     log.info("%s: %d chunk(s) of %s voxels (z, y, x)%s; about %.1f MiB on the wire (%s), %.1f MiB decoded, "
              "%d block(s) of %s", ctx.dataset, len(chunks), "x".join(map(str, scale.chunk)), shard_text,
              sum(r.to_transfer or 0 for r in rows) / 2**20, how,
-             math.prod(params.crop_size) * p.layer.dtype.itemsize / 2**20, len(rows), "x".join(map(str, p.block)))
+             math.prod(params.crop_size) * p.layer.dtype.itemsize / 2**20, len(rows) // len(p.stores),
+             "x".join(map(str, p.block)))
+    for grid in p.labels.values():
+        log.info("%s: label %s from %s scale %s, the same box", ctx.dataset, grid.name, grid.layer.url,
+                 grid.scale.label())
     return rows
 
 
-def _bytes_per_chunk(p: Prepared, chunks: list[IntTriple], ctx: FetchContext) -> tuple[Any, str, list[str]]:
+def _bytes_per_chunk(scale: Scale, scale_url: str, chunks: list[IntTriple],
+                     ctx: FetchContext) -> tuple[Any, str, list[str]]:
     """(chunk -> estimated bytes, how it was estimated, shard names) from a few HEAD requests."""
-    scale = p.scale
     if scale.sharding:
         by_shard: dict[str, int] = {}
         names = {pos: scale.shard_of(pos) for pos in chunks}
@@ -270,7 +361,7 @@ def _bytes_per_chunk(p: Prepared, chunks: list[IntTriple], ctx: FetchContext) ->
         nominal = max(1.0, total_chunks / 2 ** int(scale.sharding["shard_bits"]))
         sizes = {}
         for name in sorted(by_shard):
-            found = ctx.http.probe(f"{p.scale_url}/{name}")
+            found = ctx.http.probe(f"{scale_url}/{name}")
             sizes[name] = (found.size or 0) if found else 0
         estimate = {name: min(size, size / nominal) for name, size in sizes.items()}
         return (lambda pos: estimate[names[pos]]), f"shard sizes from {len(sizes)} HEAD request(s)", sorted(by_shard)
@@ -278,7 +369,7 @@ def _bytes_per_chunk(p: Prepared, chunks: list[IntTriple], ctx: FetchContext) ->
     sample = chunks[::step][:HEAD_SAMPLE]
     found_sizes: list[int] = []
     for pos in sample:
-        found = ctx.http.probe(f"{p.scale_url}/{scale.chunk_name(pos)}")
+        found = ctx.http.probe(f"{scale_url}/{scale.chunk_name(pos)}")
         found_sizes.append((found.size or 0) if found else 0)
     mean = sum(found_sizes) / len(found_sizes) if found_sizes else 0.0
     return (lambda pos: mean), f"mean of {len(found_sizes)} sampled chunk(s)", []
@@ -295,10 +386,17 @@ def fetch(params: Params, ctx: FetchContext) -> FetchRecord:
 
 def _fetch(params: Params, ctx: FetchContext) -> FetchRecord:
     p = prepare(params, ctx)
-    remote = functools.cache(lambda: open_scale(p.layer, p.scale, p.context, ctx.dataset, p.timeout))  # if needed
-    files = copy_crop(ctx, p.crop, p.scale.key, p.block, p.layer.dtype, p.scale_url,
-                      lambda box: read(remote(), *box, ctx.dataset, p.scale_url, p.timeout))
+    layers = [_crop_layer(STORE, p.layer, p.scale, p, ctx),
+              *(_crop_layer(g.store, g.layer, g.scale, p, ctx) for g in p.labels.values())]
+    files = copy_crop(ctx, p.crop, p.scale.key, p.block, layers)
     return ctx.record(files, _extra(p, params))
+
+
+def _crop_layer(store: str, layer: Layer, scale: Scale, p: Prepared, ctx: FetchContext) -> CropLayer:
+    """A layer's reader of absolute boxes (the remote scale opened on the first read that needs it)."""
+    url = f"{layer.url}/{scale.key}"
+    remote = functools.cache(lambda: open_scale(layer, scale, p.context, ctx.dataset, p.timeout))
+    return CropLayer(store, url, layer.dtype, lambda box: read(remote(), *box, ctx.dataset, url, p.timeout))
 
 
 def _record_extra(raw: Path, dataset: str) -> dict[str, Any]:
@@ -317,10 +415,29 @@ def open_volume(params: Params, raw: Path, dataset: str) -> CropVolume:
     return CropVolume(raw / STORE, dataset, voxel_size_nm=res, offset_nm=offset)  # type: ignore[arg-type]
 
 
-def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
-    """The layer's ``info``, the scale, the ROI and how it was chosen (every candidate of the search)."""
+def open_labels(params: Params, raw: Path, dataset: str) -> dict[str, CropVolume]:
+    """Each label's crop (``labels/<name>.zarr``), on the image's grid: the same box of the same resolution."""
+    if not params.labels:
+        return {}
     extra = _record_extra(raw, dataset)
-    return {"precomputed": {k: extra.get(k) for k in ("layer", "scale", "roi", "search", "store")}}
+    offset = tuple(float(v) for v in extra["roi"]["offset_nm_zyx"])
+    out = {}
+    for name in params.labels:
+        label = (extra.get("labels") or {}).get(name)
+        if not label:
+            raise FormatError(dataset, str(raw / "source.json"), f"the fetch record has no label {name!r}",
+                              refetch_hint(dataset))
+        res = tuple(float(v) for v in label["scale"]["resolution_nm_zyx"])
+        out[name] = CropVolume(raw / label_store(name), dataset, voxel_size_nm=res,  # type: ignore[arg-type]
+                               offset_nm=offset)  # type: ignore[arg-type]
+    return out
+
+
+def read_metadata(params: Params, raw: Path, dataset: str) -> dict[str, Any]:
+    """The layer's ``info``, the scale, the ROI and how it was chosen (every candidate of the search), the labels."""
+    extra = _record_extra(raw, dataset)
+    return {"precomputed": {k: extra.get(k) for k in ("layer", "scale", "roi", "search", "store", "labels")
+                            if k != "labels" or extra.get(k)}}
 
 
 def describe(params: Params, raw: Path, dataset: str) -> dict[str, Any]:

@@ -97,6 +97,33 @@ class CoreContract:
                 assert got.dtype == array.dtype.newbyteorder("<") or got.dtype == array.dtype, name
                 np.testing.assert_array_equal(got, array, err_msg=name)
 
+    def test_labels_lie_on_the_image_grid_with_their_ids(self, case: SourceCase) -> None:
+        """Every expected label is stored under /labels with the source's dtype (ids as they are, uint64
+        body ids too), the image's shape, resolution and offset, and exact statistics: the object count
+        and background fraction for instance labels (wider than 16 bits), never a histogram of ids."""
+        import h5py
+
+        labels = {name: array for name, array in case.expected.items() if name.startswith("labels/")}
+        if not labels or _is_collection(case):
+            pytest.skip("no volume labels in this case")
+        self._fetch(case)
+        with h5py.File(self._normalize(case), "r") as f:
+            raw = f["raw"]
+            for name, array in labels.items():
+                got = f[name]
+                assert got.dtype == array.dtype.newbyteorder("<") or got.dtype == array.dtype, name
+                assert got.shape == raw.shape, name
+                for attr in ("resolution", "offset"):
+                    np.testing.assert_array_equal(got.attrs[attr], raw.attrs[attr], err_msg=f"{name} {attr}")
+                stats = json.loads(got.attrs["statistics"])
+                assert stats["count"] == array.size and stats["zero_fraction"] == np.mean(array == 0), name
+                if array.dtype.kind in "iu" and array.dtype.itemsize > 2:
+                    ids = np.unique(array[array != 0])
+                    assert stats["object_count"] == ids.size, name
+                    assert stats["background_fraction"] == stats["zero_fraction"], name
+                    assert stats["max"] == (int(ids[-1]) if ids.size else 0), name
+                    assert "hist" not in stats and stats["percentiles"] is None, name
+
     def test_second_fetch_makes_no_request(self, case: SourceCase) -> None:
         first = self._fetch(case)
         assert not first.up_to_date

@@ -11,6 +11,14 @@ into a folder and served as files, so its bytes are what a real precomputed writ
 - ``32.0x32.0x32.0``: raw, unsharded, 8^3 chunks (the default screening scale of the demo crop);
 - ``64.0x64.0x64.0``: raw, sharded with the ``murmurhash3_x86_128`` hash.
 
+The neuron segmentation (``/neuroglancer-janelia-flyem-hemibrain/v1.2/segmentation/``) is written
+by tensorstore too, with the real layer's ``info`` (SOURCES.md §3.2) scaled down: uint64,
+``compressed_segmentation`` with 8^3 blocks, sharded (identity hash, gzip minishard index and
+data; preshift + minishard + shard bits = the Morton bits of its small grid), voxel offset 0 and a
+size that differs from the EM's (shorter in y, longer in z and x, as the real layers differ), plus
+an unsharded 16 nm scale. Its ids are a Voronoi partition of the tissue into "neurons" with
+realistic large body ids (one above 2^53, so a float anywhere would show), 0 outside the tissue.
+
 The tissue is an ellipsoid in physical coordinates surrounded by zeros, so a naive random crop is
 often empty; all-zero chunks are not written (missing chunks read as 0, as on the real bucket).
 Inside the tissue voxels are coordinate-encoded (tests) or EM-like (demo), never 0.
@@ -49,6 +57,16 @@ SHARDED_MURMUR = {"@type": "neuroglancer_uint64_sharded_v1", "hash": "murmurhash
                   "minishard_bits": 1, "shard_bits": 2, "minishard_index_encoding": "gzip", "data_encoding": "gzip"}
 # (factor, chunk, encoding, sharding) per scale
 SCALES = [(1, 16, "jpeg", SHARDED_IDENTITY), (2, 16, "jpeg", None), (4, 8, "raw", None), (8, 8, "raw", SHARDED_MURMUR)]
+SEGMENTATION_PATH = "/neuroglancer-janelia-flyem-hemibrain/v1.2/segmentation"
+SEGMENTATION_LAYER = "v1.2/segmentation"  # as params.yaml names it: under the bucket of the EM url
+SEGMENTATION_SIZE = (FINE_OFFSET[0] + FINE_SIZE[0] + 3, FINE_OFFSET[1] + FINE_SIZE[1] - 6,
+                     FINE_OFFSET[2] + FINE_SIZE[2] + 5)  # z, y, x at 8 nm, voxel offset 0
+# A 16^3 chunk grid of 7 x 8 x 11 (z, y, x): 3 + 3 + 4 = 10 Morton bits = preshift + minishard + shard.
+SEGMENTATION_SHARDING = {"@type": "neuroglancer_uint64_sharded_v1", "hash": "identity", "preshift_bits": 3,
+                         "minishard_bits": 2, "shard_bits": 5, "minishard_index_encoding": "gzip",
+                         "data_encoding": "gzip"}
+NEURON_IDS = (1_003_465_123, 5_813_020_828, 2**40 + 17, 2**53 + 1, 424_789_697, 1_196_854_070, 7_112_622_044,
+              2**62 + 5, 5_901_222_910, 612_738_462, 1_509_381_221, 2_038_617_468)
 
 
 def tissue_mask(shape: tuple[int, ...], offset: tuple[int, ...], factor: int) -> np.ndarray:
@@ -62,24 +80,49 @@ def tissue_mask(shape: tuple[int, ...], offset: tuple[int, ...], factor: int) ->
     return (z**2 + y**2 + x**2) <= 1.0
 
 
+def neuron_ids(shape: tuple[int, ...], seed: int = 23) -> np.ndarray:
+    """uint64 body ids: each voxel of the fine grid (voxel offset 0) takes the id of the nearest of a few
+    random centres (a Voronoi partition), 0 outside the tissue ellipsoid."""
+    rng = np.random.default_rng(seed)
+    size = np.array(FINE_SIZE, float)
+    middle = np.array(FINE_OFFSET, float) + size * np.array([0.5, 0.5, 0.64])  # the tissue's centre and radii
+    centres = middle + size * np.array([0.42, 0.40, 0.30]) * rng.uniform(-0.6, 0.6, (len(NEURON_IDS), 3))
+    ids = np.array(NEURON_IDS, np.uint64)
+    yy, xx = np.meshgrid(np.arange(shape[1]) + 0.5, np.arange(shape[2]) + 0.5, indexing="ij")
+    out = np.zeros(shape, np.uint64)
+    for z in range(shape[0]):  # a plane at a time: the distances of every voxel to every centre stay small
+        d = ((z + 0.5 - centres[:, 0, None, None]) ** 2 + (yy - centres[:, 1, None, None]) ** 2
+             + (xx - centres[:, 2, None, None]) ** 2)
+        out[z] = ids[np.argmin(d, axis=0)]
+    return np.where(tissue_mask(shape, (0, 0, 0), 1), out, np.uint64(0))
+
+
 @dataclass
 class PrecomputedReplica:
     root: Path
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # scale key -> generated voxels (ZYX)
     offsets: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # scale key -> voxel_offset (ZYX)
     info: dict[str, Any] = field(default_factory=dict)
+    segmentation: np.ndarray | None = None  # the generated body ids at 8 nm (ZYX, voxel offset 0)
+    segmentation_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
         return self.root / LAYER_PATH.lstrip("/")
 
-    def decoded(self, key: str, start: tuple[int, ...], stop: tuple[int, ...]) -> np.ndarray:
+    @property
+    def segmentation_folder(self) -> Path:
+        return self.root / SEGMENTATION_PATH.lstrip("/")
+
+    def decoded(self, key: str, start: tuple[int, ...], stop: tuple[int, ...], *,
+                segmentation: bool = False) -> np.ndarray:
         """What tensorstore decodes from the replica's own files for a box (absolute ZYX voxels)."""
         import tensorstore as ts
 
-        index = [s["key"] for s in self.info["scales"]].index(key)
+        info, folder = (self.segmentation_info, self.segmentation_folder) if segmentation else (self.info, self.folder)
+        index = [s["key"] for s in info["scales"]].index(key)
         store = ts.open({"driver": "neuroglancer_precomputed", "scale_index": index,
-                         "kvstore": {"driver": "file", "path": str(self.folder) + "/"}}, read=True).result()
+                         "kvstore": {"driver": "file", "path": str(folder) + "/"}}, read=True).result()
         view = store[ts.d["channel"][0]][ts.d["z", "y", "x"].transpose[0, 1, 2]]
         return np.ascontiguousarray(view[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].read().result())
 
@@ -116,13 +159,42 @@ def build_precomputed_replica(root: Path, *, coordinate: bool = True) -> Precomp
         store = ts.open({"driver": "neuroglancer_precomputed", "scale_index": index,
                          "kvstore": {"driver": "file", "path": str(replica.folder) + "/"}}, open=True).result()
         store[...] = replica.arrays[entry["key"]].transpose(2, 1, 0)[..., None]  # layer order: x, y, z, c
+    write_segmentation(replica)
     return replica
+
+
+def write_segmentation(replica: PrecomputedReplica) -> None:
+    """The neuron segmentation layer: info as the real one (scaled down), then each scale, by tensorstore."""
+    import tensorstore as ts
+
+    fine = neuron_ids(SEGMENTATION_SIZE)
+    replica.segmentation = fine
+    levels = [(fine, SEGMENTATION_SHARDING), (fine[::2, ::2, ::2], None)]  # 8 nm sharded, 16 nm unsharded
+    scales = []
+    for factor, (array, sharding) in zip((1, 2), levels):
+        res = 8.0 * factor
+        entry: dict[str, Any] = {"key": f"{res}x{res}x{res}", "resolution": [res] * 3, "size": list(array.shape[::-1]),
+                                 "voxel_offset": [0, 0, 0], "chunk_sizes": [[16, 16, 16]],
+                                 "encoding": "compressed_segmentation", "compressed_segmentation_block_size": [8, 8, 8]}
+        if sharding:
+            entry["sharding"] = sharding
+        scales.append(entry)
+    replica.segmentation_info = {"@type": "neuroglancer_multiscale_volume", "type": "segmentation",
+                                 "data_type": "uint64", "num_channels": 1, "scales": scales}
+    folder = replica.segmentation_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "info").write_text(json.dumps(replica.segmentation_info, indent=1))
+    for index, (array, _) in enumerate(levels):
+        store = ts.open({"driver": "neuroglancer_precomputed", "scale_index": index,
+                         "kvstore": {"driver": "file", "path": str(folder) + "/"}}, open=True).result()
+        store[...] = np.ascontiguousarray(array.transpose(2, 1, 0))[..., None]
 
 
 def precomputed_dataset(layer_url: str, *, scale: Any = 8, crop: tuple[int, int, int] = DEMO_CROP,
                         seed: int | None = 3, roi_start: tuple[int, int, int] | None = None,
-                        block: tuple[int, int, int] | None = None, **tissue: Any) -> dict[str, Any]:
-    """A ``datasets`` entry of params.yaml for the replica's layer."""
+                        block: tuple[int, int, int] | None = None, labels: dict[str, str] | None = None,
+                        **tissue: Any) -> dict[str, Any]:
+    """A ``datasets`` entry of params.yaml for the replica's layer (``labels``: name -> layer path or URL)."""
     source: dict[str, Any] = {"kind": "precomputed", "url": layer_url, "scale": scale, "crop_size": list(crop)}
     if seed is not None:
         source["seed"] = seed
@@ -132,6 +204,8 @@ def precomputed_dataset(layer_url: str, *, scale: Any = 8, crop: tuple[int, int,
         source["block"] = list(block)
     if tissue:
         source["tissue"] = dict(tissue)
+    if labels:
+        source["labels"] = {name: {"layer": layer} for name, layer in labels.items()}
     return {"title": "FlyEM hemibrain EM crop (replica)", "modality": "FIB-SEM", "license": "CC-BY 4.0 (replica)",
             "citation": "Scheffer et al., eLife 2020 (replica data)", "source": source}
 
@@ -147,12 +221,16 @@ class RunningPrecomputed:
 
     def cases(self) -> list[ReplicaCase]:
         out = []
-        # JPEG, sharded, an explicit ROI that is not chunk-aligned, blocks smaller than the crop.
+        # JPEG, sharded, an explicit ROI that is not chunk-aligned, blocks smaller than the crop; with the
+        # neuron labels of the same box (compressed_segmentation, sharded), as tensorstore reads them.
         key = "8.0x8.0x8.0"
         start, crop = (FINE_OFFSET[0] + 25, FINE_OFFSET[1] + 31, FINE_OFFSET[2] + 37), (29, 37, 45)
         stop = tuple(a + c for a, c in zip(start, crop))
-        dataset = precomputed_dataset(self.layer_url, scale=8, crop=crop, seed=None, roi_start=start, block=(16, 16, 32))
-        out.append(ReplicaCase("hemibrain_em_crop", dataset, {"raw": self.replica.decoded(key, start, stop)},
+        dataset = precomputed_dataset(self.layer_url, scale=8, crop=crop, seed=None, roi_start=start,
+                                      block=(16, 16, 32), labels={"neurons": SEGMENTATION_LAYER})
+        expected = {"raw": self.replica.decoded(key, start, stop),
+                    "labels/neurons": self.replica.decoded(key, start, stop, segmentation=True)}
+        out.append(ReplicaCase("hemibrain_em_crop", dataset, expected,
                                (8.0, 8.0, 8.0), tuple(8.0 * a for a in start),  # type: ignore[arg-type]
                                fault_path=self._fault_object(key, start, stop, (16, 16, 32))))
         # raw encoding, unsharded: compared with the generated voxels themselves.
@@ -202,6 +280,11 @@ class RunningPrecomputed:
         if path != LAYER_PATH:
             raise EmdataError(f"demo: {key}: the precomputed replica serves {LAYER_PATH}, not {path!r}")
         src["url"] = self.server.url + path
+        for spec in (src.get("labels") or {}).values():  # a label layer's full URL: the same path here
+            layer = str(spec["layer"])
+            if layer.startswith(("gs://", "http://", "https://", "precomputed://")):
+                layer = layer.split("precomputed://", 1)[-1].replace("gs://", REAL_HOST + "/", 1)
+                spec["layer"] = self.server.url + urllib.parse.urlsplit(layer).path
         src["crop_size"] = [min(int(c), d) for c, d in zip(src["crop_size"], DEMO_CROP)]
         if src.get("roi_start") is not None:  # a real ROI lies outside the small replica: search instead
             src.pop("roi_start")

@@ -4,16 +4,19 @@ Where: with ``roi_start`` in params the crop starts there and must lie inside th
 Otherwise a seeded generator draws starts on the scale's chunk grid that keep the crop inside
 it (on the grid, so no chunk is read twice) and screens each candidate on a coarser scale: it is
 accepted when at least ``tissue.min_fraction`` of the coarse voxels it covers are non-zero,
-after at most ``tissue.max_tries`` candidates. The same params give the same crop; every
-candidate and its fraction are kept for the record. A scale is anything with a key, a
+after at most ``tissue.max_tries`` candidates. With ``inside`` (the bounds of other layers read
+for the same box, such as labels) a candidate leaving it is rejected without a read; the draws
+are the same, so adding a layer keeps the crop when it already lay inside. The same params give
+the same crop; every candidate and its fraction are kept for the record. A scale is anything with a key, a
 resolution (nm), a voxel offset, a size and a chunk, Z, Y, X (a neuroglancer precomputed scale is
 one); reading the coarse voxels is the source's.
 
 Blocks: the crop is copied block by block (:func:`copy_crop`: each :class:`CropBlock` is an
 object of the shared copy in :mod:`emdata.sources.fetch.objects`, resumed only for the same
 crop) into ``crop.zarr``, an uncompressed zarr v2 array with one chunk file per block
-(:func:`chunk_bytes`), so a file is a function of the voxel values alone. Memory holds a few
-blocks, never the crop.
+(:func:`chunk_bytes`), so a file is a function of the voxel values alone, and each further
+:class:`CropLayer` (labels) into its own store of the same shape and blocks, in the same one
+journalled copy. Memory holds a few blocks, never the crop.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from emdata.core.boxes import Box, Grid, IntTriple
 from emdata.core.digest import sha256_file
 from emdata.errors import ConfigError
 from emdata.formats.precomputed import STORE, CropStore
+from emdata.formats.precomputed_labels import contains
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.objects import copy_objects, journalled
 from emdata.sources.fetch.record import FetchedFile
@@ -130,8 +134,11 @@ def coarse_box(box: Box, scale: Scale, screen: Scale) -> Box:
     return Box(tuple(lo), tuple(hi))  # type: ignore[arg-type]
 
 
-def choose_crop(wanted: Wanted, scale: S, layer: str, screen: Screen[S], dataset: str) -> Crop:
-    """The crop ``wanted`` asks for in ``scale`` of ``layer`` (a URL, for messages), or a ConfigError naming the key."""
+def choose_crop(wanted: Wanted, scale: S, layer: str, screen: Screen[S], dataset: str, *,
+                inside: Box | None = None) -> Crop:
+    """The crop ``wanted`` asks for in ``scale`` of ``layer`` (a URL, for messages), or a ConfigError naming the key.
+
+    ``inside``: absolute voxels a searched crop must also lie in (the caller checks a given ``roi_start``)."""
     size, path = wanted.crop_size, wanted.path
     if any(c > s for c, s in zip(size, scale.size)):
         raise ConfigError(f"params.yaml: {path}.crop_size: {list(size)} (z, y, x) is larger than scale "
@@ -143,10 +150,11 @@ def choose_crop(wanted: Wanted, scale: S, layer: str, screen: Screen[S], dataset
                               f"{scale.key} of {layer}, whose voxels are {list(scale.voxel_offset)}.."
                               f"{list(scale.stop)}")
         return Crop(start, tuple(stop), "roi_start")  # type: ignore[arg-type]
-    return _search(wanted, scale, layer, *screen(), dataset)
+    return _search(wanted, scale, layer, *screen(), dataset, inside)
 
 
-def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box], np.ndarray], dataset: str) -> Crop:
+def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box], np.ndarray], dataset: str,
+            inside: Box | None = None) -> Crop:
     size, tissue = wanted.crop_size, wanted.tissue
     positions = np.array([(s - c) // ch + 1 for s, c, ch in zip(scale.size, size, scale.chunk)], dtype=np.int64)
     rng = np.random.default_rng(wanted.seed)
@@ -155,6 +163,9 @@ def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box
     for _ in range(tissue.max_tries):
         start = tuple(int(o + ch * k) for o, ch, k in zip(scale.voxel_offset, scale.chunk, rng.integers(0, positions)))
         box = Box(start, tuple(a + c for a, c in zip(start, size)))  # type: ignore[arg-type]
+        if inside is not None and not contains(inside, box):
+            candidates.append({"start_zyx": list(box.start), "fraction": 0.0, "outside_layers": True})
+            continue
         if box.start not in seen:
             coarse = coarse_box(box, scale, screen)
             if coarse.voxels > MAX_SCREEN_VOXELS:
@@ -171,8 +182,12 @@ def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box
                 "max_tries": tissue.max_tries, "screening_scale": screen.key, "fraction": fraction,
                 "candidates": candidates})
     best = max(candidates, key=lambda c: float(c["fraction"]))
+    outside = sum(1 for c in candidates if c.get("outside_layers"))
+    within = f", {outside} of them outside the other layers' bounds {list(inside.start)}..{list(inside.stop)}" \
+        if inside is not None and outside else ""
     raise ConfigError(f"params.yaml: {wanted.path}.tissue: none of {len(candidates)} random {list(size)} crops "
-                      f"(seed {wanted.seed}) of {layer} scale {scale.key} has {tissue.min_fraction:.0%} non-zero "
+                      f"(seed {wanted.seed}{within}) of {layer} scale {scale.key} has {tissue.min_fraction:.0%} "
+                      "non-zero "
                       f"voxels at scale {screen.key} (best: {best['fraction']:.1%} at {best['start_zyx']}); lower "
                       "tissue.min_fraction, raise tissue.max_tries, change the seed or give roi_start")
 
@@ -182,48 +197,70 @@ def _search(wanted: Wanted, scale: S, layer: str, screen: S, read: Callable[[Box
 
 @dataclass(frozen=True)
 class CropBlock:
-    """One block of a crop: a chunk file of its local zarr store (an object of the shared copy)."""
+    """One block of a crop: a chunk file of a local zarr store (an object of the shared copy)."""
 
     box: Box  # voxels of the crop
     relpath: str
     url: str
+    store: str = STORE  # the store (folder in the raw folder) the block belongs to
 
 
-def crop_blocks(crop: Crop, block: IntTriple, url: str) -> list[CropBlock]:
-    """The blocks of a crop, C order, named as zarr v2 chunk keys (``i.j.k``) of the local store."""
+@dataclass(frozen=True, eq=False)
+class CropLayer:
+    """One layer copied for the crop's box: its local store, the URL the record names, dtype and reader."""
+
+    store: str  # folder in the raw folder: STORE for the image, e.g. "labels/neurons.zarr"
+    url: str
+    dtype: np.dtype
+    read: Callable[[Box], np.ndarray]  # absolute voxels of the scale -> Z, Y, X array
+
+
+def crop_blocks(crop: Crop, block: IntTriple, url: str, store: str = STORE) -> list[CropBlock]:
+    """The blocks of a crop, C order, named as zarr v2 chunk keys (``i.j.k``) of a local store."""
     size = Box(crop.start, crop.stop).shape
-    return [CropBlock(box, f"{STORE}/{'.'.join(map(str, index))}", url) for index, box in Grid(size, block).cells()]
+    return [CropBlock(box, f"{store}/{'.'.join(map(str, index))}", url, store)
+            for index, box in Grid(size, block).cells()]
 
 
-def _identity(crop: Crop, scale: str, block: IntTriple) -> dict[str, Any]:
+def _identity(crop: Crop, scale: str, block: IntTriple, stores: Sequence[str] = (STORE,)) -> dict[str, Any]:
     """What a journalled block belongs to: a resumed fetch keeps blocks of this very crop only (a search
     is deterministic, but the server's coarse data could have changed in between)."""
-    return {"scale": scale, "start_zyx": list(crop.start), "block_zyx": list(block)}
+    identity: dict[str, Any] = {"scale": scale, "start_zyx": list(crop.start), "block_zyx": list(block)}
+    if list(stores) != [STORE]:  # an image-only crop keeps the identity it always had
+        identity["stores"] = list(stores)
+    return identity
 
 
-def finished_blocks(ctx: FetchContext, crop: Crop, scale: str, block: IntTriple) -> set[str]:
+def finished_blocks(ctx: FetchContext, crop: Crop, scale: str, block: IntTriple,
+                    stores: Sequence[str] = (STORE,)) -> set[str]:
     """For ``plan``: the blocks an interrupted fetch of this crop finished (relpaths)."""
-    return set(journalled(ctx, _identity(crop, scale, block)))
+    return set(journalled(ctx, _identity(crop, scale, block, stores)))
 
 
-def copy_crop(ctx: FetchContext, crop: Crop, scale: str, block: IntTriple, dtype: np.dtype, url: str,
-              read: Callable[[Box], np.ndarray]) -> dict[str, FetchedFile]:
-    """Copy the crop into the local store block by block (``read`` reads a box of the scale), resuming the
-    blocks an interrupted fetch of this very crop finished; relpath -> file, the store's ``.zarray`` too."""
-    identity = _identity(crop, scale, block)
-    if not journalled(ctx, identity):  # no block of this crop to resume: start its store afresh
-        shutil.rmtree(ctx.dest / STORE, ignore_errors=True)
+def copy_crop(ctx: FetchContext, crop: Crop, scale: str, block: IntTriple,
+              layers: Sequence[CropLayer]) -> dict[str, FetchedFile]:
+    """Copy the crop of every layer into its local store block by block, in one journalled copy, resuming
+    the blocks an interrupted fetch of this very crop finished; relpath -> file, each ``.zarray`` too."""
+    identity = _identity(crop, scale, block, [layer.store for layer in layers])
+    fresh = not journalled(ctx, identity)  # no block of this crop to resume: start the stores afresh
     size = Box(crop.start, crop.stop).shape
-    store = CropStore(ctx.path(f"{STORE}/.zarray").parent, size, block, dtype, ctx.dataset)
+    by_store, blocks, zarrays = {}, [], {}
+    for layer in layers:
+        if fresh:
+            shutil.rmtree(ctx.dest / layer.store, ignore_errors=True)
+        local = CropStore(ctx.path(f"{layer.store}/.zarray").parent, size, block, layer.dtype, ctx.dataset)
+        by_store[layer.store] = (layer, local.dtype)
+        blocks += crop_blocks(crop, block, layer.url, layer.store)
+        zarrays[f"{layer.store}/.zarray"] = (layer.url, local.folder / ".zarray")
 
     def start(obj: CropBlock) -> Callable[[], bytes]:
         box = obj.box.shifted(crop.start)
-        return lambda: chunk_bytes(read(box), block, store.dtype)
+        layer, dtype = by_store[obj.store]
+        return lambda: chunk_bytes(layer.read(box), block, dtype)
 
-    files = copy_objects(ctx, crop_blocks(crop, block, url), start, desc=f"crop {scale}", unit="block",
-                         identity=identity)
-    zarray = store.folder / ".zarray"
-    return {**files, f"{STORE}/.zarray": FetchedFile(url, zarray.stat().st_size, sha256_file(zarray))}
+    files = copy_objects(ctx, blocks, start, desc=f"crop {scale}", unit="block", identity=identity)
+    return {**files, **{rel: FetchedFile(url, path.stat().st_size, sha256_file(path))
+                        for rel, (url, path) in zarrays.items()}}
 
 
 def chunk_bytes(data: np.ndarray, block: IntTriple, dtype: np.dtype) -> bytes:

@@ -42,7 +42,7 @@ import numpy as np
 
 from emdata.core.boxes import Box, plan_tiles
 from emdata.core.progress import Progress
-from emdata.core.stats import StreamingStats
+from emdata.core.stats import statistics_for
 from emdata.errors import ClusterError, EmdataError
 from emdata.formats.raw import RawVolume, json_safe
 from emdata.h5 import hdf5
@@ -99,7 +99,7 @@ def encode_block(root: str, key: str, fingerprint: str, array: str, box: Box, ch
     volume = _worker_arrays(root, key, fingerprint)[array]
     dtype = output_dtype(volume.dtype)
     data = read_tile(volume, box, dtype, f"{key}: {array}")
-    stats = StreamingStats(dtype).partial(data)
+    stats = statistics_for(dtype, label=label).partial(data)
     foreground = chunk_counts(data != 0, chunks) if label else None
     encoded = encode_tile(data, box[0], chunks, compression, level)
     return {"chunks": [(c.offset, c.filter_mask, bytes(c.data)) for c in encoded], "stats": stats,
@@ -289,7 +289,7 @@ class DistributedWriter:
         chunk, plan = self.plans[name]
         if tuple(dset.chunks) != tuple(chunk) or (compression, level) != (self.compression, self.level):
             raise ClusterError(f"{self.key}: {name}: layout differs from the submitted plan (internal error)")
-        stats = StreamingStats(dtype)
+        stats = statistics_for(dtype, label=label)
         grid = tuple(-(-s // c) for s, c in zip(shape, chunk))
         foreground = np.zeros(grid, np.int64) if label else None
         with ThreadPoolExecutor(1, thread_name_prefix="emdata-fingerprint") as pool:

@@ -27,7 +27,7 @@ import numpy as np
 from emdata.core.boxes import Box, plan_tiles
 from emdata.core.kernels import add_histogram
 from emdata.core.progress import Progress
-from emdata.core.stats import StreamingStats
+from emdata.core.stats import statistics_for
 from emdata.errors import FormatError, OutputError
 from emdata.formats.raw import RawVolume
 from emdata.h5 import hdf5
@@ -63,7 +63,7 @@ class _Digest:
 
     def __init__(self, dtype: np.dtype, chunks: tuple[int, ...], shape: tuple[int, ...], label: bool) -> None:
         self.sha = hashlib.sha256()
-        self.stats = StreamingStats(dtype)
+        self.stats = statistics_for(dtype, label=label)
         self.chunks = chunks
         grid = tuple(-(-s // c) for s, c in zip(shape, chunks))
         self.foreground = np.zeros(grid, np.int64) if label else None
