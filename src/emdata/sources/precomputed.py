@@ -52,10 +52,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import numpy as np
 
@@ -66,87 +65,53 @@ from emdata.params.schema import (
     as_int_range,
     as_int_triple,
     as_named,
-    as_str,
     config_error,
     param,
     read_params,
 )
-from emdata.errors import ConfigError, FormatError, refetch_hint
+from emdata.errors import FormatError, refetch_hint
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.record import FetchRecord
 from emdata.core.boxes import Box
 from emdata.formats.precomputed import (STORE, CropVolume, Layer, Scale, http_requests_started, open_scale, parse_info,
                                         read)
 from emdata.sources.fetch.files import FilePlan
+from emdata.formats.precomputed_refs import (
+    IntTriple,
+    ScaleRef,
+    as_layer_path,
+    as_layer_url,
+    as_scale,
+    as_voxel_triple,
+    bucket_root,
+    find_scale,
+    scale_dict,
+)
 from emdata.formats.precomputed_labels import LabelGrid, check_crop_inside, label_grid, label_store, labels_inside
-from emdata.sources.fetch.crop import (Crop, CropLayer, choose_crop, copy_crop, crop_blocks, finished_blocks,
-                                       screening_scale)
+from emdata.sources.fetch.crop import (
+    Crop,
+    CropLayer,
+    bytes_per_chunk,
+    choose_crop,
+    copy_crop,
+    crop_blocks,
+    finished_blocks,
+    screening_scale,
+    tensorstore_context,
+    tensorstore_timeout,
+)
 
 log = logging.getLogger(__name__)
 
 KIND = "precomputed"
-READERS = ("emdata.formats.precomputed", "emdata.formats.precomputed_labels")
+READERS = ("emdata.formats.precomputed", "emdata.formats.precomputed_labels", "emdata.formats.precomputed_refs")
 DECODES_ON_FETCH = True  # fetch writes decoded voxels: the reader decides the raw bytes too
 FETCHERS = ("emdata.sources.fetch.crop",)  # where the crop lies and how its blocks are stored
 
-ScaleRef = Union[str, float, tuple[float, float, float]]
-IntTriple = tuple[int, int, int]
 MAX_TRIES = 10_000
-HEAD_SAMPLE = 16  # chunks probed to estimate the bytes of an unsharded scale
 
 
 # -- params -------------------------------------------------------------------------------------
-
-
-def as_layer_url(value: Any, path: str) -> str:
-    """An http(s) layer URL; ``precomputed://`` is dropped and ``gs://b/p`` becomes public HTTPS."""
-    text = as_str(value, path).strip()
-    if text.startswith("precomputed://"):
-        text = text[len("precomputed://"):]
-    if text.startswith("gs://"):
-        text = "https://storage.googleapis.com/" + text[len("gs://"):]
-    if not text.startswith(("http://", "https://")) or "?" in text or "#" in text:
-        raise config_error(path, f"expected the http(s) URL of a precomputed layer (or gs://bucket/path), got {value!r}")
-    return text.rstrip("/")
-
-
-def as_layer_path(value: Any, path: str) -> str:
-    """A label layer: a full URL (as :func:`as_layer_url`) or a relative path under the image's bucket."""
-    text = as_str(value, path).strip()
-    if text.startswith(("precomputed://", "gs://", "http://", "https://")):
-        return as_layer_url(text, path)
-    parts = text.strip("/").split("/")
-    if text.startswith("/") or "?" in text or "#" in text or "://" in text or any(p in ("", ".", "..") for p in parts):
-        raise config_error(path, "expected a path under the bucket of source.url (such as 'v1.2/segmentation') or "
-                           f"a layer's full URL, got {value!r}")
-    return text.strip("/")
-
-
-def bucket_root(url: str) -> str | None:
-    """``scheme://host/<bucket>`` of a path-style layer URL, or None when the path has no bucket and layer."""
-    parts = urllib.parse.urlsplit(url)
-    segments = [s for s in parts.path.split("/") if s]
-    return f"{parts.scheme}://{parts.netloc}/{segments[0]}" if len(segments) >= 2 else None
-
-
-def as_scale(value: Any, path: str) -> ScaleRef:
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return float(value)
-    if (isinstance(value, list) and len(value) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-                    for v in value)):
-        return (float(value[0]), float(value[1]), float(value[2]))
-    raise config_error(path, "expected a scale key (such as '8.0x8.0x8.0'), a resolution in nm (8) or [z, y, x] nm, "
-                       f"got {value!r}")
-
-
-def as_voxel_triple(value: Any, path: str) -> IntTriple:
-    if (not isinstance(value, list) or len(value) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise config_error(path, f"expected three integers [z, y, x] (voxels), got {value!r}")
-    return (value[0], value[1], value[2])
 
 
 @dataclass(frozen=True)
@@ -156,7 +121,7 @@ class Tissue:
     scale: ScaleRef | None = param(as_scale, None)  # None: the coarsest scale spanning MIN_SPAN voxels of the crop
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_fraction": self.min_fraction, "max_tries": self.max_tries, "scale": _scale_dict(self.scale)}
+        return {"min_fraction": self.min_fraction, "max_tries": self.max_tries, "scale": scale_dict(self.scale)}
 
 
 @dataclass(frozen=True)
@@ -180,7 +145,7 @@ class Params:
     path: str = "datasets.?.source"  # where these params live, for messages (not part of the spec)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": KIND, "url": self.url, "scale": _scale_dict(self.scale), "crop_size": list(self.crop_size),
+        return {"kind": KIND, "url": self.url, "scale": scale_dict(self.scale), "crop_size": list(self.crop_size),
                 "seed": self.seed, "roi_start": None if self.roi_start is None else list(self.roi_start),
                 "tissue": self.tissue.to_dict(), "block": None if self.block is None else list(self.block),
                 **({"labels": {k: v.to_dict() for k, v in self.labels.items()}} if self.labels else {})}
@@ -198,10 +163,6 @@ class Params:
             else:
                 out[name] = f"{root}/{spec.layer}"
         return out
-
-
-def _scale_dict(scale: ScaleRef | None) -> Any:
-    return list(scale) if isinstance(scale, tuple) else scale
 
 
 def parse_params(sec: Section) -> Params:
@@ -235,38 +196,10 @@ class Prepared:
         return [STORE, *(grid.store for grid in self.labels.values())]
 
 
-def _timeout(ctx: FetchContext) -> float:
-    """The longest one tensorstore operation may take: every try of a request, with its waits."""
-    policy = ctx.retry_policy
-    return policy.connect_timeout + policy.attempts * (policy.read_timeout + policy.max_delay)
-
-
-def _context(ctx: FetchContext) -> dict[str, Any]:
-    """The fetch context's bounded retries, more concurrent requests (a block is many chunks), a small cache."""
-    base = ctx.tensorstore_context()
-    return {**base, "http_request_concurrency": {"limit": 4 * max(1, ctx.workers)},
-            "cache_pool": {"total_bytes_limit": 64 << 20}}
-
-
-def find_scale(layer: Layer, wanted: ScaleRef, path: str) -> Scale:
-    """The scale a params value names (key, or resolution within 1 %); a ConfigError lists the others."""
-    for scale in layer.scales:
-        if isinstance(wanted, str):
-            if scale.key == wanted:
-                return scale
-            continue
-        target = (wanted,) * 3 if isinstance(wanted, float) else wanted
-        if all(abs(r - t) <= 0.01 * max(r, t) for r, t in zip(scale.resolution, target)):
-            return scale
-    have = ", ".join(s.label() for s in layer.scales)
-    raise ConfigError(f"params.yaml: {path}: {layer.url}/info has no scale {_scale_dict(wanted)!r} "
-                      f"(resolutions z, y, x in nm; scales: {have})")
-
-
 def prepare(params: Params, ctx: FetchContext) -> Prepared:
     layer = parse_info(ctx.http.get_json(f"{params.url}/info"), ctx.dataset, params.url)
     scale = find_scale(layer, params.scale, f"{params.path}.scale")
-    timeout, context = _timeout(ctx), _context(ctx)
+    timeout, context = tensorstore_timeout(ctx), tensorstore_context(ctx)
     grids = {}
     for name, url in params.label_urls().items():
         label = parse_info(ctx.http.get_json(f"{url}/info"), ctx.dataset, url)
@@ -325,7 +258,7 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
     how = ""
     for layer, lscale, url, store in [(p.layer, scale, p.scale_url, STORE),
                                       *((g.layer, g.scale, g.scale_url, g.store) for g in p.labels.values())]:
-        per_chunk, how_here, shards_here = _bytes_per_chunk(lscale, url, lscale.chunks_in(crop.start, crop.stop), ctx)
+        per_chunk, how_here, shards_here = bytes_per_chunk(lscale, url, lscale.chunks_in(crop.start, crop.stop), ctx)
         if store == STORE:
             how, shards = how_here, shards_here
         for block in crop_blocks(crop, p.block, url, store):
@@ -347,32 +280,6 @@ def plan(params: Params, ctx: FetchContext) -> list[FilePlan]:
         log.info("%s: label %s from %s scale %s, the same box", ctx.dataset, grid.name, grid.layer.url,
                  grid.scale.label())
     return rows
-
-
-def _bytes_per_chunk(scale: Scale, scale_url: str, chunks: list[IntTriple],
-                     ctx: FetchContext) -> tuple[Any, str, list[str]]:
-    """(chunk -> estimated bytes, how it was estimated, shard names) from a few HEAD requests."""
-    if scale.sharding:
-        by_shard: dict[str, int] = {}
-        names = {pos: scale.shard_of(pos) for pos in chunks}
-        for name in names.values():
-            by_shard[name] = by_shard.get(name, 0) + 1
-        total_chunks = math.prod(scale.grid)
-        nominal = max(1.0, total_chunks / 2 ** int(scale.sharding["shard_bits"]))
-        sizes = {}
-        for name in sorted(by_shard):
-            found = ctx.http.probe(f"{scale_url}/{name}")
-            sizes[name] = (found.size or 0) if found else 0
-        estimate = {name: min(size, size / nominal) for name, size in sizes.items()}
-        return (lambda pos: estimate[names[pos]]), f"shard sizes from {len(sizes)} HEAD request(s)", sorted(by_shard)
-    step = max(1, len(chunks) // HEAD_SAMPLE)
-    sample = chunks[::step][:HEAD_SAMPLE]
-    found_sizes: list[int] = []
-    for pos in sample:
-        found = ctx.http.probe(f"{scale_url}/{scale.chunk_name(pos)}")
-        found_sizes.append((found.size or 0) if found else 0)
-    mean = sum(found_sizes) / len(found_sizes) if found_sizes else 0.0
-    return (lambda pos: mean), f"mean of {len(found_sizes)} sampled chunk(s)", []
 
 
 def fetch(params: Params, ctx: FetchContext) -> FetchRecord:

@@ -33,10 +33,13 @@ from emdata.core.boxes import Box, Grid, IntTriple
 from emdata.core.digest import sha256_file
 from emdata.errors import ConfigError
 from emdata.formats.precomputed import STORE, CropStore
+from emdata.formats.precomputed import Scale as LayerScale
 from emdata.formats.precomputed_labels import contains
 from emdata.sources.fetch.context import FetchContext
 from emdata.sources.fetch.objects import copy_objects, journalled
 from emdata.sources.fetch.record import FetchedFile
+
+HEAD_SAMPLE = 16  # chunks probed to estimate the bytes of an unsharded scale
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +272,42 @@ def chunk_bytes(data: np.ndarray, block: IntTriple, dtype: np.dtype) -> bytes:
     chunk = np.zeros(block, np.dtype(dtype).newbyteorder("<"))
     chunk[tuple(slice(0, n) for n in data.shape)] = data
     return chunk.tobytes()
+
+
+def tensorstore_timeout(ctx: FetchContext) -> float:
+    """The longest one tensorstore operation may take: every try of a request, with its waits."""
+    policy = ctx.retry_policy
+    return policy.connect_timeout + policy.attempts * (policy.read_timeout + policy.max_delay)
+
+
+def tensorstore_context(ctx: FetchContext) -> dict[str, Any]:
+    """The fetch context's bounded retries, more concurrent requests (a block is many chunks), a small cache."""
+    base = ctx.tensorstore_context()
+    return {**base, "http_request_concurrency": {"limit": 4 * max(1, ctx.workers)},
+            "cache_pool": {"total_bytes_limit": 64 << 20}}
+
+
+def bytes_per_chunk(scale: LayerScale, scale_url: str, chunks: list[IntTriple],
+                     ctx: FetchContext) -> tuple[Any, str, list[str]]:
+    """(chunk -> estimated bytes, how it was estimated, shard names) from a few HEAD requests."""
+    if scale.sharding:
+        by_shard: dict[str, int] = {}
+        names = {pos: scale.shard_of(pos) for pos in chunks}
+        for name in names.values():
+            by_shard[name] = by_shard.get(name, 0) + 1
+        total_chunks = math.prod(scale.grid)
+        nominal = max(1.0, total_chunks / 2 ** int(scale.sharding["shard_bits"]))
+        sizes = {}
+        for name in sorted(by_shard):
+            found = ctx.http.probe(f"{scale_url}/{name}")
+            sizes[name] = (found.size or 0) if found else 0
+        estimate = {name: min(size, size / nominal) for name, size in sizes.items()}
+        return (lambda pos: estimate[names[pos]]), f"shard sizes from {len(sizes)} HEAD request(s)", sorted(by_shard)
+    step = max(1, len(chunks) // HEAD_SAMPLE)
+    sample = chunks[::step][:HEAD_SAMPLE]
+    found_sizes: list[int] = []
+    for pos in sample:
+        found = ctx.http.probe(f"{scale_url}/{scale.chunk_name(pos)}")
+        found_sizes.append((found.size or 0) if found else 0)
+    mean = sum(found_sizes) / len(found_sizes) if found_sizes else 0.0
+    return (lambda pos: mean), f"mean of {len(found_sizes)} sampled chunk(s)", []
