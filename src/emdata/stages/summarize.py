@@ -136,8 +136,12 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
             f"- sha256: file `{r['file_sha256']}`, voxels `{r['array_sha256']}`",
         ]
         for name, lab in sorted(r["labels"].items()):
-            frac = 1 - lab["statistics"]["zero_fraction"]
-            lines.append(f"- Label `{name}`: {lab['dtype']}, foreground fraction {frac:.4f}, voxels `{lab['array_sha256']}`")
+            stats_lab = lab["statistics"]
+            if stats_lab.get("instances"):  # body ids: how many objects, not a class histogram
+                what = f"{stats_lab['object_count']} objects, background fraction {stats_lab['background_fraction']:.4f}"
+            else:
+                what = f"foreground fraction {1 - stats_lab['zero_fraction']:.4f}"
+            lines.append(f"- Label `{name}`: {lab['dtype']}, {what}, voxels `{lab['array_sha256']}`")
         xy, xz, histogram, *overlays = thumbs[key]
         lines += ["", f"Central XY section: ![{key} XY]({xy}) Central XZ section: ![{key} XZ]({xz})"
                   f" Intensities of both sections (display window shaded): ![{key} histogram]({histogram})"]
