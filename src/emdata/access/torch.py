@@ -126,6 +126,14 @@ def _label_tensor(label: np.ndarray, dtype: torch.dtype | None, where: str) -> t
     return _tensor(label, dtype)
 
 
+def _where(sampler: Any) -> str:
+    """What a sampler's labels are, for an error line: a volume's or a collection's name and the label."""
+    source = getattr(sampler, "volume", None) or getattr(sampler, "collection", None)
+    name = getattr(source, "name", None) or type(sampler).__name__
+    label = getattr(sampler, "label_name", None) or getattr(sampler, "target", None) or ""
+    return f"{name}: label {label}".rstrip()
+
+
 def _check_dtype(value: Any, name: str) -> torch.dtype | None:
     if value is not None and not isinstance(value, torch.dtype):
         raise ConfigError(f"PatchDataset: {name} must be a torch dtype such as torch.float32, got {value!r}")
@@ -197,6 +205,5 @@ class PatchDataset(Dataset):
         item = Sample(raw=_tensor(patch.raw, self.dtype)[None],
                       origin=torch.tensor(patch.origin, dtype=torch.int64))
         if patch.label is not None:
-            where = f"{self.sampler.volume.name}: label {getattr(self.sampler, 'label_name', None) or ''}".rstrip()
-            item["label"] = _label_tensor(patch.label, self.label_dtype, where)[None]
+            item["label"] = _label_tensor(patch.label, self.label_dtype, _where(self.sampler))[None]
         return item
