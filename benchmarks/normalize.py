@@ -15,6 +15,11 @@ Runs alternate (the order rotates each round) and the best of ``--repeat`` count
 
     python benchmarks/normalize.py --gib 1 --repeat 3
 
+or, on a machine whose speed drifts, ``--pairs N``: N pairs of normalize and the bare write back
+to back (order alternating), the median of the per-pair ratios and CPU-seconds per GiB::
+
+    python benchmarks/normalize.py --gib 1 --pairs 5
+
 Memory mode checks that normalize's peak RSS stays under its memory budget + 200 MB on volumes
 whose 64-deep slab does not fit the budget (16 x 5500 x 5496 and 512 x 2048 x 2048 uint8), and
 verifies each output: the record's shape, and its ``array_sha256`` against a sha256 computed
@@ -305,6 +310,9 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     names = list(converters)
     results: dict[str, list[Run]] = {name: [] for name in names}
     print(f"volume: {pages} x {args.side} x {args.side} uint8 = {nbytes / 2**30:.2f} GiB; {code_state()}")
+    if args.pairs:
+        paired(args.pairs, converters["emdata normalize"], converters["bare chunked"], nbytes)
+        return
     for k in range(args.repeat):  # alternate, so all see the same machine state; rotate the order
         for name in names[k % 3:] + names[:k % 3]:
             cmd, cwd, out = converters[name]
@@ -322,6 +330,31 @@ def speed(args: argparse.Namespace, work: Path) -> None:
           f"{'met' if b.seconds / e.seconds >= 0.8 else 'MISSED'}); normalize takes {e.seconds - b.seconds:+.2f} s more")
     for out in (work / "naive.h5", work / "bare.h5"):
         out.unlink(missing_ok=True)
+
+
+def paired(count: int, normalize: tuple, bare: tuple, nbytes: int) -> None:
+    """``count`` pairs of normalize and the bare write back to back, the order alternating; the
+    ratio of each pair is taken before the median, so a machine whose speed drifts between pairs
+    (the bare write's own time moved 2.4x between rounds here) still gives a stable figure."""
+    ratios, cpu = [], {"emdata normalize": [], "bare chunked": []}
+    rss = 0
+    for k in range(count):
+        order = [("emdata normalize", normalize), ("bare chunked", bare)]
+        if k % 2:
+            order.reverse()
+        got = {}
+        for name, (cmd, cwd, out) in order:
+            out.unlink(missing_ok=True)
+            got[name] = run(cmd, cwd)
+            cpu[name].append(got[name].cpu / (nbytes / 2**30))
+            print(f"  pair {k + 1}: {line(name, nbytes, got[name])}", flush=True)
+        rss = max(rss, got["emdata normalize"].rss)
+        ratios.append(got["bare chunked"].seconds / got["emdata normalize"].seconds)
+    print(f"paired over {count} pairs: normalize / bare = {float(np.median(ratios)):.2f}x the MB/s (median; "
+          f"min {min(ratios):.2f}, max {max(ratios):.2f}; target >= 0.6)")
+    for name, values in cpu.items():
+        print(f"  {name:<16} {float(np.median(values)):.2f} CPU-seconds per GiB (median)")
+    print(f"  normalize peak RSS {rss / MIB:.0f} MiB")
 
 
 def memory(args: argparse.Namespace, work: Path) -> None:
@@ -373,6 +406,9 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=1024, help="speed mode: page width and height (default 1024)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs of each converter, the best counts (default 3; 1 in memory mode)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="speed mode: instead of best-of rounds, N pairs of normalize and the bare write "
+                             "(order alternating), reporting the median of the per-pair ratios")
     parser.add_argument("--memory", action="store_true",
                         help="check peak RSS under the memory budget on 16x5500x5496 and 512x2048x2048 volumes")
     parser.add_argument("--budget-mb", type=int, default=None,
