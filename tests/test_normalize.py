@@ -100,6 +100,27 @@ def test_failure_midway_keeps_the_previous_output(fetched, monkeypatch) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["epfl_hippocampus.h5"]
 
 
+def test_a_failed_flush_to_disk_is_one_line_and_publishes_nothing(fetched, monkeypatch) -> None:
+    """The HDF5 is flushed on a thread while its record is built; the flush's own error (EIO at
+    write-back) must still stop the rename and name the output."""
+    import errno
+
+    from emdata.errors import OutputError
+    from emdata.stages.normalize import publish
+
+    path = normalize_dataset(fetched, "epfl_hippocampus")
+    before = sha256_file(path), fetched.record_path("epfl_hippocampus").read_bytes()
+
+    def failing_sync(tmp):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(publish, "sync_file", failing_sync)
+    with pytest.raises(OutputError, match=r"epfl_hippocampus: .*epfl_hippocampus\.h5: cannot write it \(Input/output"):
+        normalize_dataset(fetched, "epfl_hippocampus")
+    assert (sha256_file(path), fetched.record_path("epfl_hippocampus").read_bytes()) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["epfl_hippocampus.h5"]
+
+
 def test_normalize_before_fetch_says_what_to_run(epfl_project) -> None:
     with pytest.raises(NotBuiltError, match="emdata fetch epfl_mito_test"):
         normalize_dataset(epfl_project, "epfl_mito_test")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
-from emdata.core.atomic import commit, discard, json_bytes, temporary_path, write_error, write_new
+from emdata.core.atomic import commit, discard, json_bytes, sync_file, temporary_path, write_error, write_new
 from emdata.h5 import chunk_index
 from emdata.h5.metadata import build_record
 from emdata.params.config import Config
@@ -33,7 +34,16 @@ def publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
     comes last, so an interruption leaves an HDF5 without a record (which ``list`` and ``verify``
     report as not normalized), never a new HDF5 beside an old record or an old index.
     """
-    record = build_record(cfg, key, tmp)
+    # The HDF5's flush to disk (about 1 s per GiB here) runs while the record and the index read it.
+    flushing = ThreadPoolExecutor(1, thread_name_prefix="emdata-fsync")
+    flushed = flushing.submit(sync_file, tmp)
+    flushing.shutdown(wait=False)
+    try:
+        record = build_record(cfg, key, tmp)
+    except BaseException:
+        wait([flushed])  # done before the caller removes the temporary; the first error stays the one raised
+        raise
+    _wait(flushed, out, key)
     record_path = cfg.record_path(key)
     index_path = chunk_index.index_path_for(record_path)
     # Three files renamed in one order, so not three atomic_output blocks (those would rename each
@@ -48,9 +58,17 @@ def publish(cfg: Config, key: str, tmp: Path, out: Path) -> None:
         write_new(staged_index, chunk_index.build(tmp, file_name=out.name, file_sha256=record["file_sha256"]),
                   dataset=key, final=index_path)
         record_path.unlink(missing_ok=True)
-        commit(tmp, out, dataset=key)
+        commit(tmp, out, dataset=key, fsync=False)  # flushed above
         commit(staged_index, index_path, dataset=key)
         commit(staged, record_path, dataset=key)
     finally:
         discard(staged)
         discard(staged_index)
+
+
+def _wait(flushed: Future, out: Path, key: str) -> None:
+    """The flush's own failure (EIO, a full disk at write-back) as the one-line error of ``out``."""
+    try:
+        flushed.result()
+    except OSError as exc:
+        raise write_error(exc, out, key) from exc
