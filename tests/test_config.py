@@ -57,6 +57,15 @@ def test_unknown_dataset_lists_the_known_ones(tmp_path) -> None:
         resolve_dataset(cfg, "b")
 
 
+def test_a_command_reports_the_source_mistake_first_as_check_does(tmp_path) -> None:
+    """resolve_dataset (one command) and resolve_all (check, list) name the same mistake first."""
+    entry = {**_dataset(typo_in_source=1), "title": 3}  # a bad source key and a bad entry key
+    cfg = _load(tmp_path, {"datasets": {"a": entry}})
+    with pytest.raises(ConfigError, match=r"datasets\.a\.source") as command:
+        resolve_dataset(cfg, "a")
+    assert str(resolve_all(cfg.datasets, cfg)["a"]) == str(command.value)
+
+
 def test_project_root_is_found_from_a_subfolder(tmp_path, monkeypatch) -> None:
     _load(tmp_path, {"datasets": {"a": _dataset()}})
     (tmp_path / "sub" / "deeper").mkdir(parents=True)

@@ -137,12 +137,11 @@ class Config(Layout):
     # in the pipeline. ``emdata check`` validates them; the offline demo builds them from replicas.
     optional: Datasets = field(default_factory=lambda: Datasets({}, "optional_datasets"))
 
-    def dataset(self, key: str) -> DatasetEntry:
-        """The pipeline's entry ``key`` (resolve it with :func:`emdata.sources.dataset.resolve_dataset`)."""
+    def require(self, key: str) -> None:
+        """A ConfigError listing the pipeline's datasets when ``key`` is not one; parses nothing."""
         if key not in self.datasets:
             known = ", ".join(sorted(self.datasets)) or "none"
             raise ConfigError(f"unknown dataset {key!r}; datasets in {PARAMS_FILE}: {known}")
-        return self.datasets[key]
 
     def kinds_written(self) -> set[str]:
         """Source kinds as written in the pipeline's and the optional datasets (unchecked)."""

@@ -52,7 +52,7 @@ class Dataset(DatasetEntry):
 
 def resolve_dataset(cfg: Config, key: str) -> Dataset:
     """The pipeline's dataset ``key``, resolved (a ConfigError names the key path of any mistake)."""
-    cfg.dataset(key)  # an unknown key: the error lists the known ones
+    cfg.require(key)  # an unknown key: the error lists the known ones (the entry is parsed below, source first)
     return resolve_entry(cfg.datasets, key, cfg)
 
 
