@@ -60,7 +60,6 @@ class TiffSeries(RawVolume):
         self._open: tuple[int, Any] | None = None
 
     def _stack(self, i: int) -> Any:
-
         if self._open is None or self._open[0] != i:
             self.close()
             self._open = (i, TiffStack(self.frames[i], self.dataset))

@@ -106,7 +106,6 @@ def _configure_s3(repo: Path, endpoint: str, env: dict[str, str]) -> None:
 
 
 def run_demo(repo_root: Path, *, workdir: Path | None = None, keep: bool = False) -> dict[str, Any]:
-
     check_loopback()  # fail in seconds, saying what to check, rather than after server time-outs
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="emdata-demo-"))
     base.mkdir(parents=True, exist_ok=True)

@@ -251,7 +251,6 @@ class RunningLightMyCells:
         return out
 
     def url(self, study: int) -> str:
-
         return share_file_url(self.share_url, f"Study_{study}.tar.gz")
 
 
