@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from emdata.stages.table import params_row, planned_shape
+from emdata.stages.table import params_row
 from emdata.params.config import Config, DatasetEntry
 from emdata.params.layout import processed_relpath
 
@@ -140,8 +140,7 @@ def repository_document(cfg: Config, records: dict[str, dict[str, Any]]) -> dict
     for key in sorted(cfg.datasets):
         ds, record = cfg.datasets[key], records.get(key)
         row = params_row(ds)
-        row.update(built=record is not None, hdf5=processed_relpath(key), sha256=None,
-                   shape_zyx=planned_shape(ds), voxel_size_nm_zyx=list(ds.voxel_size_nm or []) or None)
+        row.update(built=record is not None, hdf5=processed_relpath(key), sha256=None)
         if record is not None:
             files.append(_file_object(ds, record, f"processed/{key}.h5"))
             row["sha256"] = record["file_sha256"]
