@@ -136,6 +136,11 @@ def label_sections(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return out
 
 
+def objects(count: int) -> str:
+    """``"1,234 objects"``: how the summary names an instance label's size."""
+    return f"{count:,} object{'s' if count != 1 else ''}"
+
+
 def label_census(path: Path, name: str) -> str:
     """``"2 classes: values 1, 2"`` or ``"1,234 objects"``: the distinct non-zero values, one chunk layer at a time."""
     with hdf5.open_read(path) as f:
@@ -147,7 +152,7 @@ def label_census(path: Path, name: str) -> str:
         instance = is_instance(dset.dtype)
     values = seen[seen != 0]
     if instance:
-        return f"{values.size:,} object{'s' if values.size != 1 else ''}"
+        return objects(values.size)
     shown = ", ".join(str(v) for v in values[:CLASSES_LISTED]) + (", ..." if values.size > CLASSES_LISTED else "")
     plural = values.size != 1
     return f"{values.size} class{'es' if plural else ''}" + (f": value{'s' if plural else ''} {shown}" if values.size else "")

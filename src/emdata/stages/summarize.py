@@ -23,7 +23,7 @@ from emdata.params.config import Config, DatasetEntry
 from emdata.params.layout import TABLE_FILE
 from emdata.stages.croissant import DATASET_DIR, REPOSITORY_FILE, dataset_document, document_bytes, repository_document
 from emdata.stages.table import planned_shape, table_csv
-from emdata.stages.overlays import histogram_png, label_census, label_sections, overlay_png, thumbnail_size
+from emdata.stages.overlays import histogram_png, label_census, label_sections, objects, overlay_png, thumbnail_size
 
 SUMMARY_FILE = "METADATA_SUMMARY.md"
 THUMBNAIL_DIR = "thumbnails"
@@ -146,7 +146,10 @@ def render_markdown(cfg: Config, records: dict[str, dict[str, Any]], thumbs: dic
         lines += ["", f"Central XY section: ![{key} XY]({xy}) Central XZ section: ![{key} XZ]({xz})"
                   f" Intensities of both sections (display window shaded): ![{key} histogram]({histogram})"]
         for name, (oxy, oxz) in zip(sorted(r["labels"]), zip(overlays[::2], overlays[1::2])):
-            census = label_census(cfg.processed_path(key), name)
+            stats_lab = r["labels"][name]["statistics"]
+            # instances: the record counted them while normalizing; classes: read the distinct values
+            census = (objects(stats_lab["object_count"]) if stats_lab.get("instances")
+                      else label_census(cfg.processed_path(key), name))
             lines += ["", f"Label `{name}` ({census}) over the same sections: ![{key} {name} XY]({oxy}) "
                       f"![{key} {name} XZ]({oxz})"]
     return "\n".join(lines) + "\n"
