@@ -114,14 +114,14 @@ def _tensor(array: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
 INT64_MAX = np.iinfo(np.int64).max
 
 
-def _label_tensor(label: np.ndarray, dtype: torch.dtype | None, where: str) -> torch.Tensor:
+def _label_tensor(label: np.ndarray, dtype: torch.dtype | None, sampler: Any) -> torch.Tensor:
     """A label patch as a tensor; uint64 instance ids become int64 (torch has no uint64 arithmetic: no
     comparisons, indexing or losses), refused in one line when an id does not fit."""
     if label.dtype.kind == "u" and label.dtype.itemsize == 8:
         top = int(label.max()) if label.size else 0
         if top > INT64_MAX:
-            raise AccessError(f"{where}: label id {top} is above the int64 maximum {INT64_MAX}, which torch cannot "
-                              "hold; use a transform and map the ids first")
+            raise AccessError(f"{_where(sampler)}: label id {top} is above the int64 maximum {INT64_MAX}, which "
+                              "torch cannot hold; use a transform and map the ids first")
         label = np.ascontiguousarray(label, np.uint64).view(np.int64)  # native order, the same ids, no copy
     return _tensor(label, dtype)
 
@@ -205,5 +205,5 @@ class PatchDataset(Dataset):
         item = Sample(raw=_tensor(patch.raw, self.dtype)[None],
                       origin=torch.tensor(patch.origin, dtype=torch.int64))
         if patch.label is not None:
-            item["label"] = _label_tensor(patch.label, self.label_dtype, _where(self.sampler))[None]
+            item["label"] = _label_tensor(patch.label, self.label_dtype, self.sampler)[None]
         return item
